@@ -1,0 +1,107 @@
+"""Facts about rf_resnet.py that the CO-SSL paper states or that follow from its definitions."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import rf_resnet
+from rf_resnet import available_archs, build_backbone, make_resnet, measure_receptive_field, receptive_field
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET_RF = {"rf67": 67, "rf99": 99, "rf163": 163, "rf195": 195, "rf29": 29, "rf33": 33, "rf41": 41, "rf49": 49}
+
+
+def test_rf_formula_worked_example():
+    # App. B.1: RF(L) = 1 + sum_l (k_l - 1) prod_{i<l} s_i; k = 7, 3, 3 with s = 2, 1, 1 gives 1 + 6 + 4 + 4.
+    assert rf_resnet.rf_of_layers([(7, 2), (3, 1), (3, 1)]) == (15, 2)
+    assert rf_resnet.rf_of_layers([(1, 1)] * 10) == (1, 1)  # 1x1 layers never widen the field
+
+
+def test_parameter_counts_match_paper():
+    millions = lambda m: rf_resnet.count_parameters(m) / 1e6  # noqa: E731
+    assert millions(build_backbone("resnet50")) == pytest.approx(23.51, abs=0.01)  # torchvision, no fc
+    assert millions(build_backbone("rf99_resnet50", mlp=False)) == pytest.approx(21.4, abs=0.05)  # paper: 21.4M
+    assert millions(build_backbone("rf99_resnet50")) == pytest.approx(23.7, abs=0.06)  # paper: 23.7M
+
+
+def test_plain_resnet_is_torchvision_resnet_without_fc():
+    torch.manual_seed(0)
+    ours = build_backbone("resnet18").eval()
+    ref = torchvision.models.resnet18()
+    ref.fc = torch.nn.Identity()
+    ref.load_state_dict(ours.state_dict())  # strict: same keys and shapes
+    ref.eval()
+    x = torch.randn(2, 3, 64, 64)
+    out = ours(x)
+    torch.testing.assert_close(out.pooled, ref(x))
+    torch.testing.assert_close(out.h, out.pooled)  # no MLP on a plain ResNet by default
+
+
+def test_output_shapes_pooling_and_mlp_skip():
+    torch.manual_seed(0)
+    model = build_backbone("rf99_resnet18").eval()
+    out = model(torch.randn(2, 3, 224, 224))
+    assert out.local.shape == (2, model.out_dim, 14, 14) and model.out_dim == 512
+    torch.testing.assert_close(out.pooled, out.local.mean(dim=(2, 3)))
+    torch.testing.assert_close(out.h, torch.relu(out.pooled + model.mlp.mlp(out.pooled)))
+    v0 = build_backbone("rf99_resnet18", mlp=False)
+    assert v0.mlp is None
+
+
+@pytest.mark.parametrize("rf,grid", [("rf67", 28), ("rf99", 14), ("rf163", 14), ("rf195", 7)])
+def test_local_grid_at_224(rf, grid):
+    for depth in ("resnet18", "resnet50"):
+        assert rf_resnet.local_grid(build_backbone(f"{rf}_{depth}"), 224) == grid
+
+
+@pytest.mark.parametrize("arch,stem", [(a, "imagenet") for a in available_archs("imagenet") if a.startswith("rf")]
+                         + [(a, "cifar") for a in available_archs("cifar") if a.startswith("rf")])
+def test_measured_rf_equals_preset_and_formula(arch, stem):
+    torch.manual_seed(0)
+    model = build_backbone(arch, stem=stem)
+    expected = PRESET_RF[arch.split("_")[0]]
+    assert receptive_field(model) == expected
+    assert measure_receptive_field(model) == expected
+
+
+def test_measured_rf_of_plain_cifar_resnet18():
+    model = build_backbone("resnet18", stem="cifar")
+    assert measure_receptive_field(model) == receptive_field(model) == 109
+
+
+def test_rf_does_not_depend_on_blocks_per_stage():
+    rfs = set()
+    for layers in [(2, 2, 2, 2), (3, 4, 6, 4), (5, 3, 4, 6)]:
+        model = make_resnet("basic", layers, bounded_rf=True, maxpool=False, strides=(2, 2, 2))
+        rfs.add((receptive_field(model), measure_receptive_field(model)))
+    assert rfs == {(99, 99)}
+
+
+def test_flops_ratio_rf99_r50_over_r50():
+    ratio = rf_resnet.gflops(build_backbone("rf99_resnet50")) / rf_resnet.gflops(build_backbone("resnet50"))
+    assert ratio == pytest.approx(3.2, rel=0.10)  # paper Table 11: 106 / 32.8 GFLOPs
+
+
+def test_bad_arch_and_stem_are_refused():
+    with pytest.raises(ValueError, match="rf99_resnet50"):  # the message lists the valid names
+        build_backbone("rf98_resnet50")
+    with pytest.raises(ValueError, match="rf49_resnet18"):
+        build_backbone("rf99_resnet18", stem="cifar")  # rf99 is an ImageNet-stem preset
+    with pytest.raises(ValueError, match="stem"):
+        build_backbone("resnet18", stem="tiny")
+
+
+def test_command_line_table_and_plot(tmp_path):
+    png = tmp_path / "rf.png"
+    proc = subprocess.run(
+        [sys.executable, "rf_resnet.py", "--stem", "imagenet", "--no-measure", "--plot", str(png), "--plot-archs", "rf29_resnet18,rf49_resnet18",
+         "--plot-stem", "cifar", "--plot-size", "64"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "| rf99_resnet50 | imagenet | 99 |" in proc.stdout
+    assert png.stat().st_size > 0
+    bad = subprocess.run([sys.executable, "rf_resnet.py", "--plot", str(png), "--plot-archs", "nope"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown arch 'nope'" in bad.stderr and "Traceback" not in bad.stderr

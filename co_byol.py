@@ -1,0 +1,896 @@
+# ==== 0. Header: paper, what this file implements, how to run, reading order ====
+"""CO-BYOL: BYOL plus a loss between local and global representations (and BYOL itself with --ws 0).
+
+Paper: Arthur Aubret, Celine Teuliere, Jochen Triesch, "Seeing the Whole in the Parts in Self-Supervised
+Representation Learning", arXiv 2501.02860. Sec. 3.1 (Eq. 1-3), Sec. 4, App. A.
+
+Idea. BYOL pulls the prediction of one augmented view towards the target projection of another view of the
+same image (Eq. 1). CO-BYOL adds a second application of the same loss, between *local* representations
+(the n x n feature map before the final average pooling) and the *global* representation of the other view
+(Eq. 2): every local prediction of view v is pulled towards the target global projection of v', and the
+online global prediction of v towards every target local projection of v'. Parts that co-occur in an image
+(trunk, tusk) are thus attracted to the same whole (elephant). With a bounded receptive field (RF-ResNet,
+rf_resnet.py) the local representations really are local.
+
+What this file implements: BYOL online/target networks with global projector g1 / predictor q1 (MLPs) and
+local projector g2 / predictor q2 (1x1 convolutions), the EMA target, the losses of Eq. 1-3 (`--ws 0` is
+exactly BYOL: no local head is even built), downsampling of the local map (`--local-grid`, Table 5), the
+minimum crop ratio c_min (`--min-crop`, Fig. 3), optional multi-crop for the BYOL-mc baseline
+(`--small-crops`), online linear probes on `.h` and on the "patch" representation `.pooled`, LARS with
+warm-up + cosine, AMP, DDP, auto-resume, SIGTERM checkpoints. Not here: CO-MoCoV3 (App. A.1), the
+offline evaluation and robustness suite (eval_linear.py).
+
+Run:
+    python co_byol.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32      # CPU smoke run, seconds
+    python co_byol.py                                  # CIFAR-10, ResNet-18 (cifar stem), ws 0.2, one GPU
+    python co_byol.py --ws 0                           # the BYOL baseline, same recipe
+    torchrun --nproc_per_node=8 co_byol.py --ws 0.2    # 8 GPUs, --batch-size stays the global batch
+    # Paper scale (ImageNet-100, 400 epochs, RF99-ResNet50, Table 2: CO-BYOL 87.6 % linear top-1 in the paper):
+    torchrun --nproc_per_node=8 co_byol.py --dataset imagefolder --data-dir /data/imagenet100 \
+        --arch rf99_resnet50 --image-size 224 --epochs 400 --batch-size 256 --lr 0.5 --pred-hidden 8192 \
+        --ws 0.2 --min-crop 0.2 --output-dir runs/co_byol_in100
+Expected results: measured numbers, with their commands, machines and times, are in the README.
+
+Reading order: Sec. 5 (the loss, Eq. 1-3) -> Sec. 4 (the networks) -> Sec. 9 (the training loop, which reads
+like the paper's pseudo-code) -> Sec. 3 (views) -> Sec. 6 (schedules). Sections 2 and 7 are plumbing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import rf_resnet
+
+# ==== 1. Arguments ====
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="CO-BYOL (arXiv 2501.02860); --ws 0 trains BYOL.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--output-dir", default="runs/co_byol", help="checkpoints, metrics and figures go here; "
+                   "a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank)")
+    g.add_argument("--epochs", type=int, default=200, help="pre-training epochs (solo-learn's CIFAR recipe: 1000)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
+                   "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
+    g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
+
+    g = p.add_argument_group("method (CO-BYOL, Sec. 3.1)")
+    g.add_argument("--ws", type=float, default=0.2, help="w_s in Eq. 3: weight of the local-to-global loss "
+                   "(paper: 0.2-0.5 work best, Table 5); 0 gives BYOL")
+    g.add_argument("--local-grid", type=int, default=0, help="average-pool the n x n local map to k x k before "
+                   "the local heads (Table 5: n^2 = 1, 4, 16, 64, 196); 0 keeps the full map")
+    g.add_argument("--min-crop", type=float, default=0.2, help="c_min, the minimum area ratio of "
+                   "RandomResizedCrop (paper default 0.2, swept 0.1-0.7 in Fig. 3; BYOL uses 0.08)")
+    g.add_argument("--small-crops", type=int, default=0, help="extra small crops per image for the multi-crop "
+                   "baseline BYOL-mc (paper: 4); they enter only the global loss")
+    g.add_argument("--small-crop-scale", type=float, nargs=2, default=[0.05, 0.14], metavar=("MIN", "MAX"),
+                   help="area range of the small crops; the two large crops then use [MAX, 1] (paper: "
+                   "[0.05, 0.14] / [0.14, 1] or [0.14, 0.4] / [0.4, 1])")
+    g.add_argument("--small-crop-size", type=int, default=0, help="side of the small crops in pixels "
+                   "(0: 3/7 of --image-size, i.e. 96 at 224)")
+    g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of projectors g1, g2 (BYOL: 4096)")
+    g.add_argument("--proj-dim", type=int, default=256, help="output width of projectors and predictors (BYOL: 256)")
+    g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of predictors q1, q2 "
+                   "(BYOL: 4096; solo-learn ImageNet-100: 8192)")
+    g.add_argument("--tau-base", type=float, default=0.99, help="EMA momentum of the target at step 0; it "
+                   "follows a cosine to --tau-final (BYOL: 0.99 -> 1)")
+    g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
+
+    g = p.add_argument_group("model (rf_resnet.py)")
+    g.add_argument("--arch", default="resnet18", help="backbone: resnet18/34/50 or an RF-ResNet preset "
+                   "(python rf_resnet.py lists them; rf99_resnet50 is the paper's ImageNet choice)")
+    g.add_argument("--stem", choices=["imagenet", "cifar"], default=None,
+                   help="first layers: 'cifar' (3x3/1, no max-pool) for <= 64 px, else 'imagenet'; "
+                   "default picks by --image-size")
+    g.add_argument("--no-mlp", action="store_true", help="RF-ResNet 'v0': no MLP after the average pooling")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes)")
+    g.add_argument("--lr", type=float, default=1.0, help="LARS learning rate for batch 256, scaled linearly "
+                   "with --batch-size (solo-learn BYOL: 1.0 on CIFAR, 0.5 on ImageNet-100)")
+    g.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (not on biases and norms)")
+    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
+    g.add_argument("--warmup-epochs", type=float, default=10, help="linear lr warm-up, then cosine to 0")
+    g.add_argument("--probe-lr", type=float, default=0.1, help="lr of the online linear probes for batch 256 "
+                   "(SGD, momentum 0.9, no weight decay, same warm-up + cosine)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10",
+                   help="torchvision datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train and "
+                   "DATA_DIR/val (or test); 'fake' is torchvision's FakeData (tests, throughput)")
+    g.add_argument("--data-dir", default="data", help="dataset root")
+    g.add_argument("--image-size", type=int, default=0, help="training crop size in pixels (0: 32 for CIFAR, "
+                   "96 for STL-10, 224 for image folders, 32 for fake)")
+    g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
+
+    g = p.add_argument_group("system")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="autocast precision; auto = bf16 on GPUs that support it, else fp16 on GPU, off on CPU")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    g.add_argument("--compile", action="store_true", help="torch.compile the online network (CUDA)")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--knn-k", type=int, default=20, help="k of the final k-NN evaluation on .h (cosine, "
+                   "temperature-weighted votes as in DINO); 0 skips it")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature of the k-NN votes")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.ws < 0:
+        parser.error(f"--ws must be >= 0 (0 trains BYOL), got {args.ws}")
+    if args.arch not in rf_resnet.available_archs(args.stem):
+        parser.error(f"unknown --arch {args.arch!r} for stem {args.stem!r}; choose one of "
+                     f"{', '.join(rf_resnet.available_archs(args.stem))}")
+    if not 0 < args.min_crop <= 1:
+        parser.error(f"--min-crop must be in (0, 1], got {args.min_crop}")
+    if args.small_crops < 0 or not 0 < args.small_crop_scale[0] < args.small_crop_scale[1] < 1:
+        parser.error("--small-crops must be >= 0 and --small-crop-scale MIN MAX must satisfy 0 < MIN < MAX < 1")
+    if args.batch_size % world or args.batch_size // world < 2:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at "
+                     "least 2 images per process (BatchNorm)")
+    for name in ("epochs", "log_every", "proj_hidden", "proj_dim", "pred_hidden"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_steps < 0 or args.num_workers < 0 or args.knn_k < 0 or args.local_grid < 0:
+        parser.error("--max-steps, --num-workers, --knn-k and --local-grid must be >= 0")
+    if not 0 <= args.tau_base <= args.tau_final <= 1:
+        parser.error("need 0 <= --tau-base <= --tau-final <= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible")
+    if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
+        parser.error("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
+    with torch.device("meta"):  # shapes only: which n x n local map does this backbone give?
+        n = rf_resnet.local_grid(rf_resnet.build_backbone(args.arch, stem=args.stem), args.image_size)
+    if args.local_grid > n:
+        parser.error(f"--local-grid {args.local_grid} is larger than the {n}x{n} local map of {args.arch} "
+                     f"at {args.image_size} px")
+    if args.ws > 0 and n * n < 2:
+        parser.error(f"{args.arch} gives a 1x1 local map at {args.image_size} px: nothing local to align; "
+                     "use a larger --image-size, --stem cifar or an RF-ResNet")
+    args.local_map = n
+    if args.dataset == "imagefolder":
+        root = Path(args.data_dir)
+        if not (root / "train").is_dir() or not ((root / "val").is_dir() or (root / "test").is_dir()):
+            parser.error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); "
+                         "not found")
+    return args
+
+
+# ==== 2. Distributed, device, precision ====
+# PLUMBING: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python co_byol.py` is one process. Every
+# collective goes through a helper that is the identity in one process.
+
+
+def setup_distributed(args) -> tuple[int, int, torch.device]:
+    """Returns (rank, world_size, device) and initialises the process group under torchrun."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # picks the GPU only; RANK decides who is rank 0
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def amp_dtype(args, device: torch.device):
+    """The autocast dtype, or None for full fp32."""
+    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu"):
+        return None
+    if args.amp == "bf16" or (args.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16  # needs a GradScaler (see main)
+
+
+_RANK = 0
+
+
+def log(msg: str) -> None:
+    """Rank-0 printing (tqdm-safe)."""
+    if _RANK == 0:
+        tqdm.write(msg)
+
+
+# ==== 3. Data: datasets and views ====
+# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image. CO-BYOL changes only the
+# minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation probabilities differ between
+# the two views (1.0 / 0.1 and 0.0 / 0.2); on small images (<= 64 px) there is no blur (solo-learn).
+# IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
+# and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
+    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if size > 64 and blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def eval_transform(size: int) -> T.Compose:
+    if size <= 64:  # small images are used whole
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class MultiView:
+    """image -> [large view t, large view t', small crops...] (PAPER Fig. 1: v = t(x), v' = t'(x))."""
+
+    def __init__(self, args):
+        large_scale = (args.min_crop, 1.0) if args.small_crops == 0 else (args.small_crop_scale[1], 1.0)
+        small = args.small_crop_size or max(8, round(args.image_size * 3 / 7))
+        self.views = [byol_view(args.image_size, large_scale, 1.0, 0.0),
+                      byol_view(args.image_size, large_scale, 0.1, 0.2)]
+        # IMPL: small crops get blur p=0.5 and no solarisation (DINO's multi-crop local views).
+        self.views += [byol_view(small, tuple(args.small_crop_scale), 0.5, 0.0)] * args.small_crops
+
+    def __call__(self, img):
+        return [v(img) for v in self.views]
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """PLUMBING: each sample's random augmentation is seeded by (seed, epoch, index).
+
+    Views then depend neither on the number of data-loading workers nor on where a run was interrupted, so a
+    resumed run sees exactly the views an uninterrupted run would have seen (tested: 2 + 2 steps == 4).
+    """
+
+    def __init__(self, base, transform, seed: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform(img), label
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch after the batches a checkpoint already consumed."""
+
+    def __init__(self, dataset, world: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)  # PITFALL: without set_epoch every epoch has the same order
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def load_datasets(args, rank: int):
+    """(train dataset without transform, val dataset with eval transform, number of classes).
+
+    PLUMBING: rank 0 downloads first; a failed download or a missing folder stops with one line.
+    """
+    root, name, ev = args.data_dir, args.dataset, eval_transform(args.image_size)
+    tv = torchvision.datasets
+
+    def make(download: bool):
+        if name == "fake":
+            size = (3, args.image_size, args.image_size)
+            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
+                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, transform=ev, random_offset=10**6), 10)
+        if name in ("cifar10", "cifar100"):
+            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+            return (cls(root, train=True, download=download), cls(root, train=False, transform=ev, download=download),
+                    10 if name == "cifar10" else 100)
+        if name == "stl10":  # pre-train on train + unlabeled (label -1: ignored by the probes)
+            return (tv.STL10(root, split="train+unlabeled", download=download),
+                    tv.STL10(root, split="test", transform=ev, download=download), 10)
+        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
+        train = tv.ImageFolder(str(Path(root) / "train"))
+        return train, tv.ImageFolder(str(val_dir), transform=ev), len(train.classes)
+
+    if rank == 0:
+        try:
+            out = make(download=True)
+        except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
+            sys.exit(f"co_byol.py: error: could not load or download {name} into {root!r} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
+                     "imagefolder with DATA_DIR/train and DATA_DIR/val.")
+    barrier()
+    if rank != 0:
+        out = make(download=False)
+    return out
+
+
+def make_loaders(args, rank: int, world: int):
+    train_base, val, num_classes = load_datasets(args, rank)
+    train = SeededViews(train_base, MultiView(args), args.seed)
+    per_rank = args.batch_size // world
+    if len(train) // args.batch_size < 1:
+        sys.exit(f"co_byol.py: error: {len(train)} training images are fewer than one batch of {args.batch_size}")
+    sampler = ResumableSampler(train, world, rank, args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=False)  # fresh workers see the new epoch
+    # Validation: each rank takes every world-th image (no padding, exact counts after the all-reduce).
+    val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, num_workers=args.num_workers)
+    return train, sampler, loader, val, val_loader, num_classes
+
+
+# ==== 4. Model: backbone, heads, EMA teacher ====
+def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    """BYOL's projector / predictor: Linear -> BN -> ReLU -> Linear (Grill et al. 2020, Sec. 3.3)."""
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out))
+
+
+def conv_mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    """PAPER Sec. 3.1: the same MLP applied at every position with 1x1 convolutions ("to parallelize").
+
+    On a (B, C, n, n) map it equals `mlp` applied to each of the B*n*n local vectors, except that BatchNorm
+    statistics are taken over batch and positions together (BatchNorm2d).
+    """
+    return nn.Sequential(nn.Conv2d(dim_in, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden, dim_out, 1))
+
+
+class Encoder(nn.Module):
+    """f (backbone) + g1 (global projector) + g2 (local projector): the part shared by online and target."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, mlp=False if args.no_mlp else None)
+        c = self.backbone.out_dim
+        self.projector = mlp(c, args.proj_hidden, args.proj_dim)  # g1
+        # --ws 0 is BYOL: no local head exists, so nothing of CO-BYOL is computed or trained.
+        self.local_projector = conv_mlp(c, args.proj_hidden, args.proj_dim) if args.ws > 0 else None  # g2
+        self.local_grid = args.local_grid
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
+        res = {"h": out.h, "pooled": out.pooled, "z_g": self.projector(out.h)}  # z_g: (B, D)
+        if self.local_projector is not None:
+            local = out.local
+            if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local heads
+                local = F.adaptive_avg_pool2d(local, self.local_grid)
+            res["z_l"] = self.local_projector(local)  # (B, C, k, k) -> (B, D, k, k)
+        return res
+
+
+class OnlineNetwork(nn.Module):
+    """theta: encoder + predictors q1, q2 + the online linear probes (trained on detached features).
+
+    Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all gradients.
+    """
+
+    def __init__(self, args, num_classes: int):
+        super().__init__()
+        self.encoder = Encoder(args)
+        self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim)  # q1
+        self.local_predictor = conv_mlp(args.proj_dim, args.pred_hidden, args.proj_dim) if args.ws > 0 else None
+        c = self.encoder.backbone.out_dim
+        self.probe_h = nn.Linear(c, num_classes)  # on .h, the global representation
+        # The "patch" representation (average of local representations) differs from .h only with the MLP.
+        self.probe_pooled = nn.Linear(c, num_classes) if self.encoder.backbone.mlp is not None else None
+
+    def forward(self, views: list[torch.Tensor]) -> list[dict]:
+        """One call for all views (DDP expects one forward per backward); BN statistics stay per view."""
+        outs = []
+        for x in views:
+            o = self.encoder(x)
+            o["p_g"] = self.predictor(o["z_g"])  # q1(g1(h)): (B, D)
+            if self.local_predictor is not None:
+                o["p_l"] = self.local_predictor(o["z_l"])  # q2(g2(l_i)) for every position: (B, D, k, k)
+            # PITFALL: the probes see detached features, so their loss never shapes the representation.
+            o["logits_h"] = self.probe_h(o["h"].detach())
+            if self.probe_pooled is not None:
+                o["logits_pooled"] = self.probe_pooled(o["pooled"].detach())
+            outs.append(o)
+        return outs
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f, g1, g2.
+
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode, so its BN
+    normalises with the statistics of the current batch (as in BYOL and solo-learn) and keeps running
+    statistics of its own, which are used only if someone evaluates the target in eval mode.
+    """
+    t_params, o_params = list(target.parameters()), list(online.parameters())
+    torch._foreach_mul_(t_params, tau)
+    torch._foreach_add_(t_params, o_params, alpha=1.0 - tau)
+
+
+# ==== 5. Loss ====
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """PAPER Eq. 1 (BYOL): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
+
+    p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The paper writes
+    -2 cos; the constant 2 (as in BYOL's ||p/|p| - z/|z|||^2) changes no gradient and makes the loss >= 0.
+    Computed in fp32 (PITFALL: normalisation in bf16 loses the small differences that matter late in training).
+    """
+    p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)  # sg(z): no gradient to target
+    return (2 - 2 * (p * z).sum(dim=-1)).mean()
+
+
+def local_global_loss(p_local: torch.Tensor, z_local: torch.Tensor, p_global: torch.Tensor,
+                      z_global: torch.Tensor) -> torch.Tensor:
+    """PAPER Eq. 2: L_l = 1/n^2 sum_i [ (2 - 2 cos(p_l^i, sg(z'_g))) + (2 - 2 cos(p_g, sg(z'_l^i))) ].
+
+    p_local  (B, D, n, n): online local predictions q2(g2(l_i)) of view v
+    z_local  (B, D, n, n): target local projections g2_xi(l'_i) of view v'
+    p_global (B, D):       online global prediction q1(g1(h)) of view v
+    z_global (B, D):       target global projection g1_xi(h') of view v'
+    Every local prediction of v is pulled to the global target of v', and the global prediction of v to every
+    local target of v'. Mean over the batch and the n^2 positions; the paper's -2 cos form plus constants.
+    """
+    p_l = F.normalize(p_local.float().flatten(2), dim=1)  # (B, D, n, n) -> (B, D, n*n), unit vectors along D
+    z_l = F.normalize(z_local.detach().float().flatten(2), dim=1)  # sg: no gradient into the target
+    p_g = F.normalize(p_global.float(), dim=1)  # (B, D)
+    z_g = F.normalize(z_global.detach().float(), dim=1)
+    cos_local_to_global = torch.einsum("bdn,bd->bn", p_l, z_g)  # (B, n*n): cos(p_l^i, z'_g)
+    cos_global_to_local = torch.einsum("bdn,bd->bn", z_l, p_g)  # (B, n*n): cos(p_g, z'_l^i)
+    return ((2 - 2 * cos_local_to_global) + (2 - 2 * cos_global_to_local)).mean()
+
+
+def co_byol_loss(online: list[dict], target: list[dict], ws: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PAPER Eq. 3: L = L_g(v -> v') + L_g(v' -> v) + w_s [ L_l(v, v') + L_l(v', v) ].
+
+    online: outputs for all crops (2 large first, then small ones); target: outputs for the 2 large crops.
+    Returns (total, global part, local part before weighting).
+    IMPL (solo-learn's multi-crop BYOL): with small crops the global loss sums over every pair (online crop i,
+    target large crop j != i); with two views this is exactly the two terms of Eq. 3. The local loss uses
+    only the two large views, as in the paper (CO-SSL itself uses two views).
+    """
+    loss_g = sum(byol_loss(online[i]["p_g"], target[j]["z_g"])
+                 for j in range(len(target)) for i in range(len(online)) if i != j)
+    loss_l = torch.zeros((), device=loss_g.device)
+    if ws > 0:
+        loss_l = (local_global_loss(online[0]["p_l"], target[1]["z_l"], online[0]["p_g"], target[1]["z_g"])
+                  + local_global_loss(online[1]["p_l"], target[0]["z_l"], online[1]["p_g"], target[0]["z_g"]))
+    return loss_g + ws * loss_l, loss_g, loss_l
+
+
+def probe_loss(outs: list[dict], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the online probes on the two large views; label -1 (STL-10 unlabeled) is ignored."""
+    loss = 0.0
+    for o in outs[:2]:
+        for key in ("logits_h", "logits_pooled"):
+            if key in o:
+                loss = loss + F.cross_entropy(o[key].float(), labels, ignore_index=-1)
+    return loss
+
+
+# ==== 6. Schedules: lr, weight decay, EMA momentum, temperatures ====
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 (solo-learn's warmup_cosine)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def tau_at(step: int, total: int, base: float, final: float) -> float:
+    """BYOL Sec. 3.2: tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
+    return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
+
+    For every tensor of a group with `lars=True`: g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w|) / lr, 1)
+    ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms, probes) are plain SGD + momentum.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p, wd = p.grad, group["weight_decay"]
+                if group["lars"]:
+                    p_norm, g_norm = torch.norm(p), torch.norm(d_p)
+                    trust = group["eta"] * p_norm / (g_norm + wd * p_norm + 1e-8)
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / group["lr"], max=1.0), 1.0)
+                    d_p = (d_p + wd * p) * trust
+                elif wd:
+                    d_p = d_p + wd * p
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d_p.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def param_groups(online: OnlineNetwork, args, world_batch_scale: float) -> list[dict]:
+    """Weight decay and LARS adaptation on weights only: not on biases and norms (ndim <= 1), nor the probes."""
+    decay, no_decay, probes = [], [], []
+    for name, p in online.named_parameters():
+        if name.startswith("probe_"):
+            probes.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    lr = args.lr * world_batch_scale
+    return [dict(params=decay, lr=lr, base_lr=lr, weight_decay=args.weight_decay, lars=True),
+            dict(params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0, lars=False),
+            dict(params=probes, lr=args.probe_lr * world_batch_scale, base_lr=args.probe_lr * world_batch_scale,
+                 weight_decay=0.0, lars=False)]
+
+
+# ==== 7. Checkpoint and resume ====
+# PLUMBING: OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; it is written by
+# rank 0 through a temporary file and os.replace (a crash never leaves half a file) and loaded with
+# weights_only=True (plain tensors and Python containers; the arguments are stored as a dict).
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_backbone(path: Path, online: OnlineNetwork, args) -> None:
+    """The file downstream users need (eval_linear.py): the ONLINE backbone, as BYOL evaluates it."""
+    state = {"arch": args.arch, "arch_kwargs": {"stem": args.stem, "mlp": False if args.no_mlp else None},
+             "state_dict": online.encoder.backbone.state_dict(), "args": vars(args)}
+    save_checkpoint(path, state)
+
+
+# ==== 8. Linear evaluation ====
+@torch.no_grad()
+def evaluate_probes(online: OnlineNetwork, val_loader, device, autocast) -> dict:
+    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced)."""
+    online.eval()
+    counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
+    for x, y in val_loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            out = online.encoder.backbone(x)
+        counts[0] += (online.probe_h(out.h.float()).argmax(1) == y).sum()
+        if online.probe_pooled is not None:
+            counts[1] += (online.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
+        counts[2] += len(y)
+    all_reduce_sum(counts)
+    online.train()
+    res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
+    if online.probe_pooled is not None:
+        res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)
+    return res
+
+
+@torch.no_grad()
+def embed(backbone, dataset, device, autocast, batch_size: int, num_workers: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    feats, labels = [], []
+    for x, y in loader:
+        with autocast:
+            h = backbone(x.to(device, non_blocking=True)).h
+        feats.append(F.normalize(h.float(), dim=1).cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_classes: int) -> float:
+    """k-NN on L2-normalised features (DINO's eval_knn): the k most cosine-similar training images vote
+    for their label with weight exp(cos / T). Returns top-1 in %."""
+    correct = 0
+    for i in range(0, len(test_f), 1024):
+        sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
+        top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
+        votes = torch.zeros(len(top_idx), num_classes)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())  # (b, num_classes)
+        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
+    return 100 * correct / len(test_f)
+
+
+# ==== 9. Training loop ====
+class StopFlag:
+    """PLUMBING: SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def main(args):
+    """Train; returns (online network, target encoder, final metrics) so that tests can inspect them."""
+    global _RANK
+    rank, world, device = setup_distributed(args)
+    _RANK = rank
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    out_dir = Path(args.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = amp_dtype(args, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, rank, world)
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+
+    # Model: the online network theta and its EMA target xi (a copy of f, g1, g2; no predictor, no probe).
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    online = OnlineNetwork(args, num_classes).to(device)
+    target = copy.deepcopy(online.encoder).requires_grad_(False)  # PAPER: xi starts equal to theta
+    if device.type == "cuda" and world > 1:
+        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
+        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics.
+        online, target = nn.SyncBatchNorm.convert_sync_batchnorm(online), nn.SyncBatchNorm.convert_sync_batchnorm(target)
+    if device.type == "cuda":
+        online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
+    torch.manual_seed(args.seed + rank)
+    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
+    optimizer = LARS(param_groups(online, args, scale), lr=args.lr * scale, eta=args.lars_eta)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # Resume: everything from OUTPUT_DIR/checkpoint.pt when it exists.
+    step, history = 0, []
+    ckpt_path = out_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        online.load_state_dict(ckpt["online"])
+        target.load_state_dict(ckpt["target"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, history = ckpt["step"], ckpt["history"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resumed from {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
+
+    model = online
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    def checkpoint_state() -> dict:
+        rngs = [None] * world
+        if is_dist():
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        return {"online": online.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "history": history, "rng": rngs, "args": vars(args)}
+
+    def write_checkpoint():
+        state = checkpoint_state()  # every rank joins the all-gather of RNG states
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+
+    log(f"co_byol.py: {json.dumps(vars(args))}")
+    log(f"world size {world}, per-process batch {args.batch_size // world}, lr {args.lr * scale:g} "
+        f"(= {args.lr} x {args.batch_size}/256), {steps_per_epoch} steps/epoch, {total_steps} steps, "
+        f"local map {args.local_map}x{args.local_map}, device {device}, amp {dtype}")
+    stop = StopFlag()
+    last_step = total_steps if not args.max_steps else min(total_steps, args.max_steps)
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+    start_time, tick, tick_step = time.time(), time.time(), step
+    bar = tqdm(total=last_step, initial=step, disable=rank != 0, dynamic_ncols=True, desc="co_byol")
+    stop_now = False
+
+    while step < last_step and not stop_now:
+        epoch, skip = divmod(step, steps_per_epoch)
+        train_set.epoch = epoch  # the views of this epoch (see SeededViews)
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // world))  # resume mid-epoch where we stopped
+        for views, labels in loader:
+            # --- schedules (Sec. 6) ---
+            lr_scale = lr_at(step, total_steps, warmup_steps, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+            tau = tau_at(step, total_steps, args.tau_base, args.tau_final)
+
+            views = [v.to(device, non_blocking=True) for v in views]
+            if device.type == "cuda":
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            labels = labels.to(device, non_blocking=True)
+
+            # --- forward: online on all crops, target on the two large views (Fig. 1) ---
+            with autocast:
+                online_out = model(views)
+                with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into the target
+                    target_out = [target(v) for v in views[:2]]
+            loss, loss_g, loss_l = co_byol_loss(online_out, target_out, args.ws)  # Eq. 3, fp32
+            loss_probe = probe_loss(online_out, labels)
+
+            # --- update theta, then xi <- EMA(theta) ---
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss + loss_probe).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            ema_update(target, online.encoder, tau)
+            step += 1
+            bar.update(1)
+
+            # --- logging (the only place with host-device syncs) ---
+            if step % args.log_every == 0 or step == last_step:
+                values = torch.stack([loss.detach(), loss_g.detach(), loss_l.detach(), loss_probe.detach(),
+                                      F.normalize(online_out[0]["z_g"].detach().float(), dim=1).std(0).mean()])
+                values = all_reduce_sum(values) / world
+                loss_v, g_v, l_v, probe_v, zstd = values.tolist()
+                if not math.isfinite(loss_v):
+                    # The last good checkpoint on disk is kept: we stop before writing anything.
+                    sys.exit(f"co_byol.py: error: non-finite loss at step {step}; lower --lr or use --amp off "
+                             f"(the last good checkpoint in {ckpt_path} is kept)")
+                now = time.time()
+                row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "loss_global": g_v,
+                       "loss_local": l_v, "loss_probe": probe_v,
+                       "z_std": zstd * math.sqrt(args.proj_dim),  # ~1 healthy, -> 0 when collapsed
+                       "lr": optimizer.param_groups[0]["lr"], "tau": tau,
+                       "img_per_s": (step - tick_step) * args.batch_size / (now - tick),
+                       "peak_mem_mb": peak_memory_mb(device)}
+                tick, tick_step = now, step
+                history.append(row)
+                bar.set_postfix(loss=f"{loss_v:.3f}", local=f"{l_v:.3f}", lr=f"{row['lr']:.3g}",
+                                img_s=f"{row['img_per_s']:.0f}")
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+
+            # --- preemption: checkpoint and leave ---
+            stop_now = stop.requested
+            if is_dist():
+                # PLUMBING: ranks must stop at the same step (else one waits forever in the next all-reduce).
+                # They agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
+                stop_now = False
+                if step % 10 == 0 or step == last_step:
+                    stop_now = all_reduce_sum(torch.tensor([float(stop.requested)], device=device)).item() > 0
+            if stop_now or step == last_step:
+                break
+
+        # --- end of epoch (or of the run): validate the probes, checkpoint ---
+        at_epoch_end = step % steps_per_epoch == 0
+        if at_epoch_end or step == last_step:
+            acc = evaluate_probes(online, val_loader, device, autocast)
+            row = {"step": step, "epoch": step / steps_per_epoch, **acc}
+            history.append(row)
+            log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+        write_checkpoint()
+        if stop_now:
+            log(f"stop requested: checkpoint written at step {step}; run the same command to resume")
+            barrier()
+            return online, target, {}
+    bar.close()
+
+    # --- final outputs: backbone.pt, k-NN, final_metrics.json, curves.png ---
+    final = {"step": step, "epochs": step / steps_per_epoch, "wall_s": time.time() - start_time,
+             **{k: v for k, v in history[-1].items() if k.startswith("val_acc")}}
+    if rank == 0:
+        save_backbone(out_dir / "backbone.pt", online, args)
+        if args.knn_k:
+            # PLUMBING: k-NN runs on rank 0 only (features of the whole train split, eval transform).
+            knn_train = copy.copy(train_set.base)
+            knn_train.transform = eval_transform(args.image_size)
+            backbone = online.encoder.backbone.eval()
+            tr_f, tr_y = embed(backbone, knn_train, device, autocast, args.batch_size, args.num_workers)
+            te_f, te_y = embed(backbone, val_set, device, autocast, args.batch_size, args.num_workers)
+            keep = tr_y >= 0  # STL-10 unlabeled images cannot vote
+            final["knn_top1"] = knn_top1(tr_f[keep], tr_y[keep], te_f, te_y, args.knn_k, args.knn_temperature,
+                                         num_classes)
+            backbone.train()
+        final["args"] = vars(args)
+        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        plot_curves(history, out_dir / "curves.png")
+        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args'})}")
+        metrics_file.close()
+    barrier()
+    if is_dist():
+        dist.destroy_process_group()
+    return online, target, final
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """curves.png: loss terms, lr / tau and validation accuracy against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if "loss" in r]
+    val = [r for r in history if "val_acc_h" in r]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for key in ("loss", "loss_global", "loss_local"):
+        ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[0].set_title("loss (Eq. 3) and its terms"), ax[0].legend(), ax[0].set_xlabel("step")
+    ax[1].plot([r["step"] for r in train], [r["lr"] for r in train], label="lr (weights)")
+    ax1b = ax[1].twinx()
+    ax1b.plot([r["step"] for r in train], [r["tau"] for r in train], color="C1", label="tau")
+    ax[1].set_title("lr (left), EMA tau (right)"), ax[1].set_xlabel("step")
+    for key in ("val_acc_h", "val_acc_pooled"):
+        if val and key in val[0]:
+            ax[2].plot([r["epoch"] for r in val], [r[key] for r in val], marker="o", label=key)
+    ax[2].set_title("online linear probe, val top-1 (%)"), ax[2].set_xlabel("epoch"), ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(parse_args())

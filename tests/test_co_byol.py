@@ -1,0 +1,274 @@
+"""co_byol.py: the equations of the paper, the BYOL reduction, EMA, and the plumbing (outputs, resume, DDP)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import co_byol
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny but complete configuration: ResNet-18 (cifar stem) on 16 px FakeData with narrow heads (3x3 local map).
+TINY = ["--dataset", "fake", "--image-size", "16", "--fake-size", "32", "--batch-size", "8", "--epochs", "2",
+        "--proj-hidden", "32", "--pred-hidden", "32", "--proj-dim", "16", "--num-workers", "0", "--knn-k", "5",
+        "--log-every", "1", "--warmup-epochs", "1"]
+
+
+def run_script(args, **kw):
+    return subprocess.run([sys.executable, "co_byol.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss equations against independent formulas
+# ---------------------------------------------------------------------------------------------------------
+def test_byol_loss_is_eq1():
+    torch.manual_seed(0)
+    p, z = torch.randn(6, 16), torch.randn(6, 16)
+    # 2 - 2 cos(p, z) = || p/|p| - z/|z| ||^2 (BYOL's normalised MSE), mean over the batch
+    expected = ((p / p.norm(dim=1, keepdim=True) - z / z.norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
+    torch.testing.assert_close(co_byol.byol_loss(p, z), expected)
+    assert co_byol.byol_loss(p, 3 * p).item() == pytest.approx(0.0, abs=1e-6)  # aligned vectors: zero loss
+
+
+def test_local_global_loss_is_eq2():
+    torch.manual_seed(0)
+    B, D, n = 3, 8, 4
+    p_l, z_l, p_g, z_g = torch.randn(B, D, n, n), torch.randn(B, D, n, n), torch.randn(B, D), torch.randn(B, D)
+    cos = torch.nn.CosineSimilarity(dim=0)
+    total = 0.0
+    for b in range(B):  # the double sum of Eq. 2, position by position
+        for i in range(n):
+            for j in range(n):
+                total += (2 - 2 * cos(p_l[b, :, i, j], z_g[b])) + (2 - 2 * cos(p_g[b], z_l[b, :, i, j]))
+    expected = total / (B * n * n)
+    torch.testing.assert_close(co_byol.local_global_loss(p_l, z_l, p_g, z_g), expected)
+
+
+def test_no_gradient_flows_into_targets():
+    torch.manual_seed(0)
+    p_l = torch.randn(2, 8, 3, 3, requires_grad=True)
+    p_g = torch.randn(2, 8, requires_grad=True)
+    z_l = torch.randn(2, 8, 3, 3, requires_grad=True)
+    z_g = torch.randn(2, 8, requires_grad=True)
+    (co_byol.byol_loss(p_g, z_g) + co_byol.local_global_loss(p_l, z_l, p_g, z_g)).backward()
+    assert z_l.grad is None and z_g.grad is None  # sg(.) on every target
+    assert p_l.grad.abs().sum() > 0 and p_g.grad.abs().sum() > 0
+
+
+def _models(ws_values, **overrides):
+    nets = []
+    for ws in ws_values:
+        args = co_byol.parse_args(TINY + ["--ws", str(ws)] + [x for kv in overrides.items() for x in kv])
+        torch.manual_seed(0)
+        nets.append((args, co_byol.OnlineNetwork(args, num_classes=10)))
+    return nets
+
+
+def test_ws0_is_exactly_byol_loss_and_gradients():
+    (_, co), (_, byol) = _models([0.5, 0.0])
+    assert not any("local" in name for name, _ in byol.named_parameters())  # no local head exists at ws=0
+    byol.load_state_dict(co.state_dict(), strict=False)  # same backbone, g1, q1, probes
+    target = co.encoder  # any fixed target network will do for the comparison
+    torch.manual_seed(1)
+    views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
+    with torch.no_grad():
+        t_out = [target(v) for v in views]
+    # CO-BYOL's global part, and BYOL's total loss, on the same weights and views
+    _, loss_g, _ = co_byol.co_byol_loss(co(views), t_out, ws=0.5)
+    loss_byol, loss_g0, loss_l0 = co_byol.co_byol_loss(byol(views), t_out, ws=0.0)
+    torch.testing.assert_close(loss_byol, loss_g)
+    assert loss_l0.item() == 0.0
+    # ... equal to Eq. 1 applied in both directions, and with equal gradients on the backbone
+    o = byol(views)
+    manual = co_byol.byol_loss(o[0]["p_g"], t_out[1]["z_g"]) + co_byol.byol_loss(o[1]["p_g"], t_out[0]["z_g"])
+    torch.testing.assert_close(loss_byol, manual)
+    co.zero_grad(), byol.zero_grad()
+    loss_g.backward()
+    loss_byol.backward()
+    for (name, a), b in zip(byol.encoder.backbone.named_parameters(), co.encoder.backbone.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_local_grid_downsamples_before_local_heads():
+    (_, net), = _models([0.2], **{"--local-grid": "2"})
+    out = net([torch.randn(2, 3, 16, 16)])[0]
+    assert out["z_l"].shape == (2, 16, 2, 2) and out["p_l"].shape == (2, 16, 2, 2)
+
+
+def test_ema_update_parameters_not_buffers():
+    (_, a), (_, b) = _models([0.2, 0.2])
+    target, online = a.encoder, b.encoder
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+        for m in online.modules():  # make the online BN statistics differ too
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(1.0)
+    before_p = [p.clone() for p in target.parameters()]
+    before_b = [buf.clone() for buf in target.buffers()]
+    co_byol.ema_update(target, online, tau=0.9)
+    for t0, t1, o in zip(before_p, target.parameters(), online.parameters()):
+        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * o)
+    for b0, b1 in zip(before_b, target.buffers()):
+        assert torch.equal(b0, b1)  # BN buffers are not averaged (the target keeps its own statistics)
+
+
+def test_schedules():
+    assert co_byol.tau_at(0, 100, 0.99, 1.0) == pytest.approx(0.99)
+    assert co_byol.tau_at(100, 100, 0.99, 1.0) == pytest.approx(1.0)
+    assert co_byol.tau_at(50, 100, 0.99, 1.0) == pytest.approx(0.995)
+    assert co_byol.lr_at(9, 100, 10, 2.0) == pytest.approx(2.0)  # end of warm-up
+    assert co_byol.lr_at(55, 100, 10, 2.0) == pytest.approx(1.0)  # cosine half-way
+    assert co_byol.lr_at(100, 100, 10, 2.0) == pytest.approx(0.0)
+
+
+def test_lars_step_matches_formula():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    w.grad = torch.tensor([0.3, 0.0])
+    opt = co_byol.LARS([dict(params=[w], lr=0.5, weight_decay=0.1, lars=True)], lr=0.5, eta=0.02)
+    opt.step()
+    trust = min(0.02 * 5.0 / (0.3 + 0.1 * 5.0 + 1e-8) / 0.5, 1.0)  # eta |w| / (|g| + wd |w|), clipped by lr
+    expected = torch.tensor([3.0, 4.0]) - 0.5 * trust * (torch.tensor([0.3, 0.0]) + 0.1 * torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(w.detach(), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one line, no traceback, before any work
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["--ws", "-1"], "--ws must be >= 0"),
+    (["--arch", "resnet99"], "unknown --arch 'resnet99'"),
+    (["--local-grid", "9"], "larger than the 3x3 local map"),
+    (["--min-crop", "0"], "--min-crop must be in (0, 1]"),
+])
+def test_bad_values_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        co_byol.parse_args(TINY + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_batch_not_divisible_by_world_size(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        co_byol.parse_args(TINY)  # --batch-size 8 on 3 processes
+    assert "divisible by the world size 3" in capsys.readouterr().err
+
+
+def test_missing_folder_and_no_download_are_one_line(tmp_path):
+    proc = run_script(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("co_byol.py: error: --dataset imagefolder needs")
+    # CIFAR-10 is not in tmp_path and this machine has no network: torchvision's download fails
+    proc = run_script(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "could not load or download cifar10" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole runs
+# ---------------------------------------------------------------------------------------------------------
+def test_tiny_run_writes_all_outputs(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(TINY + ["--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))  # 32 images / batch 8 = 4 steps x 2 epochs
+    for key in ("step", "epoch", "loss", "loss_global", "loss_local", "lr", "tau", "img_per_s", "peak_mem_mb"):
+        assert key in train_rows[-1]
+    r = train_rows[-1]
+    assert r["loss"] == pytest.approx(r["loss_global"] + 0.2 * r["loss_local"], rel=1e-5)  # Eq. 3
+    assert len([r for r in rows if "val_acc_h" in r]) == 2  # one validation per epoch
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["step"] == 8 and "knn_top1" in final and "val_acc_h" in final
+    backbone = torch.load(out / "backbone.pt", weights_only=True)
+    assert set(backbone) == {"arch", "arch_kwargs", "state_dict", "args"}
+    import rf_resnet
+    net = rf_resnet.build_backbone(backbone["arch"], **backbone["arch_kwargs"])
+    net.load_state_dict(backbone["state_dict"])  # strict: downstream users can rebuild it
+    assert (out / "curves.png").stat().st_size > 0 and (out / "checkpoint.pt").exists()
+
+
+def _final_state(out):
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return ckpt, {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_2_plus_2_equals_4(tmp_path):
+    common = TINY + ["--epochs", "3", "--knn-k", "0"]  # 12 steps scheduled; 4 run; resume mid-epoch 1
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_script(common + ["--output-dir", str(a), "--max-steps", "4"]).returncode == 0
+    assert run_script(common + ["--output-dir", str(b), "--max-steps", "2"]).returncode == 0
+    proc = run_script(common + ["--output-dir", str(b), "--max-steps", "4"])
+    assert proc.returncode == 0 and "resumed from" in proc.stdout
+    (ca, la), (cb, lb) = _final_state(a), _final_state(b)
+    assert ca["step"] == cb["step"] == 4
+    assert la == lb  # the same losses at steps 1-4
+    for part in ("online", "target"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), f"{part}.{k}"
+
+
+def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "co_byol.py", *TINY, "--epochs", "500", "--output-dir", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out_text, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 1 <= ckpt["step"] < 2000 and "stop requested" in out_text
+    again = run_script(TINY + ["--epochs", "500", "--output-dir", str(out), "--max-steps", str(ckpt["step"] + 1)])
+    assert again.returncode == 0 and f"resumed from {out / 'checkpoint.pt'} at step {ckpt['step']}" in again.stdout
+
+
+def test_rf_resnet_run_at_64px(tmp_path):
+    out = tmp_path / "rf"
+    proc = run_script(["--dataset", "fake", "--image-size", "64", "--fake-size", "8", "--batch-size", "4",
+                       "--arch", "rf49_resnet18", "--proj-hidden", "32", "--pred-hidden", "32", "--proj-dim", "16",
+                       "--num-workers", "0", "--max-steps", "2", "--epochs", "1", "--local-grid", "4",
+                       "--knn-k", "0", "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "local map 9x9" in proc.stdout  # rf49 at 64 px (stem padding 2: 66 px) has a 9x9 map
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert "val_acc_pooled" in final  # the "patch" probe exists for RF-ResNets with MLP
+
+
+WORKER = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import co_byol
+online, target, final = co_byol.main(co_byol.parse_args(sys.argv[1:]))
+torch.save({{"online": online.state_dict(), "target": target.state_dict()}},
+           os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT), out=str(out)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *TINY, "--epochs", "1", "--output-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    for part in ("online", "target"):
+        for k, v in r0[part].items():
+            if "running_" in k or "num_batches" in k:
+                continue  # CPU/gloo: BatchNorm statistics are per process (no SyncBN), by design
+            assert torch.equal(v, r1[part][k]), f"{part}.{k} differs between ranks"
+    assert "world size 2, per-process batch 4" in proc.stdout
+    assert (out / "final_metrics.json").exists()

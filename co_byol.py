@@ -657,6 +657,29 @@ def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_c
 
 
 # ==== 9. Training loop ====
+def train_step(model, online, target, optimizer, scaler, views, labels, ws: float, tau: float, autocast):
+    """One optimisation step of Eq. 3: forward both networks, update theta, then xi <- EMA(theta).
+
+    model is `online` itself or its DDP / compiled wrapper. Returns the (detached) loss terms and the online
+    outputs; nothing here waits for the GPU (no .item()).
+    """
+    # --- forward: online on all crops, target on the two large views (Fig. 1) ---
+    with autocast:
+        online_out = model(views)
+        with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into the target
+            target_out = [target(v) for v in views[:2]]
+    loss, loss_g, loss_l = co_byol_loss(online_out, target_out, ws)  # Eq. 3, in fp32
+    loss_probe = probe_loss(online_out, labels)
+
+    # --- update theta, then xi <- EMA(theta) ---
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss + loss_probe).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    ema_update(target, online.encoder, tau)
+    return loss.detach(), loss_g.detach(), loss_l.detach(), loss_probe.detach(), online_out
+
+
 class StopFlag:
     """PLUMBING: SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit."""
 
@@ -769,26 +792,14 @@ def main(args):
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             labels = labels.to(device, non_blocking=True)
 
-            # --- forward: online on all crops, target on the two large views (Fig. 1) ---
-            with autocast:
-                online_out = model(views)
-                with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into the target
-                    target_out = [target(v) for v in views[:2]]
-            loss, loss_g, loss_l = co_byol_loss(online_out, target_out, args.ws)  # Eq. 3, fp32
-            loss_probe = probe_loss(online_out, labels)
-
-            # --- update theta, then xi <- EMA(theta) ---
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss + loss_probe).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            ema_update(target, online.encoder, tau)
+            loss, loss_g, loss_l, loss_probe, online_out = train_step(
+                model, online, target, optimizer, scaler, views, labels, args.ws, tau, autocast)
             step += 1
             bar.update(1)
 
             # --- logging (the only place with host-device syncs) ---
             if step % args.log_every == 0 or step == last_step:
-                values = torch.stack([loss.detach(), loss_g.detach(), loss_l.detach(), loss_probe.detach(),
+                values = torch.stack([loss, loss_g, loss_l, loss_probe,
                                       F.normalize(online_out[0]["z_g"].detach().float(), dim=1).std(0).mean()])
                 values = all_reduce_sum(values) / world
                 loss_v, g_v, l_v, probe_v, zstd = values.tolist()

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast precision; auto = bf16 on GPUs that support it, else fp16 on GPU, off on CPU")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    g.add_argument("--compile", action="store_true", help="torch.compile the online network (CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network (CUDA)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--knn-k", type=int, default=20, help="k of the final k-NN evaluation on .h (cosine, "
@@ -186,7 +186,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ==== 2. Distributed, device, precision ====
-# PLUMBING: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python co_byol.py` is one process. Every
+# PLUMBING: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python` launch is one process. Every
 # collective goes through a helper that is the identity in one process.
 
 
@@ -230,6 +230,11 @@ def amp_dtype(args, device: torch.device):
 _RANK = 0
 
 
+def fail(msg: str) -> None:
+    """Stop with one line on stderr and exit code 1 (bad data, non-finite loss): no traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
 def log(msg: str) -> None:
     """Rank-0 printing (tqdm-safe)."""
     if _RANK == 0:
@@ -237,9 +242,10 @@ def log(msg: str) -> None:
 
 
 # ==== 3. Data: datasets and views ====
-# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image. CO-BYOL changes only the
-# minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation probabilities differ between
-# the two views (1.0 / 0.1 and 0.0 / 0.2); on small images (<= 64 px) there is no blur (solo-learn).
+# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image. CO-SSL (CO-BYOL and
+# CO-DINO) changes only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation
+# probabilities differ between the two views (1.0 / 0.1 and 0.0 / 0.2); on small images (<= 64 px) there is
+# no blur (solo-learn).
 # IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
 # and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -344,7 +350,7 @@ def load_datasets(args, rank: int):
         try:
             out = make(download=True)
         except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
-            sys.exit(f"co_byol.py: error: could not load or download {name} into {root!r} ({type(e).__name__}: "
+            fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
                      "imagefolder with DATA_DIR/train and DATA_DIR/val.")
     barrier()
@@ -358,7 +364,7 @@ def make_loaders(args, rank: int, world: int):
     train = SeededViews(train_base, MultiView(args), args.seed)
     per_rank = args.batch_size // world
     if len(train) // args.batch_size < 1:
-        sys.exit(f"co_byol.py: error: {len(train)} training images are fewer than one batch of {args.batch_size}")
+        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
     sampler = ResumableSampler(train, world, rank, args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
@@ -560,10 +566,10 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
-def param_groups(online: OnlineNetwork, args, world_batch_scale: float) -> list[dict]:
+def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
     """Weight decay and LARS adaptation on weights only: not on biases and norms (ndim <= 1), nor the probes."""
     decay, no_decay, probes = [], [], []
-    for name, p in online.named_parameters():
+    for name, p in net.named_parameters():
         if name.startswith("probe_"):
             probes.append(p)
         elif p.ndim <= 1:
@@ -601,31 +607,31 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_backbone(path: Path, online: OnlineNetwork, args) -> None:
-    """The file downstream users need (eval_linear.py): the ONLINE backbone, as BYOL evaluates it."""
+def save_backbone(path: Path, backbone: nn.Module, args) -> None:
+    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}."""
     state = {"arch": args.arch, "arch_kwargs": {"stem": args.stem, "mlp": False if args.no_mlp else None},
-             "state_dict": online.encoder.backbone.state_dict(), "args": vars(args)}
+             "state_dict": backbone.state_dict(), "args": vars(args)}
     save_checkpoint(path, state)
 
 
 # ==== 8. Linear evaluation ====
 @torch.no_grad()
-def evaluate_probes(online: OnlineNetwork, val_loader, device, autocast) -> dict:
+def evaluate_probes(net: nn.Module, val_loader, device, autocast) -> dict:
     """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced)."""
-    online.eval()
+    net.eval()
     counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
     for x, y in val_loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            out = online.encoder.backbone(x)
-        counts[0] += (online.probe_h(out.h.float()).argmax(1) == y).sum()
-        if online.probe_pooled is not None:
-            counts[1] += (online.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
+            out = net.encoder.backbone(x)
+        counts[0] += (net.probe_h(out.h.float()).argmax(1) == y).sum()
+        if net.probe_pooled is not None:
+            counts[1] += (net.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
         counts[2] += len(y)
     all_reduce_sum(counts)
-    online.train()
+    net.train()
     res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
-    if online.probe_pooled is not None:
+    if net.probe_pooled is not None:
         res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)
     return res
 
@@ -724,7 +730,8 @@ def main(args):
     if device.type == "cuda" and world > 1:
         # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
         # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics.
-        online, target = nn.SyncBatchNorm.convert_sync_batchnorm(online), nn.SyncBatchNorm.convert_sync_batchnorm(target)
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     if device.type == "cuda":
         online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
     torch.manual_seed(args.seed + rank)
@@ -747,7 +754,8 @@ def main(args):
 
     model = online
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
     if args.compile:
         model = torch.compile(model)
 
@@ -805,7 +813,7 @@ def main(args):
                 loss_v, g_v, l_v, probe_v, zstd = values.tolist()
                 if not math.isfinite(loss_v):
                     # The last good checkpoint on disk is kept: we stop before writing anything.
-                    sys.exit(f"co_byol.py: error: non-finite loss at step {step}; lower --lr or use --amp off "
+                    fail(f"non-finite loss at step {step}; lower --lr or use --amp off "
                              f"(the last good checkpoint in {ckpt_path} is kept)")
                 now = time.time()
                 row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "loss_global": g_v,
@@ -854,7 +862,7 @@ def main(args):
     final = {"step": step, "epochs": step / steps_per_epoch, "wall_s": time.time() - start_time,
              **{k: v for k, v in history[-1].items() if k.startswith("val_acc")}}
     if rank == 0:
-        save_backbone(out_dir / "backbone.pt", online, args)
+        save_backbone(out_dir / "backbone.pt", online.encoder.backbone, args)  # BYOL evaluates the ONLINE network
         if args.knn_k:
             # PLUMBING: k-NN runs on rank 0 only (features of the whole train split, eval transform).
             knn_train = copy.copy(train_set.base)

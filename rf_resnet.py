@@ -266,7 +266,7 @@ IMAGENET_PRESETS = {
 # rf99-rf195 at 224 px. Among the stride choices we keep those with a total stride of 4 or 8 (cheap maps):
 CIFAR_PRESETS = {
     #          (max-pool m, (s, s', s''))   total stride, grid at 32 / 64 px (stem padding 2: 34 / 66 px)
-    "rf29": (False, (1, 2, 2)),  # 4, 9x9 / 17x17
+    "rf29": (False, (1, 2, 2)),  # 4, 9x9 / 17x17   (the paper's Tiny-ImageNet "RF29-ResNet18"; strides not given)
     "rf33": (False, (2, 1, 2)),  # 4, 9x9 / 17x17   (the strides of rf67)
     "rf41": (False, (2, 2, 1)),  # 4, 9x9 / 17x17   (the strides of rf163, without max-pool)
     "rf49": (False, (2, 2, 2)),  # 8, 5x5 / 9x9     (the strides of rf99)

@@ -1,0 +1,1016 @@
+# ==== 0. Header: paper, what this file implements, how to run, reading order ====
+"""CO-DINO: DINO plus a loss between local and global outputs (and DINO itself with --ws 0).
+
+Paper: Arthur Aubret, Celine Teuliere, Jochen Triesch, "Seeing the Whole in the Parts in Self-Supervised
+Representation Learning", arXiv 2501.02860. Sec. 3.1 ("CO-SSL in general"), Table 2, App. A.7. DINO: Mathilde
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", arXiv 2104.14294.
+
+Idea. DINO trains a student to match, with a cross-entropy, the centred and sharpened softmax output of an
+EMA teacher on another view of the same image. CO-DINO applies the same cross-entropy a second time, between
+*local* outputs (a DINO head made of 1x1 convolutions on the n x n map before the final pooling) and the
+*global* output of the other view: the teacher's global distribution of v' is a target for every student
+local output of v, and every teacher local distribution of v' is a target for the student global output of v.
+The paper describes only CO-BYOL in detail; where it is silent we say what we chose (`# IMPL:`).
+
+What this file implements: DINO student/teacher with the DINO head (3-layer MLP, bottleneck 256,
+L2-normalised, weight-normalised last layer with K prototypes, optionally frozen in the first epoch),
+teacher centring (momentum 0.9, global batch) and sharpening with a temperature warm-up, student temperature
+0.1, optional multi-crop (`--small-crops`, DINO-mc), the local head with its own centre and the local loss
+(`--ws 0` is exactly DINO: no local head is even built), collapse monitors (teacher entropy, KL of the mean
+teacher distribution to uniform), online linear probes, LARS with warm-up + cosine, AMP, DDP, auto-resume,
+SIGTERM checkpoints. `backbone.pt` holds the TEACHER backbone, as DINO evaluates the teacher.
+
+Run:
+    python co_dino.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32      # CPU smoke run
+    python co_dino.py                                  # CIFAR-10, ResNet-18 (cifar stem), ws 0.2, one GPU
+    python co_dino.py --ws 0                           # the DINO baseline, same recipe
+    python co_dino.py --ws 0 --small-crops 4           # DINO-mc
+    torchrun --nproc_per_node=8 co_dino.py --ws 0.2    # 8 GPUs, --batch-size stays the global batch
+    # Paper scale (ImageNet-100, 400 epochs, RF99-ResNet50, Table 2: CO-DINO 86.4 % linear top-1 in the paper):
+    torchrun --nproc_per_node=8 co_dino.py --dataset imagefolder --data-dir /data/imagenet100 \
+        --arch rf99_resnet50 --image-size 224 --epochs 400 --batch-size 256 --ws 0.2 --min-crop 0.2 \
+        --output-dir runs/co_dino_in100
+Expected results: measured numbers, with their commands, machines and times, are in the README.
+
+Reading order: Sec. 5 (the losses and the centre) -> Sec. 4 (the DINO head, local and global) -> Sec. 9 (the
+training loop) -> Sec. 6 (schedules, teacher temperature). Sections 2, 3 and 7 are plumbing shared with
+co_byol.py (kept identical).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import rf_resnet
+
+# ==== 1. Arguments ====
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="CO-DINO (arXiv 2501.02860); --ws 0 trains DINO.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--output-dir", default="runs/co_dino", help="checkpoints, metrics and figures go here; "
+                   "a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank)")
+    g.add_argument("--epochs", type=int, default=200, help="pre-training epochs (solo-learn's CIFAR recipe: 1000)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
+                   "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
+    g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
+
+    g = p.add_argument_group("method (CO-DINO, Sec. 3.1 and DINO)")
+    g.add_argument("--ws", type=float, default=0.2, help="w_s: total loss = L_DINO + w_s L_local (the paper gives "
+                   "no value for CO-DINO; 0.2 as CO-BYOL, whose best range is 0.2-0.5, Table 5); 0 gives DINO")
+    g.add_argument("--local-grid", type=int, default=0, help="average-pool the n x n local map to k x k before "
+                   "the local head (Table 5); 0 keeps the full map")
+    g.add_argument("--min-crop", type=float, default=0.2, help="c_min, the minimum area ratio of the two large "
+                   "crops (CO-SSL: 0.2 for CO-BYOL and CO-DINO, App. A; DINO: 0.4 with multi-crop)")
+    g.add_argument("--small-crops", type=int, default=0, help="extra small crops per image for the multi-crop "
+                   "baseline DINO-mc (paper: 4, or 6 on Tiny-ImageNet); they enter only the global loss")
+    g.add_argument("--small-crop-scale", type=float, nargs=2, default=[0.05, 0.14], metavar=("MIN", "MAX"),
+                   help="area range of the small crops; the two large crops then use [MAX, 1] (paper: "
+                   "[0.05, 0.14] / [0.14, 1] or [0.14, 0.4] / [0.4, 1])")
+    g.add_argument("--small-crop-size", type=int, default=0, help="side of the small crops in pixels "
+                   "(0: 3/7 of --image-size, i.e. 96 at 224)")
+    g.add_argument("--out-dim", type=int, default=4096, help="K, prototypes of the DINO heads (DINO: 65536; "
+                   "solo-learn CIFAR / ImageNet-100: 4096)")
+    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer head MLP (DINO: 2048)")
+    g.add_argument("--bottleneck", type=int, default=256, help="bottleneck width before the L2-normalisation "
+                   "(DINO: 256)")
+    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the prototypes (last "
+                   "layer) are not trained (DINO: 1)")
+    g.add_argument("--student-temp", type=float, default=0.1, help="student softmax temperature T_s (DINO: 0.1)")
+    g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature T_t after warm-up "
+                   "(DINO: 0.04-0.07)")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0 "
+                   "(DINO: 0.04)")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="epochs of linear teacher "
+                   "temperature warm-up (DINO: 30; solo-learn: 50)")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher centres (DINO: 0.9)")
+    g.add_argument("--tau-base", type=float, default=0.996, help="EMA momentum of the teacher at step 0; it "
+                   "follows a cosine to --tau-final (DINO: 0.996 -> 1; solo-learn ResNets: 0.9995)")
+    g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
+
+    g = p.add_argument_group("model (rf_resnet.py)")
+    g.add_argument("--arch", default="resnet18", help="backbone: resnet18/34/50 or an RF-ResNet preset "
+                   "(python rf_resnet.py lists them; rf99_resnet50 is the paper's ImageNet choice)")
+    g.add_argument("--stem", choices=["imagenet", "cifar"], default=None,
+                   help="first layers: 'cifar' (3x3/1, no max-pool) for <= 64 px, else 'imagenet'; "
+                   "default picks by --image-size")
+    g.add_argument("--no-mlp", action="store_true", help="RF-ResNet 'v0': no MLP after the average pooling")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes)")
+    g.add_argument("--lr", type=float, default=0.3, help="LARS learning rate for batch 256, scaled linearly "
+                   "with --batch-size (solo-learn DINO ResNet recipes: 0.3)")
+    g.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay (not on biases and norms; "
+                   "solo-learn DINO: 1e-6)")
+    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
+    g.add_argument("--warmup-epochs", type=float, default=10, help="linear lr warm-up, then cosine to 0")
+    g.add_argument("--probe-lr", type=float, default=0.1, help="lr of the online linear probes for batch 256 "
+                   "(SGD, momentum 0.9, no weight decay, same warm-up + cosine)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10",
+                   help="torchvision datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train and "
+                   "DATA_DIR/val (or test); 'fake' is torchvision's FakeData (tests, throughput)")
+    g.add_argument("--data-dir", default="data", help="dataset root")
+    g.add_argument("--image-size", type=int, default=0, help="training crop size in pixels (0: 32 for CIFAR, "
+                   "96 for STL-10, 224 for image folders, 32 for fake)")
+    g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
+
+    g = p.add_argument_group("system")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="autocast precision; auto = bf16 on GPUs that support it, else fp16 on GPU, off on CPU")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network (CUDA)")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--knn-k", type=int, default=20, help="k of the final k-NN evaluation on .h (cosine, "
+                   "temperature-weighted votes as in DINO); 0 skips it")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature of the k-NN votes")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.ws < 0:
+        parser.error(f"--ws must be >= 0 (0 trains DINO), got {args.ws}")
+    if args.arch not in rf_resnet.available_archs(args.stem):
+        parser.error(f"unknown --arch {args.arch!r} for stem {args.stem!r}; choose one of "
+                     f"{', '.join(rf_resnet.available_archs(args.stem))}")
+    if not 0 < args.min_crop <= 1:
+        parser.error(f"--min-crop must be in (0, 1], got {args.min_crop}")
+    if args.small_crops < 0 or not 0 < args.small_crop_scale[0] < args.small_crop_scale[1] < 1:
+        parser.error("--small-crops must be >= 0 and --small-crop-scale MIN MAX must satisfy 0 < MIN < MAX < 1")
+    if args.batch_size % world or args.batch_size // world < 2:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at "
+                     "least 2 images per process (BatchNorm)")
+    for name in ("epochs", "log_every", "out_dim", "head_hidden", "bottleneck"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_steps < 0 or args.num_workers < 0 or args.knn_k < 0 or args.local_grid < 0:
+        parser.error("--max-steps, --num-workers, --knn-k and --local-grid must be >= 0")
+    if not 0 <= args.tau_base <= args.tau_final <= 1:
+        parser.error("need 0 <= --tau-base <= --tau-final <= 1")
+    if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:
+        parser.error("temperatures must be > 0")
+    if not 0 <= args.center_momentum < 1 or args.freeze_last_layer < 0 or args.warmup_teacher_temp_epochs < 0:
+        parser.error("need 0 <= --center-momentum < 1, --freeze-last-layer >= 0, --warmup-teacher-temp-epochs >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible")
+    if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
+        parser.error("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
+    with torch.device("meta"):  # shapes only: which n x n local map does this backbone give?
+        n = rf_resnet.local_grid(rf_resnet.build_backbone(args.arch, stem=args.stem), args.image_size)
+    if args.local_grid > n:
+        parser.error(f"--local-grid {args.local_grid} is larger than the {n}x{n} local map of {args.arch} "
+                     f"at {args.image_size} px")
+    if args.ws > 0 and n * n < 2:
+        parser.error(f"{args.arch} gives a 1x1 local map at {args.image_size} px: nothing local to align; "
+                     "use a larger --image-size, --stem cifar or an RF-ResNet")
+    args.local_map = n
+    if args.dataset == "imagefolder":
+        root = Path(args.data_dir)
+        if not (root / "train").is_dir() or not ((root / "val").is_dir() or (root / "test").is_dir()):
+            parser.error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); "
+                         "not found")
+    return args
+
+
+# ==== 2. Distributed, device, precision ====
+# PLUMBING: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python` launch is one process. Every
+# collective goes through a helper that is the identity in one process.
+
+
+def setup_distributed(args) -> tuple[int, int, torch.device]:
+    """Returns (rank, world_size, device) and initialises the process group under torchrun."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # picks the GPU only; RANK decides who is rank 0
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def amp_dtype(args, device: torch.device):
+    """The autocast dtype, or None for full fp32."""
+    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu"):
+        return None
+    if args.amp == "bf16" or (args.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16  # needs a GradScaler (see main)
+
+
+_RANK = 0
+
+
+def fail(msg: str) -> None:
+    """Stop with one line on stderr and exit code 1 (bad data, non-finite loss): no traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+def log(msg: str) -> None:
+    """Rank-0 printing (tqdm-safe)."""
+    if _RANK == 0:
+        tqdm.write(msg)
+
+
+# ==== 3. Data: datasets and views ====
+# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image. CO-SSL (CO-BYOL and
+# CO-DINO) changes only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation
+# probabilities differ between the two views (1.0 / 0.1 and 0.0 / 0.2); on small images (<= 64 px) there is
+# no blur (solo-learn).
+# IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
+# and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
+    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if size > 64 and blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def eval_transform(size: int) -> T.Compose:
+    if size <= 64:  # small images are used whole
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class MultiView:
+    """image -> [large view t, large view t', small crops...] (PAPER Fig. 1: v = t(x), v' = t'(x))."""
+
+    def __init__(self, args):
+        large_scale = (args.min_crop, 1.0) if args.small_crops == 0 else (args.small_crop_scale[1], 1.0)
+        small = args.small_crop_size or max(8, round(args.image_size * 3 / 7))
+        self.views = [byol_view(args.image_size, large_scale, 1.0, 0.0),
+                      byol_view(args.image_size, large_scale, 0.1, 0.2)]
+        # IMPL: small crops get blur p=0.5 and no solarisation (DINO's multi-crop local views).
+        self.views += [byol_view(small, tuple(args.small_crop_scale), 0.5, 0.0)] * args.small_crops
+
+    def __call__(self, img):
+        return [v(img) for v in self.views]
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """PLUMBING: each sample's random augmentation is seeded by (seed, epoch, index).
+
+    Views then depend neither on the number of data-loading workers nor on where a run was interrupted, so a
+    resumed run sees exactly the views an uninterrupted run would have seen (tested: 2 + 2 steps == 4).
+    """
+
+    def __init__(self, base, transform, seed: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform(img), label
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch after the batches a checkpoint already consumed."""
+
+    def __init__(self, dataset, world: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)  # PITFALL: without set_epoch every epoch has the same order
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def load_datasets(args, rank: int):
+    """(train dataset without transform, val dataset with eval transform, number of classes).
+
+    PLUMBING: rank 0 downloads first; a failed download or a missing folder stops with one line.
+    """
+    root, name, ev = args.data_dir, args.dataset, eval_transform(args.image_size)
+    tv = torchvision.datasets
+
+    def make(download: bool):
+        if name == "fake":
+            size = (3, args.image_size, args.image_size)
+            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
+                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, transform=ev, random_offset=10**6), 10)
+        if name in ("cifar10", "cifar100"):
+            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+            return (cls(root, train=True, download=download), cls(root, train=False, transform=ev, download=download),
+                    10 if name == "cifar10" else 100)
+        if name == "stl10":  # pre-train on train + unlabeled (label -1: ignored by the probes)
+            return (tv.STL10(root, split="train+unlabeled", download=download),
+                    tv.STL10(root, split="test", transform=ev, download=download), 10)
+        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
+        train = tv.ImageFolder(str(Path(root) / "train"))
+        return train, tv.ImageFolder(str(val_dir), transform=ev), len(train.classes)
+
+    if rank == 0:
+        try:
+            out = make(download=True)
+        except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
+            fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
+                     "imagefolder with DATA_DIR/train and DATA_DIR/val.")
+    barrier()
+    if rank != 0:
+        out = make(download=False)
+    return out
+
+
+def make_loaders(args, rank: int, world: int):
+    train_base, val, num_classes = load_datasets(args, rank)
+    train = SeededViews(train_base, MultiView(args), args.seed)
+    per_rank = args.batch_size // world
+    if len(train) // args.batch_size < 1:
+        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
+    sampler = ResumableSampler(train, world, rank, args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=False)  # fresh workers see the new epoch
+    # Validation: each rank takes every world-th image (no padding, exact counts after the all-reduce).
+    val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, num_workers=args.num_workers)
+    return train, sampler, loader, val, val_loader, num_classes
+
+
+# ==== 4. Model: backbone, heads, EMA teacher ====
+class DINOHead(nn.Module):
+    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU, no BatchNorm) down to a
+    bottleneck, L2-normalisation, then a weight-normalised linear layer (no bias) onto K prototypes whose
+    norm is fixed to 1 (`norm_last_layer=True`).
+
+    conv=True applies the same head at every position of a (B, C, n, n) map with 1x1 convolutions (CO-SSL's
+    local head, PAPER Sec. 3.1: "individually forwards them to a new projection head"): (B, C, n, n) ->
+    (B, K, n, n); with conv=False it maps (B, C) -> (B, K). Dimension 1 is the channel dimension in both cases.
+    """
+
+    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, conv: bool = False):
+        super().__init__()
+        layer = (lambda i, o, bias=True: nn.Conv2d(i, o, 1, bias=bias)) if conv else nn.Linear
+        self.mlp = nn.Sequential(layer(dim_in, hidden), nn.GELU(), layer(hidden, hidden), nn.GELU(),
+                                 layer(hidden, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, (nn.Linear, nn.Conv2d)):  # IMPL (official code): truncated normal, std 0.02, bias 0
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # Weight normalisation: weight = g * v / |v| per prototype; g is fixed to 1, so every prototype is a unit
+        # vector and the logits are cosine similarities between the bottleneck vector and the prototypes.
+        self.last_layer = nn.utils.parametrizations.weight_norm(layer(bottleneck, out_dim, bias=False))
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
+        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=1)  # L2-normalise the bottleneck (over channels)
+        return self.last_layer(x)  # logits over the K prototypes
+
+
+class Encoder(nn.Module):
+    """f (backbone) + the global DINO head + the local DINO head: the part shared by student and teacher."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, mlp=False if args.no_mlp else None)
+        c = self.backbone.out_dim
+        self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim)
+        # --ws 0 is DINO: no local head exists, so nothing of CO-DINO is computed or trained.
+        # IMPL: a separate local head (as CO-BYOL's g2); the paper's Table 6 "1 head" ablation shares it.
+        self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True)
+                           if args.ws > 0 else None)
+        self.local_grid = args.local_grid
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
+        res = {"h": out.h, "pooled": out.pooled, "logits_g": self.head(out.h)}  # logits_g: (B, K)
+        if self.local_head is not None:
+            local = out.local
+            if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local head
+                local = F.adaptive_avg_pool2d(local, self.local_grid)
+            res["logits_l"] = self.local_head(local)  # (B, C, k, k) -> (B, K, k, k)
+        return res
+
+
+class StudentNetwork(nn.Module):
+    """The student: encoder + the online linear probes (trained on detached features).
+
+    Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all gradients.
+    """
+
+    def __init__(self, args, num_classes: int):
+        super().__init__()
+        self.encoder = Encoder(args)
+        c = self.encoder.backbone.out_dim
+        self.probe_h = nn.Linear(c, num_classes)  # on .h, the global representation
+        # The "patch" representation (average of local representations) differs from .h only with the MLP.
+        self.probe_pooled = nn.Linear(c, num_classes) if self.encoder.backbone.mlp is not None else None
+
+    def forward(self, views: list[torch.Tensor]) -> list[dict]:
+        """One call for all views (DDP expects one forward per backward); BN statistics stay per view."""
+        outs = []
+        for x in views:
+            o = self.encoder(x)
+            # PITFALL: the probes see detached features, so their loss never shapes the representation.
+            o["logits_h"] = self.probe_h(o["h"].detach())
+            if self.probe_pooled is not None:
+                o["logits_pooled"] = self.probe_pooled(o["pooled"].detach())
+            outs.append(o)
+        return outs
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
+    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and the heads.
+
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode, so its BN
+    normalises with the statistics of the current batch (as in solo-learn's DINO for ResNets) and keeps
+    running statistics of its own, used when the teacher backbone is evaluated (backbone.pt, k-NN).
+    """
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t_params, tau)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
+
+
+# ==== 5. Loss ====
+def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor], center: torch.Tensor,
+              student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different views of
+    H(P_t(x'), P_s(x)) = - sum_k P_t(x')_k log P_s(x)_k, averaged over the batch.
+
+    student_logits: list of (B, K), one per crop (2 large, then small ones); teacher_logits: list of (B, K) for
+    the 2 large crops; center: (1, K). P_t = softmax((t - c) / T_t) (centring and sharpening, no gradient),
+    P_s = softmax(s / T_s). Pairs of the same view are skipped. Softmaxes in fp32 (PITFALL: in bf16 a
+    temperature of 0.04 turns small logit differences into large probability errors).
+    """
+    total, n_terms = 0.0, 0
+    for iq, t in enumerate(teacher_logits):
+        q = F.softmax((t.float() - center) / teacher_temp, dim=-1).detach()  # sg: no gradient into the teacher
+        for v, s in enumerate(student_logits):
+            if v == iq:
+                continue  # DINO: the student never predicts the teacher's output of the same view
+            total = total + torch.sum(-q * F.log_softmax(s.float() / student_temp, dim=-1), dim=-1).mean()
+            n_terms += 1
+    return total / n_terms
+
+
+def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor, student_global: torch.Tensor,
+                    teacher_global: torch.Tensor, center: torch.Tensor, local_center: torch.Tensor,
+                    student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """PAPER Sec. 3.1 (CO-SSL in general; Eq. 2 with DINO's loss): for student view v and teacher view v',
+    1/n^2 sum_i [ H(P_t(z'_g), P_s(s_l^i)) + H(P_t(z'_l^i), P_s(s_g)) ], averaged over the batch.
+
+    student_local (B, K, n, n) and student_global (B, K): student logits of view v;
+    teacher_local (B, K, n, n) and teacher_global (B, K): teacher logits of view v'.
+    The teacher's global distribution is centred with the global centre (1, K), its local distributions with
+    the separate local centre (1, K). The teacher temperature is the same for both.
+    """
+    s_l = F.log_softmax(student_local.float().flatten(2) / student_temp, dim=1)  # (B, K, n, n) -> (B, K, n*n)
+    t_g = F.softmax((teacher_global.float() - center) / teacher_temp, dim=1).detach()  # (B, K)
+    local_to_global = -(t_g.unsqueeze(-1) * s_l).sum(1)  # (B, K, 1) * (B, K, n*n) -> (B, n*n)
+    t_l = F.softmax((teacher_local.float().flatten(2) - local_center.view(1, -1, 1)) / teacher_temp, dim=1).detach()
+    s_g = F.log_softmax(student_global.float() / student_temp, dim=1)  # (B, K)
+    global_to_local = -(t_l * s_g.unsqueeze(-1)).sum(1)  # (B, K, n*n) * (B, K, 1) -> (B, n*n)
+    return (local_to_global + global_to_local).mean()
+
+
+def co_dino_loss(student: list[dict], teacher: list[dict], center: torch.Tensor, local_center: torch.Tensor,
+                 student_temp: float, teacher_temp: float, ws: float):
+    """Total = L_DINO + w_s L_local (PAPER Sec. 3.1). Returns (total, global part, local part before weighting).
+
+    IMPL: L_local averages the two view orders (v, v') and (v', v), as L_DINO averages its pairs, so that both
+    terms have the scale of one cross-entropy (CO-BYOL's Eq. 3 sums them instead; the paper does not say).
+    The local loss uses only the two large views.
+    """
+    loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,
+                       student_temp, teacher_temp)
+    loss_l = torch.zeros((), device=loss_g.device)
+    if ws > 0:
+        loss_l = 0.5 * sum(
+            local_dino_loss(student[v]["logits_l"], teacher[1 - v]["logits_l"], student[v]["logits_g"],
+                            teacher[1 - v]["logits_g"], center, local_center, student_temp, teacher_temp)
+            for v in (0, 1))
+    return loss_g + ws * loss_l, loss_g, loss_l
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
+    """DINO Eq. 4: c <- m c + (1 - m) mean of the teacher logits over the GLOBAL batch.
+
+    teacher_logits: (N, K) (both large views stacked; for the local centre also every position). Under DDP
+    the sum and the count are all-reduced, so every rank gets the same centre.
+    """
+    batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (N, K) -> (1, K)
+    count = torch.tensor([float(teacher_logits.shape[0])], device=teacher_logits.device)
+    batch_sum, count = all_reduce_sum(batch_sum), all_reduce_sum(count)  # global batch
+    return center * momentum + (batch_sum / count) * (1 - momentum)
+
+
+@torch.no_grad()
+def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """Two ways DINO can collapse (Caron et al. 2021, Sec. 5.3): every output uniform, or one prototype
+    dominating. Returns [mean entropy of P_t (-> log K when uniform), KL(mean P_t || uniform) (-> log K when
+    one prototype wins)], both in nats, for (N, K) teacher logits. Healthy training keeps both well below log K.
+    """
+    p = F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)  # (N, K)
+    entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
+    mean_p = p.mean(0)  # (K,)
+    kl_uniform = (mean_p * torch.log(mean_p * mean_p.numel() + 1e-12)).sum()
+    return torch.stack([entropy, kl_uniform])
+
+
+def probe_loss(outs: list[dict], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the online probes on the two large views; label -1 (STL-10 unlabeled) is ignored."""
+    loss = 0.0
+    for o in outs[:2]:
+        for key in ("logits_h", "logits_pooled"):
+            if key in o:
+                loss = loss + F.cross_entropy(o[key].float(), labels, ignore_index=-1)
+    return loss
+
+
+# ==== 6. Schedules: lr, weight decay, EMA momentum, temperatures ====
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 (solo-learn's warmup_cosine)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def tau_at(step: int, total: int, base: float, final: float) -> float:
+    """DINO Sec. 3.1 (after BYOL): tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
+    return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
+
+
+def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
+    """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then stays there
+    (the official np.linspace schedule, per epoch). A low T_t early sharpens the teacher against collapse."""
+    if epoch >= warmup_epochs:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
+
+    For every tensor of a group with `lars=True`: g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w|) / lr, 1)
+    ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms, probes) are plain SGD + momentum.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p, wd = p.grad, group["weight_decay"]
+                if group["lars"]:
+                    p_norm, g_norm = torch.norm(p), torch.norm(d_p)
+                    trust = group["eta"] * p_norm / (g_norm + wd * p_norm + 1e-8)
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / group["lr"], max=1.0), 1.0)
+                    d_p = (d_p + wd * p) * trust
+                elif wd:
+                    d_p = d_p + wd * p
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d_p.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
+    """Weight decay and LARS adaptation on weights only: not on biases and norms (ndim <= 1), nor the probes."""
+    decay, no_decay, probes = [], [], []
+    for name, p in net.named_parameters():
+        if name.startswith("probe_"):
+            probes.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    lr = args.lr * world_batch_scale
+    return [dict(params=decay, lr=lr, base_lr=lr, weight_decay=args.weight_decay, lars=True),
+            dict(params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0, lars=False),
+            dict(params=probes, lr=args.probe_lr * world_batch_scale, base_lr=args.probe_lr * world_batch_scale,
+                 weight_decay=0.0, lars=False)]
+
+
+# ==== 7. Checkpoint and resume ====
+# PLUMBING: OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; it is written by
+# rank 0 through a temporary file and os.replace (a crash never leaves half a file) and loaded with
+# weights_only=True (plain tensors and Python containers; the arguments are stored as a dict).
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_backbone(path: Path, backbone: nn.Module, args) -> None:
+    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}."""
+    state = {"arch": args.arch, "arch_kwargs": {"stem": args.stem, "mlp": False if args.no_mlp else None},
+             "state_dict": backbone.state_dict(), "args": vars(args)}
+    save_checkpoint(path, state)
+
+
+# ==== 8. Linear evaluation ====
+@torch.no_grad()
+def evaluate_probes(net: nn.Module, val_loader, device, autocast) -> dict:
+    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced)."""
+    net.eval()
+    counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
+    for x, y in val_loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            out = net.encoder.backbone(x)
+        counts[0] += (net.probe_h(out.h.float()).argmax(1) == y).sum()
+        if net.probe_pooled is not None:
+            counts[1] += (net.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
+        counts[2] += len(y)
+    all_reduce_sum(counts)
+    net.train()
+    res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
+    if net.probe_pooled is not None:
+        res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)
+    return res
+
+
+@torch.no_grad()
+def embed(backbone, dataset, device, autocast, batch_size: int, num_workers: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    feats, labels = [], []
+    for x, y in loader:
+        with autocast:
+            h = backbone(x.to(device, non_blocking=True)).h
+        feats.append(F.normalize(h.float(), dim=1).cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_classes: int) -> float:
+    """k-NN on L2-normalised features (DINO's eval_knn): the k most cosine-similar training images vote
+    for their label with weight exp(cos / T). Returns top-1 in %."""
+    correct = 0
+    for i in range(0, len(test_f), 1024):
+        sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
+        top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
+        votes = torch.zeros(len(top_idx), num_classes)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())  # (b, num_classes)
+        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
+    return 100 * correct / len(test_f)
+
+
+# ==== 9. Training loop ====
+def train_step(model, student, teacher, optimizer, scaler, views, labels, centers, args, tau: float,
+               teacher_temp: float, freeze_last_layer: bool, autocast):
+    """One optimisation step: forward both networks, L_DINO + w_s L_local, update the student, then the
+    teacher (EMA) and the centres.
+
+    model is `student` itself or its DDP / compiled wrapper; centers = (global centre, local centre), each
+    (1, K). Returns the (detached) loss terms, the new centres and the collapse monitors; nothing here waits
+    for the GPU (no .item()).
+    """
+    center, local_center = centers
+    # --- forward: student on all crops, teacher on the two large views ---
+    with autocast:
+        student_out = model(views)
+        with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
+            teacher_out = [teacher(v) for v in views[:2]]
+    loss, loss_g, loss_l = co_dino_loss(student_out, teacher_out, center, local_center, args.student_temp,
+                                        teacher_temp, args.ws)  # in fp32
+    loss_probe = probe_loss(student_out, labels)
+
+    # --- update the student, then the teacher <- EMA(student) ---
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss + loss_probe).backward()
+    if freeze_last_layer:  # DINO: the prototypes stay fixed in the first epoch(s), which stabilises training
+        for head in (student.encoder.head, student.encoder.local_head):
+            if head is not None:
+                for p in head.last_layer.parameters():
+                    p.grad = None
+    scaler.step(optimizer)
+    scaler.update()
+    ema_update(teacher, student.encoder, tau)
+
+    # --- centres, after the loss as in the official code (DINO Eq. 4), over the global batch ---
+    t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
+    monitors = collapse_monitors(t_global, center, teacher_temp)
+    center = update_center(center, t_global, args.center_momentum)
+    if args.ws > 0:
+        # 2 x (B, K, n, n) -> (2B * n * n, K): every position of every image is one sample of the local centre
+        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
+        local_center = update_center(local_center, t_local, args.center_momentum)
+    return (loss.detach(), loss_g.detach(), loss_l.detach(), loss_probe.detach()), (center, local_center), monitors
+
+
+class StopFlag:
+    """PLUMBING: SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def main(args):
+    """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect them."""
+    global _RANK
+    rank, world, device = setup_distributed(args)
+    _RANK = rank
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    out_dir = Path(args.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = amp_dtype(args, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, rank, world)
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+
+    # Model: the student and its EMA teacher (a copy of f and both heads; no probe), and the two centres.
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    student = StudentNetwork(args, num_classes).to(device)
+    teacher = copy.deepcopy(student.encoder).requires_grad_(False)  # DINO: the teacher starts equal to the student
+    if device.type == "cuda" and world > 1:
+        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
+        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics.
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    if device.type == "cuda":
+        student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
+    centers = (torch.zeros(1, args.out_dim, device=device), torch.zeros(1, args.out_dim, device=device))
+    torch.manual_seed(args.seed + rank)
+    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
+    optimizer = LARS(param_groups(student, args, scale), lr=args.lr * scale, eta=args.lars_eta)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # Resume: everything from OUTPUT_DIR/checkpoint.pt when it exists.
+    step, history = 0, []
+    ckpt_path = out_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        centers = (ckpt["center"].to(device), ckpt["local_center"].to(device))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, history = ckpt["step"], ckpt["history"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resumed from {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
+
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    def checkpoint_state() -> dict:
+        rngs = [None] * world
+        if is_dist():
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        return {"student": student.state_dict(), "teacher": teacher.state_dict(), "center": centers[0],
+                "local_center": centers[1], "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "history": history, "rng": rngs, "args": vars(args)}
+
+    def write_checkpoint():
+        state = checkpoint_state()  # every rank joins the all-gather of RNG states
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+
+    log(f"co_dino.py: {json.dumps(vars(args))}")
+    log(f"world size {world}, per-process batch {args.batch_size // world}, lr {args.lr * scale:g} "
+        f"(= {args.lr} x {args.batch_size}/256), {steps_per_epoch} steps/epoch, {total_steps} steps, "
+        f"local map {args.local_map}x{args.local_map}, device {device}, amp {dtype}")
+    stop = StopFlag()
+    last_step = total_steps if not args.max_steps else min(total_steps, args.max_steps)
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+    start_time, tick, tick_step = time.time(), time.time(), step
+    bar = tqdm(total=last_step, initial=step, disable=rank != 0, dynamic_ncols=True, desc="co_dino")
+    stop_now = False
+
+    while step < last_step and not stop_now:
+        epoch, skip = divmod(step, steps_per_epoch)
+        train_set.epoch = epoch  # the views of this epoch (see SeededViews)
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // world))  # resume mid-epoch where we stopped
+        for views, labels in loader:
+            # --- schedules (Sec. 6) ---
+            lr_scale = lr_at(step, total_steps, warmup_steps, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+            tau = tau_at(step, total_steps, args.tau_base, args.tau_final)
+            teacher_temp = teacher_temp_at(epoch, args.warmup_teacher_temp, args.teacher_temp,
+                                           args.warmup_teacher_temp_epochs)
+
+            views = [v.to(device, non_blocking=True) for v in views]
+            if device.type == "cuda":
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            labels = labels.to(device, non_blocking=True)
+
+            (loss, loss_g, loss_l, loss_probe), centers, monitors = train_step(
+                model, student, teacher, optimizer, scaler, views, labels, centers, args, tau, teacher_temp,
+                epoch < args.freeze_last_layer, autocast)
+            step += 1
+            bar.update(1)
+
+            # --- logging (the only place with host-device syncs) ---
+            if step % args.log_every == 0 or step == last_step:
+                values = torch.stack([loss, loss_g, loss_l, loss_probe, *monitors])
+                values = all_reduce_sum(values) / world
+                loss_v, g_v, l_v, probe_v, entropy, kl_uniform = values.tolist()
+                if not math.isfinite(loss_v):
+                    # The last good checkpoint on disk is kept: we stop before writing anything.
+                    fail(f"non-finite loss at step {step}; lower --lr or use --amp off "
+                             f"(the last good checkpoint in {ckpt_path} is kept)")
+                now = time.time()
+                row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "loss_global": g_v,
+                       "loss_local": l_v, "loss_probe": probe_v,
+                       "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform,  # collapse: -> log K
+                       "lr": optimizer.param_groups[0]["lr"], "tau": tau, "teacher_temp": teacher_temp,
+                       "img_per_s": (step - tick_step) * args.batch_size / (now - tick),
+                       "peak_mem_mb": peak_memory_mb(device)}
+                tick, tick_step = now, step
+                history.append(row)
+                bar.set_postfix(loss=f"{loss_v:.3f}", local=f"{l_v:.3f}", lr=f"{row['lr']:.3g}",
+                                img_s=f"{row['img_per_s']:.0f}")
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+
+            # --- preemption: checkpoint and leave ---
+            stop_now = stop.requested
+            if is_dist():
+                # PLUMBING: ranks must stop at the same step (else one waits forever in the next all-reduce).
+                # They agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
+                stop_now = False
+                if step % 10 == 0 or step == last_step:
+                    stop_now = all_reduce_sum(torch.tensor([float(stop.requested)], device=device)).item() > 0
+            if stop_now or step == last_step:
+                break
+
+        # --- end of epoch (or of the run): validate the probes, checkpoint ---
+        at_epoch_end = step % steps_per_epoch == 0
+        if at_epoch_end or step == last_step:
+            acc = evaluate_probes(student, val_loader, device, autocast)
+            row = {"step": step, "epoch": step / steps_per_epoch, **acc}
+            history.append(row)
+            log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+        write_checkpoint()
+        if stop_now:
+            log(f"stop requested: checkpoint written at step {step}; run the same command to resume")
+            barrier()
+            return student, teacher, {}
+    bar.close()
+
+    # --- final outputs: backbone.pt, k-NN, final_metrics.json, curves.png ---
+    final = {"step": step, "epochs": step / steps_per_epoch, "wall_s": time.time() - start_time,
+             **{k: v for k, v in history[-1].items() if k.startswith("val_acc")}}
+    if rank == 0:
+        save_backbone(out_dir / "backbone.pt", teacher.backbone, args)  # DINO evaluates the TEACHER
+        if args.knn_k:
+            # PLUMBING: k-NN runs on rank 0 only (features of the whole train split, eval transform).
+            knn_train = copy.copy(train_set.base)
+            knn_train.transform = eval_transform(args.image_size)
+            backbone = teacher.backbone.eval()
+            tr_f, tr_y = embed(backbone, knn_train, device, autocast, args.batch_size, args.num_workers)
+            te_f, te_y = embed(backbone, val_set, device, autocast, args.batch_size, args.num_workers)
+            keep = tr_y >= 0  # STL-10 unlabeled images cannot vote
+            final["knn_top1"] = knn_top1(tr_f[keep], tr_y[keep], te_f, te_y, args.knn_k, args.knn_temperature,
+                                         num_classes)
+            backbone.train()
+        final["args"] = vars(args)
+        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        plot_curves(history, out_dir / "curves.png")
+        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args'})}")
+        metrics_file.close()
+    barrier()
+    if is_dist():
+        dist.destroy_process_group()
+    return student, teacher, final
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """curves.png: loss terms, lr / tau and validation accuracy against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if "loss" in r]
+    val = [r for r in history if "val_acc_h" in r]
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
+    for key in ("loss", "loss_global", "loss_local"):
+        ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[0].set_title("loss (L_DINO + ws L_local) and its terms"), ax[0].legend(), ax[0].set_xlabel("step")
+    ax[1].plot([r["step"] for r in train], [r["lr"] for r in train], label="lr (weights)")
+    ax1b = ax[1].twinx()
+    ax1b.plot([r["step"] for r in train], [r["tau"] for r in train], color="C1", label="tau")
+    ax[1].set_title("lr (left), EMA tau (right)"), ax[1].set_xlabel("step")
+    for key in ("val_acc_h", "val_acc_pooled"):
+        if val and key in val[0]:
+            ax[2].plot([r["epoch"] for r in val], [r[key] for r in val], marker="o", label=key)
+    ax[2].set_title("online linear probe, val top-1 (%)"), ax[2].set_xlabel("epoch"), ax[2].legend()
+    for key in ("teacher_entropy", "teacher_kl_uniform"):
+        ax[3].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[3].set_title("collapse monitors (nats; log K = collapse)"), ax[3].set_xlabel("step"), ax[3].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(parse_args())

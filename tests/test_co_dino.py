@@ -1,0 +1,296 @@
+"""co_dino.py: DINO's loss and centre against the official formulation, the local loss, the DINO reduction at
+ws = 0, and the same plumbing tests as co_byol.py (outputs, resume, DDP, bad input)."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import co_dino
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny but complete configuration: ResNet-18 (cifar stem) on 16 px FakeData, narrow heads, 64 prototypes.
+TINY = ["--dataset", "fake", "--image-size", "16", "--fake-size", "32", "--batch-size", "8", "--epochs", "2",
+        "--out-dim", "64", "--head-hidden", "32", "--bottleneck", "16", "--num-workers", "0", "--knn-k", "5",
+        "--log-every", "1", "--warmup-epochs", "1"]
+
+
+def run_script(args, **kw):
+    return subprocess.run([sys.executable, "co_dino.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+class OfficialDINOLoss:
+    """An independent transcription of the official DINOLoss (facebookresearch/dino, main_dino.py), one process:
+    chunks of a concatenated batch, teacher centring/sharpening, pairs of different views, centre EMA."""
+
+    def __init__(self, out_dim, ncrops, student_temp=0.1, center_momentum=0.9):
+        self.student_temp, self.center_momentum, self.ncrops = student_temp, center_momentum, ncrops
+        self.center = torch.zeros(1, out_dim)
+
+    def __call__(self, student_output, teacher_output, temp):
+        student_out = (student_output / self.student_temp).chunk(self.ncrops)
+        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
+        total_loss, n_loss_terms = 0, 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(len(student_out)):
+                if v == iq:
+                    continue
+                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+                total_loss += loss.mean()
+                n_loss_terms += 1
+        total_loss /= n_loss_terms
+        batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        return total_loss
+
+
+def test_dino_loss_and_center_match_official_over_steps():
+    torch.manual_seed(0)
+    B, K, ncrops = 4, 32, 6  # 2 global + 4 small crops
+    official = OfficialDINOLoss(K, ncrops)
+    center = torch.zeros(1, K)
+    for step in range(5):
+        temp = 0.04 + 0.005 * step
+        student = [torch.randn(B, K) * 3 for _ in range(ncrops)]
+        teacher = [torch.randn(B, K) * 3 + step for _ in range(2)]  # drifting logits: the centre matters
+        ours = co_dino.dino_loss(student, teacher, center, 0.1, temp)
+        ref = official(torch.cat(student), torch.cat(teacher), temp)
+        torch.testing.assert_close(ours, ref)
+        center = co_dino.update_center(center, torch.cat(teacher), 0.9)
+        torch.testing.assert_close(center, official.center)
+
+
+def test_local_dino_loss_matches_explicit_sum():
+    torch.manual_seed(0)
+    B, K, n, Ts, Tt = 2, 8, 3, 0.1, 0.05
+    s_l, t_l, s_g, t_g = torch.randn(B, K, n, n), torch.randn(B, K, n, n), torch.randn(B, K), torch.randn(B, K)
+    c, c_l = torch.randn(1, K), torch.randn(1, K)
+
+    def H(teacher_logits, center, student_logits):  # cross-entropy of one pair of K-vectors
+        p_t = torch.softmax((teacher_logits - center.flatten()) / Tt, dim=0)
+        return -(p_t * torch.log_softmax(student_logits / Ts, dim=0)).sum()
+
+    total = 0.0
+    for b in range(B):
+        for i in range(n):
+            for j in range(n):
+                total += H(t_g[b], c, s_l[b, :, i, j]) + H(t_l[b, :, i, j], c_l, s_g[b])
+    expected = total / (B * n * n)
+    torch.testing.assert_close(co_dino.local_dino_loss(s_l, t_l, s_g, t_g, c, c_l, Ts, Tt), expected)
+
+
+def test_no_gradient_into_teacher_outputs():
+    torch.manual_seed(0)
+    s = [torch.randn(2, 8, requires_grad=True) for _ in range(2)]
+    t = [torch.randn(2, 8, requires_grad=True) for _ in range(2)]
+    s_l, t_l = torch.randn(2, 8, 2, 2, requires_grad=True), torch.randn(2, 8, 2, 2, requires_grad=True)
+    zero = torch.zeros(1, 8)
+    (co_dino.dino_loss(s, t, zero, 0.1, 0.04)
+     + co_dino.local_dino_loss(s_l, t_l, s[0], t[1], zero, zero, 0.1, 0.04)).backward()
+    assert all(x.grad is None for x in t) and t_l.grad is None
+    assert s_l.grad.abs().sum() > 0 and s[0].grad.abs().sum() > 0
+
+
+def _models(ws_values, extra=()):
+    nets = []
+    for ws in ws_values:
+        args = co_dino.parse_args(TINY + ["--ws", str(ws), *extra])
+        torch.manual_seed(0)
+        nets.append((args, co_dino.StudentNetwork(args, num_classes=10)))
+    return nets
+
+
+def test_ws0_is_exactly_dino_loss_and_gradients():
+    (args, co), (_, dino) = _models([0.5, 0.0])
+    assert not any("local" in name for name, _ in dino.named_parameters())  # no local head at ws = 0
+    dino.load_state_dict(co.state_dict(), strict=False)
+    teacher = co.encoder
+    torch.manual_seed(1)
+    views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
+    with torch.no_grad():
+        t_out = [teacher(v) for v in views]
+    c = torch.randn(1, 64)
+    _, loss_g, _ = co_dino.co_dino_loss(co(views), t_out, c, c, 0.1, 0.04, ws=0.5)
+    loss_dino, _, loss_l0 = co_dino.co_dino_loss(dino(views), t_out, c, c, 0.1, 0.04, ws=0.0)
+    torch.testing.assert_close(loss_dino, loss_g)
+    assert loss_l0.item() == 0.0
+    o = dino(views)
+    manual = co_dino.dino_loss([x["logits_g"] for x in o], [x["logits_g"] for x in t_out], c, 0.1, 0.04)
+    torch.testing.assert_close(loss_dino, manual)
+    co.zero_grad(), dino.zero_grad()
+    loss_g.backward()
+    loss_dino.backward()
+    for (name, a), b in zip(dino.encoder.backbone.named_parameters(), co.encoder.backbone.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_dino_head_prototypes_are_unit_vectors_and_local_head_is_positionwise():
+    (args, net), = _models([0.2])
+    head, local = net.encoder.head, net.encoder.local_head
+    w = head.last_layer.weight  # (K, bottleneck): weight-normalised, norm fixed to 1
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(64))
+    x = torch.randn(3, net.encoder.backbone.out_dim, 2, 2)
+    local.eval()
+    out = local(x)  # (3, K, 2, 2)
+    # the same head as a plain MLP on one position's vector: copy the 1x1 conv weights into Linear layers
+    lin = co_dino.DINOHead(x.shape[1], 32, 16, 64)
+    for conv_layer, lin_layer in zip([m for m in local.mlp if isinstance(m, torch.nn.Conv2d)],
+                                     [m for m in lin.mlp if isinstance(m, torch.nn.Linear)]):
+        lin_layer.weight.data = conv_layer.weight.data.flatten(1)
+        lin_layer.bias.data = conv_layer.bias.data
+    lin.last_layer.parametrizations.weight.original1.data = local.last_layer.parametrizations.weight.original1.data.flatten(1)
+    torch.testing.assert_close(out[1, :, 0, 1], lin(x[1:2, :, 0, 1])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_collapse_monitors():
+    K = 16
+    uniform = co_dino.collapse_monitors(torch.zeros(8, K), torch.zeros(1, K), 0.04)
+    assert uniform[0].item() == pytest.approx(math.log(K), rel=1e-5)  # every output uniform: max entropy
+    assert uniform[1].item() == pytest.approx(0.0, abs=1e-5)
+    one_hot = torch.zeros(8, K)
+    one_hot[:, 3] = 10.0  # every image on prototype 3
+    dominant = co_dino.collapse_monitors(one_hot, torch.zeros(1, K), 0.04)
+    assert dominant[0].item() == pytest.approx(0.0, abs=1e-3)
+    assert dominant[1].item() == pytest.approx(math.log(K), rel=1e-3)
+
+
+def test_teacher_temperature_schedule():
+    assert co_dino.teacher_temp_at(0, 0.04, 0.07, 30) == pytest.approx(0.04)
+    assert co_dino.teacher_temp_at(29, 0.04, 0.07, 30) == pytest.approx(0.07)  # np.linspace(0.04, 0.07, 30)[-1]
+    assert co_dino.teacher_temp_at(10, 0.04, 0.07, 30) == pytest.approx(0.04 + 0.03 * 10 / 29)
+    assert co_dino.teacher_temp_at(100, 0.04, 0.07, 30) == pytest.approx(0.07)
+
+
+def test_train_step_freezes_prototypes_updates_centres_and_ema():
+    (args, student), = _models([0.2])
+    teacher = co_dino.copy.deepcopy(student.encoder).requires_grad_(False)
+    opt = co_dino.LARS(co_dino.param_groups(student, args, 1.0), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    last = [p.clone() for p in student.encoder.head.last_layer.parameters()]
+    t0 = [p.clone() for p in teacher.parameters()]
+    views, labels = [torch.randn(4, 3, 16, 16) for _ in range(2)], torch.randint(0, 10, (4,))
+    centers = (torch.zeros(1, 64), torch.zeros(1, 64))
+    _, (c, c_l), _ = co_dino.train_step(student, student, teacher, opt, scaler, views, labels, centers, args,
+                                        0.9, 0.04, True, co_dino.nullcontext())
+    for a, b in zip(last, student.encoder.head.last_layer.parameters()):
+        assert torch.equal(a, b)  # prototypes frozen in the first epoch
+    assert c.abs().sum() > 0 and c_l.abs().sum() > 0 and not torch.equal(c, c_l)  # two separate centres
+    for a, t, s in zip(t0, teacher.parameters(), student.encoder.parameters()):
+        torch.testing.assert_close(t, 0.9 * a + 0.1 * s)  # EMA of the parameters
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ws", "-1"], "--ws must be >= 0 (0 trains DINO)"),
+    (["--arch", "vit_s"], "unknown --arch 'vit_s'"),
+    (["--local-grid", "9"], "larger than the 3x3 local map"),
+    (["--teacher-temp", "0"], "temperatures must be > 0"),
+])
+def test_bad_values_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        co_dino.parse_args(TINY + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tiny_run_writes_all_outputs(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(TINY + ["--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    for key in ("step", "epoch", "loss", "loss_global", "loss_local", "lr", "tau", "teacher_temp",
+                "teacher_entropy", "teacher_kl_uniform", "img_per_s", "peak_mem_mb"):
+        assert key in train_rows[-1]
+    r = train_rows[-1]
+    assert r["loss"] == pytest.approx(r["loss_global"] + 0.2 * r["loss_local"], rel=1e-5)
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["step"] == 8 and "knn_top1" in final
+    backbone = torch.load(out / "backbone.pt", weights_only=True)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for k, v in backbone["state_dict"].items():  # backbone.pt is the TEACHER backbone
+        assert torch.equal(v, ckpt["teacher"]["backbone." + k])
+    assert ckpt["center"].shape == ckpt["local_center"].shape == (1, 64)
+    assert (out / "curves.png").stat().st_size > 0
+
+
+def test_resume_2_plus_2_equals_4(tmp_path):
+    common = TINY + ["--epochs", "3", "--knn-k", "0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_script(common + ["--output-dir", str(a), "--max-steps", "4"]).returncode == 0
+    assert run_script(common + ["--output-dir", str(b), "--max-steps", "2"]).returncode == 0
+    proc = run_script(common + ["--output-dir", str(b), "--max-steps", "4"])
+    assert proc.returncode == 0 and "resumed from" in proc.stdout
+    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (a, b))
+    la, lb = ({r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r} for d in (a, b))
+    assert ca["step"] == cb["step"] == 4 and la == lb
+    assert torch.equal(ca["center"], cb["center"]) and torch.equal(ca["local_center"], cb["local_center"])
+    for part in ("student", "teacher"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), f"{part}.{k}"
+
+
+def test_sigterm_writes_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "co_dino.py", *TINY, "--epochs", "500", "--output-dir", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stop requested" in stdout
+    assert 1 <= torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 2000
+
+
+def test_rf_resnet_run_at_64px_with_multicrop(tmp_path):
+    out = tmp_path / "rf"
+    proc = run_script(["--dataset", "fake", "--image-size", "64", "--fake-size", "8", "--batch-size", "4",
+                       "--arch", "rf49_resnet18", "--out-dim", "64", "--head-hidden", "32", "--bottleneck", "16",
+                       "--num-workers", "0", "--max-steps", "2", "--epochs", "1", "--small-crops", "2",
+                       "--knn-k", "0", "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "local map 9x9" in proc.stdout
+    assert "val_acc_pooled" in json.loads((out / "final_metrics.json").read_text())
+
+
+WORKER = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import co_dino
+centres = []  # record every centre this rank computes (global, local, global, local, ...)
+_update = co_dino.update_center
+co_dino.update_center = lambda c, logits, m: centres.append(_update(c, logits, m)) or centres[-1]
+student, teacher, final = co_dino.main(co_dino.parse_args(sys.argv[1:]))
+torch.save({{"student": student.state_dict(), "teacher": teacher.state_dict(), "centres": centres}},
+           os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def test_torchrun_two_processes_keep_identical_weights_and_centres(tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT), out=str(out)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *TINY, "--epochs", "1", "--output-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    for part in ("student", "teacher"):
+        for k, v in r0[part].items():
+            if "running_" in k or "num_batches" in k:
+                continue  # CPU/gloo: BatchNorm statistics are per process (no SyncBN), by design
+            assert torch.equal(v, r1[part][k]), f"{part}.{k} differs between ranks"
+    # DINO's centre is a statistic of the GLOBAL batch: both ranks compute the same centres at every step
+    assert len(r0["centres"]) == len(r1["centres"]) == 2 * 4  # 4 steps (32 images / 8), global + local
+    for c0, c1 in zip(r0["centres"], r1["centres"]):
+        torch.testing.assert_close(c0, c1)

@@ -176,6 +176,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_steps < 0 or args.num_workers < 0 or args.knn_k < 0 or args.local_grid < 0:
         parser.error("--max-steps, --num-workers, --knn-k and --local-grid must be >= 0")
+    if args.image_size < 8 or args.fake_size < 1 or args.small_crop_size < 0:
+        parser.error("need --image-size >= 8, --fake-size >= 1 and --small-crop-size >= 0")
+    if args.lr <= 0 or args.probe_lr <= 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
+        parser.error("need --lr > 0, --probe-lr > 0, --warmup-epochs >= 0 and --weight-decay >= 0")
     if not 0 <= args.tau_base <= args.tau_final <= 1:
         parser.error("need 0 <= --tau-base <= --tau-final <= 1")
     if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:

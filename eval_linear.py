@@ -677,11 +677,12 @@ def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_c
     return 100 * correct / len(test_f)
 
 
-def train_probes(net: Normalized, train_set, dims: dict, num_classes: int, args, device, out_dir: Path):
+def train_probes(net: Normalized, train_set, cache, dims: dict, num_classes: int, args, device, out_dir: Path):
     """Linear classifiers on frozen features, one per representation in `dims` ({name: D}), trained together.
 
     Default: every epoch re-augments the training images (flip + RandomResizedCrop) and runs the frozen
-    backbone in eval mode (BatchNorm uses its running statistics). --precompute: one pass, no augmentation.
+    backbone in eval mode (BatchNorm uses its running statistics). --precompute: the features `cache` of the
+    un-augmented images ({name: (N, D)}, labels), computed once.
     Returns ({name: nn.Linear}, history).
     """
     torch.manual_seed(args.seed)
@@ -706,8 +707,7 @@ def train_probes(net: Normalized, train_set, dims: dict, num_classes: int, args,
         torch.set_rng_state(ckpt["rng"])
         log(f"resumed from {ckpt_path} at epoch {start}")
     if args.precompute:
-        cached, cached_y = extract(net, Transformed(train_set, eval_transform(args.image_size)), args, device,
-                                   "layer3" in dims)
+        cached, cached_y = cache
     else:
         augmented = Transformed(train_set, probe_transform(args.image_size, args.min_crop))
     for epoch in tqdm(range(start, args.epochs), desc="linear probe", dynamic_ncols=True, initial=start,
@@ -839,7 +839,6 @@ def main(args) -> dict:
     train_base, val_base, num_classes = load_datasets(args)
     train_set = subset(train_base, args.limit_train, args.seed)
     val_set = Transformed(subset(val_base, args.limit_val, args.seed), eval_transform(args.image_size))
-    train_eval = Transformed(train_set, eval_transform(args.image_size))
     log(f"eval_linear.py: {json.dumps(vars(args))}")
     log(f"{state['arch']} {state.get('arch_kwargs')} from {args.checkpoint}; {len(train_set)} train / {len(val_set)} "
         f"val images, {num_classes} classes, {args.image_size} px, device {device}, probe lr "
@@ -849,7 +848,12 @@ def main(args) -> dict:
     with torch.no_grad():
         dims = {k: v.shape[1] for k, v in net.features(torch.zeros(2, 3, args.image_size, args.image_size,
                                                                     device=device), args.layers).items()}
-    probes, history = train_probes(net, train_set, dims, num_classes, args, device, out_dir)
+    # Features of the un-augmented training images, computed once for --precompute and for the k-NN.
+    cache = None
+    if args.precompute or args.knn:
+        cache = extract(net, Transformed(train_set, eval_transform(args.image_size)), args, device,
+                        args.layers and args.precompute)
+    probes, history = train_probes(net, train_set, cache, dims, num_classes, args, device, out_dir)
     val_feats, val_y = extract(net, val_set, args, device, args.layers)
     with torch.no_grad():
         linear = {k: 100 * (probes[k](val_feats[k].to(device)).argmax(1).cpu() == val_y).float().mean().item()
@@ -860,7 +864,7 @@ def main(args) -> dict:
            "args": vars(args), "linear": {names[k]: v for k, v in linear.items()}, "probe_history": history}
 
     if args.knn:  # k-NN on L2-normalised .h of the un-augmented training images
-        train_feats, train_y = extract(net, train_eval, args, device, False)
+        train_feats, train_y = cache
         res["knn"] = {"k": args.knn_k, "temperature": args.knn_temperature,
                       "top1": knn_top1(F.normalize(train_feats["h"], dim=1), train_y, F.normalize(val_feats["h"], dim=1),
                                        val_y, args.knn_k, args.knn_temperature, num_classes)}

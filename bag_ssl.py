@@ -1,0 +1,1417 @@
+# ==== 0. Header: paper, what this file implements, how to run, reading order ====
+"""BagSSL: joint-embedding SSL on fixed-scale patches, images represented as a bag of patch embeddings.
+
+Paper: Yubei Chen, Adrien Bardes, Zengyi Li, Yann LeCun, "Bag of Image Patch Embedding Behind the Success of
+Self-Supervised Learning", arXiv 2206.08954 (v1 title: "Intra-Instance VICReg"). Sec. 3 (Prop. 3.1,
+bag-of-local-feature evaluation), Sec. 4 (Tables 1-5, Fig. 2-3), App. C (recipes).
+
+Idea. Joint-embedding SSL (SimCLR, VICReg, TCR, BYOL) pulls together the embeddings of two views of one
+image. The paper argues that what these methods really learn is a representation of image *patches* that
+reflects how often patches co-occur in the same image (Prop. 3.1: the spectral contrastive loss is a
+factorisation of the patch co-occurrence matrix). To show it, BagSSL replaces the multi-scale crops
+(RandomResizedCrop(0.08, 1)) by two *fixed-scale* patches per image (14x14 on 32 px CIFAR, 100x100 on 224 px
+ImageNet-100), upsampled to the network input and colour-augmented as in BYOL; the loss is unchanged. After
+training, an image is represented by the MEAN of the backbone embeddings h of N patches at the training scale
+(a "bag of patch embeddings", Fig. 1). With N = 16-256 this matches or beats the multi-scale baselines
+(Tables 1-3), while the whole image ("central") works poorly for a patch-trained network that never saw one.
+Conversely, for a multi-scale model the mean of N patch embeddings converges to the whole-image embedding as
+N grows (Fig. 3a), and averaging locally then concatenating (Table 5) beats the global average.
+
+What this file implements: both sides of the paper's tables from one script (`--crop patch`, BagSSL, and
+`--crop multiscale`, the baseline), four losses (`--loss simclr|vicreg|tcr|byol`, with BYOL's EMA target and
+predictor), the paper's projector (2 layers, 4096 hidden), online linear probes, LARS with warm-up + cosine,
+AMP, DDP (global-batch losses), auto-resume, SIGTERM checkpoints; and after training (or with `--eval-only
+--checkpoint backbone.pt`) the bag-of-patch evaluation: linear probe and k-NN on the mean embedding of N
+patches for N in `--eval-patches` and on the whole image, laid out as the paper's Table 1 (`table1.md`,
+`final_metrics.json`), the convergence study of Fig. 3a (`convergence.png`) and local aggregation (Table 5,
+`--local-agg`). Not here: the visualisations of Sec. 4.3 (Fig. 4-5), ImageNet-1K (Fig. 3b).
+
+Run:
+    python bag_ssl.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --eval-patches 1,4   # CPU smoke
+    python bag_ssl.py                        # CIFAR-10, ResNet-34, VICReg, 14x14 patches, 200 epochs, one GPU
+    python bag_ssl.py --crop multiscale      # the baseline (RandomResizedCrop(0.08, 1)), same recipe
+    python bag_ssl.py --loss simclr          # or tcr, byol
+    python bag_ssl.py --eval-only --checkpoint runs/bag_ssl/backbone.pt --eval-patches 1,16,256 --local-agg
+    torchrun --nproc_per_node=8 bag_ssl.py   # 8 GPUs, --batch-size stays the global batch
+    # Paper scale, CIFAR-10 (App. C.1; Table 1: VICReg 90.9 % with 16 patches, 91.2 % with 256, in the paper):
+    torchrun --nproc_per_node=8 bag_ssl.py --arch resnet34 --epochs 600 --batch-size 1024 --lr 0.3 \
+        --loss vicreg --crop patch --patch-size 14 --output-dir runs/bag_ssl_cifar10_vicreg_p14
+    # Paper scale, ImageNet-100 (App. C.2; Table 3: VICReg 76.8 % with 16 patches, in the paper):
+    torchrun --nproc_per_node=8 bag_ssl.py --dataset imagefolder --data-dir /data/imagenet100 --arch resnet50 \
+        --image-size 224 --epochs 400 --batch-size 1024 --lr 0.1 --proj-hidden 8192 --proj-dim 8192 \
+        --tcr-lambda 1920 --patch-size 100 --eval-patches 1,16,48 --output-dir runs/bag_ssl_in100
+Expected results: measured numbers, with their commands, machines and times, are in the README ("BagSSL results":
+so far a 24-step CPU smoke run per arm on 5,000 CIFAR-10 images, ~15 min training + ~9 min evaluation each on
+one CPU core; the paper's CIFAR-10 numbers need the GPU recipe above).
+
+Reading order: Sec. 3 (the two kinds of views, and the patch boxes of the evaluation) -> Sec. 5 (the four
+losses and how each avoids collapse) -> Sec. 8 (the bag-of-patch evaluation, the heart of the paper) ->
+Sec. 9 (the training loop) -> Sec. 4 (networks). Sections 2, 6 and 7 are plumbing shared with co_byol.py
+(kept identical).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from tqdm import tqdm
+
+import rf_resnet
+
+# ==== 1. Arguments ====
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+LOSSES = ("vicreg", "simclr", "tcr", "byol")
+METHOD_NAMES = {"vicreg": "VICReg", "simclr": "SimCLR", "tcr": "TCR", "byol": "BYOL"}
+# The loss terms logged for each loss (metrics.jsonl keys), in the order bag_ssl_loss returns them.
+LOSS_TERMS = {"vicreg": ("loss_inv", "loss_var", "loss_cov"), "simclr": ("loss_nce",),
+              "tcr": ("coding_rate", "cos_views"), "byol": ("loss_byol",)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="BagSSL (arXiv 2206.08954): fixed-scale patch training and "
+                                "bag-of-patch evaluation; --crop multiscale trains the baseline.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--output-dir", default="runs/bag_ssl", help="checkpoints, metrics and figures go here; "
+                   "a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank); also fixes the "
+                   "evaluation patches and subsets")
+    g.add_argument("--epochs", type=int, default=200, help="pre-training epochs (paper App. C.1: 600 on CIFAR, "
+                   "C.2: 400 on ImageNet-100)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
+                   "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
+    g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
+
+    g = p.add_argument_group("method (BagSSL, Sec. 3-4 and App. C)")
+    g.add_argument("--crop", choices=["patch", "multiscale"], default="patch",
+                   help="training views: 'patch' = two fixed-scale patches at random positions (BagSSL, Sec. 4.1); "
+                   "'multiscale' = RandomResizedCrop(--min-scale, 1), the baseline of Tables 1-3")
+    g.add_argument("--patch-size", type=int, default=0, help="side of the fixed-scale patches in pixels, before "
+                   "upsampling to --image-size (0: 14/32 of --image-size, i.e. 14 on CIFAR, Table 1; the paper "
+                   "uses 100 at 224 px on ImageNet-100, Table 3)")
+    g.add_argument("--min-scale", type=float, default=0.08, help="lower area bound of RandomResizedCrop for "
+                   "--crop multiscale (paper: 0.08, i.e. 9x9 to 32x32 crops on CIFAR)")
+    g.add_argument("--loss", choices=LOSSES, default="vicreg", help="joint-embedding loss (Sec. 4: SimCLR, "
+                   "VICReg, TCR, BYOL; the paper's tables show all four behave alike)")
+    g.add_argument("--temperature", type=float, default=0.1, help="SimCLR NT-Xent temperature (App. C: 0.1)")
+    g.add_argument("--sim-coeff", type=float, default=25.0, help="VICReg invariance weight lambda (App. C: 25)")
+    g.add_argument("--std-coeff", type=float, default=25.0, help="VICReg variance weight mu (App. C: 25)")
+    g.add_argument("--cov-coeff", type=float, default=1.0, help="VICReg covariance weight nu (App. C: 1)")
+    g.add_argument("--tcr-lambda", type=float, default=30.0, help="TCR weight lambda of the view-agreement term "
+                   "(App. C.1: 30 on CIFAR; C.2: 1920 on ImageNet-100 with 8192-d projections)")
+    g.add_argument("--tcr-eps", type=float, default=0.2, help="TCR distortion epsilon (App. C: 0.2)")
+    g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of the projector g (App. C.1: "
+                   "4096 on CIFAR; C.2: 8192). DEVIATION on ImageNet-100: the projector here always has 2 linear "
+                   "layers (C.1); C.2 uses 3 layers of 8192")
+    g.add_argument("--proj-dim", type=int, default=128, help="output width of the projector (App. C.1: 128 on "
+                   "CIFAR-10, 512 on CIFAR-100; C.2: 8192)")
+    g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of BYOL's predictor q (BYOL: 4096)")
+    g.add_argument("--tau-base", type=float, default=0.99, help="BYOL: EMA momentum of the target at step 0; "
+                   "it follows a cosine to --tau-final (BYOL: 0.99 -> 1)")
+    g.add_argument("--tau-final", type=float, default=1.0, help="BYOL: EMA momentum at the last step")
+
+    g = p.add_argument_group("model (rf_resnet.py)")
+    g.add_argument("--arch", default="resnet34", help="backbone: resnet18/34/50 or an RF-ResNet preset "
+                   "(python rf_resnet.py lists them); paper: ResNet-34 on CIFAR, ResNet-50 on ImageNet")
+    g.add_argument("--stem", choices=["imagenet", "cifar"], default=None,
+                   help="first layers: 'cifar' (3x3/1, no max-pool) for <= 64 px, else 'imagenet'; "
+                   "default picks by --image-size")
+    g.add_argument("--no-mlp", action="store_true", help="RF-ResNet 'v0': no MLP after the average pooling")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes; "
+                   "paper: 1024)")
+    g.add_argument("--lr", type=float, default=0.3, help="LARS learning rate for batch 256, scaled linearly "
+                   "with --batch-size (App. C.1: 0.3 on CIFAR, C.2: 0.1 on ImageNet-100, as solo-learn's "
+                   "recipes, which scale linearly; the paper does not say whether it scales)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and norms; "
+                   "App. C: 1e-4)")
+    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
+    g.add_argument("--warmup-epochs", type=float, default=10, help="linear lr warm-up, then cosine to 0 "
+                   "(App. C: 10 epochs)")
+    g.add_argument("--probe-lr", type=float, default=0.1, help="lr of the online linear probes for batch 256 "
+                   "(SGD, momentum 0.9, no weight decay, same warm-up + cosine)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10",
+                   help="torchvision datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train and "
+                   "DATA_DIR/val (or test); 'fake' is torchvision's FakeData (tests, throughput)")
+    g.add_argument("--data-dir", default="data", help="dataset root")
+    g.add_argument("--image-size", type=int, default=0, help="network input in pixels: patches and crops are "
+                   "upsampled to it (0: 32 for CIFAR, 96 for STL-10, 224 for image folders, 32 for fake)")
+    g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
+
+    g = p.add_argument_group("system")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="autocast precision; auto = bf16 on GPUs that support it, else fp16 on GPU, off on CPU")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network (CUDA)")
+
+    g = p.add_argument_group("evaluation (bag of patches, Sec. 3 and 4; after training, on rank 0)")
+    g.add_argument("--eval-only", action="store_true", help="skip training: evaluate --checkpoint (a backbone.pt) "
+                   "and write OUTPUT_DIR/final_metrics.json, table1.md and convergence.png")
+    g.add_argument("--checkpoint", default="", help="backbone.pt to evaluate with --eval-only "
+                   "(default: OUTPUT_DIR/backbone.pt)")
+    g.add_argument("--eval-patches", default="1,16,256", help="comma-separated N: represent an image by the mean "
+                   "embedding h of N patches (Table 1: 1, 16, 256; Table 3: 1, 16, 48). Costs max(N) forward "
+                   "passes per image; smaller N reuse the first N of those patches")
+    g.add_argument("--eval-crop", choices=["train", "patch", "multiscale"], default="train",
+                   help="how the N evaluation views are sampled: as in training (Tables 1-3: 'patch' for BagSSL, "
+                   "'crop' at the training scales for the baseline) or forced; Fig. 3a uses 'patch' on a "
+                   "multi-scale model")
+    g.add_argument("--eval-patch-size", type=int, default=0, help="patch side for the evaluation "
+                   "(0: the training --patch-size)")
+    g.add_argument("--local-agg", action="store_true", help="also evaluate local aggregation (Table 5, App. C.4): "
+                   "patches on a sliding grid, their embeddings average-pooled 3x3 / stride 2 on the grid and "
+                   "concatenated, and the plain mean of the same grid")
+    g.add_argument("--grid-stride", type=int, default=4, help="stride of the sliding patch grid for --local-agg "
+                   "(Table 5: 4, i.e. 5x5 patches of 16 px on 32 px images)")
+    g.add_argument("--eval-train-images", type=int, default=0, help="fit the classifiers on a seeded random "
+                   "subset of this many training images (0: all); limits the cost on CPU")
+    g.add_argument("--eval-test-images", type=int, default=0, help="evaluate on a seeded random subset of this many "
+                   "test images (0: all)")
+    g.add_argument("--eval-batch", type=int, default=512, help="patches per forward pass in the evaluation")
+    g.add_argument("--linear-epochs", type=int, default=100, help="epochs of the linear classifier fitted on frozen, "
+                   "standardised features (SGD, momentum 0.9, cosine lr, batch 256)")
+    g.add_argument("--linear-lr", type=float, default=0.1, help="lr of that linear classifier")
+    g.add_argument("--linear-wd", type=float, default=5e-4, help="weight decay of that linear classifier")
+    g.add_argument("--knn-k", type=int, default=20, help="k of the k-NN evaluation on the aggregated h (cosine, "
+                   "temperature-weighted votes as in DINO); 0 skips it")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature of the k-NN votes")
+    return p
+
+
+def parse_eval_patches(text: str) -> list[int]:
+    """'1,16,256' -> [1, 16, 256]; raises ValueError on anything else."""
+    values = sorted({int(v) for v in text.split(",") if v.strip()})
+    if not values or values[0] < 1:
+        raise ValueError(text)
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.eval_only:
+        # The backbone and the geometry it was trained with (image size, crop, patch size) come from the file.
+        path = Path(args.checkpoint or Path(args.output_dir) / "backbone.pt")
+        if not path.is_file():
+            parser.error(f"--eval-only needs an existing backbone.pt: {path} not found (pass --checkpoint)")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            trained = saved["args"]
+            args.arch, args.stem = saved["arch"], saved["arch_kwargs"]["stem"]
+            args.no_mlp = saved["arch_kwargs"]["mlp"] is False
+            args.image_size = trained["image_size"]
+            args.crop = trained.get("crop", "multiscale")  # co_byol / co_dino backbones were trained on crops
+            args.patch_size = trained.get("patch_size", 0)
+            args.min_scale = trained.get("min_scale", trained.get("min_crop", args.min_scale))
+            # The method's name in table1.md: this script's --loss, else the folder of a co_byol / co_dino run.
+            args.method_label = METHOD_NAMES[trained["loss"]] if "loss" in trained else path.parent.name
+        except Exception as e:  # not a backbone.pt
+            parser.error(f"{path} is not a backbone.pt written by these scripts ({type(e).__name__}: {e})")
+        args.checkpoint = str(path)
+    if args.eval_only and world > 1:
+        parser.error("--eval-only runs in one process: launch it with python, not torchrun")
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
+    args.patch_size = args.patch_size or max(1, round(args.image_size * 14 / 32))
+    args.eval_patch_size = args.eval_patch_size or args.patch_size
+    try:
+        args.eval_patch_list = parse_eval_patches(args.eval_patches)
+    except ValueError:
+        parser.error(f"--eval-patches must be comma-separated integers >= 1, e.g. 1,16,256; got {args.eval_patches!r}")
+    if args.arch not in rf_resnet.available_archs(args.stem):
+        parser.error(f"unknown --arch {args.arch!r} for stem {args.stem!r}; choose one of "
+                     f"{', '.join(rf_resnet.available_archs(args.stem))}")
+    if args.image_size < 8 or args.fake_size < 1:
+        parser.error("need --image-size >= 8 and --fake-size >= 1")
+    for name in ("patch_size", "eval_patch_size"):
+        if not 1 <= getattr(args, name) <= args.image_size:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 1 and the image size "
+                         f"{args.image_size}")
+    if not 0 < args.min_scale <= 1:
+        parser.error(f"--min-scale must be in (0, 1], got {args.min_scale}")
+    if args.batch_size % world or args.batch_size // world < 2:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at "
+                     "least 2 images per process (BatchNorm)")
+    for name in ("epochs", "log_every", "proj_hidden", "proj_dim", "pred_hidden", "grid_stride", "eval_batch",
+                 "linear_epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.max_steps, args.num_workers, args.knn_k, args.eval_train_images, args.eval_test_images) < 0:
+        parser.error("--max-steps, --num-workers, --knn-k, --eval-train-images and --eval-test-images must be >= 0")
+    if args.lr <= 0 or args.probe_lr <= 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
+        parser.error("need --lr > 0, --probe-lr > 0, --warmup-epochs >= 0 and --weight-decay >= 0")
+    if min(args.temperature, args.tcr_eps, args.linear_lr) <= 0 or min(args.sim_coeff, args.std_coeff,
+                                                                        args.cov_coeff, args.tcr_lambda,
+                                                                        args.linear_wd) < 0:
+        parser.error("need --temperature, --tcr-eps, --linear-lr > 0 and the loss weights and --linear-wd >= 0")
+    if not 0 <= args.tau_base <= args.tau_final <= 1:
+        parser.error("need 0 <= --tau-base <= --tau-final <= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible")
+    if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
+        parser.error("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
+    args.grid = (args.image_size - args.eval_patch_size) // args.grid_stride + 1  # sliding grid, g x g patches
+    if args.local_agg and args.grid < 3:
+        parser.error(f"--local-agg needs a sliding grid of at least 3x3 patches for its 3x3 pooling; "
+                     f"{args.eval_patch_size} px patches with --grid-stride {args.grid_stride} on {args.image_size} "
+                     f"px give {args.grid}x{args.grid}: lower --grid-stride")
+    if args.dataset == "imagefolder":
+        root = Path(args.data_dir)
+        if not (root / "train").is_dir() or not ((root / "val").is_dir() or (root / "test").is_dir()):
+            parser.error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); "
+                         "not found")
+    return args
+
+
+# ==== 2. Distributed, device, precision ====
+# PLUMBING: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python` launch is one process. Every
+# collective goes through a helper that is the identity in one process.
+
+
+def setup_distributed(args) -> tuple[int, int, torch.device]:
+    """Returns (rank, world_size, device) and initialises the process group under torchrun."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # picks the GPU only; RANK decides who is rank 0
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather that keeps the gradient (the official VICReg code's FullGatherLayer).
+
+    Every rank computes the same loss on the gathered global batch, so the gradient reaching each rank's slice
+    is summed over ranks (all_reduce); DDP then averages the parameter gradients over the ranks, which gives
+    exactly the gradient of the global-batch loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        all_grads = torch.stack(grads)  # (world, B, D)
+        dist.all_reduce(all_grads)
+        return all_grads[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) on every rank -> (world * B, D), the global batch, differentiable; the identity in one process."""
+    if not is_dist():
+        return x
+    return torch.cat(_GatherWithGrad.apply(x))
+
+
+def amp_dtype(args, device: torch.device):
+    """The autocast dtype, or None for full fp32."""
+    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu"):
+        return None
+    if args.amp == "bf16" or (args.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16  # needs a GradScaler (see main)
+
+
+_RANK = 0
+
+
+def fail(msg: str) -> None:
+    """Stop with one line on stderr and exit code 1 (bad data, non-finite loss): no traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+def log(msg: str) -> None:
+    """Rank-0 printing (tqdm-safe)."""
+    if _RANK == 0:
+        tqdm.write(msg)
+
+
+# ==== 3. Data: datasets and views ====
+# PAPER Sec. 4.1 and App. C: "the only difference between BagSSL and the baselines during training is that we
+# replace multi-scale cropping augmentation with fixed-scale image patches"; two views per image, and "the data
+# augmentations used are identical to those described in BYOL" (flip, colour jitter, grayscale, blur,
+# solarisation; blur and solarisation probabilities differ between the two views: 1.0 / 0.1 and 0.0 / 0.2; on
+# small images (<= 64 px) there is no blur, as in solo-learn).
+# IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
+# and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
+    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if size > 64 and blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def eval_transform(size: int) -> T.Compose:
+    if size <= 64:  # small images are used whole
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def patch_view(size: int, patch: int, blur_p: float, solarize_p: float) -> T.Compose:
+    """PAPER Sec. 4.1: a fixed-scale `patch` x `patch` square at a uniformly random position inside the image,
+    upsampled to `size` x `size` and colour-augmented as in BYOL.
+
+    IMPL: byol_view's RandomResizedCrop with scale (1, 1) applied to a square patch always returns the whole
+    patch, only resized (bicubic) to `size`: a smaller crop would need w * h < area, which rounding cannot give
+    (tested). Reusing byol_view keeps the colour augmentations of the two arms identical to the letter.
+    """
+    return T.Compose([T.RandomCrop(patch), byol_view(size, (1.0, 1.0), blur_p, solarize_p)])
+
+
+class MultiView:
+    """image -> [view t, view t']: two fixed-scale patches (BagSSL) or two multi-scale crops (the baseline)."""
+
+    def __init__(self, args):
+        if args.crop == "patch":  # PAPER Sec. 4.1: "two image patches are randomly selected from each image"
+            self.views = [patch_view(args.image_size, args.patch_size, 1.0, 0.0),
+                          patch_view(args.image_size, args.patch_size, 0.1, 0.2)]
+        else:  # the baseline: RandomResizedCrop(0.08, 1), i.e. 9x9 to 32x32 crops on CIFAR (Table 1 caption)
+            self.views = [byol_view(args.image_size, (args.min_scale, 1.0), 1.0, 0.0),
+                          byol_view(args.image_size, (args.min_scale, 1.0), 0.1, 0.2)]
+
+    def __call__(self, img):
+        return [v(img) for v in self.views]
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """PLUMBING: each sample's random augmentation is seeded by (seed, epoch, index).
+
+    Views then depend neither on the number of data-loading workers nor on where a run was interrupted, so a
+    resumed run sees exactly the views an uninterrupted run would have seen (tested: 2 + 2 steps == 4).
+    """
+
+    def __init__(self, base, transform, seed: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform(img), label
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch after the batches a checkpoint already consumed."""
+
+    def __init__(self, dataset, world: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)  # PITFALL: without set_epoch every epoch has the same order
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def load_datasets(args, rank: int):
+    """(train dataset without transform, val dataset with eval transform, number of classes).
+
+    PLUMBING: rank 0 downloads first; a failed download or a missing folder stops with one line.
+    """
+    root, name, ev = args.data_dir, args.dataset, eval_transform(args.image_size)
+    tv = torchvision.datasets
+
+    def make(download: bool):
+        if name == "fake":
+            size = (3, args.image_size, args.image_size)
+            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
+                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, transform=ev, random_offset=10**6), 10)
+        if name in ("cifar10", "cifar100"):
+            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+            return (cls(root, train=True, download=download), cls(root, train=False, transform=ev, download=download),
+                    10 if name == "cifar10" else 100)
+        if name == "stl10":  # pre-train on train + unlabeled (label -1: ignored by the probes)
+            return (tv.STL10(root, split="train+unlabeled", download=download),
+                    tv.STL10(root, split="test", transform=ev, download=download), 10)
+        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
+        train = tv.ImageFolder(str(Path(root) / "train"))
+        return train, tv.ImageFolder(str(val_dir), transform=ev), len(train.classes)
+
+    if rank == 0:
+        try:
+            out = make(download=True)
+        except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
+            fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
+                     "imagefolder with DATA_DIR/train and DATA_DIR/val.")
+    barrier()
+    if rank != 0:
+        out = make(download=False)
+    return out
+
+
+def make_loaders(args, rank: int, world: int):
+    train_base, val, num_classes = load_datasets(args, rank)
+    train = SeededViews(train_base, MultiView(args), args.seed)
+    per_rank = args.batch_size // world
+    if len(train) // args.batch_size < 1:
+        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
+    sampler = ResumableSampler(train, world, rank, args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=False)  # fresh workers see the new epoch
+    # Validation: each rank takes every world-th image (no padding, exact counts after the all-reduce).
+    val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, num_workers=args.num_workers)
+    return train, sampler, loader, val, val_loader, num_classes
+
+
+# --- Evaluation views: N boxes per image, deterministic given (seed, split, image index) ---
+# PAPER Sec. 3 ("Bag-of-Local-Feature Evaluation") and Sec. 4.1: "an image embedding is generated by inputting
+# a certain number of patches (same scale as training time and upsampled) into the neural network and
+# aggregating the patch embeddings by averaging". The boxes are drawn from a generator seeded by the image's
+# index, so every run, batch size and number of workers sees the same patches (reproducible evaluation).
+
+
+def box_generator(seed: int, split: int, index: int) -> torch.Generator:
+    """The generator of the evaluation boxes of image `index` of `split` (0 train, 1 test)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + split) * 10_000_019 + index)
+
+
+def sample_boxes(n: int, height: int, width: int, crop: str, patch: int, min_scale: float,
+                 gen: torch.Generator) -> torch.Tensor:
+    """n boxes (top, left, h, w) inside a height x width image, as a (n, 4) long tensor.
+
+    crop 'patch': fixed patch x patch squares at uniform positions (BagSSL's "patches"). crop 'multiscale':
+    RandomResizedCrop's sampling with area scale U(min_scale, 1) and aspect ratio log-U(3/4, 4/3) (the
+    baseline's "crops"), with torchvision's fallback to the whole image after 10 failed tries.
+    """
+    if crop == "patch":
+        top = torch.randint(0, height - patch + 1, (n,), generator=gen)
+        left = torch.randint(0, width - patch + 1, (n,), generator=gen)
+        return torch.stack([top, left, torch.full((n,), patch), torch.full((n,), patch)], dim=1)  # (n, 4)
+    boxes = []
+    for _ in range(n):
+        box = [0, 0, height, width]  # fallback: the whole image (torchvision, ratio 1 is inside [3/4, 4/3])
+        for _ in range(10):
+            area = height * width * (min_scale + (1 - min_scale) * torch.rand(1, generator=gen).item())
+            log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(1, generator=gen).item()
+            w = round(math.sqrt(area * math.exp(log_ratio)))
+            h = round(math.sqrt(area / math.exp(log_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, (1,), generator=gen).item()
+                left = torch.randint(0, width - w + 1, (1,), generator=gen).item()
+                box = [top, left, h, w]
+                break
+        boxes.append(box)
+    return torch.tensor(boxes, dtype=torch.long)  # (n, 4)
+
+
+def grid_boxes(height: int, width: int, patch: int, stride: int) -> torch.Tensor:
+    """Sliding-window patch boxes, row-major, as (g*g, 4): Table 5's 5x5 grid of 16 px patches, stride 4."""
+    tops = range(0, height - patch + 1, stride)
+    lefts = range(0, width - patch + 1, stride)
+    return torch.tensor([[t, l, patch, patch] for t in tops for l in lefts], dtype=torch.long)
+
+
+def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut boxes out of already normalised images and upsample each to size x size.
+
+    images (B, 3, H, W); image_idx (K,) which image each box belongs to; boxes (K, 4) (top, left, h, w).
+    Returns (K, 3, size, size).
+    IMPL: bicubic on the normalised tensor (training resizes the PIL patch, bicubic too); crops are never larger
+    than the image, so this only upsamples and needs no anti-aliasing.
+    """
+    crops = [images[b, :, t:t + h, l:l + w] for b, (t, l, h, w) in zip(image_idx.tolist(), boxes.tolist())]
+    if all(c.shape == crops[0].shape for c in crops):  # fixed-scale patches: one call for all
+        return F.interpolate(torch.stack(crops), size=(size, size), mode="bicubic", align_corners=False)
+    return torch.cat([F.interpolate(c[None], size=(size, size), mode="bicubic", align_corners=False) for c in crops])
+
+
+# ==== 4. Model: backbone, heads, EMA teacher ====
+def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    """BYOL's projector / predictor: Linear -> BN -> ReLU -> Linear (Grill et al. 2020, Sec. 3.3)."""
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out))
+
+
+class Encoder(nn.Module):
+    """f (backbone) + g (projector): PAPER Sec. 3, h = f(x; theta) is the *embedding*, z = g(h; psi) the
+    *projection*. The loss sees z; the bag-of-patch evaluation uses h ("slightly better accuracy", Sec. 3)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, mlp=False if args.no_mlp else None)
+        # PAPER App. C.1: "2 linear layers with 4096 hidden units and 128 output units ... separated with a
+        # ReLU and a BatchNorm layer" = Linear -> BN -> ReLU -> Linear, the same MLP as BYOL's projector.
+        self.projector = mlp(self.backbone.out_dim, args.proj_hidden, args.proj_dim)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
+        return {"h": out.h, "pooled": out.pooled, "z": self.projector(out.h)}  # z: (B, D)
+
+
+class OnlineNetwork(nn.Module):
+    """The trained network: encoder + BYOL's predictor q (only with --loss byol) + online linear probes.
+
+    Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all gradients.
+    """
+
+    def __init__(self, args, num_classes: int):
+        super().__init__()
+        self.encoder = Encoder(args)
+        # BYOL only: the predictor q makes the online branch asymmetric to the EMA target (Grill et al. 2020).
+        self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim) if args.loss == "byol" else None
+        c = self.encoder.backbone.out_dim
+        self.probe_h = nn.Linear(c, num_classes)  # on .h, the embedding
+        # RF-ResNets with MLP: .pooled (the average of the local map) differs from .h and gets its own probe.
+        self.probe_pooled = nn.Linear(c, num_classes) if self.encoder.backbone.mlp is not None else None
+
+    def forward(self, views: list[torch.Tensor]) -> list[dict]:
+        """One call for both views (DDP expects one forward per backward); BN statistics stay per view."""
+        outs = []
+        for x in views:
+            o = self.encoder(x)
+            if self.predictor is not None:
+                o["p"] = self.predictor(o["z"])  # q(g(h)): (B, D)
+            # PITFALL: the probes see detached features, so their loss never shapes the representation.
+            # With --crop patch they see upsampled patches only, like the network.
+            o["logits_h"] = self.probe_h(o["h"].detach())
+            if self.probe_pooled is not None:
+                o["logits_pooled"] = self.probe_pooled(o["pooled"].detach())
+            outs.append(o)
+        return outs
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f, g1, g2.
+
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode, so its BN
+    normalises with the statistics of the current batch (as in BYOL and solo-learn) and keeps running
+    statistics of its own, which are used only if someone evaluates the target in eval mode.
+    """
+    t_params, o_params = list(target.parameters()), list(online.parameters())
+    torch._foreach_mul_(t_params, tau)
+    torch._foreach_add_(t_params, o_params, alpha=1.0 - tau)
+
+
+# ==== 5. Loss ====
+# PAPER Sec. 3, Prop. 3.1: every joint-embedding loss has an attractive term (projections of co-occurring
+# patches, i.e. two views of one image, are pulled together) and an anti-collapse term; the four methods differ
+# only in the second (Sec. 2, "Invariance without collapse"):
+#   SimCLR: negatives. Every other image of the (global) batch is pushed away through the softmax denominator.
+#   VICReg: statistics. The per-dimension std is kept >= 1 (variance) and dimensions are decorrelated
+#           (covariance), over the global batch; no negatives, no asymmetry.
+#   TCR:    volume. The coding rate log det(I + c Z^T Z) of the batch's projections is maximised, i.e. they
+#           must span all directions (a smooth version of VICReg's covariance term).
+#   BYOL:   asymmetry. No explicit repulsion at all: a predictor on the online side and a stop-gradient EMA
+#           target avoid the trivial solution (Grill et al. 2020).
+# All losses run in fp32 (PITFALL: logdet, softmax with T = 0.1 and std/cov statistics are unreliable in bf16).
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, Eq. 1), mean over the 2N anchors.
+
+    z1, z2: (N, D) projections of the two views (N: the global batch under DDP). For anchor i the positive is
+    its other view; the 2N - 2 other projections are the negatives:
+        l_i = -log( exp(cos(z_i, z_i+) / T) / sum_{k != i} exp(cos(z_i, z_k) / T) ).
+    """
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # 2 x (N, D) -> (2N, D), unit rows
+    logits = z @ z.T / temperature  # (2N, 2N) cosine similarities / T
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))  # k != i: an anchor is not its own negative
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # i <-> i + N
+    return F.cross_entropy(logits, positives)
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                cov_coeff: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """VICReg (Bardes et al. 2022, Eq. 1-6), exactly the official code's formula (facebookresearch/vicreg).
+
+    z1, z2: (N, D) projections of the two views (the global batch under DDP, as the official FullGatherLayer).
+        invariance s  = mean squared error between z1 and z2 (F.mse_loss: mean over N and D)
+        variance   v  = mean_d relu(1 - sqrt(Var(z_d) + 1e-4)), averaged over the two views (unbiased Var)
+        covariance c  = sum of squared off-diagonal entries of Cov(z) / D, summed over the two views
+        loss = sim_coeff * s + std_coeff * v + cov_coeff * c          (App. C: 25, 25, 1)
+    Returns (loss, {"loss_inv": s, "loss_var": v, "loss_cov": c}) with the unweighted terms.
+    """
+    z1, z2 = z1.float(), z2.float()
+    n, d = z1.shape
+    inv = F.mse_loss(z1, z2)
+    z1, z2 = z1 - z1.mean(0), z2 - z2.mean(0)  # centre each dimension over the batch
+    std1, std2 = torch.sqrt(z1.var(0) + 1e-4), torch.sqrt(z2.var(0) + 1e-4)  # (D,)
+    var = F.relu(1 - std1).mean() / 2 + F.relu(1 - std2).mean() / 2
+    cov1, cov2 = z1.T @ z1 / (n - 1), z2.T @ z2 / (n - 1)  # (D, D) covariance matrices
+
+    def off_diagonal_sq(c: torch.Tensor) -> torch.Tensor:
+        return c.pow(2).sum() - c.diagonal().pow(2).sum()  # sum_{i != j} c_ij^2
+
+    cov = off_diagonal_sq(cov1) / d + off_diagonal_sq(cov2) / d
+    loss = sim_coeff * inv + std_coeff * var + cov_coeff * cov
+    return loss, {"loss_inv": inv, "loss_var": var, "loss_cov": cov}
+
+
+def coding_rate(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """Total coding rate (Ma et al. 2007; MCR^2, NMCE): R(Z) = 1/2 log det(I_D + D / (N eps) Z^T Z), Z (N, D).
+
+    IMPL: eps enters as D / (N eps), not D / (N eps^2), as in the authors' TCR code (NMCE / EMP-SSL, whose
+    eps = 0.2 is the paper's). Z^T Z is D x D and symmetric positive semi-definite, so the matrix is positive
+    definite and its log-determinant is finite.
+    """
+    n, d = z.shape
+    gram = z.T @ z  # (D, D)
+    return 0.5 * torch.logdet(torch.eye(d, device=z.device) + d / (n * eps) * gram)
+
+
+def tcr_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float = 30.0, eps: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """TCR (Li, Chen, LeCun, Sommer 2022, NMCE's self-supervised objective), paper App. C: lambda 30, eps 0.2.
+
+    z1, z2: (N, D) projections (the global batch under DDP); rows are L2-normalised first.
+        loss = -1/2 [R(z1) + R(z2)] - lambda * mean_i cos(z1_i, z2_i)
+    The rate term spreads the batch over all D directions (anti-collapse); the cosine term is the invariance.
+    IMPL: the paper gives only lambda and eps; the form (mean cosine as the agreement term) is the authors' code
+    (NMCE / EMP-SSL). Returns (loss, {"coding_rate": mean R, "cos_views": mean cosine}).
+    """
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    rate = 0.5 * (coding_rate(z1, eps) + coding_rate(z2, eps))
+    cos = (z1 * z2).sum(1).mean()
+    return -rate - lam * cos, {"coding_rate": rate, "cos_views": cos}
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """PAPER Eq. 1 (BYOL): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
+
+    p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The paper writes
+    -2 cos; the constant 2 (as in BYOL's ||p/|p| - z/|z|||^2) changes no gradient and makes the loss >= 0.
+    Computed in fp32 (PITFALL: normalisation in bf16 loses the small differences that matter late in training).
+    """
+    p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)  # sg(z): no gradient to target
+    return (2 - 2 * (p * z).sum(dim=-1)).mean()
+
+
+def bag_ssl_loss(online: list[dict], target: list[dict] | None, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss on two views: (total, stacked unweighted terms in LOSS_TERMS[args.loss] order).
+
+    online: the online outputs of views 0 and 1; target: the EMA target's (BYOL only, else None).
+    PAPER: BagSSL changes the views, not the loss: this is each method's own loss.
+    """
+    if args.loss == "byol":
+        # BYOL Eq. 2: symmetrised, the prediction of each view regresses the target projection of the other.
+        loss = byol_loss(online[0]["p"], target[1]["z"]) + byol_loss(online[1]["p"], target[0]["z"])
+        return loss, loss.detach()[None]
+    # Global batch: SimCLR's negatives, VICReg's and TCR's statistics are over ALL images of all processes.
+    z1, z2 = gather_with_grad(online[0]["z"]), gather_with_grad(online[1]["z"])  # (B, D) -> (world * B, D)
+    if args.loss == "simclr":
+        loss = nt_xent_loss(z1, z2, args.temperature)
+        return loss, loss.detach()[None]
+    if args.loss == "vicreg":
+        loss, terms = vicreg_loss(z1, z2, args.sim_coeff, args.std_coeff, args.cov_coeff)
+    else:
+        loss, terms = tcr_loss(z1, z2, args.tcr_lambda, args.tcr_eps)
+    return loss, torch.stack([terms[k] for k in LOSS_TERMS[args.loss]]).detach()
+
+
+def probe_loss(outs: list[dict], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the online probes on the two large views; label -1 (STL-10 unlabeled) is ignored."""
+    loss = 0.0
+    for o in outs[:2]:
+        for key in ("logits_h", "logits_pooled"):
+            if key in o:
+                loss = loss + F.cross_entropy(o[key].float(), labels, ignore_index=-1)
+    return loss
+
+
+# ==== 6. Schedules: lr, weight decay, EMA momentum, temperatures ====
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 (solo-learn's warmup_cosine)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def tau_at(step: int, total: int, base: float, final: float) -> float:
+    """BYOL Sec. 3.2: tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
+    return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
+
+    For every tensor of a group with `lars=True`: g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w|) / lr, 1)
+    ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms, probes) are plain SGD + momentum.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p, wd = p.grad, group["weight_decay"]
+                if group["lars"]:
+                    p_norm, g_norm = torch.norm(p), torch.norm(d_p)
+                    trust = group["eta"] * p_norm / (g_norm + wd * p_norm + 1e-8)
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / group["lr"], max=1.0), 1.0)
+                    d_p = (d_p + wd * p) * trust
+                elif wd:
+                    d_p = d_p + wd * p
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d_p.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
+    """Weight decay and LARS adaptation on weights only: not on biases and norms (ndim <= 1), nor the probes."""
+    decay, no_decay, probes = [], [], []
+    for name, p in net.named_parameters():
+        if name.startswith("probe_"):
+            probes.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    lr = args.lr * world_batch_scale
+    return [dict(params=decay, lr=lr, base_lr=lr, weight_decay=args.weight_decay, lars=True),
+            dict(params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0, lars=False),
+            dict(params=probes, lr=args.probe_lr * world_batch_scale, base_lr=args.probe_lr * world_batch_scale,
+                 weight_decay=0.0, lars=False)]
+
+
+# ==== 7. Checkpoint and resume ====
+# PLUMBING: OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; it is written by
+# rank 0 through a temporary file and os.replace (a crash never leaves half a file) and loaded with
+# weights_only=True (plain tensors and Python containers; the arguments are stored as a dict).
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_backbone(path: Path, backbone: nn.Module, args) -> None:
+    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}."""
+    state = {"arch": args.arch, "arch_kwargs": {"stem": args.stem, "mlp": False if args.no_mlp else None},
+             "state_dict": backbone.state_dict(), "args": vars(args)}
+    save_checkpoint(path, state)
+
+
+# ==== 8. Linear evaluation ====
+@torch.no_grad()
+def evaluate_probes(net: nn.Module, val_loader, device, autocast) -> dict:
+    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced)."""
+    net.eval()
+    counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
+    for x, y in val_loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            out = net.encoder.backbone(x)
+        counts[0] += (net.probe_h(out.h.float()).argmax(1) == y).sum()
+        if net.probe_pooled is not None:
+            counts[1] += (net.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
+        counts[2] += len(y)
+    all_reduce_sum(counts)
+    net.train()
+    res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
+    if net.probe_pooled is not None:
+        res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)
+    return res
+
+
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_classes: int) -> float:
+    """k-NN on L2-normalised features (DINO's eval_knn): the k most cosine-similar training images vote
+    for their label with weight exp(cos / T). Returns top-1 in %."""
+    correct = 0
+    for i in range(0, len(test_f), 1024):
+        sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
+        top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
+        votes = torch.zeros(len(top_idx), num_classes)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())  # (b, num_classes)
+        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
+    return 100 * correct / len(test_f)
+
+
+# --- Bag-of-patch evaluation (PAPER Sec. 3 "Bag-of-Local-Feature Evaluation", Sec. 4.1-4.4) ---
+# R_img = mean_{patches} h(patch): every image gets the mean embedding of N patches at the training scale.
+# One pass embeds max(N) patches per image; the representation for a smaller N is the mean of the FIRST N of
+# them (nested sets, so the curve over N is not noisier than it must be). The same per-patch embeddings give
+# the convergence study of Fig. 3a for free: cos(mean of the first n, whole-image embedding) for n = 1, 2, 4...
+
+
+@torch.no_grad()
+def embed_boxes(backbone, images: torch.Tensor, boxes: torch.Tensor, size: int, chunk: int, autocast) -> torch.Tensor:
+    """Embeddings h of every box of every image: images (B, 3, H, W), boxes (B, N, 4) -> (B, N, C) in fp32.
+
+    The B * N crops are embedded in chunks of `chunk`. The backbone must be in eval mode (BatchNorm with running
+    statistics), so an embedding does not depend on which other patches share its forward pass (tested).
+    """
+    b, n = boxes.shape[:2]
+    flat_boxes = boxes.reshape(b * n, 4)  # (B, N, 4) -> (B*N, 4), image-major
+    image_idx = torch.arange(b).repeat_interleave(n)  # (B*N,): the image of every box
+    feats = []
+    for i in range(0, b * n, chunk):
+        crops = extract_crops(images, image_idx[i:i + chunk], flat_boxes[i:i + chunk], size)  # (k, 3, S, S)
+        with autocast:
+            feats.append(backbone(crops).h.float())  # (k, C)
+    return torch.cat(feats).reshape(b, n, -1)  # (B*N, C) -> (B, N, C)
+
+
+def convergence_ns(n_max: int) -> list[int]:
+    """Fig. 3a's x axis: 1, 2, 4, 8, ... up to n_max, and n_max itself."""
+    ns = [1 << i for i in range(n_max.bit_length()) if 1 << i <= n_max]
+    return ns if ns[-1] == n_max else ns + [n_max]
+
+
+@torch.no_grad()
+def bag_features(backbone, dataset, indices: list[int], split: int, args, device, autocast) -> dict:
+    """Features of the images dataset[indices] (eval transform: the whole image, normalised).
+
+    Returns {"labels": (M,), "features": {name: (M, C')}, "cos_sum": (len(ns),), "grid_cos_sum": float} with
+    names "central" (the whole image, the standard protocol), "patches_N" (mean h of N boxes) and, with
+    --local-agg, "grid_mean" / "grid_local" (Table 5). cos_sum[j]: sum over images of cos(mean of the first
+    ns[j] patch embeddings, central embedding), for Fig. 3a.
+    """
+    crop = args.crop if args.eval_crop == "train" else args.eval_crop
+    n_max, ns = max(args.eval_patch_list), convergence_ns(max(args.eval_patch_list))
+    per_batch = max(1, args.eval_batch // n_max)  # images per batch: about eval_batch patches per chunk
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=per_batch,
+                                         num_workers=args.num_workers)
+    feats: dict[str, list] = {"central": [], **{f"patches_{n}": [] for n in args.eval_patch_list}}
+    if args.local_agg:
+        feats.update(grid_mean=[], grid_local=[])
+    labels, cos_sum, grid_cos_sum, done = [], torch.zeros(len(ns)), 0.0, 0
+    for x, y in loader:
+        x = x.to(device)
+        _, _, height, width = x.shape
+        with autocast:
+            central = backbone(x).h.float()  # (B, C): the whole image
+        # Deterministic boxes: image indices[done + j] always gets the same n_max boxes.
+        boxes = torch.stack([sample_boxes(n_max, height, width, crop, args.eval_patch_size, args.min_scale,
+                                          box_generator(args.seed, split, indices[done + j]))
+                             for j in range(len(x))])  # (B, n_max, 4)
+        h = embed_boxes(backbone, x, boxes, args.image_size, args.eval_batch, autocast)  # (B, n_max, C)
+        feats["central"].append(central.cpu())
+        for n in args.eval_patch_list:
+            feats[f"patches_{n}"].append(h[:, :n].mean(1).cpu())  # PAPER: R_img = mean of N patch embeddings
+        for j, n in enumerate(ns):  # Fig. 3a: aggregated patches vs the whole image
+            cos_sum[j] += F.cosine_similarity(h[:, :n].mean(1), central, dim=1).sum().cpu()
+        if args.local_agg:
+            # PAPER Table 5 / App. C.4: a g x g sliding grid of patches; their embeddings form a (C, g, g) map that
+            # is average-pooled 3x3 / stride 2 and flattened ("local average pooling, concatenated").
+            grid = grid_boxes(height, width, args.eval_patch_size, args.grid_stride)  # (g*g, 4)
+            hg = embed_boxes(backbone, x, grid.expand(len(x), -1, -1), args.image_size, args.eval_batch,
+                             autocast)  # (B, g*g, C)
+            grid_map = hg.transpose(1, 2).reshape(len(x), -1, args.grid, args.grid)  # (B, g*g, C) -> (B, C, g, g)
+            local = F.avg_pool2d(grid_map, kernel_size=3, stride=2)  # (B, C, g', g'), g' = (g - 3) // 2 + 1
+            feats["grid_local"].append(local.flatten(1).cpu())  # (B, C, g', g') -> (B, C * g' * g')
+            feats["grid_mean"].append(hg.mean(1).cpu())  # the global average of the same grid
+            grid_cos_sum += F.cosine_similarity(hg.mean(1), central, dim=1).sum().item()
+        labels.append(y)
+        done += len(x)
+    return {"labels": torch.cat(labels), "features": {k: torch.cat(v) for k, v in feats.items()},
+            "cos_sum": cos_sum, "grid_cos_sum": grid_cos_sum, "ns": ns}
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, epochs: int, lr: float, weight_decay: float,
+                 seed: int) -> float:
+    """Top-1 (%) of a linear classifier fitted on frozen features (multinomial logistic regression).
+
+    DEVIATION: the paper trains its linear classifier with the usual protocol (augmented images through the frozen
+    network, every epoch). With N patches per image that costs N forward passes per image per epoch, so we embed
+    every image once (fixed patches, no augmentation) and fit on those features: standardised with the training
+    mean/std, SGD with momentum 0.9, batch 256, cosine lr, `epochs` epochs. Absolute numbers are therefore a few
+    points below the paper's protocol; the comparison between evaluations (central, 1, 16, 256 patches) holds.
+    """
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    x_tr, x_te = (train_f - mean) / std, (test_f - mean) / std
+    with torch.random.fork_rng(devices=[]):  # deterministic and without touching the training RNG
+        torch.manual_seed(seed)
+        clf = nn.Linear(x_tr.shape[1], num_classes)
+        opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        steps_per_epoch = math.ceil(len(x_tr) / 256)
+        total, step = epochs * steps_per_epoch, 0
+        for _ in range(epochs):
+            perm = torch.randperm(len(x_tr))
+            for i in range(0, len(x_tr), 256):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total, 0, lr)
+                idx = perm[i:i + 256]
+                loss = F.cross_entropy(clf(x_tr[idx]), train_y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+    with torch.no_grad():
+        return 100 * (clf(x_te).argmax(1) == test_y).float().mean().item()
+
+
+def subset_indices(n: int, k: int, seed: int) -> list[int]:
+    """A seeded random subset of k of n indices, sorted (k = 0 or k >= n: all). Random, not the first k:
+    image folders are sorted by class."""
+    if k == 0 or k >= n:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
+def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, device, autocast) -> dict:
+    """The paper's evaluation, on one process: Table 1 (linear and k-NN on central / N-patch features), Fig. 3a
+    (convergence to the whole image), Table 5 (local aggregation). Returns the dict stored in final_metrics.json.
+    train_set / val_set must yield eval-transformed (whole, normalised) images."""
+    start = time.time()
+    backbone = backbone.eval()
+    tr_idx = subset_indices(len(train_set), args.eval_train_images, args.seed)
+    te_idx = subset_indices(len(val_set), args.eval_test_images, args.seed + 1)
+    per_image = 1 + max(args.eval_patch_list) + (args.grid ** 2 if args.local_agg else 0)  # forward passes
+    n_forward = (len(tr_idx) + len(te_idx)) * per_image
+    log(f"bag-of-patch evaluation: {len(tr_idx)} train / {len(te_idx)} test images, N in {args.eval_patch_list}, "
+        f"{n_forward} forward passes")
+    tr = bag_features(backbone, train_set, tr_idx, 0, args, device, autocast)
+    te = bag_features(backbone, val_set, te_idx, 1, args, device, autocast)
+    keep = tr["labels"] >= 0  # STL-10 unlabeled images cannot vote or be fitted
+    results = {}
+    for name, f_tr in tr["features"].items():
+        f_tr, f_te = f_tr[keep], te["features"][name]
+        res = {"num_patches": 0 if name == "central" else (args.grid ** 2 if name.startswith("grid")
+                                                            else int(name.split("_")[1])),
+               "dim": f_tr.shape[1],
+               "linear_top1": linear_probe(f_tr, tr["labels"][keep], f_te, te["labels"], num_classes,
+                                           args.linear_epochs, args.linear_lr, args.linear_wd, args.seed)}
+        if args.knn_k:
+            res["knn_top1"] = knn_top1(F.normalize(f_tr, dim=1), tr["labels"][keep], F.normalize(f_te, dim=1),
+                                       te["labels"], args.knn_k, args.knn_temperature, num_classes)
+        results[name] = res
+        log(f"  {name:>14}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in res.items()))
+    convergence = {"n": te["ns"], "cosine": (te["cos_sum"] / len(te_idx)).tolist()}
+    # Reference level: h is post-ReLU (non-negative), so even DIFFERENT images have a clearly positive cosine.
+    central = F.normalize(te["features"]["central"], dim=1)  # (M, C)
+    m = len(central)
+    convergence["cosine_between_images"] = ((central @ central.T).sum().item() - m) / max(m * (m - 1), 1)
+    if args.local_agg:
+        convergence["grid_cosine"] = te["grid_cos_sum"] / len(te_idx)
+    crop = args.crop if args.eval_crop == "train" else args.eval_crop
+    return {"results": results, "convergence": convergence, "eval_wall_s": time.time() - start,
+            "config": {"train_images": len(tr_idx), "test_images": len(te_idx), "eval_crop": crop,
+                       "eval_patch_size": args.eval_patch_size, "patches": args.eval_patch_list,
+                       "grid": args.grid if args.local_agg else 0, "grid_stride": args.grid_stride}}
+
+
+def table1_markdown(evaluation: dict, args) -> str:
+    """The paper's Table 1 layout for this run: one row per classifier, one column per evaluation."""
+    res, cfg = evaluation["results"], evaluation["config"]
+    unit = "patch" if cfg["eval_crop"] == "patch" else "crop"
+    cols = [("central", "Central crop")] + [(f"patches_{n}", f"{n} {unit}{'es' if unit == 'patch' else 's'}"
+                                             if n > 1 else f"1 {unit}") for n in cfg["patches"]]
+    if "grid_local" in res:
+        g = cfg["grid"]
+        cols += [("grid_mean", f"{g}x{g} grid, mean"), ("grid_local", f"{g}x{g} grid, local 3x3/2 concat")]
+    training = (f"patch-based ({args.patch_size}x{args.patch_size})" if args.crop == "patch"
+                else f"multi-scale ({args.min_scale:g}, 1)")
+    lines = [f"| Method | Pre-training | Classifier | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for key, name in (("linear_top1", "linear"), ("knn_top1", f"k-NN (k={args.knn_k})")):
+        if key in res["central"]:
+            lines.append(f"| {getattr(args, 'method_label', METHOD_NAMES[args.loss])} ({args.arch}) | {training} "
+                         f"| {name} | " + " | ".join(f"{res[c][key]:.1f}" for c, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_convergence(convergence: dict, path: Path, title: str) -> None:
+    """convergence.png, as the paper's Fig. 3a: cos(aggregated N-patch embedding, whole-image embedding)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(convergence["n"], convergence["cosine"], marker="o", label="N random patches")
+    if "grid_cosine" in convergence:
+        ax.axhline(convergence["grid_cosine"], color="C1", linestyle="--", label="sliding grid (all)")
+    if "cosine_between_images" in convergence:
+        ax.axhline(convergence["cosine_between_images"], color="gray", linestyle=":",
+                   label="reference: two different whole images")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N, patches aggregated"), ax.set_ylabel("cosine to whole-image embedding")
+    ax.set_title(title, fontsize=9), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ==== 9. Training loop ====
+def train_step(model, online, target, optimizer, scaler, views, labels, args, tau: float, autocast):
+    """One optimisation step: embed both views (patches or crops), the method's loss, update; BYOL: then EMA.
+
+    model is `online` itself or its DDP / compiled wrapper. Returns the (detached) loss, its terms, the probe
+    loss and the online outputs; nothing here waits for the GPU (no .item()).
+    """
+    # --- forward: the two views through f and g (BYOL: also through the target) ---
+    with autocast:
+        online_out = model(views)
+        target_out = None
+        if target is not None:
+            with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into BYOL's target
+                target_out = [target(v) for v in views]
+    loss, terms = bag_ssl_loss(online_out, target_out, args)  # Sec. 5, in fp32
+    loss_probe = probe_loss(online_out, labels)
+
+    # --- update theta; BYOL: then xi <- EMA(theta) ---
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss + loss_probe).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if target is not None:
+        ema_update(target, online.encoder, tau)
+    return loss.detach(), terms, loss_probe.detach(), online_out
+
+
+class StopFlag:
+    """PLUMBING: SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def eval_datasets(train_base, val_set, image_size: int):
+    """The train split with the evaluation transform (whole image, normalised), and the val split as is."""
+    train_eval = copy.copy(train_base)
+    train_eval.transform = eval_transform(image_size)
+    return train_eval, val_set
+
+
+def write_evaluation(out_dir: Path, final: dict, evaluation: dict, args) -> None:
+    """final_metrics.json (with the Table 1 entries), table1.md and convergence.png."""
+    final["eval"] = evaluation["results"]
+    final["convergence"] = evaluation["convergence"]
+    final["eval_config"] = evaluation["config"]
+    final["eval_wall_s"] = evaluation["eval_wall_s"]
+    final["table1_markdown"] = table1_markdown(evaluation, args)
+    final["args"] = vars(args)
+    (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    (out_dir / "table1.md").write_text(final["table1_markdown"])
+    cfg = evaluation["config"]
+    plot_convergence(evaluation["convergence"], out_dir / "convergence.png",
+                     f"{args.arch}, {args.crop} training, {cfg['eval_crop']} {cfg['eval_patch_size']} px views, "
+                     f"{cfg['test_images']} test images")
+    log("Table 1 layout (top-1 %):\n" + final["table1_markdown"])
+
+
+def main(args):
+    """Train (or only evaluate); returns (online network, target encoder, final metrics) for the tests."""
+    global _RANK
+    rank, world, device = setup_distributed(args)
+    _RANK = rank
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    out_dir = Path(args.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = amp_dtype(args, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    if args.eval_only:
+        # --- evaluate a saved backbone.pt (this script's, or co_byol's / co_dino's at their crop scales) ---
+        final = {}
+        if rank == 0:
+            saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            backbone = rf_resnet.build_backbone(saved["arch"], **saved["arch_kwargs"])
+            backbone.load_state_dict(saved["state_dict"])
+            log(f"bag_ssl.py --eval-only: {args.checkpoint} ({args.arch}, trained with --crop {args.crop}, "
+                f"patch {args.patch_size}, {args.image_size} px)")
+            train_base, val_set, num_classes = load_datasets(args, rank)
+            train_eval, val_eval = eval_datasets(train_base, val_set, args.image_size)
+            evaluation = bag_of_patches_eval(backbone.to(device), train_eval, val_eval, num_classes, args, device,
+                                             autocast)
+            final = {"checkpoint": args.checkpoint}
+            write_evaluation(out_dir, final, evaluation, args)
+        barrier()
+        if is_dist():
+            dist.destroy_process_group()
+        return None, None, final
+
+    # Data: MultiView (Sec. 3) makes the two views of every image: two fixed-scale patches (--crop patch) or two
+    # multi-scale crops (--crop multiscale); everything else in this function is the same for both arms.
+    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, rank, world)
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+
+    # Model: the online network; BYOL only: its EMA target (a copy of f and g; no predictor, no probe).
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    online = OnlineNetwork(args, num_classes).to(device)
+    target = copy.deepcopy(online.encoder).requires_grad_(False) if args.loss == "byol" else None
+    if device.type == "cuda" and world > 1:
+        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
+        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics.
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target) if target is not None else None
+    if device.type == "cuda":
+        online = online.to(memory_format=torch.channels_last)
+        target = target.to(memory_format=torch.channels_last) if target is not None else None
+    torch.manual_seed(args.seed + rank)
+    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
+    optimizer = LARS(param_groups(online, args, scale), lr=args.lr * scale, eta=args.lars_eta)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # Resume: everything from OUTPUT_DIR/checkpoint.pt when it exists.
+    step, history = 0, []
+    ckpt_path = out_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        online.load_state_dict(ckpt["online"])
+        if target is not None:
+            target.load_state_dict(ckpt["target"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, history = ckpt["step"], ckpt["history"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resumed from {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
+
+    model = online
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    def checkpoint_state() -> dict:
+        rngs = [None] * world
+        if is_dist():
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        return {"online": online.state_dict(), "target": target.state_dict() if target is not None else {},
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "history": history, "rng": rngs, "args": vars(args)}
+
+    def write_checkpoint():
+        state = checkpoint_state()  # every rank joins the all-gather of RNG states
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+
+    log(f"bag_ssl.py: {json.dumps(vars(args))}")
+    views_text = (f"two {args.patch_size}x{args.patch_size} patches -> {args.image_size} px" if args.crop == "patch"
+                  else f"two RandomResizedCrop({args.min_scale:g}, 1) crops -> {args.image_size} px")
+    log(f"world size {world}, per-process batch {args.batch_size // world}, lr {args.lr * scale:g} "
+        f"(= {args.lr} x {args.batch_size}/256), {steps_per_epoch} steps/epoch, {total_steps} steps, "
+        f"loss {args.loss}, views: {views_text}, device {device}, amp {dtype}")
+    stop = StopFlag()
+    last_step = total_steps if not args.max_steps else min(total_steps, args.max_steps)
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+    start_time, tick, tick_step = time.time(), time.time(), step
+    bar = tqdm(total=last_step, initial=step, disable=rank != 0, dynamic_ncols=True, desc="bag_ssl")
+    stop_now = False
+
+    while step < last_step and not stop_now:
+        epoch, skip = divmod(step, steps_per_epoch)
+        train_set.epoch = epoch  # the views of this epoch (see SeededViews)
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // world))  # resume mid-epoch where we stopped
+        for views, labels in loader:
+            # --- schedules (Sec. 6) ---
+            lr_scale = lr_at(step, total_steps, warmup_steps, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+            tau = tau_at(step, total_steps, args.tau_base, args.tau_final)  # used by BYOL only
+
+            views = [v.to(device, non_blocking=True) for v in views]
+            if device.type == "cuda":
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            labels = labels.to(device, non_blocking=True)
+
+            # --- PAPER Fig. 1: two co-occurring patches of each image, pulled together by the loss ---
+            loss, terms, loss_probe, online_out = train_step(
+                model, online, target, optimizer, scaler, views, labels, args, tau, autocast)
+            step += 1
+            bar.update(1)
+
+            # --- logging (the only place with host-device syncs) ---
+            if step % args.log_every == 0 or step == last_step:
+                # Collapse monitor: std of the L2-normalised projections per dimension (x sqrt(D): ~1 healthy).
+                z_std = F.normalize(online_out[0]["z"].detach().float(), dim=1).std(0).mean()
+                values = torch.stack([loss, *terms, loss_probe, z_std])
+                values = all_reduce_sum(values) / world
+                loss_v, *term_v, probe_v, zstd = values.tolist()
+                if not math.isfinite(loss_v):
+                    # The last good checkpoint on disk is kept: we stop before writing anything.
+                    fail(f"non-finite loss at step {step}; lower --lr or use --amp off "
+                         f"(the last good checkpoint in {ckpt_path} is kept)")
+                now = time.time()
+                row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v,
+                       **dict(zip(LOSS_TERMS[args.loss], term_v)), "loss_probe": probe_v,
+                       "z_std": zstd * math.sqrt(args.proj_dim),  # ~1 healthy, -> 0 when collapsed
+                       "lr": optimizer.param_groups[0]["lr"], **({"tau": tau} if args.loss == "byol" else {}),
+                       "img_per_s": (step - tick_step) * args.batch_size / (now - tick),
+                       "peak_mem_mb": peak_memory_mb(device)}
+                tick, tick_step = now, step
+                history.append(row)
+                bar.set_postfix(loss=f"{loss_v:.3f}", z_std=f"{row['z_std']:.2f}", lr=f"{row['lr']:.3g}",
+                                img_s=f"{row['img_per_s']:.0f}")
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+
+            # --- preemption: checkpoint and leave ---
+            stop_now = stop.requested
+            if is_dist():
+                # PLUMBING: ranks must stop at the same step (else one waits forever in the next all-reduce).
+                # They agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
+                stop_now = False
+                if step % 10 == 0 or step == last_step:
+                    stop_now = all_reduce_sum(torch.tensor([float(stop.requested)], device=device)).item() > 0
+            if stop_now or step == last_step:
+                break
+
+        # --- end of epoch (or of the run): validate the probes, checkpoint ---
+        at_epoch_end = step % steps_per_epoch == 0
+        if at_epoch_end or step == last_step:
+            acc = evaluate_probes(online, val_loader, device, autocast)
+            row = {"step": step, "epoch": step / steps_per_epoch, **acc}
+            history.append(row)
+            log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+        write_checkpoint()
+        if stop_now:
+            log(f"stop requested: checkpoint written at step {step}; run the same command to resume")
+            barrier()
+            return online, target, {}
+    bar.close()
+
+    # --- final outputs: backbone.pt, the bag-of-patch evaluation, final_metrics.json, figures ---
+    # PAPER Sec. 3: after training, only f matters: the projector g (and BYOL's predictor and target) are dropped
+    # and every image is represented by the mean embedding h of N patches (bag_of_patches_eval, Sec. 8).
+    final = {"step": step, "epochs": step / steps_per_epoch, "wall_s": time.time() - start_time,
+             **{k: v for k, v in history[-1].items() if k.startswith("val_acc")}}
+    if rank == 0:
+        save_backbone(out_dir / "backbone.pt", online.encoder.backbone, args)  # the ONLINE backbone (also BYOL)
+        plot_curves(history, out_dir / "curves.png", args.loss)
+        metrics_file.close()
+    # PLUMBING: the process group is closed BEFORE the evaluation, which runs on rank 0 alone and needs no
+    # collective: the other ranks exit instead of waiting at a barrier that could time out on a long evaluation.
+    barrier()
+    if is_dist():
+        dist.destroy_process_group()
+    if rank == 0:
+        train_eval, val_eval = eval_datasets(train_set.base, val_set, args.image_size)
+        evaluation = bag_of_patches_eval(online.encoder.backbone, train_eval, val_eval, num_classes, args, device,
+                                         autocast)
+        online.encoder.backbone.train()
+        write_evaluation(out_dir, final, evaluation, args)
+        log(f"done: {json.dumps({k: v for k, v in final.items() if k in ('step', 'epochs', 'wall_s', 'eval_wall_s')})}")
+    return online, target, final
+
+
+def plot_curves(history: list[dict], path: Path, loss_name: str) -> None:
+    """curves.png: the loss and its terms, the collapse monitor z_std, lr and the online probe's accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if "loss" in r]
+    val = [r for r in history if "val_acc_h" in r]
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
+    for key in ("loss",) + LOSS_TERMS[loss_name]:
+        if key != "loss" or len(LOSS_TERMS[loss_name]) > 1:
+            ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[0].set_title(f"{loss_name} loss and its (unweighted) terms"), ax[0].legend(), ax[0].set_xlabel("step")
+    ax[0].set_yscale("symlog")
+    ax[1].plot([r["step"] for r in train], [r["z_std"] for r in train])
+    ax[1].set_title("z_std (~1 healthy, 0 = collapse)"), ax[1].set_xlabel("step")
+    ax[2].plot([r["step"] for r in train], [r["lr"] for r in train])
+    ax[2].set_title("lr (weights)"), ax[2].set_xlabel("step")
+    for key in ("val_acc_h", "val_acc_pooled"):
+        if val and key in val[0]:
+            ax[3].plot([r["epoch"] for r in val], [r[key] for r in val], marker="o", label=key)
+    ax[3].set_title("online linear probe, val top-1 (%)"), ax[3].set_xlabel("epoch"), ax[3].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(parse_args())

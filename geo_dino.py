@@ -1,0 +1,1405 @@
+# ==== 0. Header: paper, what this file implements, how to run, reading order ====
+"""Global-local self-distillation: DINO plus a loss between matched LOCAL representations of different views.
+
+Paper: Tim Lebailly, Tinne Tuytelaars, "Global-Local Self-Distillation for Visual Representation Learning",
+arXiv 2207.14676 (WACV 2023). Sec. 3 (Eq. 2-10), App. A; official code: github.com/tilebl/global-local-self-distillation.
+Baselines: DINO (Caron et al., arXiv 2104.14294) and EsViT (Li et al., arXiv 2106.09785).
+
+Idea. DINO makes the student's output on one crop match the (centred, sharpened) teacher output on another
+crop of the same image: a *global* loss on pooled representations. A backbone with a feature map also gives
+*local* representations z_k (one per cell k of the final map), and one may ask the same consistency of them:
+student cell k of view x' should predict the teacher distribution of "its" cell k* in view x. Which cell is
+its partner? EsViT (`--local-loss sim`) takes the teacher cell with the most similar backbone feature. This
+paper (`--local-loss geo`) tracks where every crop came from: the centre of each cell is known in ORIGINAL
+image coordinates, k* is the nearest teacher cell, and the pair is kept only if it is closer than half a
+cell diagonal (i.e. both cells lie in the region where the two crops overlap). Geometry does not depend on
+the network, so it cannot collapse; similarity can, and does on small data sets (paper Table 3, Sec. 4.6).
+
+What this file implements: DINO with multi-crop (2 global + `--local-crops` small crops; the teacher sees
+the 2 global crops), DINO heads (bottleneck, L2-normalised, weight-normalised prototypes, frozen in the first
+epoch), centring with momentum from the global batch, teacher temperature warm-up, EMA teacher; a box-tracking
+augmentation pipeline (every crop comes with its box in the original image and its flip flag), cell centres
+and the geometric / similarity matchings, the local loss (Eq. 4, 6, 9, 10) with its own head and centre,
+match monitors (fraction of valid geometric matches; how often the similarity match equals the geometric
+one), `--plot-matches` (the paper's Fig. 3), backbones `swin_t` (torchvision, the paper's) and every
+rf_resnet arch, LARS or AdamW, AMP, DDP, auto-resume, SIGTERM checkpoints, online probes and a k-NN at the
+end. Not here: the paper's Sec. 4.7 correspondence benchmark and its dense downstream task.
+
+Run:
+    python geo_dino.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --local-crops 2     # CPU smoke
+    python geo_dino.py                                   # CIFAR-10, ResNet-18 (cifar stem), geo, one GPU
+    python geo_dino.py --local-loss sim                  # EsViT's similarity matching, same recipe
+    python geo_dino.py --local-loss none                 # vanilla DINO (multi-crop), same recipe
+    torchrun --nproc_per_node=8 geo_dino.py              # 8 GPUs, --batch-size stays the global batch
+    # Paper scale (ImageNet-1k, Swin-T/7, 300 epochs, batch 512, 8 x A100 for 7 days; Table 2 in the paper:
+    # linear top-1 vanilla 77.0, sim 77.9, geo 77.8 %):
+    torchrun --nproc_per_node=8 geo_dino.py --dataset imagefolder --data-dir /data/imagenet --arch swin_t \
+        --image-size 224 --local-crop-size 96 --local-crops 8 --epochs 300 --batch-size 512 \
+        --optimizer adamw --lr 5e-4 --weight-decay 0.04 --weight-decay-end 0.4 --clip-grad 3.0 \
+        --out-dim 65536 --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 --tau-base 0.996 \
+        --local-loss geo --output-dir runs/geo_dino_in1k
+    # Multi-node: the same with torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT ...
+Expected results: measured numbers, with their commands, machines and times, are in the README (geo_dino
+section); one epoch of each setting on a 5k-image CIFAR-10 subset on a 2-core CPU is in results/geo_dino_cifar5k_*
+(far too short to rank them).
+
+Reading order: Sec. 3 (`GeometricView`, `cell_centers`: where every cell comes from) -> Sec. 5 (the matchings
+and the losses, Eq. 4-10) -> Sec. 9 (the training loop) -> Sec. 4 (heads, Swin-T wrapper). Sections 2, 7 and
+most of 3, 6 and 8 are plumbing shared with co_dino.py and co_byol.py (kept identical).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from tqdm import tqdm
+
+import rf_resnet
+
+# ==== 1. Arguments ====
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+LOCAL_LOSSES = ("none", "sim", "geo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Global-local self-distillation (arXiv 2207.14676): DINO + a local "
+                                "loss with geometric (geo), similarity (sim, EsViT) or no (none) matching.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--output-dir", default="runs/geo_dino", help="checkpoints, metrics and figures go here; "
+                   "a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank)")
+    g.add_argument("--epochs", type=int, default=200, help="pre-training epochs (paper: 300 on ImageNet-1k)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
+                   "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
+    g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
+    g.add_argument("--plot-matches", default="", metavar="FILE", help="at the end, draw two global views of "
+                   "one training image with their geometric and similarity matchings linked (paper Fig. 3)")
+
+    g = p.add_argument_group("method (global-local self-distillation, Sec. 3.4 and App. A)")
+    g.add_argument("--local-loss", choices=LOCAL_LOSSES, default="geo", help="matching of the local loss: "
+                   "'geo' (this paper, Eq. 6/10: nearest cell centre in original-image coordinates, kept below the "
+                   "threshold s), 'sim' (EsViT, Eq. 4/9: highest cosine similarity of backbone features), 'none' "
+                   "(vanilla DINO: no local head is built)")
+    g.add_argument("--local-weight", type=float, default=0.5, help="w: total = (1 - w) L_G + w L_L (official "
+                   "code: 0.5 / 0.5; Algorithm 1 writes L_G + L_L, i.e. twice this loss); ignored with none")
+    g.add_argument("--local-crops", type=int, default=8, help="N_L, small crops per image (App. A.1: 8); the "
+                   "student sees 2 + N_L crops, the teacher the 2 global ones")
+    g.add_argument("--global-crop-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
+                   help="area range of the 2 global crops (DINO / EsViT: 0.4 1)")
+    g.add_argument("--local-crop-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
+                   help="area range of the small crops (DINO / EsViT: 0.05 0.4)")
+    g.add_argument("--local-crop-size", type=int, default=0, help="side of the small crops in pixels "
+                   "(0: 3/7 of --image-size, i.e. 96 at 224 as in App. A.1, 14 at 32)")
+    g.add_argument("--out-dim", type=int, default=4096, help="K, prototypes of both DINO heads (DINO / paper: "
+                   "65536; solo-learn CIFAR: 4096)")
+    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer head MLP (DINO: 2048)")
+    g.add_argument("--bottleneck", type=int, default=256, help="bottleneck width before the L2-normalisation "
+                   "(DINO: 256)")
+    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the prototypes (last "
+                   "layer) are not trained (DINO: 1)")
+    g.add_argument("--student-temp", type=float, default=0.1, help="student softmax temperature (DINO: 0.1)")
+    g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after warm-up "
+                   "(DINO / EsViT: 0.04-0.07)")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0 "
+                   "(DINO: 0.04)")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="epochs of linear teacher "
+                   "temperature warm-up (DINO: 30)")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of both teacher centres "
+                   "(DINO: 0.9)")
+    g.add_argument("--tau-base", type=float, default=0.996, help="EMA momentum of the teacher at step 0; it "
+                   "follows a cosine to --tau-final (DINO: 0.996 -> 1)")
+    g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
+
+    g = p.add_argument_group("model (rf_resnet.py or torchvision's swin_t)")
+    g.add_argument("--arch", default="resnet18", help="backbone: swin_t (the paper's Swin-T/7; images and crops "
+                   "must be multiples of 32 px) or any rf_resnet arch (python rf_resnet.py lists them)")
+    g.add_argument("--stem", choices=["imagenet", "cifar"], default=None,
+                   help="rf_resnet first layers: 'cifar' (3x3/1, no max-pool) for <= 64 px, else 'imagenet'; "
+                   "default picks by --image-size; ignored by swin_t")
+    g.add_argument("--no-mlp", action="store_true", help="RF-ResNet 'v0': no MLP after the average pooling")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes; "
+                   "paper: 512)")
+    g.add_argument("--optimizer", choices=["lars", "adamw"], default="lars", help="lars (solo-learn's DINO "
+                   "recipe for ResNets on CIFAR) or adamw (the paper's, Sec. 4.2)")
+    g.add_argument("--lr", type=float, default=0.3, help="learning rate for batch 256, scaled linearly with "
+                   "--batch-size (LARS, solo-learn DINO: 0.3; AdamW, paper Sec. 4.2: 5e-4)")
+    g.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay at step 0 (not on biases and "
+                   "norms; solo-learn DINO LARS: 1e-6; DINO AdamW: 0.04)")
+    g.add_argument("--weight-decay-end", type=float, default=-1.0, help="weight decay at the last step, cosine "
+                   "schedule (DINO AdamW: 0.4); -1 keeps --weight-decay constant")
+    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
+    g.add_argument("--clip-grad", type=float, default=0.0, help="clip the student's gradient norm to this "
+                   "value (DINO ViT / Swin recipes: 3.0); 0 disables")
+    g.add_argument("--warmup-epochs", type=float, default=10, help="linear lr warm-up, then cosine to 0 "
+                   "(paper Sec. 4.2: 10)")
+    g.add_argument("--probe-lr", type=float, default=0.1, help="lr of the online linear probes for batch 256 "
+                   "(SGD, momentum 0.9, no weight decay, same warm-up + cosine)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10",
+                   help="torchvision datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train and "
+                   "DATA_DIR/val (or test); 'fake' is torchvision's FakeData (tests, throughput)")
+    g.add_argument("--data-dir", default="data", help="dataset root")
+    g.add_argument("--image-size", type=int, default=0, help="side of the 2 global crops in pixels (0: 32 for "
+                   "CIFAR, 96 for STL-10, 224 for image folders as in the paper, 32 for fake)")
+    g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
+
+    g = p.add_argument_group("system")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="autocast precision; auto = bf16 on GPUs that support it, else fp16 on GPU, off on CPU")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network (CUDA)")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--knn-k", type=int, default=20, help="k of the final k-NN evaluation on .h (cosine, "
+                   "temperature-weighted votes as in DINO; paper Sec. 4.3: k = 20); 0 skips it")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature of the k-NN votes")
+    return p
+
+
+def feature_grid(args, size: int) -> int:
+    """Side n of the backbone's final map for a square crop of `size` px (shape inference, no computation)."""
+    if args.arch == "swin_t":
+        return size // 32  # patch 4, then three 2x patch merges: stride 32 (7x7 at 224, 3x3 at 96)
+    with torch.device("meta"):  # shapes only
+        return rf_resnet.local_grid(rf_resnet.build_backbone(args.arch, stem=args.stem), size)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
+    args.local_crop_size = args.local_crop_size or max(8, round(args.image_size * 3 / 7))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    archs = rf_resnet.available_archs(args.stem) + ["swin_t"]
+    if args.arch not in archs:
+        parser.error(f"unknown --arch {args.arch!r} for stem {args.stem!r}; choose one of {', '.join(archs)}")
+    if not 0 <= args.local_weight <= 1:
+        parser.error(f"--local-weight must be in [0, 1], got {args.local_weight}")
+    gmin, gmax = args.global_crop_scale
+    lmin, lmax = args.local_crop_scale
+    if args.local_crops < 0 or not (0 < gmin < gmax <= 1 and 0 < lmin < lmax <= 1):
+        parser.error("--local-crops must be >= 0 and each --*-crop-scale MIN MAX must satisfy 0 < MIN < MAX <= 1")
+    if args.batch_size % world or args.batch_size // world < 2:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at "
+                     "least 2 images per process (BatchNorm)")
+    for name in ("epochs", "log_every", "out_dim", "head_hidden", "bottleneck"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_steps < 0 or args.num_workers < 0 or args.knn_k < 0 or args.clip_grad < 0:
+        parser.error("--max-steps, --num-workers, --knn-k and --clip-grad must be >= 0")
+    if args.image_size < 8 or args.fake_size < 1 or args.local_crop_size < 8:
+        parser.error("need --image-size >= 8, --local-crop-size >= 8 and --fake-size >= 1")
+    if args.lr <= 0 or args.probe_lr <= 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
+        parser.error("need --lr > 0, --probe-lr > 0, --warmup-epochs >= 0 and --weight-decay >= 0")
+    if args.weight_decay_end < 0 and args.weight_decay_end != -1:
+        parser.error("--weight-decay-end must be >= 0, or -1 (constant weight decay)")
+    if not 0 <= args.tau_base <= args.tau_final <= 1:
+        parser.error("need 0 <= --tau-base <= --tau-final <= 1")
+    if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:
+        parser.error("temperatures must be > 0")
+    if not 0 <= args.center_momentum < 1 or args.freeze_last_layer < 0 or args.warmup_teacher_temp_epochs < 0:
+        parser.error("need 0 <= --center-momentum < 1, --freeze-last-layer >= 0, --warmup-teacher-temp-epochs >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible")
+    if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
+        parser.error("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
+    if args.arch == "swin_t" and (args.image_size % 32 or args.local_crop_size % 32):
+        parser.error(f"swin_t needs --image-size and --local-crop-size that are multiples of 32 (e.g. 224 and "
+                     f"96), got {args.image_size} and {args.local_crop_size}")
+    # Every crop must give at least a 2x2 map: a 1x1 map has no "local" representation to match.
+    args.grid_global = feature_grid(args, args.image_size)
+    args.grid_local = feature_grid(args, args.local_crop_size) if args.local_crops else 0
+    for flag, size, n in (("--image-size", args.image_size, args.grid_global),
+                          ("--local-crop-size", args.local_crop_size, args.grid_local)):
+        if flag == "--image-size" or args.local_crops:
+            if n < 2:
+                parser.error(f"{flag} {size} gives a {n}x{n} feature map with {args.arch} (stem {args.stem}); "
+                             "need at least 2x2: use larger crops, --stem cifar or an RF-ResNet")
+    # the figure may go into --output-dir (created by the run) or into any folder that exists already
+    plot_folder = Path(args.plot_matches).parent
+    if args.plot_matches and not (plot_folder.is_dir() or plot_folder.resolve() == Path(args.output_dir).resolve()):
+        parser.error(f"--plot-matches {args.plot_matches}: folder {plot_folder} does not exist")
+    if args.dataset == "imagefolder":
+        root = Path(args.data_dir)
+        if not (root / "train").is_dir() or not ((root / "val").is_dir() or (root / "test").is_dir()):
+            parser.error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); "
+                         "not found")
+    return args
+
+
+# ==== 2. Distributed, device, precision ====
+# PLUMBING: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python` launch is one process. Every
+# collective goes through a helper that is the identity in one process.
+
+
+def setup_distributed(args) -> tuple[int, int, torch.device]:
+    """Returns (rank, world_size, device) and initialises the process group under torchrun."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # picks the GPU only; RANK decides who is rank 0
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def amp_dtype(args, device: torch.device):
+    """The autocast dtype, or None for full fp32."""
+    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu"):
+        return None
+    if args.amp == "bf16" or (args.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16  # needs a GradScaler (see main)
+
+
+_RANK = 0
+
+
+def fail(msg: str) -> None:
+    """Stop with one line on stderr and exit code 1 (bad data, non-finite loss): no traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+def log(msg: str) -> None:
+    """Rank-0 printing (tqdm-safe)."""
+    if _RANK == 0:
+        tqdm.write(msg)
+
+
+# ==== 3. Data: datasets and views ====
+# PAPER Sec. 3.2 and App. A.1: every crop is x~ = P(G(x, w_geo), w_pho): a geometric part G (crop, resize,
+# horizontal flip) with parameters w_geo = [ul_x, ul_y, lr_x, lr_y, h, w, f], then a photometric part P
+# (colour jitter, grayscale, blur, solarisation). The local loss needs w_geo, so we apply G ourselves and keep
+# the box (ul_x, ul_y, lr_x, lr_y) in original-image pixels and the flip flag f; P is BYOL's/DINO's pipeline
+# without its first two (geometric) operations. Multi-crop (App. A.1): 2 global crops (blur 1.0 / 0.1,
+# solarisation 0 / 0.2, as DINO) and N_L small crops (blur 0.5).
+# DEVIATION: byol_view has no Gaussian blur on crops <= 64 px (solo-learn's practice for CIFAR-size images);
+# at the paper's 224 / 96 px the blur probabilities are DINO's.
+# IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
+# and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
+    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if size > 64 and blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def eval_transform(size: int) -> T.Compose:
+    if size <= 64:  # small images are used whole
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class GeometricView:
+    """G(x, w_geo) of PAPER Sec. 3.2 that also returns w_geo: RandomResizedCrop, then a flip with p = 0.5.
+
+    Returns (crop as a PIL image of size x size, box, flipped): box = (x0, y0, x1, y1) float tensor, the crop's
+    region in continuous original-image coordinates (pixel p covers [p, p + 1)), flipped = bool.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def __call__(self, img):
+        # torchvision's own sampling of (top, left, height, width), so crops have the usual distribution.
+        top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
+                              interpolation=T.InterpolationMode.BICUBIC)
+        flipped = bool(torch.rand(1) < 0.5)
+        if flipped:
+            img = TF.hflip(img)
+        return img, torch.tensor([left, top, left + w, top + h], dtype=torch.float32), flipped
+
+
+def photometric(view: T.Compose) -> T.Compose:
+    """P(., w_pho): a `byol_view` pipeline without its RandomResizedCrop and flip (G is done by GeometricView)."""
+    return T.Compose(view.transforms[2:])
+
+
+class MultiView:
+    """image -> (crops, boxes, flips) (PAPER App. A.1, Algorithm 2).
+
+    crops: [global 1, global 2, small 1, ..., small N_L] tensors; boxes: (2 + N_L, 4) float tensor of
+    (x0, y0, x1, y1) in original pixels; flips: (2 + N_L,) bool tensor. After collation a batch gives a list
+    of (B, 3, S, S) crops, boxes (B, V, 4) and flips (B, V).
+    """
+
+    def __init__(self, args):
+        gs, ls = tuple(args.global_crop_scale), tuple(args.local_crop_scale)
+        size, small = args.image_size, args.local_crop_size
+        self.geometric = [GeometricView(size, gs)] * 2 + [GeometricView(small, ls)] * args.local_crops
+        self.photometric = [photometric(byol_view(size, gs, 1.0, 0.0)), photometric(byol_view(size, gs, 0.1, 0.2))]
+        # IMPL (DINO's multi-crop): small crops get blur p=0.5 and no solarisation.
+        self.photometric += [photometric(byol_view(small, ls, 0.5, 0.0))] * args.local_crops
+
+    def __call__(self, img):
+        crops, boxes, flips = [], [], []
+        for geometric, photo in zip(self.geometric, self.photometric):
+            crop, box, flipped = geometric(img)  # G(x, w_geo), with w_geo kept
+            crops.append(photo(crop))  # P(., w_pho): changes colours, never positions
+            boxes.append(box)
+            flips.append(flipped)
+        return crops, torch.stack(boxes), torch.tensor(flips)
+
+
+def cell_centers(box: torch.Tensor, flipped: torch.Tensor, grid: int) -> torch.Tensor:
+    """PAPER Sec. 3.4.3: the positional encoding e, i.e. the (x, y) centre in ORIGINAL-image pixels of every
+    cell of the crop's grid x grid feature map, row-major (k = row * grid + col).
+
+    box: (..., 4) = (x0, y0, x1, y1); flipped: (...) bool; returns (..., grid * grid, 2).
+    The crop [x0, x1) x [y0, y1) is resized to the network input, so cell (row, col) covers the box's
+    (row, col) tile of size (w / grid, h / grid): its centre is (x0 + (col + 0.5) w / grid, y0 + (row + 0.5)
+    h / grid). PITFALL: a flipped crop shows the box mirrored, so its column col sits at the box's column
+    grid - 1 - col (x = x1 - (col + 0.5) w / grid).
+    IMPL: an even grid, as the official code's average pooling of a cropped (x, y) coordinate map; the true
+    receptive-field centres of a padded convolutional map differ by a fraction of a cell.
+    """
+    box, flipped = torch.as_tensor(box, dtype=torch.float32), torch.as_tensor(flipped, dtype=torch.bool)
+    x0, y0, x1, y1 = box.unbind(-1)  # each (...)
+    frac = (torch.arange(grid, dtype=torch.float32, device=box.device) + 0.5) / grid  # (grid,) tile centres in [0, 1]
+    col_frac = torch.where(flipped.unsqueeze(-1), 1 - frac, frac)  # (..., grid): flip mirrors the columns
+    xs = x0.unsqueeze(-1) + col_frac * (x1 - x0).unsqueeze(-1)  # (..., grid) x of each column
+    ys = y0.unsqueeze(-1) + frac * (y1 - y0).unsqueeze(-1)  # (..., grid) y of each row
+    xx = xs.unsqueeze(-2).expand(*xs.shape[:-1], grid, grid)  # (..., grid, grid): [row, col] -> x of col
+    yy = ys.unsqueeze(-1).expand(*ys.shape[:-1], grid, grid)  # (..., grid, grid): [row, col] -> y of row
+    return torch.stack([xx, yy], dim=-1).flatten(-3, -2)  # (..., grid, grid, 2) -> (..., grid * grid, 2)
+
+
+def cell_diagonal(box: torch.Tensor, grid: int) -> torch.Tensor:
+    """PAPER Sec. 3.4.3: the length of a cell's diagonal, i.e. the distance between e_k and a diagonal
+    neighbour: sqrt((w / grid)^2 + (h / grid)^2) in original pixels. box: (..., 4) -> (...)."""
+    wh = box[..., 2:] - box[..., :2]  # (..., 2) = (w, h)
+    return (wh / grid).norm(dim=-1)
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """PLUMBING: each sample's random augmentation is seeded by (seed, epoch, index).
+
+    Views then depend neither on the number of data-loading workers nor on where a run was interrupted, so a
+    resumed run sees exactly the views an uninterrupted run would have seen (tested: 2 + 2 steps == 4).
+    """
+
+    def __init__(self, base, transform, seed: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform(img), label
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch after the batches a checkpoint already consumed."""
+
+    def __init__(self, dataset, world: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)  # PITFALL: without set_epoch every epoch has the same order
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def load_datasets(args, rank: int):
+    """(train dataset without transform, val dataset with eval transform, number of classes).
+
+    PLUMBING: rank 0 downloads first; a failed download or a missing folder stops with one line.
+    """
+    root, name, ev = args.data_dir, args.dataset, eval_transform(args.image_size)
+    tv = torchvision.datasets
+
+    def make(download: bool):
+        if name == "fake":
+            size = (3, args.image_size, args.image_size)
+            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
+                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, transform=ev, random_offset=10**6), 10)
+        if name in ("cifar10", "cifar100"):
+            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+            return (cls(root, train=True, download=download), cls(root, train=False, transform=ev, download=download),
+                    10 if name == "cifar10" else 100)
+        if name == "stl10":  # pre-train on train + unlabeled (label -1: ignored by the probes)
+            return (tv.STL10(root, split="train+unlabeled", download=download),
+                    tv.STL10(root, split="test", transform=ev, download=download), 10)
+        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
+        train = tv.ImageFolder(str(Path(root) / "train"))
+        return train, tv.ImageFolder(str(val_dir), transform=ev), len(train.classes)
+
+    if rank == 0:
+        try:
+            out = make(download=True)
+        except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
+            fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
+                     "imagefolder with DATA_DIR/train and DATA_DIR/val.")
+    barrier()
+    if rank != 0:
+        out = make(download=False)
+    return out
+
+
+def make_loaders(args, rank: int, world: int):
+    train_base, val, num_classes = load_datasets(args, rank)
+    train = SeededViews(train_base, MultiView(args), args.seed)
+    per_rank = args.batch_size // world
+    if len(train) // args.batch_size < 1:
+        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
+    sampler = ResumableSampler(train, world, rank, args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=False)  # fresh workers see the new epoch
+    # Validation: each rank takes every world-th image (no padding, exact counts after the all-reduce).
+    val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, num_workers=args.num_workers)
+    return train, sampler, loader, val, val_loader, num_classes
+
+
+# ==== 4. Model: backbone, heads, EMA teacher ====
+class DINOHead(nn.Module):
+    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU, no BatchNorm) down to a
+    bottleneck, L2-normalisation, then a weight-normalised linear layer (no bias) onto K prototypes whose
+    norm is fixed to 1 (`norm_last_layer=True`).
+
+    conv=True applies the same head at every position of a (B, C, n, n) map with 1x1 convolutions (CO-SSL's
+    local head, PAPER Sec. 3.1: "individually forwards them to a new projection head"): (B, C, n, n) ->
+    (B, K, n, n); with conv=False it maps (B, C) -> (B, K). Dimension 1 is the channel dimension in both cases.
+    """
+
+    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, conv: bool = False):
+        super().__init__()
+        layer = (lambda i, o, bias=True: nn.Conv2d(i, o, 1, bias=bias)) if conv else nn.Linear
+        self.mlp = nn.Sequential(layer(dim_in, hidden), nn.GELU(), layer(hidden, hidden), nn.GELU(),
+                                 layer(hidden, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, (nn.Linear, nn.Conv2d)):  # IMPL (official code): truncated normal, std 0.02, bias 0
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # Weight normalisation: weight = g * v / |v| per prototype; g is fixed to 1, so every prototype is a unit
+        # vector and the logits are cosine similarities between the bottleneck vector and the prototypes.
+        self.last_layer = nn.utils.parametrizations.weight_norm(layer(bottleneck, out_dim, bias=False))
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
+        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=1)  # L2-normalise the bottleneck (over channels)
+        return self.last_layer(x)  # logits over the K prototypes
+
+
+class SwinBackbone(nn.Module):
+    """torchvision's Swin-T (the paper's Swin-T/7, Sec. 4.2) with rf_resnet's outputs (.local, .pooled, .h).
+
+    features -> norm gives the dense representation (B, H, W, 768), 7x7 at 224 px and 3x3 at 96 px (App. B).
+    Only `features` and `norm` are kept, so state_dict() has exactly the keys of
+    `torchvision.models.swin_t(weights=None)` with `head = nn.Identity()` (eval_linear.py loads it that way).
+    The global representation is the average of the local ones (h = pooled), as Swin's own classifier input.
+    """
+
+    def __init__(self):
+        super().__init__()
+        net = torchvision.models.swin_t(weights=None)  # never downloads: random initialisation
+        self.features, self.norm = net.features, net.norm
+        self.out_dim, self.mlp = net.head.in_features, None  # 768; no RF-ResNet MLP
+
+    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.features(x)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+    def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:
+        local = self.forward_local(x)
+        pooled = local.mean(dim=(2, 3))  # (B, C, n, n) -> (B, C)
+        return rf_resnet.BackboneOutput(local=local, pooled=pooled, h=pooled)
+
+
+def build_backbone(args) -> nn.Module:
+    if args.arch == "swin_t":
+        return SwinBackbone()
+    return rf_resnet.build_backbone(args.arch, stem=args.stem, mlp=False if args.no_mlp else None)
+
+
+class Encoder(nn.Module):
+    """f (backbone) + the global DINO head h-bar + the local DINO head h: the part shared by student and teacher.
+
+    PAPER Sec. 3.4.1-3.4.2: h-bar maps the global representation to K logits; a second head h, with its own
+    parameters, maps every local representation z_k to K logits (1x1 convolutions = the same MLP at each cell).
+    """
+
+    def __init__(self, args):
+        super().__init__()
+        self.backbone = build_backbone(args)
+        c = self.backbone.out_dim
+        self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim)
+        # --local-loss none is vanilla DINO: no local head exists, so nothing local is computed or trained.
+        self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True)
+                           if args.local_loss != "none" else None)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
+        # "local" (the backbone's dense representation z) is what the similarity matching compares.
+        res = {"h": out.h, "pooled": out.pooled, "local": out.local, "logits_g": self.head(out.h)}  # (B, K)
+        if self.local_head is not None:
+            res["logits_l"] = self.local_head(out.local)  # (B, C, n, n) -> (B, K, n, n)
+        return res
+
+
+def forward_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[dict]:
+    """Run the encoder on a list of crops, one forward per run of equal-size crops, and split the outputs back.
+
+    IMPL (DINO's MultiCropWrapper): the 2 global crops go through the network together, the small crops too;
+    BatchNorm statistics are then taken over each group. Returns one dict per crop.
+    """
+    outs, start = [], 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape == views[start].shape:
+            end += 1
+        n = end - start
+        o = encoder(torch.cat(views[start:end]))  # n x (B, 3, S, S) -> (n B, 3, S, S)
+        outs += [{k: v.chunk(n)[i] for k, v in o.items()} for i in range(n)]  # (n B, ...) -> n x (B, ...)
+        start = end
+    return outs
+
+
+class StudentNetwork(nn.Module):
+    """The student: encoder + the online linear probes (trained on detached features of the global crops).
+
+    Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all gradients.
+    """
+
+    def __init__(self, args, num_classes: int):
+        super().__init__()
+        self.encoder = Encoder(args)
+        c = self.encoder.backbone.out_dim
+        self.probe_h = nn.Linear(c, num_classes)  # on .h, the global representation
+        # The "patch" representation (average of local representations) differs from .h only with the MLP.
+        self.probe_pooled = nn.Linear(c, num_classes) if self.encoder.backbone.mlp is not None else None
+
+    def forward(self, views: list[torch.Tensor]) -> list[dict]:
+        outs = forward_views(self.encoder, views)
+        for o in outs[:2]:
+            # PITFALL: the probes see detached features, so their loss never shapes the representation.
+            o["logits_h"] = self.probe_h(o["h"].detach())
+            if self.probe_pooled is not None:
+                o["logits_pooled"] = self.probe_pooled(o["pooled"].detach())
+        return outs
+
+
+def make_teacher(student: StudentNetwork) -> nn.Module:
+    """DINO: the teacher starts as a copy of the student's encoder and is never trained by gradients.
+
+    IMPL (DINO's code builds the teacher without drop-path): Swin-T's stochastic depth is switched off in the
+    teacher, which runs in train mode (for the BatchNorm of ResNets) and would otherwise drop blocks.
+    """
+    teacher = copy.deepcopy(student.encoder).requires_grad_(False)
+    for m in teacher.modules():
+        if isinstance(m, torchvision.ops.StochasticDepth):
+            m.p = 0.0
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
+    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and the heads.
+
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode, so its BN
+    normalises with the statistics of the current batch (as in solo-learn's DINO for ResNets) and keeps
+    running statistics of its own, used when the teacher backbone is evaluated (backbone.pt, k-NN).
+    """
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t_params, tau)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
+
+
+# ==== 5. Loss ====
+# PAPER Sec. 3.4 and App. A.2. Global loss (Eq. 2 / 8): DINO's cross-entropy over every pair (teacher global
+# crop, student crop of another view). Local loss (Eq. 5 / 9 and 7 / 10): for the same pairs, every student
+# cell k is matched to a teacher cell k* and H(P_t(z'_{k*}), P_s(z_k)) is averaged over the K student cells
+# (geo: only matches closer than s count, Eq. 6), then over the 2 (N_L + 1) pairs.
+# IMPL (EsViT's and the official code): k runs over the STUDENT cells and k* over the teacher's, so that a
+# small crop (3x3) is matched into a global crop (7x7); Eq. 4-6 write the pair from the teacher's side.
+def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor], center: torch.Tensor,
+              student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different views of
+    H(P_t(x'), P_s(x)) = - sum_k P_t(x')_k log P_s(x)_k, averaged over the batch.
+
+    student_logits: list of (B, K), one per crop (2 large, then small ones); teacher_logits: list of (B, K) for
+    the 2 large crops; center: (1, K). P_t = softmax((t - c) / T_t) (centring and sharpening, no gradient),
+    P_s = softmax(s / T_s). Pairs of the same view are skipped. Softmaxes in fp32 (PITFALL: in bf16 a
+    temperature of 0.04 turns small logit differences into large probability errors).
+    """
+    total, n_terms = 0.0, 0
+    for iq, t in enumerate(teacher_logits):
+        q = F.softmax((t.float() - center) / teacher_temp, dim=-1).detach()  # sg: no gradient into the teacher
+        for v, s in enumerate(student_logits):
+            if v == iq:
+                continue  # DINO: the student never predicts the teacher's output of the same view
+            total = total + torch.sum(-q * F.log_softmax(s.float() / student_temp, dim=-1), dim=-1).mean()
+            n_terms += 1
+    return total / n_terms
+
+
+def geometric_matching(pos_student: torch.Tensor, pos_teacher: torch.Tensor, diag_student: torch.Tensor,
+                       diag_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAPER Eq. 6: k* = argmin_j ||e_k - e'_j||^2, kept iff d(k) = min_j ||e_k - e'_j|| < s, where
+    s = max(diag, diag') / 2 (half of the larger of the two crops' cell diagonals, Sec. 3.4.3).
+
+    pos_student (..., Ns, 2), pos_teacher (..., Nt, 2): cell centres in original pixels (`cell_centers`);
+    diag_student, diag_teacher (...): cell diagonals (`cell_diagonal`). Returns (index (..., Ns) long into
+    the teacher cells, valid (..., Ns) bool). Crops that do not overlap give no valid match.
+    """
+    diff = pos_student.unsqueeze(-2) - pos_teacher.unsqueeze(-3)  # (..., Ns, 1, 2) - (..., 1, Nt, 2) -> (..., Ns, Nt, 2)
+    dist2 = (diff ** 2).sum(-1)  # (..., Ns, Nt); exact (torch.cdist may use a matmul shortcut)
+    d2_min, index = dist2.min(dim=-1)  # (..., Ns)
+    threshold = torch.maximum(diag_student, diag_teacher) / 2  # (...): s
+    valid = d2_min.sqrt() < threshold.unsqueeze(-1)  # (..., Ns): d(k) < s
+    return index, valid
+
+
+def similarity_matching(feat_student: torch.Tensor, feat_teacher: torch.Tensor) -> torch.Tensor:
+    """PAPER Eq. 4 (EsViT): k* = argmax_j cos(z_k, z'_j) over the backbone's local representations.
+
+    feat_student (..., Ns, C), feat_teacher (..., Nt, C) -> index (..., Ns) long. No threshold: every cell is
+    matched, even when the crops do not overlap (the failure mode the paper discusses in Sec. 1 and 4.6).
+    """
+    s = F.normalize(feat_student.float(), dim=-1)
+    t = F.normalize(feat_teacher.float(), dim=-1)
+    return (s @ t.transpose(-1, -2)).argmax(dim=-1)  # (..., Ns, C) @ (..., C, Nt) -> (..., Ns, Nt) -> (..., Ns)
+
+
+def local_pair_loss(student_local: torch.Tensor, teacher_local: torch.Tensor, index: torch.Tensor,
+                    valid: torch.Tensor, local_center: torch.Tensor, student_temp: float,
+                    teacher_temp: float) -> torch.Tensor:
+    """PAPER Eq. 4 / Eq. 6 for one pair of crops: 1/K sum_k 1{valid_k} H(P_t(z'_{k*}), P_s(z_k)), batch mean.
+
+    student_local (B, K_p, n, n) and teacher_local (B, K_p, m, m): local-head logits (K_p prototypes);
+    index (B, n*n): the matched teacher cell of every student cell; valid (B, n*n) bool (all True for sim).
+    The teacher's local distributions are centred with the LOCAL centre (1, K_p). PAPER Eq. 6: the sum over
+    valid cells is divided by K = n*n, the number of all student cells (not only the valid ones).
+    """
+    s = F.log_softmax(student_local.float().flatten(2) / student_temp, dim=1)  # (B, Kp, n, n) -> (B, Kp, n*n)
+    t = F.softmax((teacher_local.float().flatten(2) - local_center.view(1, -1, 1)) / teacher_temp,
+                  dim=1).detach()  # (B, Kp, m, m) -> (B, Kp, m*m); sg: no gradient into the teacher
+    t = torch.gather(t, 2, index.unsqueeze(1).expand(-1, t.shape[1], -1))  # (B, Kp, n*n): teacher cell k* per k
+    ce = -(t * s).sum(1)  # (B, Kp, n*n) -> (B, n*n): H(P_t(z'_{k*}), P_s(z_k))
+    return ((ce * valid).sum(1) / ce.shape[1]).mean()  # 1/K sum_k 1{d(k) < s} H, then batch mean
+
+
+def pair_matchings(student: list[dict], teacher: list[dict], boxes: torch.Tensor, flips: torch.Tensor) -> dict:
+    """Both matchings for every pair (teacher global crop iq, student crop v != iq) of App. A.2.
+
+    boxes (B, V, 4), flips (B, V) from MultiView. Returns {(iq, v): (geo index, geo valid, sim index)}, each
+    (B, n_v * n_v). The grids are read off the feature maps, so any crop size and backbone works.
+    """
+    pos, diag = [], []
+    for v, o in enumerate(student):
+        n = o["local"].shape[-1]  # the crop's grid side
+        pos.append(cell_centers(boxes[:, v], flips[:, v], n))  # (B, n*n, 2)
+        diag.append(cell_diagonal(boxes[:, v], n))  # (B,)
+    out = {}
+    for iq, t in enumerate(teacher):
+        t_feat = t["local"].detach().flatten(2).transpose(1, 2)  # (B, C, m, m) -> (B, m*m, C)
+        for v, s in enumerate(student):
+            if v == iq:
+                continue  # as in L_G: never a crop with itself
+            index, valid = geometric_matching(pos[v], pos[iq], diag[v], diag[iq])
+            s_feat = s["local"].detach().flatten(2).transpose(1, 2)  # (B, C, n, n) -> (B, n*n, C)
+            out[(iq, v)] = (index, valid, similarity_matching(s_feat, t_feat))
+    return out
+
+
+def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor, flips: torch.Tensor,
+                  center: torch.Tensor, local_center: torch.Tensor, student_temp: float, teacher_temp: float,
+                  local_loss: str, local_weight: float):
+    """Total = (1 - w) L_G + w L_L (App. A.2, Eq. 8-10); with local_loss 'none' it is L_G, i.e. DINO.
+
+    student: one dict per crop (2 global, then small ones) with "logits_g" (B, K), "local" (B, C, n, n) and,
+    unless 'none', "logits_l" (B, K, n, n); teacher: the same for the 2 global crops.
+    Returns (total, L_G, L_L before weighting, match monitors [valid fraction, sim == geo fraction]).
+    """
+    loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,
+                       student_temp, teacher_temp)  # PAPER Eq. 8
+    matchings = pair_matchings(student, teacher, boxes, flips)
+    loss_l = torch.zeros((), device=loss_g.device)
+    if local_loss != "none":
+        for (iq, v), (geo_index, geo_valid, sim_index) in matchings.items():
+            if local_loss == "geo":  # PAPER Eq. 6: nearest cell centre, below the threshold
+                index, valid = geo_index, geo_valid
+            else:  # PAPER Eq. 4 (EsViT): most similar cell, always kept
+                index, valid = sim_index, torch.ones_like(geo_valid)
+            loss_l = loss_l + local_pair_loss(student[v]["logits_l"], teacher[iq]["logits_l"], index, valid,
+                                              local_center, student_temp, teacher_temp)
+        loss_l = loss_l / len(matchings)  # PAPER Eq. 9 / 10: 1 / (2 (N_L + 1)) sum over the pairs
+    # Match monitors (PAPER Sec. 4.6-4.7), computed in every mode: how many student cells have a geometric
+    # partner, and among those, how often the similarity matching picks that same teacher cell.
+    with torch.no_grad():
+        n_valid = sum(m[1].sum() for m in matchings.values())
+        n_cells = sum(m[1].numel() for m in matchings.values())
+        n_agree = sum(((m[0] == m[2]) & m[1]).sum() for m in matchings.values())
+        monitors = torch.stack([n_valid.float() / n_cells, n_agree.float() / n_valid.clamp(min=1)])
+    total = loss_g if local_loss == "none" else (1 - local_weight) * loss_g + local_weight * loss_l
+    return total, loss_g, loss_l, monitors
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
+    """DINO Eq. 4: c <- m c + (1 - m) mean of the teacher logits over the GLOBAL batch.
+
+    teacher_logits: (N, K) (both large views stacked; for the local centre also every position). Under DDP
+    the sum and the count are all-reduced, so every rank gets the same centre.
+    """
+    batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (N, K) -> (1, K)
+    count = torch.tensor([float(teacher_logits.shape[0])], device=teacher_logits.device)
+    batch_sum, count = all_reduce_sum(batch_sum), all_reduce_sum(count)  # global batch
+    return center * momentum + (batch_sum / count) * (1 - momentum)
+
+
+@torch.no_grad()
+def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """Two ways DINO can collapse (Caron et al. 2021, Sec. 5.3): every output uniform, or one prototype
+    dominating. Returns [mean entropy of P_t (-> log K when uniform), KL(mean P_t || uniform) (-> log K when
+    one prototype wins)], both in nats, for (N, K) teacher logits. Healthy training keeps both well below log K.
+    """
+    p = F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)  # (N, K)
+    entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
+    mean_p = p.mean(0)  # (K,)
+    kl_uniform = (mean_p * torch.log(mean_p * mean_p.numel() + 1e-12)).sum()
+    return torch.stack([entropy, kl_uniform])
+
+
+def probe_loss(outs: list[dict], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the online probes on the two large views; label -1 (STL-10 unlabeled) is ignored."""
+    loss = 0.0
+    for o in outs[:2]:
+        for key in ("logits_h", "logits_pooled"):
+            if key in o:
+                loss = loss + F.cross_entropy(o[key].float(), labels, ignore_index=-1)
+    return loss
+
+
+# ==== 6. Schedules: lr, weight decay, EMA momentum, temperatures ====
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 (solo-learn's warmup_cosine)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def tau_at(step: int, total: int, base: float, final: float) -> float:
+    """DINO Sec. 3.1 (after BYOL): tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
+    return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
+
+
+def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
+    """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then stays there
+    (the official np.linspace schedule, per epoch). A low T_t early sharpens the teacher against collapse."""
+    if epoch >= warmup_epochs:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
+
+
+def wd_at(step: int, total: int, base: float, final: float) -> float:
+    """DINO: weight decay follows a cosine from `base` (step 0) to `final` (last step); final < 0: constant."""
+    if final < 0:
+        return base
+    return final + (base - final) * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0))) / 2
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
+
+    For every tensor of a group with `lars=True`: g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w|) / lr, 1)
+    ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms, probes) are plain SGD + momentum.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p, wd = p.grad, group["weight_decay"]
+                if group["lars"]:
+                    p_norm, g_norm = torch.norm(p), torch.norm(d_p)
+                    trust = group["eta"] * p_norm / (g_norm + wd * p_norm + 1e-8)
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / group["lr"], max=1.0), 1.0)
+                    d_p = (d_p + wd * p) * trust
+                elif wd:
+                    d_p = d_p + wd * p
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d_p.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
+    """Weight decay and LARS adaptation on weights only: not on biases and norms (ndim <= 1), nor the probes."""
+    decay, no_decay, probes = [], [], []
+    for name, p in net.named_parameters():
+        if name.startswith("probe_"):
+            probes.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    lr = args.lr * world_batch_scale
+    return [dict(params=decay, lr=lr, base_lr=lr, weight_decay=args.weight_decay, lars=True),
+            dict(params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0, lars=False),
+            dict(params=probes, lr=args.probe_lr * world_batch_scale, base_lr=args.probe_lr * world_batch_scale,
+                 weight_decay=0.0, lars=False)]
+
+
+def make_optimizer(net: nn.Module, args, scale: float) -> torch.optim.Optimizer:
+    """LARS (solo-learn's DINO for ResNets) or AdamW (PAPER Sec. 4.2), both on the same parameter groups
+    (weight decay on weights only; the probes are plain, undecayed parameters)."""
+    groups = param_groups(net, args, scale)
+    # DEVIATION: the default is LARS (solo-learn's DINO recipe for ResNets on CIFAR); --optimizer adamw --lr 5e-4
+    # --weight-decay 0.04 --weight-decay-end 0.4 --clip-grad 3.0 is the paper's (Sec. 4.2, after DINO).
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr * scale)
+    return LARS(groups, lr=args.lr * scale, eta=args.lars_eta)
+
+
+# ==== 7. Checkpoint and resume ====
+# PLUMBING: OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; it is written by
+# rank 0 through a temporary file and os.replace (a crash never leaves half a file) and loaded with
+# weights_only=True (plain tensors and Python containers; the arguments are stored as a dict).
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_backbone(path: Path, backbone: nn.Module, args) -> None:
+    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}."""
+    state = {"arch": args.arch, "arch_kwargs": {"stem": args.stem, "mlp": False if args.no_mlp else None},
+             "state_dict": backbone.state_dict(), "args": vars(args)}
+    save_checkpoint(path, state)
+
+
+def save_backbone_file(path: Path, backbone: nn.Module, args) -> None:
+    """backbone.pt for rf_resnet archs (save_backbone) and for swin_t: {"arch": "swin_t", "arch_kwargs": {},
+    "state_dict": keys of torchvision's swin_t with head = Identity ("features.*", "norm.*"), "args"}."""
+    if args.arch != "swin_t":
+        return save_backbone(path, backbone, args)
+    save_checkpoint(path, {"arch": "swin_t", "arch_kwargs": {}, "state_dict": backbone.state_dict(),
+                           "args": vars(args)})
+
+
+# ==== 8. Linear evaluation ====
+@torch.no_grad()
+def evaluate_probes(net: nn.Module, val_loader, device, autocast) -> dict:
+    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced)."""
+    net.eval()
+    counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
+    for x, y in val_loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            out = net.encoder.backbone(x)
+        counts[0] += (net.probe_h(out.h.float()).argmax(1) == y).sum()
+        if net.probe_pooled is not None:
+            counts[1] += (net.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
+        counts[2] += len(y)
+    all_reduce_sum(counts)
+    net.train()
+    res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
+    if net.probe_pooled is not None:
+        res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)
+    return res
+
+
+@torch.no_grad()
+def embed(backbone, dataset, device, autocast, batch_size: int, num_workers: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    feats, labels = [], []
+    for x, y in loader:
+        with autocast:
+            h = backbone(x.to(device, non_blocking=True)).h
+        feats.append(F.normalize(h.float(), dim=1).cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_classes: int) -> float:
+    """k-NN on L2-normalised features (DINO's eval_knn): the k most cosine-similar training images vote
+    for their label with weight exp(cos / T). Returns top-1 in %."""
+    correct = 0
+    for i in range(0, len(test_f), 1024):
+        sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
+        top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
+        votes = torch.zeros(len(top_idx), num_classes)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())  # (b, num_classes)
+        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
+    return 100 * correct / len(test_f)
+
+
+@torch.no_grad()
+def plot_matches(path: str, encoder: nn.Module, dataset, args, device, autocast, index: int = 0) -> None:
+    """PAPER Fig. 3: two global crops of one training image, each student cell of crop A linked to its
+    geometric match (top: invalid cells marked x) and to its similarity match (bottom) in crop B.
+
+    The crops are geometric only (no colour changes), so the picture shows positions; the features come from
+    `encoder` (the teacher backbone, in eval mode) on the normalised crops.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = dataset[index][0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 12345)  # a fixed pair of crops for a given seed
+        view = GeometricView(args.image_size, tuple(args.global_crop_scale))
+        crops, boxes, flips = zip(*(view(img) for _ in range(2)))
+    norm = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    x = torch.stack([norm(c) for c in crops]).to(device)  # (2, 3, S, S)
+    was_training = encoder.training
+    encoder.eval()
+    with autocast:
+        local = encoder.backbone(x).local.float()  # (2, C, n, n)
+    encoder.train(was_training)
+    n, size = local.shape[-1], args.image_size
+    pos = cell_centers(torch.stack(boxes), torch.tensor(flips), n)  # (2, n*n, 2)
+    diag = cell_diagonal(torch.stack(boxes), n)  # (2,)
+    geo_index, geo_valid = geometric_matching(pos[0], pos[1], diag[0], diag[1])  # (n*n,)
+    feats = local.flatten(2).transpose(1, 2).cpu()  # (2, C, n, n) -> (2, n*n, C)
+    sim_index = similarity_matching(feats[0], feats[1])  # (n*n,)
+
+    gap = size // 4
+    canvas = torch.ones(3, size, 2 * size + gap)  # [crop A | gap | crop B] in [0, 1]
+    canvas[:, :, :size], canvas[:, :, size + gap:] = TF.to_tensor(crops[0]), TF.to_tensor(crops[1])
+    cell = size / n
+    centre = [((k % n + 0.5) * cell, (k // n + 0.5) * cell) for k in range(n * n)]  # (x, y) in crop pixels
+    fig, axes = plt.subplots(2, 1, figsize=(8, 8.5))
+    agree = (sim_index == geo_index)[geo_valid].float().mean().item() if geo_valid.any() else float("nan")
+    titles = [f"geometric matching: {int(geo_valid.sum())}/{n * n} cells valid (d < s)",
+              f"similarity matching (EsViT): {100 * agree:.0f}% of valid cells land on the geometric match"]
+    for ax, title, idx, ok in zip(axes, titles, (geo_index, sim_index), (geo_valid, torch.ones_like(geo_valid))):
+        ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")  # (3, H, W) -> (H, W, 3)
+        for offset in (0, size + gap):  # the feature-map cells of both crops
+            for t in range(1, n):
+                ax.plot([offset + t * cell - 0.5] * 2, [-0.5, size - 0.5], color="k", lw=0.8, alpha=0.7)
+                ax.plot([offset - 0.5, offset + size - 0.5], [t * cell - 0.5] * 2, color="k", lw=0.8, alpha=0.7)
+        arc = torch.linspace(0, 1, 30)
+        for k in range(n * n):
+            (xa, ya), (xb, yb) = centre[k], centre[int(idx[k])]
+            color = plt.cm.hsv(k / (n * n))
+            if ok[k]:
+                # an arc (bulge by the student column) so that links of one row do not hide each other
+                bulge = (k % n - (n - 1) / 2 + 0.5) * cell * 0.5
+                xs = xa - 0.5 + (size + gap + xb - xa) * arc
+                ys = ya - 0.5 + (yb - ya) * arc - bulge * torch.sin(math.pi * arc)
+                ax.plot(xs.numpy(), ys.numpy(), "-", color=color, lw=1.2)
+                ax.plot([xa - 0.5, size + gap + xb - 0.5], [ya - 0.5, yb - 0.5], "o", color=color, ms=4)
+            else:
+                ax.plot(xa - 0.5, ya - 0.5, "x", color=color, ms=6)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(f"{args.local_loss} model, {args.arch}: crop A (student cells) -> crop B (teacher cells); "
+                 f"boxes {[[round(v) for v in b.tolist()] for b in boxes]}, flips {list(flips)}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ==== 9. Training loop ====
+def train_step(model, student, teacher, optimizer, scaler, views, boxes, flips, labels, centers, args,
+               tau: float, teacher_temp: float, weight_decay: float, freeze_last_layer: bool, autocast):
+    """One optimisation step (PAPER Algorithm 1, lines 10-18): forward, (1 - w) L_G + w L_L, update the
+    student, then the teacher (EMA) and the two centres.
+
+    model is `student` itself or its DDP / compiled wrapper; views: 2 + N_L crops (B, 3, S, S); boxes (B, V, 4)
+    and flips (B, V) describe where they came from; centers = (global centre, local centre), each (1, K).
+    Returns the (detached) loss terms, the new centres and the monitors; no .item() (no GPU sync).
+    """
+    center, local_center = centers
+    # --- forward: student on all crops, teacher on the 2 global crops (App. A.2) ---
+    with autocast:
+        student_out = model(views)
+        with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
+            teacher_out = forward_views(teacher, views[:2])
+    loss, loss_g, loss_l, match = geo_dino_loss(student_out, teacher_out, boxes, flips, center, local_center,
+                                                args.student_temp, teacher_temp, args.local_loss,
+                                                args.local_weight)  # in fp32
+    loss_probe = probe_loss(student_out, labels)
+
+    # --- update the student, then the teacher <- EMA(student) ---
+    optimizer.param_groups[0]["weight_decay"] = weight_decay  # group 0: the decayed weights (param_groups)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss + loss_probe).backward()
+    if freeze_last_layer:  # DINO: the prototypes stay fixed in the first epoch(s), which stabilises training
+        for head in (student.encoder.head, student.encoder.local_head):
+            if head is not None:
+                for p in head.last_layer.parameters():
+                    p.grad = None
+    if args.clip_grad:
+        scaler.unscale_(optimizer)  # PITFALL: clip the true gradient, not the fp16-scaled one
+        nn.utils.clip_grad_norm_(student.encoder.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    ema_update(teacher, student.encoder, tau)
+
+    # --- centres, after the loss as in the official code (DINO Eq. 4), over the global batch ---
+    t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
+    monitors = collapse_monitors(t_global, center, teacher_temp)
+    center = update_center(center, t_global, args.center_momentum)
+    local_monitors = torch.zeros(2, device=t_global.device)
+    if args.local_loss != "none":
+        # PAPER Sec. 3.4.2 / EsViT: the local head has its own centre, a mean over every cell of every image:
+        # 2 x (B, K, n, n) -> (2B * n * n, K)
+        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
+        local_monitors = collapse_monitors(t_local, local_center, teacher_temp)  # local collapse (Sec. 4.6)
+        local_center = update_center(local_center, t_local, args.center_momentum)
+    monitors = torch.cat([monitors, local_monitors, match])  # [entropy, kl, local entropy, local kl, valid, agree]
+    return (loss.detach(), loss_g.detach(), loss_l.detach(), loss_probe.detach()), (center, local_center), monitors
+
+
+class StopFlag:
+    """PLUMBING: SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def main(args):
+    """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect them."""
+    global _RANK
+    rank, world, device = setup_distributed(args)
+    _RANK = rank
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    out_dir = Path(args.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = amp_dtype(args, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, rank, world)
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+
+    # Model: the student and its EMA teacher (a copy of f and both heads; no probe), and the two centres.
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    student = StudentNetwork(args, num_classes).to(device)
+    teacher = make_teacher(student)  # DINO: the teacher starts equal to the student
+    if device.type == "cuda" and world > 1:
+        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
+        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics. (Swin-T has no BatchNorm.)
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    if device.type == "cuda":
+        student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
+    centers = (torch.zeros(1, args.out_dim, device=device), torch.zeros(1, args.out_dim, device=device))
+    torch.manual_seed(args.seed + rank)
+    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
+    optimizer = make_optimizer(student, args, scale)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # Resume: everything from OUTPUT_DIR/checkpoint.pt when it exists.
+    step, history = 0, []
+    ckpt_path = out_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        centers = (ckpt["center"].to(device), ckpt["local_center"].to(device))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, history = ckpt["step"], ckpt["history"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resumed from {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
+
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    def checkpoint_state() -> dict:
+        rngs = [None] * world
+        if is_dist():
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        return {"student": student.state_dict(), "teacher": teacher.state_dict(), "center": centers[0],
+                "local_center": centers[1], "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "history": history, "rng": rngs, "args": vars(args)}
+
+    def write_checkpoint():
+        state = checkpoint_state()  # every rank joins the all-gather of RNG states
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+
+    log(f"geo_dino.py: {json.dumps(vars(args))}")
+    log(f"world size {world}, per-process batch {args.batch_size // world}, lr {args.lr * scale:g} "
+        f"(= {args.lr} x {args.batch_size}/256), {steps_per_epoch} steps/epoch, {total_steps} steps, "
+        f"grids {args.grid_global}x{args.grid_global} (global) / {args.grid_local}x{args.grid_local} (small), "
+        f"local loss {args.local_loss}, device {device}, amp {dtype}")
+    stop = StopFlag()
+    last_step = total_steps if not args.max_steps else min(total_steps, args.max_steps)
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+    start_time, tick, tick_step = time.time(), time.time(), step
+    bar = tqdm(total=last_step, initial=step, disable=rank != 0, dynamic_ncols=True, desc="geo_dino")
+    stop_now = False
+
+    while step < last_step and not stop_now:
+        epoch, skip = divmod(step, steps_per_epoch)
+        train_set.epoch = epoch  # the views of this epoch (see SeededViews)
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // world))  # resume mid-epoch where we stopped
+        # Per-epoch sums of the match monitors (from the resume point on, after a mid-epoch resume).
+        epoch_match = torch.zeros(3, device=device)  # [valid fraction, sim == geo fraction, steps]
+        for (views, boxes, flips), labels in loader:
+            # --- schedules (Sec. 6) ---
+            lr_scale = lr_at(step, total_steps, warmup_steps, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+            tau = tau_at(step, total_steps, args.tau_base, args.tau_final)
+            teacher_temp = teacher_temp_at(epoch, args.warmup_teacher_temp, args.teacher_temp,
+                                           args.warmup_teacher_temp_epochs)
+            weight_decay = wd_at(step, total_steps, args.weight_decay, args.weight_decay_end)
+
+            views = [v.to(device, non_blocking=True) for v in views]
+            if device.type == "cuda":
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            boxes, flips = boxes.to(device, non_blocking=True), flips.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+
+            (loss, loss_g, loss_l, loss_probe), centers, monitors = train_step(
+                model, student, teacher, optimizer, scaler, views, boxes, flips, labels, centers, args, tau,
+                teacher_temp, weight_decay, epoch < args.freeze_last_layer, autocast)
+            step += 1
+            bar.update(1)
+            epoch_match += torch.cat([monitors[4:], monitors.new_ones(1)])
+
+            # --- logging (the only place with host-device syncs) ---
+            if step % args.log_every == 0 or step == last_step:
+                values = torch.stack([loss, loss_g, loss_l, loss_probe, *monitors])
+                values = all_reduce_sum(values) / world
+                loss_v, g_v, l_v, probe_v, entropy, kl_uniform, l_entropy, l_kl, valid, agree = values.tolist()
+                if not math.isfinite(loss_v):
+                    # The last good checkpoint on disk is kept: we stop before writing anything.
+                    fail(f"non-finite loss at step {step}; lower --lr or use --amp off "
+                         f"(the last good checkpoint in {ckpt_path} is kept)")
+                now = time.time()
+                row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "loss_global": g_v,
+                       "loss_local": l_v, "loss_probe": probe_v,
+                       "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform,  # collapse: -> log K
+                       "local_teacher_entropy": l_entropy, "local_teacher_kl_uniform": l_kl,  # local collapse
+                       "match_valid_frac": valid, "sim_geo_agree": agree,  # match monitors (Sec. 4.6-4.7)
+                       "lr": optimizer.param_groups[0]["lr"], "weight_decay": weight_decay, "tau": tau,
+                       "teacher_temp": teacher_temp,
+                       "img_per_s": (step - tick_step) * args.batch_size / (now - tick),
+                       "peak_mem_mb": peak_memory_mb(device)}
+                tick, tick_step = now, step
+                history.append(row)
+                bar.set_postfix(loss=f"{loss_v:.3f}", local=f"{l_v:.3f}", valid=f"{valid:.2f}",
+                                agree=f"{agree:.2f}", img_s=f"{row['img_per_s']:.0f}")
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+
+            # --- preemption: checkpoint and leave ---
+            stop_now = stop.requested
+            if is_dist():
+                # PLUMBING: ranks must stop at the same step (else one waits forever in the next all-reduce).
+                # They agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
+                stop_now = False
+                if step % 10 == 0 or step == last_step:
+                    stop_now = all_reduce_sum(torch.tensor([float(stop.requested)], device=device)).item() > 0
+            if stop_now or step == last_step:
+                break
+
+        # --- end of epoch (or of the run): validate the probes, log the epoch's match monitors, checkpoint ---
+        at_epoch_end = step % steps_per_epoch == 0
+        if at_epoch_end or step == last_step:
+            acc = evaluate_probes(student, val_loader, device, autocast)
+            m = all_reduce_sum(epoch_match) / world  # PLUMBING: mean over ranks
+            match = {"match_valid_frac_epoch": m[0].item() / max(m[2].item(), 1),
+                     "sim_geo_agree_epoch": m[1].item() / max(m[2].item(), 1)}
+            row = {"step": step, "epoch": step / steps_per_epoch, **acc, **match}
+            history.append(row)
+            log(f"epoch {step / steps_per_epoch:.2f} step {step}: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in {**acc, **match}.items()))
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+        write_checkpoint()
+        if stop_now:
+            log(f"stop requested: checkpoint written at step {step}; run the same command to resume")
+            barrier()
+            return student, teacher, {}
+    bar.close()
+
+    # --- final outputs: backbone.pt, k-NN, final_metrics.json, curves.png (+ match figures) ---
+    final = {"step": step, "epochs": step / steps_per_epoch, "wall_s": time.time() - start_time,
+             **{k: v for k, v in history[-1].items() if k.startswith("val_acc") or k.endswith("_epoch")}}
+    if rank == 0:
+        save_backbone_file(out_dir / "backbone.pt", teacher.backbone, args)  # DINO evaluates the TEACHER
+        if args.knn_k:
+            # PLUMBING: k-NN runs on rank 0 only (features of the whole train split, eval transform).
+            knn_train = copy.copy(train_set.base)
+            knn_train.transform = eval_transform(args.image_size)
+            backbone = teacher.backbone.eval()
+            tr_f, tr_y = embed(backbone, knn_train, device, autocast, args.batch_size, args.num_workers)
+            te_f, te_y = embed(backbone, val_set, device, autocast, args.batch_size, args.num_workers)
+            keep = tr_y >= 0  # STL-10 unlabeled images cannot vote
+            final["knn_top1"] = knn_top1(tr_f[keep], tr_y[keep], te_f, te_y, args.knn_k, args.knn_temperature,
+                                         num_classes)
+            backbone.train()
+        if args.plot_matches:
+            plot_matches(args.plot_matches, teacher, train_set.base, args, device, autocast)
+        final["wall_s_total"] = time.time() - start_time  # with k-NN and figures
+        final["args"] = vars(args)
+        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        plot_curves(history, out_dir / "curves.png")
+        plot_match_curves(history, out_dir / "match_monitors.png")
+        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args'})}")
+        metrics_file.close()
+    barrier()
+    if is_dist():
+        dist.destroy_process_group()
+    return student, teacher, final
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """curves.png: loss terms, lr / tau and validation accuracy against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if "loss" in r]
+    val = [r for r in history if "val_acc_h" in r]
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
+    for key in ("loss", "loss_global", "loss_local"):
+        ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[0].set_title("loss (L_DINO + ws L_local) and its terms"), ax[0].legend(), ax[0].set_xlabel("step")
+    ax[1].plot([r["step"] for r in train], [r["lr"] for r in train], label="lr (weights)")
+    ax1b = ax[1].twinx()
+    ax1b.plot([r["step"] for r in train], [r["tau"] for r in train], color="C1", label="tau")
+    ax[1].set_title("lr (left), EMA tau (right)"), ax[1].set_xlabel("step")
+    for key in ("val_acc_h", "val_acc_pooled"):
+        if val and key in val[0]:
+            ax[2].plot([r["epoch"] for r in val], [r[key] for r in val], marker="o", label=key)
+    ax[2].set_title("online linear probe, val top-1 (%)"), ax[2].set_xlabel("epoch"), ax[2].legend()
+    for key in ("teacher_entropy", "teacher_kl_uniform"):
+        ax[3].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[3].set_title("collapse monitors (nats; log K = collapse)"), ax[3].set_xlabel("step"), ax[3].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_match_curves(history: list[dict], path: Path) -> None:
+    """match_monitors.png: the match monitors and the local collapse monitors against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if "loss" in r]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("match_valid_frac", "sim_geo_agree"):
+        ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[0].set_title("valid geo matches; sim match == geo match"), ax[0].set_xlabel("step"), ax[0].legend()
+    for key in ("local_teacher_entropy", "local_teacher_kl_uniform"):
+        ax[1].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[1].set_title("local collapse monitors (nats; 0 without a local head)"), ax[1].set_xlabel("step")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,393 @@
+"""geo_dino.py: cell centres, the geometric and similarity matchings and the local loss against independent
+formulas and explicit loops, the box-tracking crops against the pixels they contain, the DINO reduction with
+--local-loss none, the Swin-T backbone.pt format, and the plumbing (outputs, resume, DDP, bad input)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import geo_dino
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny but complete configuration: ResNet-18 (cifar stem) on 16 px FakeData (3x3 map) with 2 small 8 px crops
+# (2x2 map), narrow heads, 64 prototypes; 8 images / batch 4 = 2 steps per epoch.
+TINY = ["--dataset", "fake", "--image-size", "16", "--local-crop-size", "8", "--local-crops", "2",
+        "--fake-size", "8", "--batch-size", "4", "--epochs", "2", "--out-dim", "64", "--head-hidden", "64",
+        "--bottleneck", "32", "--num-workers", "0", "--knn-k", "5", "--log-every", "1", "--warmup-epochs", "1"]
+
+
+def run_script(args, **kw):
+    return subprocess.run([sys.executable, "geo_dino.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def centre_by_hand(box, flipped, grid, row, col):
+    """Independent formula: split the box into grid x grid tiles; a flipped crop shows column col at the
+    mirrored tile grid - 1 - col."""
+    x0, y0, x1, y1 = [float(v) for v in box]
+    tile = grid - 1 - col if flipped else col
+    return x0 + (tile + 0.5) * (x1 - x0) / grid, y0 + (row + 0.5) * (y1 - y0) / grid
+
+
+def random_boxes(n, size=40.0):
+    xy = torch.rand(n, 2) * size * 0.6
+    wh = 4 + torch.rand(n, 2) * size * 0.4
+    return torch.cat([xy, xy + wh], dim=1)  # (n, 4) = (x0, y0, x1, y1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Geometry: cell centres and matchings
+# ---------------------------------------------------------------------------------------------------------
+def test_cell_centers_against_formula_including_flip():
+    torch.manual_seed(0)
+    boxes, flips = random_boxes(5), torch.tensor([False, True, False, True, True])
+    for grid in (2, 3, 5):
+        got = geo_dino.cell_centers(boxes, flips, grid)  # (5, grid*grid, 2)
+        assert got.shape == (5, grid * grid, 2)
+        for b in range(5):
+            for row in range(grid):
+                for col in range(grid):
+                    expected = centre_by_hand(boxes[b], bool(flips[b]), grid, row, col)
+                    torch.testing.assert_close(got[b, row * grid + col], torch.tensor(expected))  # row-major
+    # a worked example: a 30 px box at the origin, 3x3 cells of 10 px; flipping reverses each row
+    plain = geo_dino.cell_centers(torch.tensor([0.0, 0, 30, 30]), torch.tensor(False), 3)
+    assert plain[:3, 0].tolist() == [5.0, 15.0, 25.0] and plain[::3, 1].tolist() == [5.0, 15.0, 25.0]
+    flipped = geo_dino.cell_centers(torch.tensor([0.0, 0, 30, 30]), torch.tensor(True), 3)
+    torch.testing.assert_close(flipped[:3, 0], torch.tensor([25.0, 15.0, 5.0]))
+    torch.testing.assert_close(flipped[:, 1], plain[:, 1])
+    diag = geo_dino.cell_diagonal(torch.tensor([0.0, 0, 30, 60]), 3)
+    assert diag.item() == pytest.approx(math.hypot(10, 20))
+
+
+def test_geometric_matching_against_brute_force():
+    torch.manual_seed(1)
+    boxes, flips = random_boxes(8), torch.rand(8) < 0.5
+    pos_s, pos_t = geo_dino.cell_centers(boxes[:4], flips[:4], 2), geo_dino.cell_centers(boxes[4:], flips[4:], 3)
+    d_s, d_t = geo_dino.cell_diagonal(boxes[:4], 2), geo_dino.cell_diagonal(boxes[4:], 3)
+    index, valid = geo_dino.geometric_matching(pos_s, pos_t, d_s, d_t)  # (4, 4), (4, 4)
+    for b in range(4):
+        s = max(d_s[b].item(), d_t[b].item()) / 2
+        for k in range(4):
+            dists = [math.dist(pos_s[b, k].tolist(), pos_t[b, j].tolist()) for j in range(9)]
+            assert dists[index[b, k]] == pytest.approx(min(dists), abs=1e-4)
+            assert bool(valid[b, k]) == (min(dists) < s)
+    assert valid.any() and not valid.all()  # the random pairs contain both kinds
+
+    # identical crops: every cell matches itself; the same crop flipped: the mirrored cell (still valid)
+    box = torch.tensor([3.0, 4.0, 27.0, 31.0])
+    pos = geo_dino.cell_centers(box, torch.tensor(False), 3)
+    diag = geo_dino.cell_diagonal(box, 3)
+    index, valid = geo_dino.geometric_matching(pos, pos, diag, diag)
+    assert index.tolist() == list(range(9)) and valid.all()
+    index, valid = geo_dino.geometric_matching(geo_dino.cell_centers(box, torch.tensor(True), 3), pos, diag, diag)
+    assert index.tolist() == [2, 1, 0, 5, 4, 3, 8, 7, 6] and valid.all()
+
+    # crops that do not overlap: no valid match at all
+    far = torch.tensor([40.0, 40.0, 70.0, 70.0])
+    _, valid = geo_dino.geometric_matching(geo_dino.cell_centers(far, torch.tensor(False), 3), pos,
+                                           geo_dino.cell_diagonal(far, 3), diag)
+    assert not valid.any()
+
+    # the threshold s = max(diag, diag') / 2 is strict: just below is valid, just above is not
+    teacher = torch.tensor([[0.0, 0.0]])
+    for dist, expected in ((4.99, True), (5.01, False)):
+        _, valid = geo_dino.geometric_matching(torch.tensor([[dist, 0.0]]), teacher, torch.tensor(6.0),
+                                               torch.tensor(10.0))
+        assert valid.item() == expected
+
+
+def test_similarity_matching_against_brute_force():
+    torch.manual_seed(2)
+    fs, ft = torch.randn(3, 4, 6), torch.randn(3, 9, 6)
+    index = geo_dino.similarity_matching(fs, ft)
+    for b in range(3):
+        for k in range(4):
+            cos = [F.cosine_similarity(fs[b, k], ft[b, j], dim=0).item() for j in range(9)]
+            assert index[b, k].item() == max(range(9), key=lambda j: cos[j])
+    assert geo_dino.similarity_matching(ft, 5 * ft).tolist() == [list(range(9))] * 3  # scale-invariant
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The crops carry their true box and flip
+# ---------------------------------------------------------------------------------------------------------
+def test_crop_pixels_agree_with_box_and_flip():
+    """An image whose pixels encode their own coordinates (red = x, green = y): after GeometricView, every
+    pixel must show the original coordinate that the returned box and flip predict, and the mean over each
+    feature-map cell must be that cell's centre from cell_centers."""
+    W, H, S, grid = 200, 120, 24, 3
+    xs, ys = torch.arange(W).view(1, W).expand(H, W), torch.arange(H).view(H, 1).expand(H, W)
+    img = Image.fromarray(torch.stack([xs, ys, torch.zeros_like(xs)], -1).to(torch.uint8).numpy())
+    view = geo_dino.GeometricView(S, (0.05, 1.0))
+    seen_flips = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        crop, box, flipped = view(img)
+        seen_flips.add(flipped)
+        x0, y0, x1, y1 = box.tolist()
+        assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
+        px = torch.from_numpy(np.array(crop)).float()  # (S, S, 3): (row, col, RGB)
+        u = torch.arange(S, dtype=torch.float32)
+        col_in_box = (S - 1 - u) if flipped else u  # a flipped crop shows column u of the box at S - 1 - u
+        exp_x = x0 + (col_in_box + 0.5) * (x1 - x0) / S - 0.5  # pixel index whose centre is there
+        exp_y = y0 + (u + 0.5) * (y1 - y0) / S - 0.5
+        inner = slice(2, S - 2)  # interpolation clamps at the border
+        assert (px[inner, inner, 0] - exp_x[inner].view(1, -1)).abs().max() <= 1.0
+        assert (px[inner, inner, 1] - exp_y[inner].view(-1, 1)).abs().max() <= 1.0
+        # cell means (in continuous coordinates, + 0.5) against cell_centers
+        cell_means = px[..., :2].view(grid, S // grid, grid, S // grid, 2).mean((1, 3)) + 0.5  # (grid, grid, 2)
+        centres = geo_dino.cell_centers(box, torch.tensor(flipped), grid).view(grid, grid, 2)
+        assert (cell_means - centres).abs().max() <= 1.0
+    assert seen_flips == {False, True}
+
+
+def test_multiview_returns_boxes_and_flips():
+    args = geo_dino.parse_args(TINY + ["--local-crops", "3"])
+    crops, boxes, flips = geo_dino.MultiView(args)(Image.new("RGB", (40, 30), "gray"))
+    assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
+    assert boxes.shape == (5, 4) and flips.shape == (5,) and flips.dtype == torch.bool
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 40).all() and (boxes[:, 3] <= 30).all()
+    # area fractions lie in the configured scales (global 0.4-1, small 0.05-0.4), up to integer rounding
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (40 * 30)
+    assert (area[:2] >= 0.3).all() and (area[2:] <= 0.5).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The local loss against explicit loops, and --local-loss none == DINO
+# ---------------------------------------------------------------------------------------------------------
+def _random_outputs(B=2, K=8, C=5, grids=(3, 3, 2, 2), seed=3):
+    torch.manual_seed(seed)
+    student = [{"logits_g": torch.randn(B, K), "logits_l": torch.randn(B, K, n, n), "local": torch.randn(B, C, n, n)}
+               for n in grids]
+    teacher = [{"logits_g": torch.randn(B, K), "logits_l": torch.randn(B, K, n, n), "local": torch.randn(B, C, n, n)}
+               for n in grids[:2]]
+    boxes = random_boxes(B * len(grids)).view(B, len(grids), 4)
+    boxes[0, 3] = torch.tensor([100.0, 100.0, 110.0, 110.0])  # a small crop that overlaps no global crop
+    flips = torch.rand(B, len(grids)) < 0.5
+    return student, teacher, boxes, flips
+
+
+@pytest.mark.parametrize("mode", ["geo", "sim"])
+def test_local_loss_against_explicit_loops(mode):
+    student, teacher, boxes, flips = _random_outputs()
+    B, K, Ts, Tt, w = 2, 8, 0.1, 0.05, 0.3
+    c, c_l = torch.randn(1, K), torch.randn(1, K)
+    total, loss_g, loss_l, monitors = geo_dino.geo_dino_loss(student, teacher, boxes, flips, c, c_l, Ts, Tt, mode, w)
+
+    def H(t_logits, centre, s_logits):
+        p = torch.softmax((t_logits - centre.flatten()) / Tt, dim=0)
+        return -(p * torch.log_softmax(s_logits / Ts, dim=0)).sum().item()
+
+    pairs, n_cells, n_valid, n_agree, ref_l, ref_g = 0, 0, 0, 0, 0.0, 0.0
+    for iq in range(2):
+        for v in range(4):
+            if v == iq:
+                continue
+            pairs += 1
+            ref_g += sum(H(teacher[iq]["logits_g"][b], c, student[v]["logits_g"][b]) for b in range(B)) / B
+            n, m = student[v]["local"].shape[-1], teacher[iq]["local"].shape[-1]
+            pair = 0.0
+            for b in range(B):
+                box_s, box_t = boxes[b, v].tolist(), boxes[b, iq].tolist()
+                s = max(math.hypot((box_s[2] - box_s[0]) / n, (box_s[3] - box_s[1]) / n),
+                        math.hypot((box_t[2] - box_t[0]) / m, (box_t[3] - box_t[1]) / m)) / 2
+                for k in range(n * n):
+                    e = centre_by_hand(box_s, bool(flips[b, v]), n, k // n, k % n)
+                    d = [math.dist(e, centre_by_hand(box_t, bool(flips[b, iq]), m, j // m, j % m)) for j in range(m * m)]
+                    geo_j = min(range(m * m), key=lambda j: d[j])
+                    z = student[v]["local"][b, :, k // n, k % n]
+                    cos = [F.cosine_similarity(z, teacher[iq]["local"][b, :, j // m, j % m], dim=0).item()
+                           for j in range(m * m)]
+                    sim_j = max(range(m * m), key=lambda j: cos[j])
+                    valid = d[geo_j] < s
+                    n_cells, n_valid, n_agree = n_cells + 1, n_valid + valid, n_agree + (valid and sim_j == geo_j)
+                    j = geo_j if mode == "geo" else sim_j
+                    if mode == "sim" or valid:  # Eq. 6: invalid geo matches add 0 but still count in 1/K
+                        pair += H(teacher[iq]["logits_l"][b, :, j // m, j % m], c_l,
+                                  student[v]["logits_l"][b, :, k // n, k % n]) / (n * n)
+            ref_l += pair / B
+    ref_l, ref_g = ref_l / pairs, ref_g / pairs  # Eq. 9 / 10: 1 / (2 (N_L + 1)) over the pairs
+    assert pairs == 2 * (2 + 1)
+    assert loss_g.item() == pytest.approx(ref_g, rel=1e-5)
+    assert loss_l.item() == pytest.approx(ref_l, rel=1e-5)
+    assert total.item() == pytest.approx((1 - w) * ref_g + w * ref_l, rel=1e-5)
+    assert monitors[0].item() == pytest.approx(n_valid / n_cells)
+    assert monitors[1].item() == pytest.approx(n_agree / max(n_valid, 1))
+    assert 0 < n_valid < n_cells  # the non-overlapping crop really produced invalid cells
+
+
+def test_local_loss_stops_gradient_into_teacher():
+    student, teacher, boxes, flips = _random_outputs()
+    for o in student + teacher:
+        for k in ("logits_g", "logits_l"):
+            o[k].requires_grad_(True)
+    zero = torch.zeros(1, 8)
+    total, *_ = geo_dino.geo_dino_loss(student, teacher, boxes, flips, zero, zero, 0.1, 0.04, "geo", 0.5)
+    total.backward()
+    assert all(o[k].grad is None for o in teacher for k in ("logits_g", "logits_l"))
+    assert all(o["logits_l"].grad.abs().sum() > 0 for o in student[1:])
+
+
+def test_none_is_plain_dino():
+    args = geo_dino.parse_args(TINY + ["--local-loss", "none"])
+    torch.manual_seed(0)
+    net = geo_dino.StudentNetwork(args, num_classes=10)
+    assert net.encoder.local_head is None and not any("local_head" in n for n, _ in net.named_parameters())
+    teacher = geo_dino.make_teacher(net)
+    views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    boxes, flips = random_boxes(16).view(4, 4, 4), torch.zeros(4, 4, dtype=torch.bool)
+    s_out = net(views)
+    with torch.no_grad():
+        t_out = geo_dino.forward_views(teacher, views[:2])
+    c = torch.randn(1, 64)
+    total, loss_g, loss_l, _ = geo_dino.geo_dino_loss(s_out, t_out, boxes, flips, c, c, 0.1, 0.04, "none", 0.5)
+    plain = geo_dino.dino_loss([o["logits_g"] for o in s_out], [o["logits_g"] for o in t_out], c, 0.1, 0.04)
+    assert torch.equal(total, plain) and torch.equal(loss_g, plain) and loss_l.item() == 0.0
+    # the grouped forward equals one forward per crop size (DINO's multi-crop wrapper)
+    with torch.no_grad():
+        small = teacher(torch.cat(views[2:]))["logits_g"]
+        torch.testing.assert_close(torch.cat([o["logits_g"] for o in geo_dino.forward_views(teacher, views)[2:]]),
+                                   small)
+
+
+def test_swin_backbone_round_trips_through_torchvision():
+    import torchvision
+
+    torch.manual_seed(0)
+    wrapper = geo_dino.SwinBackbone().eval()
+    assert all(k.startswith(("features.", "norm.")) for k in wrapper.state_dict())
+    args = geo_dino.parse_args(["--dataset", "fake", "--arch", "swin_t", "--image-size", "64", "--local-crop-size", "64"])
+    assert args.grid_global == 2
+    path = Path(__file__).resolve().parent / ".swin_backbone_test.pt"
+    try:
+        geo_dino.save_backbone_file(path, wrapper, args)
+        saved = torch.load(path, weights_only=True)
+    finally:
+        path.unlink(missing_ok=True)
+    assert saved["arch"] == "swin_t" and saved["arch_kwargs"] == {} and isinstance(saved["args"], dict)
+    model = torchvision.models.swin_t(weights=None)
+    model.head = torch.nn.Identity()
+    model.load_state_dict(saved["state_dict"])  # strict: exactly the same keys
+    model.eval()  # no stochastic depth
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = wrapper(x)
+        ref = model.norm(model.features(x)).permute(0, 3, 1, 2)  # (1, 2, 2, 768) -> (1, 768, 2, 2)
+        torch.testing.assert_close(out.local, ref)
+        torch.testing.assert_close(out.pooled, ref.mean((2, 3)))
+        torch.testing.assert_close(model(x), out.h)  # torchvision's own pooled output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one line, before any work
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["--stem", "imagenet"], "--image-size 16 gives a 1x1 feature map"),
+    (["--arch", "swin_t"], "swin_t needs --image-size and --local-crop-size that are multiples of 32"),
+    (["--arch", "vit_s"], "unknown --arch 'vit_s'"),
+    (["--local-loss", "dense"], "invalid choice: 'dense'"),
+    (["--local-weight", "2"], "--local-weight must be in [0, 1]"),
+    (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "needs /nonexistent/train"),
+])
+def test_bad_values_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        geo_dino.parse_args(TINY + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_value_is_one_error_line_before_any_work(tmp_path, capsys):
+    """What `python geo_dino.py ...` does first (in-process to save a subprocess start): argparse's usage,
+    then exactly one error line, exit code 2, and nothing created yet."""
+    with pytest.raises(SystemExit) as e:
+        geo_dino.parse_args(TINY + ["--local-crop-size", "4", "--output-dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and sum("error" in line for line in err) == 1
+    assert err[-1].endswith(": error: need --image-size >= 8, --local-crop-size >= 8 and --fake-size >= 1")
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plumbing: a tiny run, resume, DDP
+# ---------------------------------------------------------------------------------------------------------
+def test_tiny_run_writes_all_outputs_and_resumes_bit_exactly(tmp_path):
+    """One uninterrupted 4-step run (all outputs checked), and the same run in two parts, 2 + 2 steps (the
+    second part resumes from checkpoint.pt, crossing an epoch boundary): both must end bit-identical."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    # the figure goes into the --output-dir that the run itself creates
+    proc = run_script(TINY + ["--output-dir", str(a), "--plot-matches", str(a / "matches.png")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for key in ("loss", "loss_global", "loss_local", "lr", "tau", "teacher_temp", "teacher_entropy",
+                "local_teacher_entropy", "match_valid_frac", "sim_geo_agree", "img_per_s", "peak_mem_mb"):
+        assert key in train_rows[-1]
+    r = train_rows[-1]
+    assert r["loss"] == pytest.approx(0.5 * r["loss_global"] + 0.5 * r["loss_local"], rel=1e-5)
+    assert 0 < r["match_valid_frac"] <= 1 and 0 <= r["sim_geo_agree"] <= 1
+    epoch_rows = [r for r in rows if "val_acc_h" in r]
+    assert len(epoch_rows) == 2 and all("match_valid_frac_epoch" in r for r in epoch_rows)
+    final = json.loads((a / "final_metrics.json").read_text())
+    assert final["step"] == 4 and "knn_top1" in final and "sim_geo_agree_epoch" in final
+    backbone = torch.load(a / "backbone.pt", weights_only=True)
+    ca = torch.load(a / "checkpoint.pt", weights_only=True)
+    assert backbone["arch"] == "resnet18" and backbone["arch_kwargs"] == {"stem": "cifar", "mlp": None}
+    assert isinstance(backbone["args"], dict)
+    for k, v in backbone["state_dict"].items():  # backbone.pt is the TEACHER backbone
+        assert torch.equal(v, ca["teacher"]["backbone." + k])
+    assert ca["center"].shape == ca["local_center"].shape == (1, 64)
+    assert not torch.equal(ca["center"], ca["local_center"])  # two separate centres
+    for f in (a / "curves.png", a / "match_monitors.png", a / "matches.png"):
+        assert f.stat().st_size > 0
+
+    common = TINY + ["--knn-k", "0", "--output-dir", str(b)]
+    assert run_script(common + ["--max-steps", "2"]).returncode == 0
+    proc = run_script(common)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
+    cb = torch.load(b / "checkpoint.pt", weights_only=True)
+    la, lb = ({r["step"]: (r["loss"], r["sim_geo_agree"]) for r in
+               map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r} for d in (a, b))
+    assert ca["step"] == cb["step"] == 4 and la == lb
+    assert torch.equal(ca["center"], cb["center"]) and torch.equal(ca["local_center"], cb["local_center"])
+    for part in ("student", "teacher"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), f"{part}.{k}"
+
+
+WORKER = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import geo_dino
+centres = []  # every centre this rank computes (global, local, global, local, ...)
+_update = geo_dino.update_center
+geo_dino.update_center = lambda c, logits, m: centres.append(_update(c, logits, m)) or centres[-1]
+student, teacher, final = geo_dino.main(geo_dino.parse_args(sys.argv[1:]))
+torch.save({{"student": student.state_dict(), "teacher": teacher.state_dict(), "centres": centres}},
+           os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT), out=str(out)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *TINY, "--epochs", "1", "--knn-k", "0", "--output-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    for part in ("student", "teacher"):
+        for k, v in r0[part].items():
+            if "running_" in k or "num_batches" in k:
+                continue  # CPU/gloo: BatchNorm statistics are per process (no SyncBN), by design
+            assert torch.equal(v, r1[part][k]), f"{part}.{k} differs between ranks"
+    # DINO's centres are statistics of the GLOBAL batch: both ranks compute the same ones at every step
+    assert len(r0["centres"]) == len(r1["centres"]) == 2 * 2  # 2 steps (8 images / 4), global + local
+    for c0, c1 in zip(r0["centres"], r1["centres"]):
+        torch.testing.assert_close(c0, c1)

@@ -255,20 +255,20 @@ def test_none_is_plain_dino():
                                    small)
 
 
-def test_swin_backbone_round_trips_through_torchvision():
+def test_swin_backbone_round_trips_through_torchvision_and_eval_linear(tmp_path):
+    """backbone.pt for Swin-T loads strictly into torchvision's swin_t (same outputs) and into eval_linear.py."""
     import torchvision
+
+    import eval_linear
 
     torch.manual_seed(0)
     wrapper = geo_dino.SwinBackbone().eval()
     assert all(k.startswith(("features.", "norm.")) for k in wrapper.state_dict())
     args = geo_dino.parse_args(["--dataset", "fake", "--arch", "swin_t", "--image-size", "64", "--local-crop-size", "64"])
     assert args.grid_global == 2
-    path = Path(__file__).resolve().parent / ".swin_backbone_test.pt"
-    try:
-        geo_dino.save_backbone_file(path, wrapper, args)
-        saved = torch.load(path, weights_only=True)
-    finally:
-        path.unlink(missing_ok=True)
+    path = tmp_path / "backbone.pt"
+    geo_dino.save_backbone_file(path, wrapper, args)
+    saved = torch.load(path, weights_only=True)
     assert saved["arch"] == "swin_t" and saved["arch_kwargs"] == {} and isinstance(saved["args"], dict)
     model = torchvision.models.swin_t(weights=None)
     model.head = torch.nn.Identity()
@@ -281,6 +281,8 @@ def test_swin_backbone_round_trips_through_torchvision():
         torch.testing.assert_close(out.local, ref)
         torch.testing.assert_close(out.pooled, ref.mean((2, 3)))
         torch.testing.assert_close(model(x), out.h)  # torchvision's own pooled output
+        loaded, _ = eval_linear.load_backbone(str(path))
+        torch.testing.assert_close(loaded(x).local, out.local)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -187,6 +187,25 @@ def _set_stride(block: nn.Module, stride: int) -> None:
     block.stride = stride
 
 
+class _ResNetOfWidth(torchvision.models.ResNet):
+    """torchvision's ResNet with stage widths (w, 2w, 4w, 8w) instead of (64, 128, 256, 512).
+
+    IMPL: torchvision hard-codes the base width 64; we scale the `planes` of every stage and restart the
+    channel count at w before stage 1 (the stem is rebuilt with w channels in `make_resnet`). w = 64 builds
+    exactly torchvision's layers. Narrow networks (w = 16-32) are the CPU "laptop" recipes' backbones: a
+    quarter of the parameters at w = 32, the same depth, strides, kernels and hence the same receptive field.
+    """
+
+    def __init__(self, block, layers, width: int):
+        self._width = width
+        super().__init__(block, layers)
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # stage 1: the stem gives w channels, not 64
+            self.inplanes = self._width
+        return super()._make_layer(block, planes * self._width // 64, blocks, stride, dilate)
+
+
 def make_resnet(
     block: str = "bottleneck",
     layers: Sequence[int] = (3, 4, 6, 4),
@@ -195,13 +214,15 @@ def make_resnet(
     strides: Sequence[int] = (2, 2, 2),
     stem: str = "imagenet",
     mlp: bool = True,
+    width: int = 64,
 ) -> Backbone:
     """Build a (RF-)ResNet from its hyper-parameters (paper Fig. 2A).
 
     block: "bottleneck" (ResNet-50 family) or "basic" (ResNet-18/34 family); layers: blocks per stage
     (n1..n4); bounded_rf: apply change (1); maxpool: m, keep the stem's 3x3/2 max-pool; strides: (s, s', s'')
     of the first block of stages 2-4; stem: "imagenet" (7x7/2 convolution) or "cifar" (3x3/1, no max-pool);
-    mlp: change (2). With bounded_rf=False, maxpool=True, strides=(2, 2, 2) and mlp=False this is exactly
+    mlp: change (2); width: channels of stage 1 (stages 2-4: 2x, 4x, 8x; 64 = the standard networks).
+    With bounded_rf=False, maxpool=True, strides=(2, 2, 2), mlp=False and width=64 this is exactly
     torchvision's ResNet without fc.
     """
     if block not in ("bottleneck", "basic"):
@@ -210,14 +231,19 @@ def make_resnet(
         raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
     if len(layers) != 4 or min(layers) < 1 or len(strides) != 3 or any(s not in (1, 2) for s in strides):
         raise ValueError(f"need 4 stages of >= 1 block and 3 strides in {{1, 2}}, got {layers}, {strides}")
-    resnet = torchvision.models.ResNet(Bottleneck if block == "bottleneck" else BasicBlock, list(layers))
+    if width < 4 or width % 4:
+        raise ValueError(f"width must be a positive multiple of 4 (Bottleneck divides by 4), got {width}")
+    resnet = _ResNetOfWidth(Bottleneck if block == "bottleneck" else BasicBlock, list(layers), width)
     resnet.fc = nn.Identity()
+    if width != 64:  # the ImageNet stem with w channels (the cifar stem below is rebuilt anyway)
+        resnet.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        resnet.bn1 = nn.BatchNorm2d(width)
 
     if stem == "cifar":
         # IMPL (solo-learn, which the CO-SSL and BagSSL authors used): 3x3 stride-1 stem with padding 2 and no
         # max-pool for 32-64 px images. Padding 2 makes the 32 px map 34 px, hence ResNet-18's 5x5 final
         # map on CIFAR (BagSSL Table 5 pools that 5x5 map). The RF does not depend on padding.
-        resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+        resnet.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=2, bias=False)
         maxpool = False
     if not maxpool:
         resnet.maxpool = nn.Identity()
@@ -288,18 +314,21 @@ def available_archs(stem: str = "imagenet") -> list[str]:
     return list(TORCHVISION) + [f"{rf}_{depth}" for rf in presets for depth in DEPTHS]
 
 
-def build_backbone(arch: str, stem: str = "imagenet", mlp: Optional[bool] = None) -> Backbone:
+def build_backbone(arch: str, stem: str = "imagenet", mlp: Optional[bool] = None, width: int = 64) -> Backbone:
     """Build a backbone by name: resnet18/34/50 or rf{N}_resnet{18,50} (see `available_archs(stem)`).
 
     mlp: the RF-ResNet MLP (change 2); None means "on for RF-ResNets, off for plain ResNets", False is the
     paper's "v0". Passing True for a plain ResNet adds the same MLP (an ablation the paper does not run).
-    Saved checkpoints store `arch` and `arch_kwargs = {"stem": ..., "mlp": ...}`: build_backbone(arch, **kw).
+    width: channels of the first stage (64: the standard networks; 32 has about a quarter of the parameters).
+    Saved checkpoints store `arch` and `arch_kwargs = {"stem": ..., "mlp": ..., "width": ...}`:
+    build_backbone(arch, **kw) rebuilds the network (files without "width" are width 64).
     """
     if stem not in ("imagenet", "cifar"):
         raise ValueError(f"unknown stem {stem!r}: choose 'imagenet' (224 px) or 'cifar' (32-64 px)")
     if arch in TORCHVISION:
         block, layers = TORCHVISION[arch]
-        return make_resnet(block, layers, bounded_rf=False, maxpool=True, strides=(2, 2, 2), stem=stem, mlp=bool(mlp))
+        return make_resnet(block, layers, bounded_rf=False, maxpool=True, strides=(2, 2, 2), stem=stem, mlp=bool(mlp),
+                           width=width)
     presets = IMAGENET_PRESETS if stem == "imagenet" else CIFAR_PRESETS
     rf, _, depth = arch.partition("_")
     if rf not in presets or depth not in DEPTHS:
@@ -307,7 +336,7 @@ def build_backbone(arch: str, stem: str = "imagenet", mlp: Optional[bool] = None
     maxpool, strides = presets[rf]
     block, layers = DEPTHS[depth]
     return make_resnet(block, layers, bounded_rf=True, maxpool=maxpool, strides=strides, stem=stem,
-                       mlp=True if mlp is None else mlp)
+                       mlp=True if mlp is None else mlp, width=width)
 
 
 # ================================================================================================

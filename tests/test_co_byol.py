@@ -1,5 +1,6 @@
 """co_byol.py: the equations of the paper, the BYOL reduction, EMA, and the plumbing (outputs, resume, DDP)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -138,6 +139,81 @@ def test_lars_step_matches_formula():
     torch.testing.assert_close(w.detach(), expected)
 
 
+def test_knn_top1_is_weighted_vote_of_the_k_nearest():
+    torch.manual_seed(0)
+    train_f = F.normalize(torch.randn(50, 8), dim=1)
+    train_y, test_f = torch.randint(0, 3, (50,)), F.normalize(torch.randn(7, 8), dim=1)
+    test_y, k, T = torch.randint(0, 3, (7,)), 5, 0.1
+    correct = 0
+    for q, y in zip(test_f, test_y):  # one query at a time, by hand
+        sims = [(float(q @ f), int(c)) for f, c in zip(train_f, train_y)]
+        votes = [0.0] * 3
+        for sim, c in sorted(sims, reverse=True)[:k]:
+            votes[c] += math.exp(sim / T)
+        correct += int(max(range(3), key=votes.__getitem__) == int(y))
+    assert co_byol.knn_top1(train_f, train_y, test_f, test_y, k, T, 3) == pytest.approx(100 * correct / 7)
+    # a training image is its own nearest neighbour: k = 1 on the training set is 100 %
+    assert co_byol.knn_top1(train_f, train_y, train_f, train_y, 1, T, 3) == 100.0
+
+
+def test_knn_bank_is_class_balanced_and_fixed():
+    labels = [i % 10 for i in range(1000)][::-1]
+    bank = co_byol.balanced_subset(labels, 100, 10)
+    assert bank == co_byol.balanced_subset(labels, 100, 10) and len(bank) == 100
+    assert sorted(labels[i] for i in bank) == sorted(list(range(10)) * 10)
+    assert bank == sorted(bank) and bank[:10] == list(range(10))  # the first images of each class
+
+
+def test_online_probe_learns_frozen_random_features_of_a_separable_set():
+    """The probe's own recipe (BN without affine + Linear, SGD lr 0.1, momentum 0.9, as in training) reaches
+    ~100 % on frozen features of a random network when the labels are a linear function of those features."""
+    args = co_byol.parse_args(TINY + ["--ws", "0", "--width", "8"])
+    torch.manual_seed(0)
+    net = co_byol.OnlineNetwork(args, num_classes=4)
+    with torch.no_grad():
+        h = net.encoder.backbone.eval()(torch.randn(512, 3, 16, 16)).h  # frozen random features (512, 64)
+        h = 1000 * h + 5  # any scale and offset: the raw-feature probe failed exactly here
+        w = torch.randn(h.shape[1], 4)
+        y = ((h - h.mean(0)) @ w).argmax(1)  # linearly separable by construction
+    groups = co_byol.param_groups(net, args, 1.0)
+    optimizer = co_byol.LARS([groups[2]], lr=groups[2]["lr"])  # the probes' group: plain SGD + momentum
+    net.probe_h.train()
+    for _ in range(300):
+        loss = co_byol.probe_loss([{"logits_h": net.probe_h(h)}] * 2, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.probe_h.eval()  # evaluation uses the running statistics, as evaluate_probes does
+    acc = (net.probe_h(h).argmax(1) == y).float().mean().item()
+    assert acc >= 0.95, acc
+
+
+def test_amp_auto_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    args = co_byol.parse_args(TINY)
+    assert args.amp == "auto"
+    monkeypatch.setattr(co_byol, "cpu_has_native_bf16", lambda: True)
+    assert co_byol.amp_dtype(args, cpu) == torch.bfloat16
+    monkeypatch.setattr(co_byol, "cpu_has_native_bf16", lambda: False)
+    assert co_byol.amp_dtype(args, cpu) is None  # emulated bf16 is slower than fp32 (measured)
+    assert co_byol.amp_dtype(co_byol.parse_args(TINY + ["--amp", "bf16"]), cpu) == torch.bfloat16  # explicit wins
+    assert co_byol.amp_dtype(co_byol.parse_args(TINY + ["--amp", "off"]), cpu) is None
+    assert isinstance(co_byol.cpu_has_native_bf16(), bool)
+
+
+def test_each_method_keeps_its_own_crop_and_the_laptop_recipe_defaults():
+    assert co_byol.parse_args(TINY + ["--ws", "0"]).min_crop == 0.08  # BYOL's
+    assert co_byol.parse_args(TINY + ["--ws", "0.2"]).min_crop == 0.2  # CO-SSL's c_min (paper Sec. 4)
+    assert co_byol.parse_args(TINY + ["--ws", "0", "--min-crop", "0.3"]).min_crop == 0.3  # explicit wins
+    assert co_byol.parse_args(["--epochs", "1000"]).warmup_epochs == 10  # solo-learn's 10 epochs
+    assert co_byol.parse_args(["--epochs", "6"]).warmup_epochs == pytest.approx(0.3)  # scaled to short runs
+    lap = co_byol.parse_args(["--recipe", "laptop"])
+    for k, v in co_byol.LAPTOP_RECIPE.items():
+        assert getattr(lap, k) == v, k
+    lap = co_byol.parse_args(["--recipe", "laptop", "--width", "32", "--epochs", "2"])
+    assert (lap.width, lap.epochs, lap.optimizer) == (32, 2, "sgd")  # flags given explicitly still win
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: one line, no traceback, before any work
 # ---------------------------------------------------------------------------------------------------------
@@ -146,6 +222,8 @@ def test_lars_step_matches_formula():
     (["--arch", "resnet99"], "unknown --arch 'resnet99'"),
     (["--local-grid", "9"], "larger than the 3x3 local map"),
     (["--min-crop", "0"], "--min-crop must be in (0, 1]"),
+    (["--width", "30"], "--width must be a positive multiple of 4"),
+    (["--knn-temperature", "0"], "--knn-temperature > 0"),
 ])
 def test_bad_values_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -164,10 +242,11 @@ def test_missing_folder_and_no_download_are_one_line(tmp_path):
     proc = run_script(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("co_byol.py: error: --dataset imagefolder needs")
-    # CIFAR-10 is not in tmp_path and this machine has no network: torchvision's download fails
+    # CIFAR-10 is not in tmp_path and this machine has no network: torchvision's download fails, and the one
+    # line says which script writes the data offline
     proc = run_script(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "could not load or download cifar10" in proc.stderr
+    assert f"run `python prepare_cifar10.py {tmp_path}`" in proc.stderr.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,8 +264,13 @@ def test_tiny_run_writes_all_outputs(tmp_path):
     r = train_rows[-1]
     assert r["loss"] == pytest.approx(r["loss_global"] + 0.2 * r["loss_local"], rel=1e-5)  # Eq. 3
     assert len([r for r in rows if "val_acc_h" in r]) == 2  # one validation per epoch
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [(r["step"], r["epoch"]) for r in knn] == [(0, 0.0), (4, 1.0), (8, 2.0)]  # epoch 0 = random network
+    assert all(0 <= r["knn_top1"] <= 100 and r["knn_s"] >= 0 for r in knn)
+    assert knn[0]["train_s"] == 0 < knn[1]["train_s"] < knn[2]["train_s"]  # training time, evaluations excluded
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["step"] == 8 and "knn_top1" in final and "val_acc_h" in final
+    assert final["knn_top1_random_init"] == knn[0]["knn_top1"] and rows[-1]["knn_top1_full"] == final["knn_top1"]
     backbone = torch.load(out / "backbone.pt", weights_only=True)
     assert set(backbone) == {"arch", "arch_kwargs", "state_dict", "args"}
     import rf_resnet
@@ -231,6 +315,29 @@ def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
     assert 1 <= ckpt["step"] < 2000 and "stop requested" in out_text
     again = run_script(TINY + ["--epochs", "500", "--output-dir", str(out), "--max-steps", str(ckpt["step"] + 1)])
     assert again.returncode == 0 and f"resumed from {out / 'checkpoint.pt'} at step {ckpt['step']}" in again.stdout
+
+
+def test_cifar10_from_the_data_scripts_layout(tmp_path):
+    """prepare_cifar10.py writes torchvision's cifar-10-batches-py layout; co_byol.py reads it back exactly."""
+    import numpy as np
+
+    import prepare_cifar10
+
+    rng = np.random.default_rng(0)
+    xtr, xte = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    ytr, yte = np.arange(40) % 10, np.arange(20) % 10
+    prepare_cifar10.write_batches(tmp_path, xtr, ytr, xte, yte)
+    assert prepare_cifar10.have_batches(tmp_path)
+    train, test = co_byol.CIFAR10Batches(str(tmp_path), True), co_byol.CIFAR10Batches(str(tmp_path), False)
+    assert len(train) == 40 and len(test) == 20
+    img, y = train[13]
+    assert np.array_equal(np.asarray(img), xtr[13]) and y == 3  # HWC pixels and labels, in order
+    assert np.array_equal(test.data, xte) and test.targets == yte.tolist()
+    out = tmp_path / "run"  # and a whole tiny run on it
+    proc = run_script(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--batch-size", "8", "--epochs", "1",
+                       "--proj-hidden", "16", "--pred-hidden", "16", "--proj-dim", "8", "--num-workers", "0",
+                       "--width", "8", "--knn-k", "5", "--max-steps", "2", "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_rf_resnet_run_at_64px(tmp_path):

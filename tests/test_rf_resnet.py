@@ -105,3 +105,29 @@ def test_command_line_table_and_plot(tmp_path):
     bad = subprocess.run([sys.executable, "rf_resnet.py", "--plot", str(png), "--plot-archs", "nope"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown arch 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("arch,stem", [("resnet18", "cifar"), ("rf49_resnet18", "cifar"), ("rf99_resnet50", "imagenet")])
+def test_width_scales_parameters_not_receptive_field(arch, stem):
+    wide, narrow = build_backbone(arch, stem=stem), build_backbone(arch, stem=stem, width=32)
+    ratio = rf_resnet.count_parameters(narrow) / rf_resnet.count_parameters(wide)
+    assert 0.24 <= ratio <= 0.26  # every conv has half the inputs and half the outputs: about a quarter
+    assert narrow.out_dim == wide.out_dim // 2
+    assert receptive_field(narrow) == receptive_field(wide)  # same kernels and strides
+    size = 32 if stem == "cifar" else 96
+    assert rf_resnet.local_grid(narrow, size) == rf_resnet.local_grid(wide, size)
+
+
+def test_measured_rf_of_narrow_resnet18_equals_the_wide_one():
+    narrow = build_backbone("rf49_resnet18", stem="cifar", width=16)
+    assert measure_receptive_field(narrow, image_size=96) == PRESET_RF["rf49"]
+
+
+def test_width_64_is_the_standard_network_and_bad_widths_are_refused():
+    torch.manual_seed(0)
+    a = build_backbone("resnet18").state_dict()
+    torch.manual_seed(0)
+    b = build_backbone("resnet18", width=64).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same layers, same init draws
+    with pytest.raises(ValueError, match="multiple of 4"):
+        build_backbone("resnet50", width=30)

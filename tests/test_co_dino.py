@@ -197,9 +197,15 @@ def test_bad_values_are_refused(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_each_method_keeps_its_own_crop_and_warmup_scales():
+    assert co_dino.parse_args(TINY + ["--ws", "0"]).min_crop == 0.08  # the DINO baseline's (solo-learn CIFAR)
+    assert co_dino.parse_args(TINY + ["--ws", "0.2"]).min_crop == 0.2  # CO-SSL's c_min
+    assert co_dino.parse_args(["--epochs", "6"]).warmup_epochs == pytest.approx(0.3)
+
+
 def test_tiny_run_writes_all_outputs(tmp_path):
     out = tmp_path / "run"
-    proc = run_script(TINY + ["--output-dir", str(out)])
+    proc = run_script(TINY + ["--width", "16", "--output-dir", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -209,9 +215,15 @@ def test_tiny_run_writes_all_outputs(tmp_path):
         assert key in train_rows[-1]
     r = train_rows[-1]
     assert r["loss"] == pytest.approx(r["loss_global"] + 0.2 * r["loss_local"], rel=1e-5)
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [(r["step"], r["epoch"]) for r in knn] == [(0, 0.0), (4, 1.0), (8, 2.0)]  # epoch 0 = random network
+    assert knn[0]["train_s"] == 0 < knn[1]["train_s"] < knn[2]["train_s"]
     final = json.loads((out / "final_metrics.json").read_text())
-    assert final["step"] == 8 and "knn_top1" in final
+    assert final["step"] == 8 and "knn_top1" in final and final["knn_top1_random_init"] == knn[0]["knn_top1"]
     backbone = torch.load(out / "backbone.pt", weights_only=True)
+    assert backbone["arch_kwargs"]["width"] == 16
+    import rf_resnet
+    rf_resnet.build_backbone(backbone["arch"], **backbone["arch_kwargs"]).load_state_dict(backbone["state_dict"])
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     for k, v in backbone["state_dict"].items():  # backbone.pt is the TEACHER backbone
         assert torch.equal(v, ckpt["teacher"]["backbone." + k])

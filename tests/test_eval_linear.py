@@ -160,7 +160,8 @@ def test_full_tiny_evaluation_of_a_co_byol_backbone(tmp_path):
     run = tmp_path / "byol"
     proc = subprocess.run([sys.executable, "co_byol.py", "--dataset", "fake", "--image-size", "16", "--fake-size",
                            "16", "--batch-size", "8", "--epochs", "1", "--proj-hidden", "16", "--pred-hidden", "16",
-                           "--proj-dim", "8", "--num-workers", "0", "--knn-k", "0", "--output-dir", str(run)],
+                           "--proj-dim", "8", "--num-workers", "0", "--knn-k", "0", "--width", "16",
+                           "--output-dir", str(run)],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "eval"
@@ -171,6 +172,7 @@ def test_full_tiny_evaluation_of_a_co_byol_backbone(tmp_path):
                               "--analysis-pairs", "20", "--erf-images", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
+    assert res["arch_kwargs"]["width"] == 16  # the narrow network was rebuilt from backbone.pt
     assert set(res["linear"]) == {"final (.h)", "patch (.pooled = layer4)", "layer3"}
     assert 0 <= res["knn"]["top1"] <= 100 and res["args"]["image_size"] == 16  # the checkpoint's size
     rob = res["robustness"]

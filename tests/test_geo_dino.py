@@ -1,10 +1,12 @@
 """geo_dino.py: cell centres, the geometric and similarity matchings and the local loss against independent
 formulas and explicit loops, the box-tracking crops against the pixels they contain, the DINO reduction with
---local-loss none, the Swin-T backbone.pt format, and the plumbing (outputs, resume, DDP, bad input)."""
+--local-loss none, the Swin-T backbone.pt format, and the plumbing (outputs, per-epoch k-NN, --width, CIFAR-10
+from prepare_cifar10.py's layout, resume, DDP, bad input)."""
 import json
 import math
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import geo_dino
+import rf_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny but complete configuration: ResNet-18 (cifar stem) on 16 px FakeData (3x3 map) with 2 small 8 px crops
@@ -283,6 +286,13 @@ def test_swin_backbone_round_trips_through_torchvision_and_eval_linear(tmp_path)
         torch.testing.assert_close(model(x), out.h)  # torchvision's own pooled output
         loaded, _ = eval_linear.load_backbone(str(path))
         torch.testing.assert_close(loaded(x).local, out.local)
+    # the online k-NN reads backbone(x).h: the Swin-T wrapper gives it too, and gets its train mode back
+    knn_args = geo_dino.parse_args(["--dataset", "fake", "--arch", "swin_t", "--image-size", "64", "--local-crop-size",
+                                    "64", "--fake-size", "8", "--knn-k", "3", "--num-workers", "0"])
+    train, val, num_classes = geo_dino.load_datasets(knn_args, 0)
+    monitor = geo_dino.KNNMonitor(knn_args, train, val, num_classes, torch.device("cpu"), nullcontext())
+    wrapper.train()
+    assert 0 <= monitor(wrapper) <= 100 and wrapper.training
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,6 +305,9 @@ def test_swin_backbone_round_trips_through_torchvision_and_eval_linear(tmp_path)
     (["--local-loss", "dense"], "invalid choice: 'dense'"),
     (["--local-weight", "2"], "--local-weight must be in [0, 1]"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "needs /nonexistent/train"),
+    (["--width", "30"], "--width must be a positive multiple of 4"),
+    (["--knn-temperature", "0"], "--knn-temperature > 0"),
+    (["--knn-bank", "-1"], "--knn-bank and --clip-grad must be >= 0"),
 ])
 def test_bad_values_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -313,6 +326,63 @@ def test_bad_value_is_one_error_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_width_with_swin_t_is_one_error_line(capsys):
+    """--width narrows rf_resnet archs only; with swin_t it is refused (one line, exit code 2), not ignored."""
+    with pytest.raises(SystemExit) as e:
+        geo_dino.parse_args(TINY + ["--arch", "swin_t", "--width", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and sum("error" in line for line in err) == 1
+    assert err[-1].endswith(": error: --width 32 applies to rf_resnet archs only; swin_t has fixed widths (96-768)")
+    assert geo_dino.parse_args(TINY + ["--width", "8"]).width == 8  # rf_resnet archs take it
+
+
+def test_cifar10_without_network_names_the_offline_script(tmp_path, monkeypatch):
+    """No CIFAR-10 in --data-dir and torchvision's download fails: one line that says what to run."""
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(geo_dino.torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(SystemExit) as e:
+        geo_dino.load_datasets(geo_dino.parse_args(TINY + ["--dataset", "cifar10", "--data-dir", str(tmp_path)]), 0)
+    msg = str(e.value.code)
+    assert msg.startswith("geo_dino.py: error: ") and "\n" not in msg
+    assert f"run `python prepare_cifar10.py {tmp_path}`" in msg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Precision, warm-up, online probe
+# ---------------------------------------------------------------------------------------------------------
+def test_amp_auto_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    args = geo_dino.parse_args(TINY)
+    assert args.amp == "auto"
+    monkeypatch.setattr(geo_dino, "cpu_has_native_bf16", lambda: True)
+    assert geo_dino.amp_dtype(args, cpu) == torch.bfloat16
+    monkeypatch.setattr(geo_dino, "cpu_has_native_bf16", lambda: False)
+    assert geo_dino.amp_dtype(args, cpu) is None  # emulated bf16 is slower than fp32 (measured)
+    assert geo_dino.amp_dtype(geo_dino.parse_args(TINY + ["--amp", "bf16"]), cpu) == torch.bfloat16  # explicit wins
+    assert geo_dino.amp_dtype(geo_dino.parse_args(TINY + ["--amp", "off"]), cpu) is None
+    assert isinstance(geo_dino.cpu_has_native_bf16(), bool)
+
+
+def test_lr_warmup_default_is_the_papers_at_most_5_percent_of_the_run():
+    assert geo_dino.parse_args(["--dataset", "fake", "--epochs", "300"]).warmup_epochs == 10  # paper Sec. 4.2
+    assert geo_dino.parse_args(["--dataset", "fake", "--epochs", "6"]).warmup_epochs == pytest.approx(0.3)
+    assert geo_dino.parse_args(TINY).warmup_epochs == 1  # explicit wins
+
+
+def test_online_probe_is_batch_normalised_and_averaged_over_the_global_crops():
+    args = geo_dino.parse_args(TINY + ["--width", "8"])
+    net = geo_dino.StudentNetwork(args, num_classes=4)
+    bn, linear = net.probe_h
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and isinstance(linear, torch.nn.Linear)
+    assert net.probe_pooled is None  # resnet18: no MLP, .pooled == .h
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    outs = [{"logits_h": logits}, {"logits_h": logits}, {"local": torch.randn(6, 2)}]  # small crops: no probe
+    torch.testing.assert_close(geo_dino.probe_loss(outs, labels), F.cross_entropy(logits, labels))  # a mean
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Plumbing: a tiny run, resume, DDP
 # ---------------------------------------------------------------------------------------------------------
@@ -327,19 +397,32 @@ def test_tiny_run_writes_all_outputs_and_resumes_bit_exactly(tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     for key in ("loss", "loss_global", "loss_local", "lr", "tau", "teacher_temp", "teacher_entropy",
-                "local_teacher_entropy", "match_valid_frac", "sim_geo_agree", "img_per_s", "peak_mem_mb"):
+                "local_teacher_entropy", "match_valid_frac", "sim_geo_agree", "img_per_s", "peak_mem_mb", "train_s"):
         assert key in train_rows[-1]
+    train_s = [r["train_s"] for r in train_rows]
+    assert 0 < train_s[0] and train_s == sorted(train_s)
     r = train_rows[-1]
     assert r["loss"] == pytest.approx(0.5 * r["loss_global"] + 0.5 * r["loss_local"], rel=1e-5)
     assert 0 < r["match_valid_frac"] <= 1 and 0 <= r["sim_geo_agree"] <= 1
     epoch_rows = [r for r in rows if "val_acc_h" in r]
     assert len(epoch_rows) == 2 and all("match_valid_frac_epoch" in r for r in epoch_rows)
+    # the online k-NN of the teacher: epoch 0 (the random network), then after every epoch
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [(r["step"], r["epoch"]) for r in knn] == [(0, 0.0), (2, 1.0), (4, 2.0)]
+    assert all(0 <= r["knn_top1"] <= 100 and r["knn_s"] >= 0 for r in knn)
+    assert knn[0]["train_s"] == 0 < knn[1]["train_s"] < knn[2]["train_s"]  # training time, evaluations excluded
     final = json.loads((a / "final_metrics.json").read_text())
-    assert final["step"] == 4 and "knn_top1" in final and "sim_geo_agree_epoch" in final
+    assert final["step"] == 4 and "knn_top1" in final and "sim_geo_agree_epoch" in final and "val_acc_h" in final
+    assert final["knn_top1_random_init"] == knn[0]["knn_top1"]
+    assert final["knn_top1_bank_subset"] == knn[-1]["knn_top1"]
+    assert rows[-1]["knn_top1_full"] == final["knn_top1"]  # the final k-NN: the whole training set as bank
     backbone = torch.load(a / "backbone.pt", weights_only=True)
     ca = torch.load(a / "checkpoint.pt", weights_only=True)
-    assert backbone["arch"] == "resnet18" and backbone["arch_kwargs"] == {"stem": "cifar", "mlp": None}
+    assert ca["train_s"] == pytest.approx(final["train_s"]) and final["train_s"] >= knn[-1]["train_s"]
+    assert backbone["arch"] == "resnet18"
+    assert backbone["arch_kwargs"] == {"stem": "cifar", "mlp": None, "width": 64}
     assert isinstance(backbone["args"], dict)
+    rf_resnet.build_backbone(backbone["arch"], **backbone["arch_kwargs"]).load_state_dict(backbone["state_dict"])
     for k, v in backbone["state_dict"].items():  # backbone.pt is the TEACHER backbone
         assert torch.equal(v, ca["teacher"]["backbone." + k])
     assert ca["center"].shape == ca["local_center"].shape == (1, 64)
@@ -359,6 +442,37 @@ def test_tiny_run_writes_all_outputs_and_resumes_bit_exactly(tmp_path):
     for part in ("student", "teacher"):
         for k in ca[part]:
             assert torch.equal(ca[part][k], cb[part][k]), f"{part}.{k}"
+
+
+def test_width_8_run_on_cifar10_from_the_data_scripts_layout(tmp_path):
+    """prepare_cifar10.py's cifar-10-batches-py layout: items are (PIL image, label) as from torchvision, so
+    the box-tracking crops apply unchanged; then a tiny --width 8 run on it, whose backbone.pt rebuilds."""
+    import prepare_cifar10
+
+    rng = np.random.default_rng(0)
+    xtr = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    xte = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    ytr, yte = np.arange(40) % 10, np.arange(20) % 10
+    prepare_cifar10.write_batches(tmp_path, xtr, ytr, xte, yte)
+    train = geo_dino.CIFAR10Batches(str(tmp_path), True)
+    img, y = train[13]
+    assert np.array_equal(np.asarray(img), xtr[13]) and y == 3
+    data = ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--width", "8"]
+    args = geo_dino.parse_args(TINY + data)
+    (crops, boxes, flips), label = geo_dino.SeededViews(train, geo_dino.MultiView(args), 0)[13]
+    assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2 and label == 3
+    assert boxes.shape == (4, 4) and (boxes >= 0).all() and (boxes <= 32).all() and flips.shape == (4,)
+
+    out = tmp_path / "run"
+    proc = run_script(TINY + data + ["--epochs", "1", "--max-steps", "2", "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["step"] == 2 and 0 <= final["knn_top1"] <= 100 and final["knn_top1_random_init"] is not None
+    backbone = torch.load(out / "backbone.pt", weights_only=True)
+    assert backbone["arch_kwargs"] == {"stem": "cifar", "mlp": None, "width": 8}
+    rebuilt = rf_resnet.build_backbone(backbone["arch"], **backbone["arch_kwargs"])
+    rebuilt.load_state_dict(backbone["state_dict"])  # strict: the width-8 layers
+    assert rebuilt.out_dim == 8 * 8  # ResNet-18's last stage: 8 x width channels
 
 
 WORKER = """

@@ -310,7 +310,7 @@ def cpu_has_native_bf16() -> bool:
     """True where the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16.
 
     Measured on two 2-core machines (ResNet-18 at 32 px, docs/co_byol.md): with AVX512-BF16 bf16 autocast
-    trains 2.0x faster than fp32; on an AVX512 CPU without it, 1.8x SLOWER. Hence a capability check, not a
+    trains 2.0x faster than fp32; on an AVX512 CPU without it, 1.7-2.5x SLOWER. Hence a capability check, not a
     guess from the device type.
     """
     cpu = getattr(torch, "cpu", None)
@@ -1315,7 +1315,7 @@ def main(args):
         # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics. (Swin-T has no BatchNorm.)
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    # channels_last: faster convolutions on GPUs and, measured, 1.2-1.3x on this project's 2-core CPUs too.
+    # channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on this project's 2-core CPUs too.
     student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
     centers = (torch.zeros(1, args.out_dim, device=device), torch.zeros(1, args.out_dim, device=device))
     torch.manual_seed(args.seed + rank)
@@ -1326,6 +1326,8 @@ def main(args):
     # Resume: everything from OUTPUT_DIR/checkpoint.pt when it exists.
     step, history, train_s = 0, [], 0.0  # train_s: seconds spent in training steps, over every resume
     ckpt_path = out_dir / "checkpoint.pt"
+    if rank == 0 and ckpt_path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
+        ckpt_path.with_suffix(".tmp").unlink()
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         student.load_state_dict(ckpt["student"])
@@ -1354,7 +1356,21 @@ def main(args):
                 "local_center": centers[1], "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "history": history, "rng": rngs, "args": vars(args), "train_s": train_s}
 
+    # PLUMBING: the non-finite guard sees every step without a host sync: a flag on the device collects any
+    # NaN/inf loss; it is read (with the weights) at log steps and before every checkpoint write, so a poisoned
+    # state is never written and the last good checkpoint stays the newest one.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def stop_if_nonfinite(check_weights: bool = False) -> None:
+        bad = nonfinite
+        if check_weights:
+            bad = bad | ~torch.stack([torch.isfinite(p).all() for p in student.parameters()]).all()
+        if all_reduce_sum(bad.float().reshape(1)).item() > 0:
+            fail(f"non-finite loss or weights by step {step}; lower --lr or use --amp off (the last good "
+                 f"checkpoint {ckpt_path} is kept)")
+
     def write_checkpoint():
+        stop_if_nonfinite(check_weights=True)
         state = checkpoint_state()  # every rank joins the all-gather of RNG states
         if rank == 0:
             save_checkpoint(ckpt_path, state)
@@ -1398,6 +1414,7 @@ def main(args):
     stop_now = False
     if step == 0 and args.knn_every:
         knn_row(0.0)  # epoch 0: the network at random initialisation, the reference every curve stands beside
+        tick = time.time()  # img_per_s measures training only
 
     while step < last_step and not stop_now:
         epoch, skip = divmod(step, steps_per_epoch)
@@ -1424,19 +1441,17 @@ def main(args):
             (loss, loss_g, loss_l, loss_probe), centers, monitors = train_step(
                 model, student, teacher, optimizer, scaler, views, boxes, flips, labels, centers, args, tau,
                 teacher_temp, weight_decay, epoch < args.freeze_last_layer, autocast)
+            nonfinite = nonfinite | ~torch.isfinite(loss + loss_probe)  # no host sync
             step += 1
             bar.update(1)
             epoch_match += torch.cat([monitors[4:], monitors.new_ones(1)])
 
             # --- logging (the only place with host-device syncs) ---
             if step % args.log_every == 0 or step == last_step:
+                stop_if_nonfinite()
                 values = torch.stack([loss, loss_g, loss_l, loss_probe, *monitors])
                 values = all_reduce_sum(values) / world
                 loss_v, g_v, l_v, probe_v, entropy, kl_uniform, l_entropy, l_kl, valid, agree = values.tolist()
-                if not math.isfinite(loss_v):
-                    # The last good checkpoint on disk is kept: we stop before writing anything.
-                    fail(f"non-finite loss at step {step}; lower --lr or use --amp off "
-                         f"(the last good checkpoint in {ckpt_path} is kept)")
                 now = time.time()
                 row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "loss_global": g_v,
                        "loss_local": l_v, "loss_probe": probe_v,

@@ -340,6 +340,30 @@ def test_cifar10_from_the_data_scripts_layout(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_nan_between_log_steps_never_reaches_a_checkpoint(tmp_path, monkeypatch):
+    """A loss that turns NaN between two log steps stops the run before the next checkpoint write, with one
+    line; the last good checkpoint (end of epoch 1) stays the newest one, and a stale .tmp is cleaned up."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.tmp").write_bytes(b"half a file from a killed write")
+    real_step, calls = co_byol.train_step, []
+
+    def poisoned_step(*a, **kw):
+        loss, *rest = real_step(*a, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 6 else loss, *rest)  # step 6 of 8, not a log step
+
+    monkeypatch.setattr(co_byol, "train_step", poisoned_step)
+    args = co_byol.parse_args(TINY + ["--log-every", "100", "--knn-k", "0", "--output-dir", str(out)])
+    with pytest.raises(SystemExit) as e:
+        co_byol.main(args)
+    assert "non-finite loss or weights by step" in str(e.value) and "is kept" in str(e.value)
+    assert len(calls) == 8  # the epoch ran to its end: the guard cost no host sync per step
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and not (out / "checkpoint.tmp").exists()
+    assert all(torch.isfinite(v).all() for v in ckpt["online"].values() if v.is_floating_point())
+
+
 def test_rf_resnet_run_at_64px(tmp_path):
     out = tmp_path / "rf"
     proc = run_script(["--dataset", "fake", "--image-size", "64", "--fake-size", "8", "--batch-size", "4",

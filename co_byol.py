@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores in under an hour, k-NN every epoch.
-# Every value was chosen by measurement; docs/co_byol.md says what was tried and why each one.
+# Batch and lr were chosen by measurement (a lever search), the others from BYOL / lightly's CIFAR recipe
+# and the time budget; docs/co_byol.md says why each value and which alternatives were not compared.
 LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=3, optimizer="sgd",
                      lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99, proj_hidden=512,
                      pred_hidden=512, num_workers=2, output_dir="runs/co_byol_laptop")
@@ -494,10 +495,11 @@ def conv_mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
 def linear_probe(dim_in: int, num_classes: int) -> nn.Sequential:
     """The online probe: BatchNorm without affine parameters, then a linear classifier (as MAE's linear probe).
 
-    PITFALL (measured, docs/co_byol.md): a bare Linear trained by SGD on the raw features read BELOW a random
-    network's offline linear accuracy, because the feature scale drifts by orders of magnitude during
-    pre-training and one lr cannot fit all of it. The normalisation (batch statistics in training, running
-    statistics at evaluation) is still a linear map, so this is a linear probe, and one lr fits every run.
+    PITFALL (docs/co_byol.md): a bare Linear trained by SGD on the raw features read BELOW a random network's
+    offline linear accuracy; its one lr depends on the feature scale, which pre-training changes (on frozen
+    features scaled by 1000 it fails the probe test in tests/test_co_byol.py). The normalisation (batch
+    statistics in training, running statistics at evaluation) is still a linear map, so this is a linear
+    probe, and one lr fits every scale.
     """
     return nn.Sequential(nn.BatchNorm1d(dim_in, affine=False), nn.Linear(dim_in, num_classes))
 

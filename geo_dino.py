@@ -626,10 +626,11 @@ class DINOHead(nn.Module):
 def linear_probe(dim_in: int, num_classes: int) -> nn.Sequential:
     """The online probe: BatchNorm without affine parameters, then a linear classifier (as MAE's linear probe).
 
-    PITFALL (measured, docs/co_byol.md): a bare Linear trained by SGD on the raw features read BELOW a random
-    network's offline linear accuracy, because the feature scale drifts by orders of magnitude during
-    pre-training and one lr cannot fit all of it. The normalisation (batch statistics in training, running
-    statistics at evaluation) is still a linear map, so this is a linear probe, and one lr fits every run.
+    PITFALL (docs/co_byol.md): a bare Linear trained by SGD on the raw features read BELOW a random network's
+    offline linear accuracy; its one lr depends on the feature scale, which pre-training changes (on frozen
+    features scaled by 1000 it fails the probe test in tests/test_co_byol.py). The normalisation (batch
+    statistics in training, running statistics at evaluation) is still a linear map, so this is a linear
+    probe, and one lr fits every scale.
     """
     return nn.Sequential(nn.BatchNorm1d(dim_in, affine=False), nn.Linear(dim_in, num_classes))
 

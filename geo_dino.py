@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
                    "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
     g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
+    g.add_argument("--checkpoint-every", type=float, default=20.0, help="minutes between checkpoints within an "
+                   "epoch (besides every epoch end, the run's end and SIGTERM/SIGUSR1/SIGINT); 0: epoch ends only")
+    g.add_argument("--allow-epochs-change", action="store_true", help="resume with a different --epochs (and the "
+                   "warm-up derived from it): the lr and tau schedules continue from the current step on the new "
+                   "length; any other changed run-defining flag is refused")
     g.add_argument("--plot-matches", default="", metavar="FILE", help="at the end, draw two global views of "
                    "one training image with their geometric and similarity matchings linked (paper Fig. 3)")
 
@@ -202,6 +207,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
     args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
     args.local_crop_size = args.local_crop_size or max(8, round(args.image_size * 3 / 7))
@@ -237,6 +245,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("need --image-size >= 8, --local-crop-size >= 8 and --fake-size >= 1")
     if args.lr <= 0 or args.probe_lr <= 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
         parser.error("need --lr > 0, --probe-lr > 0, --warmup-epochs >= 0 and --weight-decay >= 0")
+    if args.lars_eta <= 0 or args.checkpoint_every < 0:
+        parser.error("need --lars-eta > 0 and --checkpoint-every >= 0")
     if args.weight_decay_end < 0 and args.weight_decay_end != -1:
         parser.error("--weight-decay-end must be >= 0, or -1 (constant weight decay)")
     if not 0 <= args.tau_base <= args.tau_final <= 1:
@@ -527,6 +537,22 @@ class CIFAR10Batches(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded (truncated, not an image): the run stops with one line naming it."""
+
+
+def read_image(path: str):
+    """ImageFolder's loader, naming the file on failure (a truncated JPEG/PNG fails only when it is decoded)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UnreadableImage(f"cannot decode {path} ({type(e).__name__}: {e}); remove or replace the file, "
+                              "then rerun the same command to resume") from None
+
+
 def load_cifar10(root: str, ev, download: bool):
     """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
     if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
@@ -560,8 +586,8 @@ def load_datasets(args, rank: int):
             return (tv.STL10(root, split="train+unlabeled", download=download),
                     tv.STL10(root, split="test", transform=ev, download=download), 10)
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
-        train = tv.ImageFolder(str(Path(root) / "train"))
-        return train, tv.ImageFolder(str(val_dir), transform=ev), len(train.classes)
+        train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
+        return train, tv.ImageFolder(str(val_dir), transform=ev, loader=read_image), len(train.classes)
 
     if rank == 0:
         try:
@@ -1023,10 +1049,57 @@ def make_optimizer(net: nn.Module, args, scale: float) -> torch.optim.Optimizer:
 # weights_only=True (plain tensors and Python containers; the arguments are stored as a dict).
 
 
+# Arguments that may change when a run resumes: they do not change what is trained. Any other difference
+# between the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
+RESUME_MAY_CHANGE = {"output_dir", "recipe", "max_steps", "log_every", "checkpoint_every", "allow_epochs_change",
+                     "data_dir", "num_workers", "device", "compile", "knn_every"}
+
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Before any work: OUTPUT_DIR exists (or is made) and is writable, else one line."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # PITFALL: torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the previous "
+             "file, if any, is kept: free space or choose another --output-dir, then rerun to resume")
+
+
+def load_checkpoint(path: Path, args) -> dict:
+    """Read OUTPUT_DIR/checkpoint.pt and check that it continues THIS run; every problem is one line."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, not a torch file, or a pickle with code in it
+        fail(f"cannot read {path} ({type(e).__name__}): not a complete checkpoint; move it away to start a new "
+             "run (nothing else in that folder was changed)")
+    script = Path(__file__).name
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        fail(f"{path} was not written by {script} (found: "
+             f"{ckpt.get('script', 'no script name') if isinstance(ckpt, dict) else type(ckpt).__name__}); "
+             "use another --output-dir")
+    saved, now = ckpt["args"], vars(args)
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUME_MAY_CHANGE or (key in ("epochs", "warmup_epochs") and args.allow_epochs_change):
+            continue
+        if saved.get(key) != now.get(key):
+            flag = "--" + key.replace("_", "-")
+            fail(f"{path} was written with {flag} {saved.get(key)}, this command has {flag} {now.get(key)}: "
+                 f"resume with the same value, or start a new run with another --output-dir"
+                 + (" (or add --allow-epochs-change)" if key == "epochs" else ""))
+    return ckpt
 
 
 def rng_state() -> dict:
@@ -1267,15 +1340,17 @@ def train_step(model, student, teacher, optimizer, scaler, views, boxes, flips, 
 
 
 class StopFlag:
-    """PLUMBING: SIGTERM (schedulers, torchrun) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit."""
+    """PLUMBING: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C) ask the
+    loop to checkpoint and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun
+    --max-restarts and SLURM --requeue start it again, and the restarted run resumes."""
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.requested, self.signum = False, 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        self.requested = True
+        self.requested, self.signum = True, signum
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
 
 
@@ -1294,7 +1369,7 @@ def main(args):
     random.seed(args.seed + rank)
     out_dir = Path(args.output_dir)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(out_dir)
     dtype = amp_dtype(args, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     if device.type == "cpu":
@@ -1330,7 +1405,7 @@ def main(args):
     if rank == 0 and ckpt_path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
         ckpt_path.with_suffix(".tmp").unlink()
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(ckpt_path, args)
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         centers = (ckpt["center"].to(device), ckpt["local_center"].to(device))
@@ -1355,7 +1430,8 @@ def main(args):
             rngs = [rng_state()]
         return {"student": student.state_dict(), "teacher": teacher.state_dict(), "center": centers[0],
                 "local_center": centers[1], "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "history": history, "rng": rngs, "args": vars(args), "train_s": train_s}
+                "step": step, "history": history, "rng": rngs, "args": vars(args), "train_s": train_s,
+                "script": Path(__file__).name}
 
     # PLUMBING: the non-finite guard sees every step without a host sync: a flag on the device collects any
     # NaN/inf loss; it is read (with the weights) at log steps and before every checkpoint write, so a poisoned
@@ -1371,10 +1447,12 @@ def main(args):
                  f"checkpoint {ckpt_path} is kept)")
 
     def write_checkpoint():
+        nonlocal last_write
         stop_if_nonfinite(check_weights=True)
         state = checkpoint_state()  # every rank joins the all-gather of RNG states
         if rank == 0:
             save_checkpoint(ckpt_path, state)
+        last_write = time.time()
 
     log(f"geo_dino.py: {json.dumps(vars(args))}")
     log(f"world size {world}, per-process batch {args.batch_size // world}, lr {args.lr * scale:g} "
@@ -1411,6 +1489,7 @@ def main(args):
     last_step = total_steps if not args.max_steps else min(total_steps, args.max_steps)
     metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
     start_time, tick, tick_step = time.time(), time.time(), step
+    last_write = start_time  # --checkpoint-every counts from here
     bar = tqdm(total=last_step, initial=step, disable=rank != 0, dynamic_ncols=True, desc="geo_dino")
     stop_now = False
     if step == 0 and args.knn_every:
@@ -1468,16 +1547,21 @@ def main(args):
                                 agree=f"{agree:.2f}", img_s=f"{row['img_per_s']:.0f}")
                 log_row(row)
 
-            # --- preemption: checkpoint and leave ---
-            stop_now = stop.requested
+            # --- preemption (checkpoint and leave) and timed checkpoints ---
+            due = args.checkpoint_every > 0 and time.time() - last_write > 60 * args.checkpoint_every
+            stop_now, write_now = stop.requested, due
             if is_dist():
-                # PLUMBING: ranks must stop at the same step (else one waits forever in the next all-reduce).
+                # PLUMBING: ranks must decide at the same step (else one waits forever in the next collective).
                 # They agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
-                stop_now = False
+                stop_now = write_now = False
                 if step % 10 == 0 or step == last_step:
-                    stop_now = all_reduce_sum(torch.tensor([float(stop.requested)], device=device)).item() > 0
+                    agreed = all_reduce_sum(torch.tensor([float(stop.requested), float(due)], device=device))
+                    stop_now, write_now = (agreed > 0).tolist()
             if stop_now or step == last_step:
                 break
+            if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
+                train_s, segment_start = train_s + time.time() - segment_start, time.time()
+                write_checkpoint()
 
         train_s += time.time() - segment_start
 
@@ -1495,10 +1579,13 @@ def main(args):
             knn_row(step / steps_per_epoch)
         tick = time.time()  # img_per_s measures training only
         write_checkpoint()
-        if stop_now:
-            log(f"stop requested: checkpoint written at step {step}; run the same command to resume")
+        if stop_now:  # exit non-zero so that torchrun --max-restarts / SLURM --requeue start the run again
+            if rank == 0:
+                save_backbone_file(out_dir / "backbone.pt", teacher.backbone, args)
+            log(f"stop requested (signal {stop.signum or 'on another rank'}): checkpoint and backbone.pt written "
+                f"at step {step}; run the same command to resume")
             barrier()
-            return student, teacher, {}
+            sys.exit(128 + (stop.signum or signal.SIGTERM))
     bar.close()
 
     # --- final outputs: backbone.pt, k-NN, final_metrics.json, curves.png (+ match figures) ---
@@ -1585,4 +1672,7 @@ def plot_match_curves(history: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UnreadableImage as e:  # re-raised from a loader worker with its traceback: the last line names the file
+        fail(str(e).strip().splitlines()[-1].split("UnreadableImage: ", 1)[-1])

@@ -258,8 +258,8 @@ def test_sigterm_writes_checkpoint(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "stop requested" in stdout
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]  # 143: schedulers and torchrun restart it
+    assert "stop requested" in stdout and (out / "backbone.pt").exists()
     assert 1 <= torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 2000
 
 

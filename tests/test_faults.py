@@ -1,0 +1,204 @@
+"""Fault handling, the same in the four method files: a killed, preempted, diverging or misconfigured run loses
+at most the work since its last checkpoint and says what went wrong in one line.
+
+Every case runs in-process on tiny FakeData (a few steps of a narrow ResNet-18), so the file takes about a
+minute; the subprocess-level checks (SIGTERM through a real process, kill -9) live in test_co_byol.py and
+test_co_dino.py, the NaN guard in each method's own test file.
+"""
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--dataset", "fake", "--image-size", "16", "--batch-size", "4", "--epochs", "2", "--num-workers", "0",
+          "--knn-k", "0", "--log-every", "1", "--warmup-epochs", "1", "--width", "8"]
+# Each method's narrowest heads; 16 fake images with batch 4 = 4 steps per epoch.
+TINY = {
+    "co_byol": COMMON + ["--fake-size", "16", "--proj-hidden", "16", "--pred-hidden", "16", "--proj-dim", "8"],
+    "co_dino": COMMON + ["--fake-size", "16", "--out-dim", "32", "--head-hidden", "16", "--bottleneck", "8"],
+    "bag_ssl": COMMON + ["--fake-size", "16", "--arch", "resnet18", "--stem", "cifar", "--patch-size", "8",
+                         "--proj-hidden", "16", "--proj-dim", "8", "--pred-hidden", "16", "--eval-patches", "1",
+                         "--eval-knn-k", "0", "--linear-epochs", "1"],
+    "geo_dino": COMMON + ["--fake-size", "16", "--local-crop-size", "8", "--local-crops", "2", "--out-dim", "32",
+                          "--head-hidden", "16", "--bottleneck", "8"],
+}
+METHODS = list(TINY)
+# Float flags that every file has, and the method's own ones.
+BAD_VALUES = {
+    "co_byol": [("--ws", "nan"), ("--tau-base", "nan")],
+    "co_dino": [("--student-temp", "nan"), ("--teacher-temp", "inf"), ("--ws", "inf")],
+    "bag_ssl": [("--temperature", "nan"), ("--tau-base", "inf")],
+    "geo_dino": [("--student-temp", "inf"), ("--clip-grad", "nan"), ("--local-weight", "nan")],
+}
+SHARED_BAD = [("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "inf"), ("--warmup-epochs", "nan"),
+              ("--knn-temperature", "nan"), ("--checkpoint-every", "nan"), ("--lars-eta", "-1"),
+              ("--checkpoint-every", "-1")]
+
+
+def module(name):
+    return importlib.import_module(name)
+
+
+def run(name, tmp_path, *extra, out="run"):
+    m = module(name)
+    return m.main(m.parse_args(TINY[name] + ["--output-dir", str(tmp_path / out), *extra]))
+
+
+def one_error_line(excinfo_or_err: str) -> str:
+    lines = [ln for ln in str(excinfo_or_err).strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("name,flag,value", [(n, f, v) for n in METHODS for f, v in SHARED_BAD + BAD_VALUES[n]])
+def test_non_finite_and_out_of_range_floats_are_one_argparse_line(name, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        module(name).parse_args(TINY[name] + [flag, value])
+    assert e.value.code == 2  # argparse's error, before any work
+    line = one_error_line([ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln][0])
+    assert flag in line
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_resume_refuses_changed_flags_and_accepts_a_declared_epochs_change(name, tmp_path):
+    run(name, tmp_path, "--max-steps", "1")
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(name, tmp_path, "--max-steps", "2", "--lr", "0.7")
+    line = one_error_line(e.value)
+    assert "--lr" in line and "another --output-dir" in line
+    with pytest.raises(SystemExit) as e:
+        run(name, tmp_path, "--max-steps", "2", "--epochs", "3")
+    assert "--allow-epochs-change" in one_error_line(e.value)
+    assert ckpt.read_bytes() == before  # a refused resume touches nothing
+    run(name, tmp_path, "--max-steps", "2", "--epochs", "3", "--allow-epochs-change")
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_checkpoint_every_minutes_writes_within_the_epoch(name, tmp_path, monkeypatch):
+    m, steps = module(name), []
+    real_save = m.save_checkpoint
+    monkeypatch.setattr(m, "save_checkpoint", lambda path, state: (steps.append(state.get("step")),
+                                                                   real_save(path, state)))
+    run(name, tmp_path, "--max-steps", "3", "--checkpoint-every", "1e-9")  # due after every step
+    assert [s for s in steps if s is not None][:3] == [1, 2, 3]  # steps 1, 2: within the 4-step epoch
+    steps.clear()
+    run(name, tmp_path, "--max-steps", "3", "--checkpoint-every", "0", out="epoch_ends_only")
+    assert [s for s in steps if s is not None] == [3]  # only the run's end
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_preemption_signal_checkpoints_writes_backbone_and_exits_non_zero(name, tmp_path, monkeypatch):
+    m = module(name)
+    real_step, calls = m.train_step, []
+
+    def step_then_signal(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # SLURM's warning signal arrives during step 2
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(m, "train_step", step_then_signal)
+    with pytest.raises(SystemExit) as e:
+        run(name, tmp_path)
+    assert e.value.code == 128 + signal.SIGUSR1  # non-zero: torchrun --max-restarts / SLURM --requeue restart it
+    out = tmp_path / "run"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert (out / "backbone.pt").exists() and not (out / "final_metrics.json").exists()
+    monkeypatch.setattr(m, "train_step", real_step)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    run(name, tmp_path)  # the same command resumes and finishes
+    assert (out / "final_metrics.json").exists()
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", "other method"])
+def test_empty_truncated_or_foreign_checkpoint_is_one_line_and_kept(name, content, tmp_path):
+    out = tmp_path / "run"
+    if content == "other method":
+        other = METHODS[(METHODS.index(name) + 1) % len(METHODS)]
+        run(other, tmp_path, "--max-steps", "1")
+        expected = "was not written by"
+    else:
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(content)
+        expected = "cannot read"
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(name, tmp_path)
+    assert expected in one_error_line(e.value)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_output_dir_that_is_a_file_is_one_line_before_any_work(name, tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        run(name, tmp_path)
+    assert "cannot write to --output-dir" in one_error_line(e.value)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_full_disk_keeps_the_previous_checkpoint(name, tmp_path, monkeypatch):
+    m = module(name)
+    run(name, tmp_path, "--max-steps", "1")
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+
+    def disk_full(obj, f, *a, **kw):
+        Path(f).write_bytes(b"\0" * 10)  # half a file, as a real full disk leaves it
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(m.torch, "save", disk_full)
+    with pytest.raises(SystemExit) as e:
+        run(name, tmp_path, "--max-steps", "2")
+    assert "cannot write" in one_error_line(e.value) and "is kept" in str(e.value)
+    monkeypatch.undo()
+    assert ckpt.read_bytes() == before and not ckpt.with_suffix(".tmp").exists()
+
+
+def _image_folder(root: Path, n_per_class: int = 4):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n_per_class):
+                Image.new("RGB", (16, 16), (40 * i, 100 * c, 7)).save(root / split / f"c{c}" / f"{i}.png")
+    bad = root / "train" / "c1" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated PNG: the header reads, the pixels do not
+    return bad
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_truncated_image_stops_with_the_files_name(name, tmp_path):
+    m = module(name)
+    bad = _image_folder(tmp_path / "data")
+    argv = [a if a != "fake" else "imagefolder" for a in TINY[name]]
+    args = m.parse_args(argv + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"),
+                                "--epochs", "1"])
+    with pytest.raises(m.UnreadableImage) as e:
+        m.main(args)
+    assert str(bad) in str(e.value)
+
+
+def test_truncated_image_through_a_loader_worker_is_one_line(tmp_path):
+    """From the command line, with a data-loading worker: one line naming the file, exit code 1."""
+    bad = _image_folder(tmp_path / "data")
+    argv = [a if a != "fake" else "imagefolder" for a in TINY["co_byol"]]
+    argv[argv.index("--num-workers") + 1] = "1"
+    proc = subprocess.run([sys.executable, "co_byol.py", *argv, "--data-dir", str(tmp_path / "data"),
+                           "--epochs", "1", "--output-dir", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if "error:" in ln]  # not tqdm's bar
+    assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in proc.stderr

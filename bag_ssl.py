@@ -1042,20 +1042,24 @@ def save_backbone(path: Path, backbone: nn.Module, args) -> None:
 
 # ==== 8. Linear evaluation ====
 @torch.no_grad()
-def evaluate_probes(net: nn.Module, val_loader, device, autocast) -> dict:
-    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced)."""
+def evaluate_probes(net: nn.Module, val_loader, device, autocast, backbone: nn.Module = None) -> dict:
+    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced).
+    `backbone`: the network whose features the probes read in training (default: net's own)."""
+    backbone = backbone if backbone is not None else net.encoder.backbone
     net.eval()
+    backbone.eval()
     counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
     for x, y in val_loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            out = net.encoder.backbone(x)
+            out = backbone(x)
         counts[0] += (net.probe_h(out.h.float()).argmax(1) == y).sum()
         if net.probe_pooled is not None:
             counts[1] += (net.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
         counts[2] += len(y)
     all_reduce_sum(counts)
     net.train()
+    backbone.train()
     res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
     if net.probe_pooled is not None:
         res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)

@@ -103,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0: 3/7 of --image-size, i.e. 96 at 224)")
     g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of projectors g1, g2 (BYOL: 4096)")
     g.add_argument("--proj-dim", type=int, default=256, help="output width of projectors and predictors (BYOL: 256)")
-    g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of predictors q1, q2 "
+    g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of the global predictor q1 "
                    "(BYOL: 4096; solo-learn ImageNet-100: 8192)")
+    g.add_argument("--local-pred-hidden", type=int, default=4096, help="hidden width of the local predictor q2 "
+                   "(paper App. A.4: the local heads g2, q2 have one hidden layer of 4096 units, also where the "
+                   "global predictor q1 is wider, e.g. 8192 on ImageNet-100)")
     g.add_argument("--tau-base", type=float, default=0.99, help="EMA momentum of the target at step 0; it "
                    "follows a cosine to --tau-final (BYOL: 0.99 -> 1)")
     g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 # and the time budget; docs/co_byol.md says why each value and which alternatives were not compared.
 LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=3, optimizer="sgd",
                      lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99, proj_hidden=512,
-                     pred_hidden=512, num_workers=2, output_dir="runs/co_byol_laptop")
+                     pred_hidden=512, local_pred_hidden=512, num_workers=2, output_dir="runs/co_byol_laptop")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -200,7 +203,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size % world or args.batch_size // world < 2:
         parser.error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at "
                      "least 2 images per process (BatchNorm)")
-    for name in ("epochs", "log_every", "proj_hidden", "proj_dim", "pred_hidden"):
+    for name in ("epochs", "log_every", "proj_hidden", "proj_dim", "pred_hidden", "local_pred_hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_steps < 0 or args.num_workers < 0 or args.knn_k < 0 or args.local_grid < 0 or args.knn_bank < 0:
@@ -564,7 +567,8 @@ class OnlineNetwork(nn.Module):
         super().__init__()
         self.encoder = Encoder(args)
         self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim)  # q1
-        self.local_predictor = conv_mlp(args.proj_dim, args.pred_hidden, args.proj_dim) if args.ws > 0 else None
+        self.local_predictor = (conv_mlp(args.proj_dim, args.local_pred_hidden, args.proj_dim) if args.ws > 0
+                                else None)  # q2
         c = self.encoder.backbone.out_dim
         self.probe_h = linear_probe(c, num_classes)  # on .h, the global representation
         # The "patch" representation (average of local representations) differs from .h only with the MLP.
@@ -806,20 +810,24 @@ def save_backbone(path: Path, backbone: nn.Module, args) -> None:
 
 # ==== 8. Linear evaluation ====
 @torch.no_grad()
-def evaluate_probes(net: nn.Module, val_loader, device, autocast) -> dict:
-    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced)."""
+def evaluate_probes(net: nn.Module, val_loader, device, autocast, backbone: nn.Module = None) -> dict:
+    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced).
+    `backbone`: the network whose features the probes read in training (default: net's own)."""
+    backbone = backbone if backbone is not None else net.encoder.backbone
     net.eval()
+    backbone.eval()
     counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
     for x, y in val_loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            out = net.encoder.backbone(x)
+            out = backbone(x)
         counts[0] += (net.probe_h(out.h.float()).argmax(1) == y).sum()
         if net.probe_pooled is not None:
             counts[1] += (net.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
         counts[2] += len(y)
     all_reduce_sum(counts)
     net.train()
+    backbone.train()
     res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
     if net.probe_pooled is not None:
         res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)

@@ -109,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(DINO: 0.04-0.07)")
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0 "
                    "(DINO: 0.04)")
-    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="epochs of linear teacher "
-                   "temperature warm-up (DINO: 30; solo-learn: 50)")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="epochs of linear teacher "
+                   "temperature warm-up; default: solo-learn's, whose DINO recipes the CO-SSL authors used: 0 on "
+                   "CIFAR (T_t = 0.07 throughout), 50 on ImageNet-100 (image folders, STL-10); DINO: 30")
     g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher centres (DINO: 0.9)")
-    g.add_argument("--tau-base", type=float, default=0.996, help="EMA momentum of the teacher at step 0; it "
-                   "follows a cosine to --tau-final (DINO: 0.996 -> 1; solo-learn ResNets: 0.9995)")
+    g.add_argument("--tau-base", type=float, default=0.9995, help="EMA momentum of the teacher at step 0; it "
+                   "follows a cosine to --tau-final (solo-learn's DINO on CIFAR and ImageNet-100: 0.9995 -> 1; "
+                   "DINO's ViTs: 0.996)")
     g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
 
     g = p.add_argument_group("model (rf_resnet.py)")
@@ -182,6 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.min_crop = 0.2 if args.ws > 0 else 0.08
     if args.warmup_epochs is None:
         args.warmup_epochs = min(10.0, 0.05 * args.epochs)
+    if args.warmup_teacher_temp_epochs is None:  # solo-learn scripts/pretrain/{cifar,imagenet-100}/dino.yaml
+        args.warmup_teacher_temp_epochs = 0 if args.dataset in ("cifar10", "cifar100", "fake") else 50
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.ws < 0:
         parser.error(f"--ws must be >= 0 (0 trains DINO), got {args.ws}")
@@ -572,7 +576,8 @@ class Encoder(nn.Module):
 
 
 class StudentNetwork(nn.Module):
-    """The student: encoder + the online linear probes (trained on detached features).
+    """The student: encoder + the online linear probes, which read the TEACHER's features (DINO evaluates the
+    teacher: backbone.pt and the k-NN are the teacher's, so the probe measures the same network).
 
     Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all gradients.
     """
@@ -585,15 +590,17 @@ class StudentNetwork(nn.Module):
         # The "patch" representation (average of local representations) differs from .h only with the MLP.
         self.probe_pooled = linear_probe(c, num_classes) if self.encoder.backbone.mlp is not None else None
 
-    def forward(self, views: list[torch.Tensor]) -> list[dict]:
-        """One call for all views (DDP expects one forward per backward); BN statistics stay per view."""
+    def forward(self, views: list[torch.Tensor], teacher_out: list[dict] = ()) -> list[dict]:
+        """One call for all views (DDP expects one forward per backward); BN statistics stay per view.
+        teacher_out: the teacher's outputs of the large views, the probes' inputs (none: no probe outputs)."""
         outs = []
-        for x in views:
+        for i, x in enumerate(views):
             o = self.encoder(x)
-            # PITFALL: the probes see detached features, so their loss never shapes the representation.
-            o["logits_h"] = self.probe_h(o["h"].detach())
-            if self.probe_pooled is not None:
-                o["logits_pooled"] = self.probe_pooled(o["pooled"].detach())
+            if i < len(teacher_out):
+                # PITFALL: the probes see detached features, so their loss never shapes the representation.
+                o["logits_h"] = self.probe_h(teacher_out[i]["h"].detach())
+                if self.probe_pooled is not None:
+                    o["logits_pooled"] = self.probe_pooled(teacher_out[i]["pooled"].detach())
             outs.append(o)
         return outs
 
@@ -863,20 +870,24 @@ def save_backbone(path: Path, backbone: nn.Module, args) -> None:
 
 # ==== 8. Linear evaluation ====
 @torch.no_grad()
-def evaluate_probes(net: nn.Module, val_loader, device, autocast) -> dict:
-    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced)."""
+def evaluate_probes(net: nn.Module, val_loader, device, autocast, backbone: nn.Module = None) -> dict:
+    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced).
+    `backbone`: the network whose features the probes read in training (default: net's own)."""
+    backbone = backbone if backbone is not None else net.encoder.backbone
     net.eval()
+    backbone.eval()
     counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
     for x, y in val_loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            out = net.encoder.backbone(x)
+            out = backbone(x)
         counts[0] += (net.probe_h(out.h.float()).argmax(1) == y).sum()
         if net.probe_pooled is not None:
             counts[1] += (net.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
         counts[2] += len(y)
     all_reduce_sum(counts)
     net.train()
+    backbone.train()
     res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
     if net.probe_pooled is not None:
         res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)
@@ -959,11 +970,11 @@ def train_step(model, student, teacher, optimizer, scaler, views, labels, center
     for the GPU (no .item()).
     """
     center, local_center = centers
-    # --- forward: student on all crops, teacher on the two large views ---
+    # --- forward: teacher on the two large views, student on all crops (and the probes on the teacher's .h) ---
     with autocast:
-        student_out = model(views)
         with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
             teacher_out = [teacher(v) for v in views[:2]]
+        student_out = model(views, teacher_out)
     loss, loss_g, loss_l = co_dino_loss(student_out, teacher_out, center, local_center, args.student_temp,
                                         teacher_temp, args.ws)  # in fp32
     loss_probe = probe_loss(student_out, labels)
@@ -1202,7 +1213,7 @@ def main(args):
         # --- end of epoch (or of the run): validate the probes, k-NN, checkpoint ---
         at_epoch_end = step % steps_per_epoch == 0
         if at_epoch_end or step == last_step:
-            acc = evaluate_probes(student, val_loader, device, autocast)
+            acc = evaluate_probes(student, val_loader, device, autocast, backbone=teacher.backbone)
             log_row({"step": step, "epoch": step / steps_per_epoch, **acc})
             log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
         if at_epoch_end and args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:

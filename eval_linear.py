@@ -143,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate; bad values end here with one line (argparse error, exit code 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("epochs", "batch_size", "knn_k", "analysis_images", "analysis_pairs", "erf_images", "fake_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -150,6 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--limit-train, --limit-val, --robust-subset, --num-workers and --image-size must be >= 0")
     if args.lr <= 0 or args.knn_temperature <= 0 or args.weight_decay < 0 or not 0 < args.min_crop <= 1:
         parser.error("need --lr > 0, --knn-temperature > 0, --weight-decay >= 0 and 0 < --min-crop <= 1")
+    if not 0 <= args.momentum < 1:
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     args.corruptions = [c for c in args.corruptions.split(",") if c]
     unknown = sorted(set(args.corruptions) - set(CORRUPTIONS))
     if unknown:
@@ -258,6 +263,22 @@ class CIFAR10Batches(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded (truncated, not an image): the run stops with one line naming it."""
+
+
+def read_image(path: str):
+    """ImageFolder's loader, naming the file on failure (a truncated JPEG/PNG fails only when it is decoded)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UnreadableImage(f"cannot decode {path} ({type(e).__name__}: {e}); remove or replace the file, "
+                              "then rerun the same command to resume") from None
+
+
 def load_cifar10(root: str, ev, download: bool):
     """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
     if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
@@ -284,8 +305,8 @@ def load_datasets(args):
         if name == "stl10":
             return tv.STL10(root, split="train", download=True), tv.STL10(root, split="test", download=True), 10
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
-        train = tv.ImageFolder(str(Path(root) / "train"))
-        return train, tv.ImageFolder(str(val_dir)), len(train.classes)
+        train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
+        return train, tv.ImageFolder(str(val_dir), loader=read_image), len(train.classes)
     except Exception as e:  # no network, corrupt archive: one line, no traceback
         fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
              f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset imagefolder.")
@@ -684,10 +705,27 @@ def erf_sizes(net: Normalized, images: torch.Tensor) -> dict:
 # continues from there (the backbone is frozen and rebuilt from backbone.pt, so it is not stored again).
 
 
+def prepare_output_dir(out_dir: Path) -> None:
+    """Before any work: OUTPUT_DIR exists (or is made) and is writable, else one line."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # PITFALL: torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the previous "
+             "file, if any, is kept: free space or choose another --output-dir, then rerun to resume")
 
 
 # ==== 8. Linear evaluation and k-NN ====
@@ -879,7 +917,7 @@ def main(args) -> dict:
         fail(f"{state['arch']} gives no local map at {args.image_size} px")
     net = Normalized(backbone).to(device).eval()
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out_dir)
 
     train_base, val_base, num_classes = load_datasets(args)
     train_set = subset(train_base, args.limit_train, args.seed)
@@ -938,4 +976,7 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UnreadableImage as e:  # re-raised from a loader worker with its traceback: the last line names the file
+        fail(str(e).strip().splitlines()[-1].split("UnreadableImage: ", 1)[-1])

@@ -107,8 +107,9 @@ def total_stride(model: "Backbone") -> int:
 #      conv2 in a Bottleneck (torchvision puts the stride there) and conv1 in a BasicBlock.
 #  (2) add an MLP with the structure of one block after the average pooling, with a skip connection:
 #      h = pooled + MLP(pooled). Without it ("v0") h = pooled.
-#  (3) match the parameter count with more blocks: RF-ResNet18 uses [4, 4, 4, 4] BasicBlocks (8.2M vs 11.2M
-#      for ResNet-18), RF-ResNet50 uses [3, 4, 6, 4] Bottlenecks (23.7M with the MLP vs 23.5M).
+#  (3) match the parameter count with more blocks: RF-ResNet18 uses [4, 4, 4, 4] BasicBlocks (7.53M with the
+#      MLP vs 11.18M for ResNet-18, counted by `python rf_resnet.py`), RF-ResNet50 uses [3, 4, 6, 4]
+#      Bottlenecks (23.7M with the MLP vs 23.5M).
 
 
 class BackboneOutput(NamedTuple):
@@ -272,8 +273,9 @@ def make_resnet(
 # ================================================================================================
 # 3. Presets
 # ================================================================================================
-# With the 7x7/2 ImageNet stem, the four RF sizes below are each reached by exactly one choice of (m, s, s',
-# s''). Worked example, rf99 (no max-pool, strides 2, 2, 2), adding (k - 1) * jump per 3x3 layer:
+# With the 7x7/2 ImageNet stem, the RF sizes 67, 163 and 195 are each reached by exactly one choice of
+# (m, s, s', s''); 99 by two: no max-pool with strides (2, 2, 2), a 14x14 map at 224 px (kept: 196 local
+# representations, as in the paper's Table 5), and max-pool with (1, 2, 1), a 28x28 map. Worked example, rf99 (no max-pool, strides 2, 2, 2), adding (k - 1) * jump per 3x3 layer:
 #     stem 7x7/2: 1 + 6*1 = 7 (jump 2) | stage 1: + 2*2 + 2*2 = 15 | stage 2: + 2*2 = 19 (jump 4), + 2*4 = 27
 #     stage 3: + 2*4 = 35 (jump 8), + 2*8 = 51 | stage 4: + 2*8 = 67 (jump 16), + 2*16 = 99.
 # The paper writes "193" for our rf195 and "425" for ResNet-50's 427: its counting differs by 2 px; its RF99

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,11 @@ BAD_VALUES = {
 SHARED_BAD = [("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "inf"), ("--warmup-epochs", "nan"),
               ("--knn-temperature", "nan"), ("--checkpoint-every", "nan"), ("--lars-eta", "-1"),
               ("--checkpoint-every", "-1")]
+
+
+class Payload:
+    def __reduce__(self):  # unpickling this would run os.system
+        return (os.system, ("echo owned",))
 
 
 def module(name):
@@ -120,13 +126,17 @@ def test_preemption_signal_checkpoints_writes_backbone_and_exits_non_zero(name, 
 
 
 @pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", "other method"])
-def test_empty_truncated_or_foreign_checkpoint_is_one_line_and_kept(name, content, tmp_path):
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", "pickled code", "other method"])
+def test_empty_truncated_pickled_or_foreign_checkpoint_is_one_line_and_kept(name, content, tmp_path):
     out = tmp_path / "run"
     if content == "other method":
         other = METHODS[(METHODS.index(name) + 1) % len(METHODS)]
         run(other, tmp_path, "--max-steps", "1")
         expected = "was not written by"
+    elif content == "pickled code":  # weights_only loading never runs code from a checkpoint
+        out.mkdir()
+        torch.save({"step": 1, "payload": Payload()}, out / "checkpoint.pt")
+        expected = "cannot read"
     else:
         out.mkdir()
         (out / "checkpoint.pt").write_bytes(content)
@@ -191,6 +201,59 @@ def test_truncated_image_stops_with_the_files_name(name, tmp_path):
     assert str(bad) in str(e.value)
 
 
+def test_kill_9_while_checkpointing_every_step_leaves_a_loadable_checkpoint(tmp_path):
+    """kill -9 at an arbitrary moment of a run that writes a checkpoint after every step: checkpoint.pt is
+    always complete (written to .tmp, then renamed) and the same command resumes from it."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "co_byol.py", *TINY["co_byol"], "--epochs", "500", "--checkpoint-every", "1e-9",
+            "--output-dir", str(out)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.3)  # a few more steps, so the kill lands in some step or some write
+    proc.kill()
+    proc.wait()
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    again = subprocess.run(argv + ["--max-steps", str(step + 1)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and f"at step {step}" in again.stdout, again.stderr[-2000:]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat: the parent's pid
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
+def test_preempted_worker_is_restarted_by_torchrun_and_resumes(tmp_path):
+    """SIGTERM to the training process (as a scheduler's preemption): it checkpoints and exits 143, torchrun
+    --max-restarts starts it again, and the new process resumes from the checkpoint and finishes."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             "--max-restarts=1", "co_byol.py", *TINY["co_byol"], "--epochs", "50",
+                             "--max-steps", "40", "--output-dir", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    workers = [k for k in _children(proc.pid) if "co_byol.py" in Path(f"/proc/{k}/cmdline").read_text()]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-3000:]
+    assert "stop requested (signal 15)" in text and "resumed from" in text
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 40
+
+
 def test_truncated_image_through_a_loader_worker_is_one_line(tmp_path):
     """From the command line, with a data-loading worker: one line naming the file, exit code 1."""
     bad = _image_folder(tmp_path / "data")
@@ -202,3 +265,12 @@ def test_truncated_image_through_a_loader_worker_is_one_line(tmp_path):
     assert proc.returncode == 1
     errors = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if "error:" in ln]  # not tqdm's bar
     assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--weight-decay", "inf"), ("--momentum", "nan"),
+                                        ("--momentum", "1.5"), ("--knn-temperature", "inf"), ("--min-crop", "nan")])
+def test_eval_linear_refuses_non_finite_and_out_of_range_floats(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        module("eval_linear").parse_args(["--checkpoint", "runs/x/backbone.pt", flag, value])
+    assert e.value.code == 2
+    assert flag in one_error_line([ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln][0])

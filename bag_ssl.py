@@ -678,13 +678,18 @@ def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Te
 
     images (B, 3, H, W); image_idx (K,) which image each box belongs to; boxes (K, 4) (top, left, h, w).
     Returns (K, 3, size, size).
-    IMPL: bicubic on the normalised tensor (training resizes the PIL patch, bicubic too); crops are never larger
-    than the image, so this only upsamples and needs no anti-aliasing.
+    IMPL: bicubic on the normalised tensor, with PIL's kernel as in training (which resizes the PIL patch).
+    PITFALL: F.interpolate's plain bicubic uses a = -0.75, PIL's a = -0.5; antialias=True selects PIL's
+    algorithm (tested against PIL to one grey level). Crops are never larger than the image: only upsampling.
     """
     crops = [images[b, :, t:t + h, l:l + w] for b, (t, l, h, w) in zip(image_idx.tolist(), boxes.tolist())]
+
+    def resize(x):
+        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
     if all(c.shape == crops[0].shape for c in crops):  # fixed-scale patches: one call for all
-        return F.interpolate(torch.stack(crops), size=(size, size), mode="bicubic", align_corners=False)
-    return torch.cat([F.interpolate(c[None], size=(size, size), mode="bicubic", align_corners=False) for c in crops])
+        return resize(torch.stack(crops))
+    return torch.cat([resize(c[None]) for c in crops])
 
 
 # ==== 4. Model: backbone, heads, EMA teacher ====

@@ -412,8 +412,10 @@ def load_backbone(path: str) -> tuple[nn.Module, dict]:
 
 
 def _arange(stop: float, step: float) -> list[float]:
-    """np.arange(1, stop, step) exactly (same length rule, so the same zoom factors as the originals)."""
-    return [1 + i * step for i in range(math.ceil((stop - 1) / step))]
+    """np.arange(1, stop, step) bit for bit: numpy's length rule, and its values start + i * delta with
+    delta = (start + step) - start (1.2500000000000002, not 1.25): the zoom factors of the originals."""
+    delta = (1 + step) - 1
+    return [1 + i * delta for i in range(math.ceil((stop - 1) / step))]
 
 
 CORRUPTION_PARAMS = {

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(DINO: 256)")
     g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the prototypes (last "
                    "layer) are not trained (DINO: 1)")
+    g.add_argument("--norm-last-layer", choices=["true", "false"], default="true", help="fix the norm of every "
+                   "prototype to 1 (DINO's --norm_last_layer: false trains the norms, which DINO found better "
+                   "but less stable and uses for ViT-S, true for ViT-B)")
     g.add_argument("--student-temp", type=float, default=0.1, help="student softmax temperature (DINO: 0.1)")
     g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after warm-up "
                    "(DINO / EsViT: 0.04-0.07)")
@@ -158,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay-end", type=float, default=-1.0, help="weight decay at the last step, cosine "
                    "schedule (DINO AdamW: 0.4); -1 keeps --weight-decay constant")
     g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
-    g.add_argument("--clip-grad", type=float, default=0.0, help="clip the student's gradient norm to this "
-                   "value (DINO ViT / Swin recipes: 3.0); 0 disables")
+    g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm of every tensor of the "
+                   "student to this value on its own, as DINO's clip_gradients (the paper's Swin recipe: 3.0); "
+                   "0 disables")
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warm-up, then cosine to 0; "
                    "default: 10 epochs (paper Sec. 4.2), at most 5 %% of --epochs")
     g.add_argument("--probe-lr", type=float, default=0.1, help="lr of the online linear probes for batch 256 "
@@ -210,6 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    args.norm_last_layer = args.norm_last_layer == "true"
     args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
     args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
     args.local_crop_size = args.local_crop_size or max(8, round(args.image_size * 3 / 7))
@@ -629,7 +634,8 @@ class DINOHead(nn.Module):
     (B, K, n, n); with conv=False it maps (B, C) -> (B, K). Dimension 1 is the channel dimension in both cases.
     """
 
-    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, conv: bool = False):
+    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, conv: bool = False,
+                 norm_last_layer: bool = True):
         super().__init__()
         layer = (lambda i, o, bias=True: nn.Conv2d(i, o, 1, bias=bias)) if conv else nn.Linear
         self.mlp = nn.Sequential(layer(dim_in, hidden), nn.GELU(), layer(hidden, hidden), nn.GELU(),
@@ -642,7 +648,8 @@ class DINOHead(nn.Module):
         # vector and the logits are cosine similarities between the bottleneck vector and the prototypes.
         self.last_layer = nn.utils.parametrizations.weight_norm(layer(bottleneck, out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        # --norm-last-layer false (official DINO flag): the norms g are trained too (the teacher follows by EMA)
+        self.last_layer.parametrizations.weight.original0.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=1)  # L2-normalise the bottleneck (over channels)
@@ -672,7 +679,11 @@ class SwinBackbone(nn.Module):
 
     def __init__(self):
         super().__init__()
-        net = torchvision.models.swin_t(weights=None)  # never downloads: random initialisation
+        # torchvision's swin_t() configuration, random initialisation (never downloads), with Swin's ImageNet-1k
+        # stochastic depth for Swin-T, 0.1 (swin_t() fixes it at 0.2, so the class is built directly).
+        net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
+                                                 num_heads=[3, 6, 12, 24], window_size=[7, 7],
+                                                 stochastic_depth_prob=0.1)
         self.features, self.norm = net.features, net.norm
         self.out_dim, self.mlp = net.head.in_features, None  # 768; no RF-ResNet MLP
 
@@ -704,10 +715,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = build_backbone(args)
         c = self.backbone.out_dim
-        self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim)
+        self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, norm_last_layer=args.norm_last_layer)
         # --local-loss none is vanilla DINO: no local head exists, so nothing local is computed or trained.
-        self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True)
-                           if args.local_loss != "none" else None)
+        self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True,
+                                    norm_last_layer=args.norm_last_layer) if args.local_loss != "none" else None)
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
@@ -1032,6 +1043,16 @@ def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
                  weight_decay=0.0, lars=False)]
 
 
+@torch.no_grad()
+def clip_gradients(params, clip: float) -> None:
+    """DINO's clip_gradients (official utils.py): the gradient of EACH tensor is scaled down to norm `clip` when
+    larger, g <- g * min(1, clip / (|g| + 1e-6)). PITFALL: not nn.utils.clip_grad_norm_, which clips the norm
+    of all gradients together. The min() runs on the device: no host sync per tensor."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(torch.clamp(clip / (p.grad.norm(2) + 1e-6), max=1.0))
+
+
 def make_optimizer(net: nn.Module, args, scale: float) -> torch.optim.Optimizer:
     """LARS (solo-learn's DINO for ResNets) or AdamW (PAPER Sec. 4.2), both on the same parameter groups
     (weight decay on weights only; the probes are plain, undecayed parameters)."""
@@ -1323,7 +1344,7 @@ def train_step(model, student, teacher, optimizer, scaler, views, boxes, flips, 
                     p.grad = None
     if args.clip_grad:
         scaler.unscale_(optimizer)  # PITFALL: clip the true gradient, not the fp16-scaled one
-        nn.utils.clip_grad_norm_(student.encoder.parameters(), args.clip_grad)
+        clip_gradients(student.encoder.parameters(), args.clip_grad)
     scaler.step(optimizer)
     scaler.update()
     ema_update(teacher, student.encoder, tau)

@@ -78,8 +78,12 @@ def test_blurs_keep_constant_images_and_glass_blur_only_moves_pixels():
 
 
 def test_zoom_factors_are_numpy_arange():
+    import numpy as np
+
     assert len(ev.CORRUPTION_PARAMS["cifar"]["zoom_blur"][0]) == 7  # np.arange(1, 1.06, 0.01) has 7 values
     assert len(ev.CORRUPTION_PARAMS["imagenet"]["zoom_blur"][4]) == 11  # np.arange(1, 1.31, 0.03)
+    for stop, step in [(1.06, 0.01), (1.26, 0.01), (1.26, 0.02), (1.31, 0.03)]:  # bit for bit, not to 1e-15
+        assert ev._arange(stop, step) == np.arange(1, stop, step).tolist()
     assert ev.params_for(32) == "cifar" and ev.params_for(64) == "tiny" and ev.params_for(224) == "imagenet"
 
 

@@ -1,0 +1,135 @@
+"""Recipe fidelity: each documented paper-scale command parses into the values its source states.
+
+Only argument parsing and networks built on the meta device (shapes, no memory, no data): seconds.
+The sources: CO-SSL (arXiv 2501.02860) Sec. 4 and App. A.4; solo-learn's recipes, which the CO-SSL paper
+says it used (scripts/pretrain/cifar/{byol,dino}.yaml, scripts/pretrain/imagenet-100/{byol,dino}.yaml);
+DINO's official code (clip_gradients, norm_last_layer).
+"""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import co_byol
+import co_dino
+import geo_dino
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def documented_command(doc: str, script: str, marker: str) -> list[str]:
+    """The arguments of the `torchrun ... SCRIPT ...` command in DOC whose text contains MARKER (a command
+    spans the lines joined by a trailing backslash; comments are dropped)."""
+    text = (ROOT / doc).read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if script in line and marker in line and line.lstrip().startswith("torchrun"):
+            words = shlex.split(line.split("#")[0])
+            return words[words.index(script) + 1:]
+    raise AssertionError(f"no torchrun {script} command with {marker!r} in {doc}")
+
+
+def with_data_dir(argv: list[str], tmp_path: Path) -> list[str]:
+    """The same command with --data-dir pointing at an empty image-folder layout (parse_args checks it)."""
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir(exist_ok=True)
+    argv = list(argv)
+    argv[argv.index("--data-dir") + 1] = str(tmp_path)
+    return argv
+
+
+def test_co_byol_imagenet100_command_is_solo_learns_byol_with_the_papers_local_heads(tmp_path):
+    argv = with_data_dir(documented_command("docs/co_byol.md", "co_byol.py", "rf99_resnet50"), tmp_path)
+    args = co_byol.parse_args(argv)
+    # solo-learn imagenet-100/byol.yaml: LARS lr 0.5 (batch 256), wd 1e-6, tau 0.99 -> 1, heads 4096 / 8192 / 256
+    assert (args.optimizer, args.lr, args.batch_size, args.weight_decay) == ("lars", 0.5, 256, 1e-6)
+    assert (args.tau_base, args.tau_final, args.proj_hidden, args.pred_hidden, args.proj_dim) == (
+        0.99, 1.0, 4096, 8192, 256)
+    assert (args.epochs, args.arch, args.image_size, args.min_crop) == (400, "rf99_resnet50", 224, 0.2)
+    # PAPER App. A.4: every local head (g2, q2) has one hidden layer of 4096 units
+    with torch.device("meta"):
+        net = co_byol.OnlineNetwork(args, num_classes=100)
+    assert net.local_predictor[0].out_channels == 4096 and net.predictor[0].out_features == 8192
+    assert net.encoder.local_projector[0].out_channels == 4096
+
+
+def test_co_byol_cifar_defaults_are_solo_learns_byol_and_ws0_keeps_byols_crop():
+    args = co_byol.parse_args([])
+    assert (args.dataset, args.optimizer, args.lr, args.weight_decay, args.tau_base) == (
+        "cifar10", "lars", 1.0, 1e-5, 0.99)
+    assert args.min_crop == 0.2 and co_byol.parse_args(["--ws", "0"]).min_crop == 0.08  # CO-SSL Sec. 4 vs BYOL
+
+
+@pytest.mark.parametrize("dataset,warmup_epochs", [("cifar10", 0), ("cifar100", 0), ("imagefolder", 50)])
+def test_co_dino_defaults_are_solo_learns_dino(dataset, warmup_epochs, tmp_path):
+    argv = ["--dataset", dataset]
+    if dataset == "imagefolder":
+        argv = with_data_dir(argv + ["--data-dir", ""], tmp_path)
+    args = co_dino.parse_args(argv)
+    # solo-learn {cifar,imagenet-100}/dino.yaml: tau 0.9995 -> 1, LARS lr 0.3, wd 1e-6, heads 2048 / 256 / 4096,
+    # student T 0.1, teacher T 0.07 (warmed up from 0.04 over 50 epochs on ImageNet-100 only)
+    assert (args.tau_base, args.tau_final, args.lr, args.weight_decay) == (0.9995, 1.0, 0.3, 1e-6)
+    assert (args.head_hidden, args.bottleneck, args.out_dim, args.student_temp) == (2048, 256, 4096, 0.1)
+    assert args.warmup_teacher_temp_epochs == warmup_epochs
+    temps = [co_dino.teacher_temp_at(e, args.warmup_teacher_temp, args.teacher_temp,
+                                     args.warmup_teacher_temp_epochs) for e in (0, 49, 50)]
+    assert temps == ([0.07] * 3 if warmup_epochs == 0 else [0.04, pytest.approx(0.07), 0.07])
+
+
+def test_geo_dino_imagenet_command_is_the_papers_swin_recipe(tmp_path):
+    argv = with_data_dir(documented_command("docs/geo_dino.md", "geo_dino.py", "swin_t"), tmp_path)
+    args = geo_dino.parse_args(argv)
+    # PAPER Sec. 4.2 (after DINO): AdamW lr 5e-4, wd 0.04 -> 0.4, clip 3.0, 300 epochs, 2 x 224 + 8 x 96 crops
+    assert (args.optimizer, args.lr, args.weight_decay, args.weight_decay_end, args.clip_grad) == (
+        "adamw", 5e-4, 0.04, 0.4, 3.0)
+    assert (args.epochs, args.image_size, args.local_crop_size, args.local_crops) == (300, 224, 96, 8)
+    with torch.device("meta"):
+        backbone = geo_dino.build_backbone(args)
+    depths = [m.p for m in backbone.modules() if type(m).__name__ == "StochasticDepth"]
+    assert max(depths) == pytest.approx(0.1)  # Swin-T's ImageNet-1k stochastic depth (torchvision default: 0.2)
+
+
+def test_geo_dino_clips_every_tensor_on_its_own_as_dinos_clip_gradients():
+    big, small = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    big.grad, small.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])  # norms 5 and 0.5
+    geo_dino.clip_gradients([big, small], 1.0)
+    torch.testing.assert_close(big.grad, torch.tensor([0.6, 0.8]), rtol=1e-5, atol=1e-6)  # scaled to norm 1
+    assert torch.equal(small.grad, torch.tensor([0.3, 0.4]))  # below the threshold: untouched
+    # (the global clip_grad_norm_ would have scaled both by 1 / 5.02)
+
+
+@pytest.mark.parametrize("value,trained", [("true", False), ("false", True)])
+def test_geo_dino_norm_last_layer_flag(value, trained):
+    args = geo_dino.parse_args(["--dataset", "fake", "--norm-last-layer", value])
+    with torch.device("meta"):
+        encoder = geo_dino.Encoder(args)
+    g = encoder.head.last_layer.parametrizations.weight.original0
+    assert g.requires_grad is trained
+
+
+def test_rf99_preset_is_the_14x14_choice_of_the_two_that_give_rf_99():
+    import rf_resnet
+
+    with torch.device("meta"):
+        net = rf_resnet.build_backbone("rf99_resnet50", stem="imagenet")
+    assert rf_resnet.local_grid(net, 224) == 14  # 196 local representations (paper Table 5)
+    assert re.search(r"99 by two", (ROOT / "rf_resnet.py").read_text())
+
+
+def test_bag_ssl_evaluation_patches_resize_with_pils_bicubic_as_in_training():
+    """Training resizes PIL patches (bicubic, a = -0.5); the bag-of-patch evaluation resizes tensors: the same
+    kernel, to one grey level (PIL rounds to uint8). The plain F.interpolate bicubic (a = -0.75) is further."""
+    import numpy as np
+    from PIL import Image
+
+    import bag_ssl
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(64, 192, (12, 12, 3), dtype=np.uint8)  # PIL clips to 0-255 between its two passes
+    ref = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.BICUBIC), dtype=np.float64)
+    x = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None]  # (1, 3, 12, 12), grey levels
+    ours = bag_ssl.extract_crops(x, torch.tensor([0]), torch.tensor([[0, 0, 12, 12]]), 32)[0].permute(1, 2, 0)
+    assert np.abs(ours.numpy() - ref).max() <= 1.0
+    plain = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False)[0]
+    assert np.abs(plain.permute(1, 2, 0).numpy() - ref).max() > 5.0

@@ -422,7 +422,7 @@ def log(msg: str) -> None:
 # replace multi-scale cropping augmentation with fixed-scale image patches"; two views per image, and "the data
 # augmentations used are identical to those described in BYOL" (flip, colour jitter, grayscale, blur,
 # solarisation; blur and solarisation probabilities differ between the two views: 1.0 / 0.1 and 0.0 / 0.2; on
-# small images (<= 64 px) there is no blur, as in solo-learn).
+# CIFAR's 32 px images there is no blur, as in solo-learn; larger images, Tiny-ImageNet's 64 px too, keep it).
 # IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
 # and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -433,8 +433,9 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
            T.RandomGrayscale(p=0.2)]
-    if size > 64 and blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=blur_p))
+    if blur_p > 0:  # sigma in pixels (BYOL, solo-learn); the kernel shrinks only for crops below 24 px
+        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=min(23, size // 2 * 2 - 1), sigma=(0.1, 2.0))],
+                                 p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
     return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -461,12 +462,14 @@ class MultiView:
     """image -> [view t, view t']: two fixed-scale patches (BagSSL) or two multi-scale crops (the baseline)."""
 
     def __init__(self, args):
+        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's (Tiny-ImageNet's 64 px too)
+        blur = 0.0 if args.image_size <= 32 else 1.0
         if args.crop == "patch":  # PAPER Sec. 4.1: "two image patches are randomly selected from each image"
-            self.views = [patch_view(args.image_size, args.patch_size, 1.0, 0.0),
-                          patch_view(args.image_size, args.patch_size, 0.1, 0.2)]
+            self.views = [patch_view(args.image_size, args.patch_size, 1.0 * blur, 0.0),
+                          patch_view(args.image_size, args.patch_size, 0.1 * blur, 0.2)]
         else:  # the baseline: RandomResizedCrop(0.08, 1), i.e. 9x9 to 32x32 crops on CIFAR (Table 1 caption)
-            self.views = [byol_view(args.image_size, (args.min_scale, 1.0), 1.0, 0.0),
-                          byol_view(args.image_size, (args.min_scale, 1.0), 0.1, 0.2)]
+            self.views = [byol_view(args.image_size, (args.min_scale, 1.0), 1.0 * blur, 0.0),
+                          byol_view(args.image_size, (args.min_scale, 1.0), 0.1 * blur, 0.2)]
 
     def __call__(self, img):
         return [v(img) for v in self.views]

@@ -312,8 +312,8 @@ def log(msg: str) -> None:
 # ==== 3. Data: datasets and views ====
 # PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image. CO-SSL (CO-BYOL and
 # CO-DINO) changes only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation
-# probabilities differ between the two views (1.0 / 0.1 and 0.0 / 0.2); on small images (<= 64 px) there is
-# no blur (solo-learn).
+# probabilities differ between the two views (1.0 / 0.1 and 0.0 / 0.2); on CIFAR's 32 px images there is no
+# blur (solo-learn); larger images (Tiny-ImageNet's 64 px included) keep it.
 # IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
 # and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -324,8 +324,9 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
            T.RandomGrayscale(p=0.2)]
-    if size > 64 and blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=blur_p))
+    if blur_p > 0:  # sigma in pixels (BYOL, solo-learn); the kernel shrinks only for crops below 24 px
+        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=min(23, size // 2 * 2 - 1), sigma=(0.1, 2.0))],
+                                 p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
     return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -343,10 +344,12 @@ class MultiView:
     def __init__(self, args):
         large_scale = (args.min_crop, 1.0) if args.small_crops == 0 else (args.small_crop_scale[1], 1.0)
         small = args.small_crop_size or max(8, round(args.image_size * 3 / 7))
-        self.views = [byol_view(args.image_size, large_scale, 1.0, 0.0),
-                      byol_view(args.image_size, large_scale, 0.1, 0.2)]
+        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's (Tiny-ImageNet's 64 px too)
+        blur = 0.0 if args.image_size <= 32 else 1.0
+        self.views = [byol_view(args.image_size, large_scale, 1.0 * blur, 0.0),
+                      byol_view(args.image_size, large_scale, 0.1 * blur, 0.2)]
         # IMPL: small crops get blur p=0.5 and no solarisation (DINO's multi-crop local views).
-        self.views += [byol_view(small, tuple(args.small_crop_scale), 0.5, 0.0)] * args.small_crops
+        self.views += [byol_view(small, tuple(args.small_crop_scale), 0.5 * blur, 0.0)] * args.small_crops
 
     def __call__(self, img):
         return [v(img) for v in self.views]

@@ -363,8 +363,8 @@ def log(msg: str) -> None:
 # the box (ul_x, ul_y, lr_x, lr_y) in original-image pixels and the flip flag f; P is BYOL's/DINO's pipeline
 # without its first two (geometric) operations. Multi-crop (App. A.1): 2 global crops (blur 1.0 / 0.1,
 # solarisation 0 / 0.2, as DINO) and N_L small crops (blur 0.5).
-# DEVIATION: byol_view has no Gaussian blur on crops <= 64 px (solo-learn's practice for CIFAR-size images);
-# at the paper's 224 / 96 px the blur probabilities are DINO's.
+# DEVIATION: no Gaussian blur on 32 px images (solo-learn's CIFAR practice), on any crop; from 64 px on
+# (and at the paper's 224 / 96 px) the blur probabilities are DINO's.
 # IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
 # and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -375,8 +375,9 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
            T.RandomGrayscale(p=0.2)]
-    if size > 64 and blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=blur_p))
+    if blur_p > 0:  # sigma in pixels (BYOL, solo-learn); the kernel shrinks only for crops below 24 px
+        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=min(23, size // 2 * 2 - 1), sigma=(0.1, 2.0))],
+                                 p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
     return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -426,9 +427,12 @@ class MultiView:
         gs, ls = tuple(args.global_crop_scale), tuple(args.local_crop_scale)
         size, small = args.image_size, args.local_crop_size
         self.geometric = [GeometricView(size, gs)] * 2 + [GeometricView(small, ls)] * args.local_crops
-        self.photometric = [photometric(byol_view(size, gs, 1.0, 0.0)), photometric(byol_view(size, gs, 0.1, 0.2))]
+        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's (Tiny-ImageNet's 64 px too)
+        blur = 0.0 if args.image_size <= 32 else 1.0
+        self.photometric = [photometric(byol_view(size, gs, 1.0 * blur, 0.0)),
+                            photometric(byol_view(size, gs, 0.1 * blur, 0.2))]
         # IMPL (DINO's multi-crop): small crops get blur p=0.5 and no solarisation.
-        self.photometric += [photometric(byol_view(small, ls, 0.5, 0.0))] * args.local_crops
+        self.photometric += [photometric(byol_view(small, ls, 0.5 * blur, 0.0))] * args.local_crops
 
     def __call__(self, img):
         crops, boxes, flips = [], [], []

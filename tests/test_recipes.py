@@ -133,3 +133,17 @@ def test_bag_ssl_evaluation_patches_resize_with_pils_bicubic_as_in_training():
     assert np.abs(ours.numpy() - ref).max() <= 1.0
     plain = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False)[0]
     assert np.abs(plain.permute(1, 2, 0).numpy() - ref).max() > 5.0
+
+
+@pytest.mark.parametrize("name", ["co_byol", "co_dino", "bag_ssl", "geo_dino"])
+def test_blur_is_off_on_32px_cifar_images_only(name):
+    """solo-learn drops the Gaussian blur on CIFAR only: 64 px images (Tiny-ImageNet) and larger keep BYOL's."""
+    import importlib
+
+    m = importlib.import_module(name)
+
+    def views(size):
+        args = m.parse_args(["--dataset", "fake", "--image-size", str(size), "--stem", "cifar"])
+        return repr(vars(m.MultiView(args)))
+
+    assert "GaussianBlur" not in views(32) and "GaussianBlur" in views(64)

@@ -514,20 +514,28 @@ def _motion_blur(x: torch.Tensor, radius: int, sigma: float, gen: torch.Generato
     return out
 
 
-def _glass_blur(x: torch.Tensor, sigma: float, delta: int, iterations: int, gen: torch.Generator) -> torch.Tensor:
-    """ImageNet-C's glass blur: blur, quantise, swap every pixel with a random neighbour (sequentially, from the
-    bottom-right corner, offsets in [-delta, delta - 1] as np.random.randint draws them), blur again."""
+def _glass_shuffle(x: torch.Tensor, delta: int, iterations: int, gen: torch.Generator) -> torch.Tensor:
+    """The pixel loop of ImageNet-C's glass blur, in place: sequentially from the bottom-right corner, every
+    pixel takes the value of a random neighbour (offsets in [-delta, delta - 1], as np.random.randint draws).
+
+    PITFALL: the original writes a swap, `x[h, w], x[h', w'] = x[h', w'], x[h, w]`, but on numpy arrays the
+    right-hand side holds views, so the second assignment copies back the value just written: x[h', w'] keeps
+    its value and x[h, w] receives a copy of it. The published CIFAR-10-C / ImageNet-C were made that way, so
+    this is a copy, not a swap (tested against numpy)."""
     b, _, h, w = x.shape
-    x = torch.floor(_skimage_gaussian(x, sigma) * 255) / 255  # np.uint8(gaussian(x) * 255)
     bi = torch.arange(b)
     for _ in range(iterations):
         for r in range(h - delta, delta, -1):
             for c in range(w - delta, delta, -1):
                 d = torch.randint(-delta, delta, (2, b), generator=gen)  # (dx, dy) per image
-                r2, c2 = r + d[1], c + d[0]  # (B,)
-                here, there = x[bi, :, r, c].clone(), x[bi, :, r2, c2].clone()  # (B, 3)
-                x[bi, :, r, c], x[bi, :, r2, c2] = there, here
-    return _skimage_gaussian(x, sigma)
+                x[bi, :, r, c] = x[bi, :, r + d[1], c + d[0]]  # (B, 3): advanced indexing copies
+    return x
+
+
+def _glass_blur(x: torch.Tensor, sigma: float, delta: int, iterations: int, gen: torch.Generator) -> torch.Tensor:
+    """ImageNet-C's glass blur: blur, quantise, move pixels locally (_glass_shuffle), blur again."""
+    x = torch.floor(_skimage_gaussian(x, sigma) * 255) / 255  # np.uint8(gaussian(x) * 255)
+    return _skimage_gaussian(_glass_shuffle(x, delta, iterations, gen), sigma)
 
 
 def _zoom_blur(x: torch.Tensor, factors: list[float]) -> torch.Tensor:

@@ -192,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-agg", action="store_true", help="also evaluate local aggregation (Table 5, App. C.4): "
                    "patches on a sliding grid, their embeddings average-pooled 3x3 / stride 2 on the grid and "
                    "concatenated, and the plain mean of the same grid")
+    g.add_argument("--grid-patch-size", type=int, default=0, help="patch side of the --local-agg grid (0: half of "
+                   "--image-size; Table 5: 16 px on 32 px CIFAR images)")
     g.add_argument("--grid-stride", type=int, default=4, help="stride of the sliding patch grid for --local-agg "
-                   "(Table 5: 4, i.e. 5x5 patches of 16 px on 32 px images)")
+                   "(Table 5: 4, i.e. 5x5 patches of 16 px on 32 px images, which tile the image exactly)")
     g.add_argument("--eval-train-images", type=int, default=0, help="fit the classifiers on a seeded random "
                    "subset of this many training images (0: all); limits the cost on CPU")
     g.add_argument("--eval-test-images", type=int, default=0, help="evaluate on a seeded random subset of this many "
@@ -308,10 +310,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda but no GPU is visible")
     if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
         parser.error("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
-    args.grid = (args.image_size - args.eval_patch_size) // args.grid_stride + 1  # sliding grid, g x g patches
+    args.grid_patch_size = args.grid_patch_size or args.image_size // 2
+    if not 0 < args.grid_patch_size <= args.image_size or args.grid_stride < 1:
+        parser.error(f"need 0 < --grid-patch-size <= --image-size ({args.image_size}) and --grid-stride >= 1")
+    args.grid = (args.image_size - args.grid_patch_size) // args.grid_stride + 1  # sliding grid, g x g patches
     if args.local_agg and args.grid < 3:
         parser.error(f"--local-agg needs a sliding grid of at least 3x3 patches for its 3x3 pooling; "
-                     f"{args.eval_patch_size} px patches with --grid-stride {args.grid_stride} on {args.image_size} "
+                     f"{args.grid_patch_size} px patches with --grid-stride {args.grid_stride} on {args.image_size} "
                      f"px give {args.grid}x{args.grid}: lower --grid-stride")
     if args.dataset == "imagefolder":
         root = Path(args.data_dir)
@@ -455,7 +460,13 @@ def patch_view(size: int, patch: int, blur_p: float, solarize_p: float) -> T.Com
     patch, only resized (bicubic) to `size`: a smaller crop would need w * h < area, which rounding cannot give
     (tested). Reusing byol_view keeps the colour augmentations of the two arms identical to the letter.
     """
-    return T.Compose([T.RandomCrop(patch), byol_view(size, (1.0, 1.0), blur_p, solarize_p)])
+    # One scale for training and evaluation: the image is first resized as eval_transform resizes it (short side
+    # `size`, or 256/224 x `size` above 64 px; a no-op on CIFAR), so that a training patch and an evaluation patch
+    # of the same side cover the same part of an object. Without it, ImageNet's native images (short side ~400
+    # px) gave training patches 1.46x smaller in object terms than the evaluation's (fixed 2026-12-01).
+    short_side = size if size <= 64 else int(size * 256 / 224)
+    return T.Compose([T.Resize(short_side), T.RandomCrop(patch),
+                      byol_view(size, (1.0, 1.0), blur_p, solarize_p)])
 
 
 class MultiView:
@@ -1206,7 +1217,7 @@ def bag_features(backbone, dataset, indices: list[int], split: int, args, device
         if args.local_agg:
             # PAPER Table 5 / App. C.4: a g x g sliding grid of patches; their embeddings form a (C, g, g) map that
             # is average-pooled 3x3 / stride 2 and flattened ("local average pooling, concatenated").
-            grid = grid_boxes(height, width, args.eval_patch_size, args.grid_stride)  # (g*g, 4)
+            grid = grid_boxes(height, width, args.grid_patch_size, args.grid_stride)  # (g*g, 4)
             hg = embed_boxes(backbone, x, grid.expand(len(x), -1, -1), args.image_size, args.eval_batch,
                              autocast)  # (B, g*g, C)
             grid_map = hg.transpose(1, 2).reshape(len(x), -1, args.grid, args.grid)  # (B, g*g, C) -> (B, C, g, g)
@@ -1301,7 +1312,8 @@ def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, de
     return {"results": results, "convergence": convergence, "eval_wall_s": time.time() - start,
             "config": {"train_images": len(tr_idx), "test_images": len(te_idx), "eval_crop": crop,
                        "eval_patch_size": args.eval_patch_size, "patches": args.eval_patch_list,
-                       "grid": args.grid if args.local_agg else 0, "grid_stride": args.grid_stride}}
+                       "grid": args.grid if args.local_agg else 0, "grid_patch_size": args.grid_patch_size,
+                       "grid_stride": args.grid_stride}}
 
 
 def table1_markdown(evaluation: dict, args) -> str:

@@ -147,3 +147,32 @@ def test_blur_is_off_on_32px_cifar_images_only(name):
         return repr(vars(m.MultiView(args)))
 
     assert "GaussianBlur" not in views(32) and "GaussianBlur" in views(64)
+
+
+def test_bag_ssl_local_aggregation_grid_is_table_5s():
+    """Table 5: 25 patches of 16 x 16 on a sliding window with stride 4, which tile the 32 px image exactly."""
+    import bag_ssl
+
+    args = bag_ssl.parse_args(["--local-agg"])
+    assert (args.image_size, args.grid_patch_size, args.grid_stride, args.grid) == (32, 16, 4, 5)
+    boxes = bag_ssl.grid_boxes(32, 32, args.grid_patch_size, args.grid_stride)
+    assert len(boxes) == 25 and (boxes[:, 0] + boxes[:, 2]).max() == 32  # the last row ends at the border
+
+
+def test_bag_ssl_training_patches_are_cut_at_the_evaluations_scale():
+    """An ImageNet-like 448 px image: the training patch is cut after the evaluation's Resize(256), so its
+    100 px cover the same part of the image as an evaluation patch of 100 px; on CIFAR nothing is resized."""
+    from PIL import Image
+
+    import bag_ssl
+
+    seen = []
+    view = bag_ssl.patch_view(224, 100, 0.0, 0.0)
+    view.transforms[1] = lambda img: (seen.append(img.size), img.crop((0, 0, 100, 100)))[1]  # record, then crop
+    view(Image.new("RGB", (448, 448)))
+    assert seen == [(256, 256)]  # the evaluation resizes the short side to 256 (then centre-crops 224)
+    seen.clear()
+    small = bag_ssl.patch_view(32, 14, 0.0, 0.0)
+    small.transforms[1] = lambda img: (seen.append(img.size), img.crop((0, 0, 14, 14)))[1]
+    small(Image.new("RGB", (32, 32)))
+    assert seen == [(32, 32)]

@@ -625,6 +625,10 @@ def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: f
 def robustness(net: Normalized, probe: nn.Linear, dataset, args, device) -> dict:
     """Accuracy (%) of the .h probe on clean, corrupted, masked and attacked validation images."""
     params = params_for(args.image_size) if args.corruption_params == "auto" else args.corruption_params
+    if args.corruption_params == "auto" and args.image_size not in (32, 64, 224):
+        # e.g. STL-10 at 96 px: there is no published STL-10-C, so these are another data set's parameters
+        log(f"note: no published corruption benchmark at {args.image_size} px; using the {params} parameters "
+            "(--corruption-params to choose)")
     data = loader(subset(dataset, args.robust_subset, args.seed + 1), args)
     classify = lambda x: probe(net(x).h.float())  # noqa: E731  [0, 1] images -> logits
     gen = torch.Generator().manual_seed(args.seed)

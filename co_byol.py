@@ -89,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method (CO-BYOL, Sec. 3.1)")
     g.add_argument("--ws", type=float, default=0.2, help="w_s in Eq. 3: weight of the local-to-global loss "
                    "(paper: 0.2-0.5 work best, Table 5); 0 gives BYOL")
-    g.add_argument("--local-grid", type=int, default=0, help="average-pool the n x n local map to k x k before "
-                   "the local heads (Table 5: n^2 = 1, 4, 16, 64, 196); 0 keeps the full map")
+    g.add_argument("--local-grid", type=int, default=0, help="keep k x k of the n x n local representations "
+                   "before the local heads (Table 5: n^2 = 1, 4, 16, 64, 196); 0 keeps the full map")
+    g.add_argument("--local-grid-mode", choices=["subset", "pool"], default="subset", help="how --local-grid "
+                   "downsamples: 'subset' keeps the representations at the centres of a k x k partition (paper: "
+                   "'a subset of local representations'); 'pool' averages each cell (new, wider vectors)")
     g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of "
                    "RandomResizedCrop; default: the method's own, 0.2 for CO-BYOL (paper Sec. 4, swept 0.1-0.7 "
                    "in Fig. 3) and BYOL's 0.08 with --ws 0")
@@ -537,6 +540,17 @@ def linear_probe(dim_in: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.BatchNorm1d(dim_in, affine=False), nn.Linear(dim_in, num_classes))
 
 
+def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
+    """PAPER Table 5 / Sec. 4.5: apply the local loss "only on a subset of local representations", obtained by
+    "spatially downsampling the feature maps". IMPL: nearest-neighbour downsampling, i.e. the representation at
+    the centre of each cell of a k x k partition of the n x n map: (B, C, n, n) -> (B, C, k, k). Each kept vector
+    is an original local representation with its own receptive field (k = 1: the centre one), which
+    average pooling (--local-grid-mode pool) is not: it mixes neighbours, and at k = 1 gives the global bag."""
+    n = local.shape[-1]
+    idx = ((torch.arange(k, device=local.device) + 0.5) * n / k).long()  # cell centres, e.g. n=14, k=2: 3, 10
+    return local[:, :, idx][:, :, :, idx]
+
+
 class Encoder(nn.Module):
     """f (backbone) + g1 (global projector) + g2 (local projector): the part shared by online and target."""
 
@@ -548,7 +562,7 @@ class Encoder(nn.Module):
         self.projector = mlp(c, args.proj_hidden, args.proj_dim)  # g1
         # --ws 0 is BYOL: no local head exists, so nothing of CO-BYOL is computed or trained.
         self.local_projector = conv_mlp(c, args.proj_hidden, args.proj_dim) if args.ws > 0 else None  # g2
-        self.local_grid = args.local_grid
+        self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
@@ -556,7 +570,8 @@ class Encoder(nn.Module):
         if self.local_projector is not None:
             local = out.local
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local heads
-                local = F.adaptive_avg_pool2d(local, self.local_grid)
+                local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
+                         else F.adaptive_avg_pool2d(local, self.local_grid))
             res["z_l"] = self.local_projector(local)  # (B, C, k, k) -> (B, D, k, k)
         return res
 

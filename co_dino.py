@@ -85,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method (CO-DINO, Sec. 3.1 and DINO)")
     g.add_argument("--ws", type=float, default=0.2, help="w_s: total loss = L_DINO + w_s L_local (the paper gives "
                    "no value for CO-DINO; 0.2 as CO-BYOL, whose best range is 0.2-0.5, Table 5); 0 gives DINO")
-    g.add_argument("--local-grid", type=int, default=0, help="average-pool the n x n local map to k x k before "
-                   "the local head (Table 5); 0 keeps the full map")
+    g.add_argument("--local-grid", type=int, default=0, help="keep k x k of the n x n local representations "
+                   "before the local head (Table 5); 0 keeps the full map")
+    g.add_argument("--local-grid-mode", choices=["subset", "pool"], default="subset", help="how --local-grid "
+                   "downsamples: 'subset' keeps the representations at the centres of a k x k partition (paper: "
+                   "'a subset of local representations'); 'pool' averages each cell (new, wider vectors)")
     g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of the two large "
                    "crops; default: the method's own, 0.2 for CO-DINO (CO-SSL Sec. 4, App. A) and 0.08 with --ws 0 "
                    "(solo-learn's CIFAR / ImageNet-100 crops; DINO itself uses 0.4 with multi-crop)")
@@ -552,6 +555,17 @@ def linear_probe(dim_in: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.BatchNorm1d(dim_in, affine=False), nn.Linear(dim_in, num_classes))
 
 
+def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
+    """PAPER Table 5 / Sec. 4.5: apply the local loss "only on a subset of local representations", obtained by
+    "spatially downsampling the feature maps". IMPL: nearest-neighbour downsampling, i.e. the representation at
+    the centre of each cell of a k x k partition of the n x n map: (B, C, n, n) -> (B, C, k, k). Each kept vector
+    is an original local representation with its own receptive field (k = 1: the centre one), which
+    average pooling (--local-grid-mode pool) is not: it mixes neighbours, and at k = 1 gives the global bag."""
+    n = local.shape[-1]
+    idx = ((torch.arange(k, device=local.device) + 0.5) * n / k).long()  # cell centres, e.g. n=14, k=2: 3, 10
+    return local[:, :, idx][:, :, :, idx]
+
+
 class Encoder(nn.Module):
     """f (backbone) + the global DINO head + the local DINO head: the part shared by student and teacher."""
 
@@ -565,7 +579,7 @@ class Encoder(nn.Module):
         # IMPL: a separate local head (as CO-BYOL's g2); the paper's Table 6 "1 head" ablation shares it.
         self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True)
                            if args.ws > 0 else None)
-        self.local_grid = args.local_grid
+        self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
@@ -573,7 +587,8 @@ class Encoder(nn.Module):
         if self.local_head is not None:
             local = out.local
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local head
-                local = F.adaptive_avg_pool2d(local, self.local_grid)
+                local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
+                         else F.adaptive_avg_pool2d(local, self.local_grid))
             res["logits_l"] = self.local_head(local)  # (B, C, k, k) -> (B, K, k, k)
         return res
 

@@ -102,6 +102,17 @@ def test_local_grid_downsamples_before_local_heads():
     assert out["z_l"].shape == (2, 16, 2, 2) and out["p_l"].shape == (2, 16, 2, 2)
 
 
+def test_local_grid_keeps_a_subset_of_the_local_representations():
+    """Table 5's n^2 < full map: original local representations (the centres of a k x k partition), not
+    averages of neighbours; k = n keeps the map, k = 1 the centre."""
+    local = torch.randn(2, 5, 14, 14)
+    sub = co_byol.local_subset(local, 2)
+    assert torch.equal(sub, local[:, :, [3, 10]][:, :, :, [3, 10]])
+    assert torch.equal(co_byol.local_subset(local, 14), local)
+    assert torch.equal(co_byol.local_subset(local, 1)[:, :, 0, 0], local[:, :, 7, 7])
+    assert not torch.allclose(sub, F.adaptive_avg_pool2d(local, 2))  # --local-grid-mode pool: another thing
+
+
 def test_ema_update_parameters_not_buffers():
     (_, a), (_, b) = _models([0.2, 0.2])
     target, online = a.encoder, b.encoder

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-grid-mode", choices=["subset", "pool"], default="subset", help="how --local-grid "
                    "downsamples: 'subset' keeps the representations at the centres of a k x k partition (paper: "
                    "'a subset of local representations'); 'pool' averages each cell (new, wider vectors)")
+    g.add_argument("--shared-head", action="store_true", help="one head for global and local representations "
+                   "(paper Table 6, '1 head'): the local loss applies the global projector and predictor at every position")
     g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of "
                    "RandomResizedCrop; default: the method's own, 0.2 for CO-BYOL (paper Sec. 4, swept 0.1-0.7 "
                    "in Fig. 3) and BYOL's 0.08 with --ws 0")
@@ -551,6 +553,15 @@ def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
     return local[:, :, idx][:, :, :, idx]
 
 
+def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
+    """A head built for (N, C) vectors, applied to every position of a (B, C, n, n) map -> (B, D, n, n).
+    --shared-head (Table 6's one-head variant) runs the global head(s) on the local representations this way;
+    BatchNorm then normalises over the B*n*n local vectors of this call, as the 1x1-convolution heads do."""
+    b, c, n, m = local.shape
+    out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
+    return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
+
+
 class Encoder(nn.Module):
     """f (backbone) + g1 (global projector) + g2 (local projector): the part shared by online and target."""
 
@@ -561,18 +572,21 @@ class Encoder(nn.Module):
         c = self.backbone.out_dim
         self.projector = mlp(c, args.proj_hidden, args.proj_dim)  # g1
         # --ws 0 is BYOL: no local head exists, so nothing of CO-BYOL is computed or trained.
-        self.local_projector = conv_mlp(c, args.proj_hidden, args.proj_dim) if args.ws > 0 else None  # g2
+        self.local = args.ws > 0
+        self.local_projector = (conv_mlp(c, args.proj_hidden, args.proj_dim)  # g2 (--shared-head: g1 instead)
+                                if self.local and not args.shared_head else None)
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
         res = {"h": out.h, "pooled": out.pooled, "z_g": self.projector(out.h)}  # z_g: (B, D)
-        if self.local_projector is not None:
+        if self.local:
             local = out.local
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local heads
                 local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
                          else F.adaptive_avg_pool2d(local, self.local_grid))
-            res["z_l"] = self.local_projector(local)  # (B, C, k, k) -> (B, D, k, k)
+            res["z_l"] = (self.local_projector(local) if self.local_projector is not None  # (B, C, k, k)
+                          else per_position(self.projector, local))  # -> (B, D, k, k)
         return res
 
 
@@ -586,8 +600,8 @@ class OnlineNetwork(nn.Module):
         super().__init__()
         self.encoder = Encoder(args)
         self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim)  # q1
-        self.local_predictor = (conv_mlp(args.proj_dim, args.local_pred_hidden, args.proj_dim) if args.ws > 0
-                                else None)  # q2
+        self.local_predictor = (conv_mlp(args.proj_dim, args.local_pred_hidden, args.proj_dim)  # q2
+                                if args.ws > 0 and not args.shared_head else None)  # (--shared-head: q1 instead)
         c = self.encoder.backbone.out_dim
         self.probe_h = linear_probe(c, num_classes)  # on .h, the global representation
         # The "patch" representation (average of local representations) differs from .h only with the MLP.
@@ -599,8 +613,9 @@ class OnlineNetwork(nn.Module):
         for x in views:
             o = self.encoder(x)
             o["p_g"] = self.predictor(o["z_g"])  # q1(g1(h)): (B, D)
-            if self.local_predictor is not None:
-                o["p_l"] = self.local_predictor(o["z_l"])  # q2(g2(l_i)) for every position: (B, D, k, k)
+            if "z_l" in o:  # q2(g2(l_i)) for every position: (B, D, k, k)
+                o["p_l"] = (self.local_predictor(o["z_l"]) if self.local_predictor is not None
+                            else per_position(self.predictor, o["z_l"]))
             # PITFALL: the probes see detached features, so their loss never shapes the representation.
             o["logits_h"] = self.probe_h(o["h"].detach())
             if self.probe_pooled is not None:

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-grid-mode", choices=["subset", "pool"], default="subset", help="how --local-grid "
                    "downsamples: 'subset' keeps the representations at the centres of a k x k partition (paper: "
                    "'a subset of local representations'); 'pool' averages each cell (new, wider vectors)")
+    g.add_argument("--shared-head", action="store_true", help="one head for global and local representations "
+                   "(paper Table 6, '1 head'): the local loss applies the global DINO head at every position")
     g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of the two large "
                    "crops; default: the method's own, 0.2 for CO-DINO (CO-SSL Sec. 4, App. A) and 0.08 with --ws 0 "
                    "(solo-learn's CIFAR / ImageNet-100 crops; DINO itself uses 0.4 with multi-crop)")
@@ -566,6 +568,15 @@ def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
     return local[:, :, idx][:, :, :, idx]
 
 
+def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
+    """A head built for (N, C) vectors, applied to every position of a (B, C, n, n) map -> (B, D, n, n).
+    --shared-head (Table 6's one-head variant) runs the global head(s) on the local representations this way;
+    BatchNorm then normalises over the B*n*n local vectors of this call, as the 1x1-convolution heads do."""
+    b, c, n, m = local.shape
+    out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
+    return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
+
+
 class Encoder(nn.Module):
     """f (backbone) + the global DINO head + the local DINO head: the part shared by student and teacher."""
 
@@ -576,20 +587,22 @@ class Encoder(nn.Module):
         c = self.backbone.out_dim
         self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim)
         # --ws 0 is DINO: no local head exists, so nothing of CO-DINO is computed or trained.
-        # IMPL: a separate local head (as CO-BYOL's g2); the paper's Table 6 "1 head" ablation shares it.
+        # IMPL: a separate local head (as CO-BYOL's g2) by default; --shared-head is Table 6's "1 head" ablation.
+        self.local = args.ws > 0
         self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True)
-                           if args.ws > 0 else None)
+                           if self.local and not args.shared_head else None)  # --shared-head: self.head instead
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
         res = {"h": out.h, "pooled": out.pooled, "logits_g": self.head(out.h)}  # logits_g: (B, K)
-        if self.local_head is not None:
+        if self.local:
             local = out.local
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local head
                 local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
                          else F.adaptive_avg_pool2d(local, self.local_grid))
-            res["logits_l"] = self.local_head(local)  # (B, C, k, k) -> (B, K, k, k)
+            res["logits_l"] = (self.local_head(local) if self.local_head is not None  # (B, C, k, k)
+                               else per_position(self.head, local))  # -> (B, K, k, k)
         return res
 
 

@@ -176,3 +176,30 @@ def test_bag_ssl_training_patches_are_cut_at_the_evaluations_scale():
     small.transforms[1] = lambda img: (seen.append(img.size), img.crop((0, 0, 14, 14)))[1]
     small(Image.new("RGB", (32, 32)))
     assert seen == [(32, 32)]
+
+
+@pytest.mark.parametrize("name", ["co_byol", "co_dino"])
+def test_shared_head_is_table_6s_one_head_variant(name):
+    """--shared-head: no local head parameters; the local outputs are the global head applied at every
+    position (compared in eval mode, where BatchNorm uses fixed statistics)."""
+    import importlib
+
+    m = importlib.import_module(name)
+    tiny = ["--dataset", "fake", "--image-size", "16", "--width", "8"]
+    tiny += (["--proj-hidden", "16", "--pred-hidden", "16", "--local-pred-hidden", "16", "--proj-dim", "8"]
+             if name == "co_byol" else ["--out-dim", "32", "--head-hidden", "16", "--bottleneck", "8"])
+    args = m.parse_args(tiny + ["--ws", "0.2", "--shared-head"])
+    torch.manual_seed(0)
+    net = (m.OnlineNetwork if name == "co_byol" else m.StudentNetwork)(args, num_classes=10).eval()
+    separate = (m.OnlineNetwork if name == "co_byol" else m.StudentNetwork)(m.parse_args(tiny + ["--ws", "0.2"]), 10)
+    params = {n for n, _ in net.named_parameters()}
+    assert not any("local" in n for n in params) and any("local" in n for n, _ in separate.named_parameters())
+    x = torch.randn(2, 3, 16, 16)
+    out = net([x])[0]
+    local = net.encoder.backbone(x).local  # (2, C, 3, 3)
+    vec = local[:, :, 1, 2]  # one position, (2, C)
+    if name == "co_byol":
+        torch.testing.assert_close(out["z_l"][:, :, 1, 2], net.encoder.projector(vec))
+        torch.testing.assert_close(out["p_l"][:, :, 1, 2], net.predictor(net.encoder.projector(vec)))
+    else:
+        torch.testing.assert_close(out["logits_l"][:, :, 1, 2], net.encoder.head(vec))

@@ -707,10 +707,13 @@ def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Te
 
 
 # ==== 4. Model: backbone, heads, EMA teacher ====
-def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
-    """BYOL's projector / predictor: Linear -> BN -> ReLU -> Linear (Grill et al. 2020, Sec. 3.3)."""
-    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim_out))
+def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1) -> nn.Sequential:
+    """BYOL's projector / predictor: (Linear -> BN -> ReLU) x hidden_layers -> Linear (Grill et al. 2020,
+    Sec. 3.3: one hidden layer; CO-SSL Sec. 4 uses two for BYOL-based methods on ImageNet-1k)."""
+    layers = []
+    for i in range(hidden_layers):
+        layers += [nn.Linear(dim_in if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(hidden, dim_out))
 
 
 def linear_probe(dim_in: int, num_classes: int) -> nn.Sequential:

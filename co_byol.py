@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "downsamples: 'subset' keeps the representations at the centres of a k x k partition (paper: "
                    "'a subset of local representations'); 'pool' averages each cell (new, wider vectors)")
     g.add_argument("--shared-head", action="store_true", help="one head for global and local representations "
-                   "(paper Table 6, '1 head'): the local loss applies the global projector and predictor at every position")
+                   "(paper Table 6, '1 head'): the local loss applies the global projector and predictor at every "
+                   "position")
     g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of "
                    "RandomResizedCrop; default: the method's own, 0.2 for CO-BYOL (paper Sec. 4, swept 0.1-0.7 "
                    "in Fig. 3) and BYOL's 0.08 with --ws 0")
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--small-crop-size", type=int, default=0, help="side of the small crops in pixels "
                    "(0: 3/7 of --image-size, i.e. 96 at 224)")
     g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of projectors g1, g2 (BYOL: 4096)")
+    g.add_argument("--proj-hidden-layers", type=int, default=1, help="hidden layers of the projectors g1, g2 "
+                   "(BYOL: 1; CO-SSL Sec. 4: 2 for BYOL-based methods on ImageNet-1k, 100 epochs)")
     g.add_argument("--proj-dim", type=int, default=256, help="output width of projectors and predictors (BYOL: 256)")
     g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of the global predictor q1 "
                    "(BYOL: 4096; solo-learn ImageNet-100: 8192)")
@@ -209,7 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size % world or args.batch_size // world < 2:
         parser.error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at "
                      "least 2 images per process (BatchNorm)")
-    for name in ("epochs", "log_every", "proj_hidden", "proj_dim", "pred_hidden", "local_pred_hidden"):
+    for name in ("epochs", "log_every", "proj_hidden", "proj_dim", "pred_hidden", "local_pred_hidden",
+                 "proj_hidden_layers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_steps < 0 or args.num_workers < 0 or args.knn_k < 0 or args.local_grid < 0 or args.knn_bank < 0:
@@ -514,20 +518,25 @@ def make_loaders(args, rank: int, world: int):
 
 
 # ==== 4. Model: backbone, heads, EMA teacher ====
-def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
-    """BYOL's projector / predictor: Linear -> BN -> ReLU -> Linear (Grill et al. 2020, Sec. 3.3)."""
-    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim_out))
+def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1) -> nn.Sequential:
+    """BYOL's projector / predictor: (Linear -> BN -> ReLU) x hidden_layers -> Linear (Grill et al. 2020,
+    Sec. 3.3: one hidden layer; CO-SSL Sec. 4 uses two for BYOL-based methods on ImageNet-1k)."""
+    layers = []
+    for i in range(hidden_layers):
+        layers += [nn.Linear(dim_in if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(hidden, dim_out))
 
 
-def conv_mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+def conv_mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1) -> nn.Sequential:
     """PAPER Sec. 3.1: the same MLP applied at every position with 1x1 convolutions ("to parallelize").
 
     On a (B, C, n, n) map it equals `mlp` applied to each of the B*n*n local vectors, except that BatchNorm
     statistics are taken over batch and positions together (BatchNorm2d).
     """
-    return nn.Sequential(nn.Conv2d(dim_in, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-                         nn.Conv2d(hidden, dim_out, 1))
+    layers = []
+    for i in range(hidden_layers):
+        layers += [nn.Conv2d(dim_in if i == 0 else hidden, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Conv2d(hidden, dim_out, 1))
 
 
 def linear_probe(dim_in: int, num_classes: int) -> nn.Sequential:
@@ -570,10 +579,10 @@ class Encoder(nn.Module):
         self.backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, mlp=False if args.no_mlp else None,
                                                  width=args.width)
         c = self.backbone.out_dim
-        self.projector = mlp(c, args.proj_hidden, args.proj_dim)  # g1
+        self.projector = mlp(c, args.proj_hidden, args.proj_dim, args.proj_hidden_layers)  # g1
         # --ws 0 is BYOL: no local head exists, so nothing of CO-BYOL is computed or trained.
         self.local = args.ws > 0
-        self.local_projector = (conv_mlp(c, args.proj_hidden, args.proj_dim)  # g2 (--shared-head: g1 instead)
+        self.local_projector = (conv_mlp(c, args.proj_hidden, args.proj_dim, args.proj_hidden_layers)  # g2
                                 if self.local and not args.shared_head else None)
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 

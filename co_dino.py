@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "downsamples: 'subset' keeps the representations at the centres of a k x k partition (paper: "
                    "'a subset of local representations'); 'pool' averages each cell (new, wider vectors)")
     g.add_argument("--shared-head", action="store_true", help="one head for global and local representations "
-                   "(paper Table 6, '1 head'): the local loss applies the global DINO head at every position")
+                   "(paper Table 6, '1 head'): the local loss applies the global DINO head at every "
+                   "position")
     g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of the two large "
                    "crops; default: the method's own, 0.2 for CO-DINO (CO-SSL Sec. 4, App. A) and 0.08 with --ws 0 "
                    "(solo-learn's CIFAR / ImageNet-100 crops; DINO itself uses 0.4 with multi-crop)")

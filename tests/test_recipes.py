@@ -203,3 +203,17 @@ def test_shared_head_is_table_6s_one_head_variant(name):
         torch.testing.assert_close(out["p_l"][:, :, 1, 2], net.predictor(net.encoder.projector(vec)))
     else:
         torch.testing.assert_close(out["logits_l"][:, :, 1, 2], net.encoder.head(vec))
+
+
+def test_two_hidden_layer_projector_for_imagenet_1k():
+    """CO-SSL Sec. 4: 'a projection layer with two hidden layers works better for BYOL-based methods on
+    ImageNet-1K'; --proj-hidden-layers 2 gives it to g1 and g2, the predictors keep one."""
+    args = co_byol.parse_args(["--dataset", "fake", "--image-size", "16", "--width", "8", "--proj-hidden", "16",
+                               "--pred-hidden", "16", "--local-pred-hidden", "16", "--proj-dim", "8",
+                               "--proj-hidden-layers", "2"])
+    net = co_byol.OnlineNetwork(args, num_classes=10)
+    linear = lambda m: [x for x in m if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d))]  # noqa: E731
+    assert len(linear(net.encoder.projector)) == 3 and len(linear(net.encoder.local_projector)) == 3
+    assert len(linear(net.predictor)) == 2 and len(linear(net.local_predictor)) == 2
+    out = net([torch.randn(4, 3, 16, 16)])[0]
+    assert out["z_g"].shape == (4, 8) and out["z_l"].shape == (4, 8, 3, 3)

@@ -1047,6 +1047,42 @@ def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
                  weight_decay=0.0, lars=False)]
 
 
+class AdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW's update (decoupled weight decay, betas 0.9 / 0.999, eps 1e-8; the paper's optimiser,
+    Sec. 4.2) for the network, and SGD + momentum 0.9 for groups with sgd=True: the online probes, trained
+    exactly as under LARS (PITFALL: in AdamW, the probes' lr 0.1 would be a step of 0.1 per weight and step).
+    One optimiser, so that the schedules, the grad scaler and the checkpoint see one object."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=0.9, sgd=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["sgd"]:  # as LARS' groups without adaptation: g + wd * w, then momentum
+                    d_p = p.grad + wd * p if wd else p.grad
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = d_p.clone()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                    p.add_(state["momentum_buffer"], alpha=-lr)
+                    continue
+                beta1, beta2 = group["betas"]
+                if not state:
+                    state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                p.mul_(1 - lr * wd)  # decoupled weight decay
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** state["step"])).add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** state["step"]))
+
+
 @torch.no_grad()
 def clip_gradients(params, clip: float) -> None:
     """DINO's clip_gradients (official utils.py): the gradient of EACH tensor is scaled down to norm `clip` when
@@ -1064,7 +1100,8 @@ def make_optimizer(net: nn.Module, args, scale: float) -> torch.optim.Optimizer:
     # DEVIATION: the default is LARS (solo-learn's DINO recipe for ResNets on CIFAR); --optimizer adamw --lr 5e-4
     # --weight-decay 0.04 --weight-decay-end 0.4 --clip-grad 3.0 is the paper's (Sec. 4.2, after DINO).
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=args.lr * scale)
+        groups[2]["sgd"] = True  # the probes (param_groups' third group): SGD + momentum, as with LARS
+        return AdamW(groups, lr=args.lr * scale)
     return LARS(groups, lr=args.lr * scale, eta=args.lars_eta)
 
 

@@ -217,3 +217,21 @@ def test_two_hidden_layer_projector_for_imagenet_1k():
     assert len(linear(net.predictor)) == 2 and len(linear(net.local_predictor)) == 2
     out = net([torch.randn(4, 3, 16, 16)])[0]
     assert out["z_g"].shape == (4, 8) and out["z_l"].shape == (4, 8, 3, 3)
+
+
+def test_geo_dino_adamw_is_torchs_for_the_network_and_sgd_for_the_probes():
+    torch.manual_seed(0)
+    w, probe = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(2, 3))
+    ref_w = torch.nn.Parameter(w.detach().clone())
+    ours = geo_dino.AdamW([dict(params=[w], weight_decay=0.04), dict(params=[probe], sgd=True)], lr=5e-4)
+    ref = torch.optim.AdamW([ref_w], lr=5e-4, weight_decay=0.04)
+    p0, buf = probe.detach().clone(), torch.zeros(2, 3)
+    for i in range(3):
+        g, gp = torch.randn(4, 3), torch.randn(2, 3)
+        w.grad, ref_w.grad, probe.grad = g.clone(), g.clone(), gp
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
+        buf = gp if i == 0 else 0.9 * buf + gp  # SGD with momentum 0.9, no weight decay
+        p0 = p0 - 5e-4 * buf
+        torch.testing.assert_close(probe.detach(), p0)

@@ -123,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(App. C.1: 30 on CIFAR; C.2: 1920 on ImageNet-100 with 8192-d projections)")
     g.add_argument("--tcr-eps", type=float, default=0.2, help="TCR distortion epsilon (App. C: 0.2)")
     g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of the projector g (App. C.1: "
-                   "4096 on CIFAR; C.2: 8192). DEVIATION on ImageNet-100: the projector here always has 2 linear "
-                   "layers (C.1); C.2 uses 3 layers of 8192")
-    g.add_argument("--proj-dim", type=int, default=128, help="output width of the projector (App. C.1: 128 on "
-                   "CIFAR-10, 512 on CIFAR-100; C.2: 8192)")
+                   "4096 on CIFAR; C.2: 8192)")
+    g.add_argument("--proj-hidden-layers", type=int, default=1, help="hidden layers of the projector g (App. C.1: "
+                   "1, i.e. 2 linear layers, on CIFAR; C.2: 2, i.e. 3 linear layers of 8192, on ImageNet-100)")
+    g.add_argument("--proj-dim", type=int, default=None, help="output width of the projector; default App. C.1's: "
+                   "128 on CIFAR-10, 512 on CIFAR-100 (C.2, ImageNet-100: 8192)")
     g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of BYOL's predictor q (BYOL: 4096)")
     g.add_argument("--tau-base", type=float, default=0.99, help="BYOL: EMA momentum of the target at step 0; "
                    "it follows a cosine to --tau-final (BYOL: 0.99 -> 1)")
@@ -262,6 +263,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--eval-only runs in one process: launch it with python, not torchrun")
     args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
     args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
+    if args.proj_dim is None:
+        args.proj_dim = 512 if args.dataset == "cifar100" else 128
     if args.warmup_epochs is None:  # App. C's 10 epochs (co_byol's solo-learn default too), at most 5 % of a short run
         args.warmup_epochs = min(10.0, 0.05 * args.epochs)
     args.patch_size = args.patch_size or max(1, round(args.image_size * 14 / 32))
@@ -286,7 +289,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size % world or args.batch_size // world < 2:
         parser.error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at "
                      "least 2 images per process (BatchNorm)")
-    for name in ("epochs", "log_every", "proj_hidden", "proj_dim", "pred_hidden", "grid_stride", "eval_batch",
+    for name in ("epochs", "log_every", "proj_hidden", "proj_dim", "proj_hidden_layers", "pred_hidden", "eval_batch",
                  "linear_epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -738,7 +741,7 @@ class Encoder(nn.Module):
                                                  width=args.width)
         # PAPER App. C.1: "2 linear layers with 4096 hidden units and 128 output units ... separated with a
         # ReLU and a BatchNorm layer" = Linear -> BN -> ReLU -> Linear, the same MLP as BYOL's projector.
-        self.projector = mlp(self.backbone.out_dim, args.proj_hidden, args.proj_dim)
+        self.projector = mlp(self.backbone.out_dim, args.proj_hidden, args.proj_dim, args.proj_hidden_layers)
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)

@@ -235,3 +235,54 @@ def test_geo_dino_adamw_is_torchs_for_the_network_and_sgd_for_the_probes():
         buf = gp if i == 0 else 0.9 * buf + gp  # SGD with momentum 0.9, no weight decay
         p0 = p0 - 5e-4 * buf
         torch.testing.assert_close(probe.detach(), p0)
+
+
+@pytest.mark.parametrize("marker,epochs,arch,size", [("imagenet100", 400, "rf99_resnet50", 224),
+                                                     ("tiny-imagenet", 400, "rf29_resnet18", 64),
+                                                     ("/data/imagenet ", 100, "rf99_resnet50", 224)])
+def test_co_byol_paper_scale_table_commands(marker, epochs, arch, size, tmp_path):
+    """The docs' table of paper-scale commands (CO-SSL Table 1-2): what the paper states, per data set."""
+    text = (ROOT / "docs/co_byol.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| ") and marker in ln.replace("`", " "))
+    argv = shlex.split(line.split("`")[1])
+    argv = with_data_dir(argv[argv.index("co_byol.py") + 1:], tmp_path)
+    args = co_byol.parse_args(argv)
+    assert (args.epochs, args.arch, args.image_size, args.ws, args.min_crop) == (epochs, arch, size, 0.2, 0.2)
+    assert args.optimizer == "lars" and args.tau_base == 0.99 and args.proj_dim == 256
+    if marker == "/data/imagenet ":  # Sec. 4: two hidden projector layers for BYOL-based methods on ImageNet-1k
+        assert args.proj_hidden_layers == 2 and args.weight_decay == 1.5e-6
+    if marker == "tiny-imagenet":  # 64 px: the cifar stem, RF29 (paper Sec. 4), blur kept (not CIFAR)
+        assert args.stem == "cifar" and "GaussianBlur" in repr(vars(co_byol.MultiView(args)))
+
+
+@pytest.mark.parametrize("marker,arch,size", [("imagenet100", "rf99_resnet50", 224),
+                                              ("tiny-imagenet", "rf29_resnet18", 64)])
+def test_co_dino_paper_scale_table_commands(marker, arch, size, tmp_path):
+    text = (ROOT / "docs/co_dino.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| ") and marker in ln)
+    argv = shlex.split(line.split("`")[1])
+    args = co_dino.parse_args(with_data_dir(argv[argv.index("co_dino.py") + 1:], tmp_path))
+    assert (args.epochs, args.arch, args.image_size, args.ws, args.min_crop) == (400, arch, size, 0.2, 0.2)
+    # solo-learn imagenet-100/dino.yaml
+    assert (args.tau_base, args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs) == (
+        0.9995, 0.04, 0.07, 50)
+    assert (args.optimizer, args.lr, args.weight_decay, args.out_dim) == ("lars", 0.3, 1e-6, 4096)
+
+
+def test_bag_ssl_paper_commands_are_appendix_c(tmp_path):
+    import bag_ssl
+
+    text = (ROOT / "docs/bag_ssl.md").read_text().replace("\\\n", " ")
+    cifar, inet = [shlex.split(ln.split("#")[0])[3:] for ln in text.splitlines()
+                   if ln.startswith("torchrun") and "bag_ssl.py" in ln]
+    a = bag_ssl.parse_args(cifar)  # App. C.1: ResNet-34, 600 ep, batch 1024, LARS, wd 1e-4, lr 0.3, 10 warm-up ep
+    assert (a.arch, a.epochs, a.batch_size, a.optimizer, a.weight_decay, a.lr, a.warmup_epochs) == (
+        "resnet34", 600, 1024, "lars", 1e-4, 0.3, 10.0)
+    assert (a.patch_size, a.image_size, a.proj_hidden, a.proj_hidden_layers, a.proj_dim) == (14, 32, 4096, 1, 128)
+    assert (a.tcr_lambda, a.tcr_eps, a.temperature, a.sim_coeff, a.std_coeff, a.cov_coeff) == (30, 0.2, 0.1, 25, 25, 1)
+    assert bag_ssl.parse_args(cifar + ["--dataset", "cifar100"]).proj_dim == 512  # C.1: 512 outputs on CIFAR-100
+    a = bag_ssl.parse_args(with_data_dir(inet, tmp_path))  # App. C.2: ResNet-50, 400 ep, lr 0.1, 3 x 8192 projector
+    assert (a.arch, a.epochs, a.batch_size, a.lr, a.weight_decay, a.warmup_epochs) == (
+        "resnet50", 400, 1024, 0.1, 1e-4, 10.0)
+    assert (a.image_size, a.patch_size, a.proj_hidden, a.proj_hidden_layers, a.proj_dim, a.tcr_lambda) == (
+        224, 100, 8192, 2, 8192, 1920)

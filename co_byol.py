@@ -32,8 +32,9 @@ Run:
     torchrun --nproc_per_node=8 co_byol.py --dataset imagefolder --data-dir /data/imagenet100 \
         --arch rf99_resnet50 --image-size 224 --epochs 400 --batch-size 256 --lr 0.5 --weight-decay 1e-6 \
         --pred-hidden 8192 --ws 0.2 --min-crop 0.2 --output-dir runs/co_byol_in100
-Expected results (measured, docs/co_byol.md): --recipe laptop on a 2-core CPU, seed 0, one thread: BYOL k-NN
-33.8 % (random init) -> 40.6 % in 38 min; CO-BYOL 34.7 % in 45 min. Paper numbers need the GPU recipes above.
+Expected results (measured, docs/co_byol.md): --recipe laptop on a 2-core CPU, one thread, seeds 0-2: k-NN
+32.7 % at random init -> BYOL 40.6 % (39.4-41.8) in 38-45 min, CO-BYOL 36.9 % (34.7-38.5) in 45-54 min.
+Paper numbers need the GPU recipes above.
 
 Reading order: Sec. 5 (the loss, Eq. 1-3) -> Sec. 4 (the networks) -> Sec. 9 (the training loop, which reads
 like the paper's pseudo-code) -> Sec. 3 (views) -> Sec. 6 (schedules). Sections 2 and 7 are plumbing.

@@ -36,8 +36,8 @@ Expected results (measured, docs/co_byol.md): --recipe laptop on a 2-core CPU, o
 32.7 % at random init -> BYOL 40.6 % (39.4-41.8) in 38-45 min, CO-BYOL 36.9 % (34.7-38.5) in 45-54 min.
 Paper numbers need the GPU recipes above.
 
-Reading order: Sec. 5 (the loss, Eq. 1-3) -> Sec. 4 (the networks) -> Sec. 9 (the training loop, which reads
-like the paper's pseudo-code) -> Sec. 3 (views) -> Sec. 6 (schedules). Sections 2 and 7 are plumbing.
+Reading order: §5 (the loss, Eq. 1-3) -> §4 (the networks) -> §9 (the training loop, which reads
+like the paper's pseudo-code) -> §3 (views) -> §6 (schedules). §2 and §7 are plumbing.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(paper Table 6, '1 head'): the local loss applies the global projector and predictor at every "
                    "position")
     g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of "
-                   "RandomResizedCrop; default: the method's own, 0.2 for CO-BYOL (paper Sec. 4, swept 0.1-0.7 "
+                   "RandomResizedCrop; default: the method's own, 0.2 for CO-BYOL (paper Sec. 3.3, swept 0.1-0.7 "
                    "in Fig. 3) and BYOL's 0.08 with --ws 0")
     g.add_argument("--small-crops", type=int, default=0, help="extra small crops per image for the multi-crop "
                    "baseline BYOL-mc (paper: 4); they enter only the global loss")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0: 3/7 of --image-size, i.e. 96 at 224)")
     g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of projectors g1, g2 (BYOL: 4096)")
     g.add_argument("--proj-hidden-layers", type=int, default=1, help="hidden layers of the projectors g1, g2 "
-                   "(BYOL: 1; CO-SSL Sec. 4: 2 for BYOL-based methods on ImageNet-1k, 100 epochs)")
+                   "(BYOL: 1; CO-SSL Sec. 3.3: 2 for BYOL-based methods on ImageNet-1k, 100 epochs)")
     g.add_argument("--proj-dim", type=int, default=256, help="output width of projectors and predictors (BYOL: 256)")
     g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of the global predictor q1 "
                    "(BYOL: 4096; solo-learn ImageNet-100: 8192)")
@@ -194,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
     args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
-    if args.min_crop is None:  # PAPER Sec. 4: c_min = 0.2 is CO-SSL's; the BYOL baseline keeps BYOL's 0.08
+    if args.min_crop is None:  # PAPER Sec. 3.3: c_min = 0.2 is CO-SSL's; the BYOL baseline keeps BYOL's 0.08
         args.min_crop = 0.2 if args.ws > 0 else 0.08
     if args.warmup_epochs is None:
         args.warmup_epochs = min(10.0, 0.05 * args.epochs)
@@ -521,7 +522,7 @@ def make_loaders(args, rank: int, world: int):
 # ==== 4. Model: backbone, heads, EMA teacher ====
 def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1) -> nn.Sequential:
     """BYOL's projector / predictor: (Linear -> BN -> ReLU) x hidden_layers -> Linear (Grill et al. 2020,
-    Sec. 3.3: one hidden layer; CO-SSL Sec. 4 uses two for BYOL-based methods on ImageNet-1k)."""
+    Sec. 3.3: one hidden layer; CO-SSL Sec. 3.3 uses two for BYOL-based methods on ImageNet-1k)."""
     layers = []
     for i in range(hidden_layers):
         layers += [nn.Linear(dim_in if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
@@ -647,6 +648,54 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     torch._foreach_add_(t_params, o_params, alpha=1.0 - tau)
 
 
+@dataclass
+class Nets:
+    """Everything one training step computes with: theta (online), xi (target), the module the forward pass goes
+    through (online itself, or its DDP / compiled wrapper), the grad scaler (fp16 only) and the run's device and
+    precision. `backbone`: the network that backbone.pt saves and the k-NN reads (BYOL: the online one)."""
+    online: OnlineNetwork
+    target: Encoder
+    model: nn.Module
+    scaler: torch.amp.GradScaler
+    run: "Run"
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.online.encoder.backbone
+
+    @property
+    def trained(self) -> nn.Module:  # what the optimiser changes: checked for non-finite weights
+        return self.online
+
+    def probe_accuracy(self, val_loader) -> dict:
+        return evaluate_probes(self.online, val_loader, self.run.device, self.run.autocast)
+
+
+def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.optim.Optimizer]:
+    """theta and xi (xi = theta at step 0, the same initial weights on every rank), LARS (or SGD)."""
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    online = OnlineNetwork(args, num_classes).to(run.device)
+    target = copy.deepcopy(online.encoder).requires_grad_(False)  # PAPER: xi starts equal to theta
+    if run.device.type == "cuda" and run.world > 1:
+        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
+        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics.
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+    # channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on this project's 2-core CPUs too.
+    online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
+    torch.manual_seed(args.seed + run.rank)
+    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
+    optimizer = LARS(param_groups(online, args, scale), lr=args.lr * scale, eta=args.lars_eta)  # or SGD: see groups
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
+    model = online
+    if run.world > 1:
+        model = nn.parallel.DistributedDataParallel(online, device_ids=[run.device.index]
+                                                    if run.device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    return Nets(online, target, model, scaler, run), optimizer
+
+
 # ==== 5. Loss ====
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """PAPER Eq. 1 (BYOL): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
@@ -723,6 +772,20 @@ def tau_at(step: int, total: int, base: float, final: float) -> float:
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
+class Schedule:
+    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every group's base lr)
+    and `tau`, the EMA momentum (BYOL Sec. 3.2). Every float but lr_scale is logged (the lr is logged as set)."""
+
+    def __init__(self, args, steps_per_epoch: int):
+        self.total = args.epochs * steps_per_epoch
+        self.warmup = round(args.warmup_epochs * steps_per_epoch)
+        self.tau_base, self.tau_final = args.tau_base, args.tau_final
+
+    def __call__(self, step: int) -> dict:
+        return {"lr_scale": lr_at(step, self.total, self.warmup, 1.0),
+                "tau": tau_at(step, self.total, self.tau_base, self.tau_final)}
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
 
@@ -773,7 +836,7 @@ def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
                  weight_decay=0.0, lars=False)]
 
 
-# ==== 7. Checkpoint and resume ====
+# ==== 7. Plumbing: checkpoint and resume, metrics log, stop flag, outputs ====
 # PLUMBING: OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; it is written by
 # rank 0 through a temporary file and os.replace (a crash never leaves half a file) and loaded with
 # weights_only=True (plain tensors and Python containers; the arguments are stored as a dict).
@@ -850,6 +913,263 @@ def save_backbone(path: Path, backbone: nn.Module, args) -> None:
                                                 "width": args.width},
              "state_dict": backbone.state_dict(), "args": vars(args)}
     save_checkpoint(path, state)
+
+
+class Run:
+    """PLUMBING: this process's place in the run: rank, world size, device, precision, output folder.
+
+    Seeds every RNG with seed + rank (the augmentations differ per rank; the weights are re-seeded with the bare
+    seed where they are built, so every rank starts from the same network).
+    """
+
+    def __init__(self, args):
+        global _RANK
+        self.rank, self.world, self.device = setup_distributed(args)
+        _RANK = self.rank
+        torch.manual_seed(args.seed + self.rank)
+        random.seed(args.seed + self.rank)
+        self.out_dir = Path(args.output_dir)
+        if self.rank == 0:
+            prepare_output_dir(self.out_dir)
+        self.dtype = amp_dtype(args, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        if self.device.type == "cpu":
+            # PITFALL (measured): narrow networks produce denormal floats early in training; without flushing them
+            # to zero the first steps ran 4x slower on CPU.
+            torch.set_flush_denormal(True)
+        self.start = time.time()
+
+    def describe(self, args) -> str:
+        return (f"world size {self.world}, per-process batch {args.batch_size // self.world}, device {self.device}, "
+                f"amp {self.dtype} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU)")
+
+    def close(self) -> None:
+        barrier()
+        if is_dist():
+            dist.destroy_process_group()
+
+
+class TrainClock:
+    """PLUMBING: seconds spent in training steps over every resume (evaluations and checkpoints excluded), and
+    the images per second between two log rows."""
+
+    def __init__(self, train_s: float, step: int):
+        self.train_s, self.started = train_s, None
+        self.tick, self.tick_step = time.time(), step
+
+    def start(self, step: int) -> None:
+        self.started = time.time()
+        self.tick, self.tick_step = self.started, step  # img_per_s counts training time only
+
+    def pause(self) -> None:
+        self.train_s += time.time() - self.started
+        self.started = None
+
+    def seconds(self) -> float:
+        return self.train_s + (time.time() - self.started if self.started is not None else 0.0)
+
+    def img_per_s(self, step: int, batch_size: int) -> float:
+        now = time.time()
+        rate = (step - self.tick_step) * batch_size / (now - self.tick)
+        self.tick, self.tick_step = now, step
+        return rate
+
+
+class MetricsLog:
+    """PLUMBING: metrics.jsonl (written by rank 0), the history kept in checkpoints, and the non-finite guard.
+
+    The guard sees every step without a host sync: a flag on the device collects any NaN/inf loss; it is read
+    (with the weights) at log steps and before every checkpoint write, so a poisoned state is never written
+    and the last good checkpoint stays the newest one.
+    """
+
+    def __init__(self, run: Run, history: list):
+        self.run, self.history = run, history
+        self.file = open(run.out_dir / "metrics.jsonl", "a") if run.rank == 0 else None
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+
+    def write(self, row: dict) -> None:
+        self.history.append(row)
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def watch(self, out: "StepOut") -> None:
+        self.nonfinite = self.nonfinite | ~torch.isfinite(out.loss + out.logs["loss_probe"])  # no host sync
+
+    def check(self, step: int, net: nn.Module = None) -> None:
+        bad = self.nonfinite
+        if net is not None:
+            bad = bad | ~torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
+        if all_reduce_sum(bad.float().reshape(1)).item() > 0:
+            fail(f"non-finite loss or weights by step {step}; lower --lr or use --amp off (the last good "
+                 f"checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
+
+    def step_row(self, step: int, steps_per_epoch: int, out: "StepOut", schedule: dict, lr: float,
+                 clock: TrainClock, batch_size: int, bar=None) -> None:
+        """The row of a log step: the step's loss and logs (mean over ranks), the schedules, speed, memory."""
+        self.check(step)
+        values = all_reduce_sum(torch.stack([out.loss, *out.logs.values()]).float()) / self.run.world
+        loss, *logs = values.tolist()
+        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, **dict(zip(out.logs, logs)), "lr": lr,
+               **{k: v for k, v in schedule.items() if k != "lr_scale" and not isinstance(v, bool)},
+               "img_per_s": clock.img_per_s(step, batch_size), "peak_mem_mb": peak_memory_mb(self.run.device),
+               "train_s": clock.seconds()}
+        self.write(row)
+        if bar is not None:
+            shown = {k: f"{row[k]:.3g}" for k in list(out.logs)[:2]}
+            bar.set_postfix(loss=f"{loss:.3f}", **shown, lr=f"{lr:.3g}", img_s=f"{row['img_per_s']:.0f}")
+
+    def knn_row(self, knn, backbone: nn.Module, step: int, epoch: float, clock: TrainClock) -> None:
+        """k-NN top-1 of the backbone that backbone.pt saves, logged with the training time so far (rank 0)."""
+        if knn is not None:
+            t0 = time.time()
+            acc = knn(backbone)
+            self.write({"step": step, "epoch": epoch, "knn_top1": acc, "knn_s": time.time() - t0,
+                        "train_s": clock.seconds()})
+            log(f"epoch {epoch:.2f}: k-NN top-1 {acc:.2f} % ({time.time() - t0:.0f} s, bank "
+                f"{len(knn.bank) if knn.bank else len(knn.labels)}), {clock.seconds() / 60:.1f} min of training")
+        barrier()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class Checkpointer:
+    """PLUMBING: OUTPUT_DIR/checkpoint.pt, written at every epoch end, every --checkpoint-every minutes and when
+    a stop signal arrives; a run started with the same command resumes from it (bit-exact on CPU).
+
+    `states`: name -> every object with state_dict() / load_state_dict() that the run changes (networks,
+    optimiser, grad scaler, centres); besides them the checkpoint holds the step, the metrics history, the
+    training seconds and the RNG state of every rank.
+    """
+
+    def __init__(self, args, run: Run, states: dict):
+        self.args, self.run, self.states = args, run, states
+        self.path = run.out_dir / "checkpoint.pt"
+        if run.rank == 0 and self.path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
+            self.path.with_suffix(".tmp").unlink()
+        self.last_write = time.time()
+
+    def resume(self, steps_per_epoch: int) -> tuple[int, list, float]:
+        """(step, history, training seconds): where the checkpoint stopped, or (0, [], 0.0) for a new run."""
+        if not self.path.exists():
+            return 0, [], 0.0
+        ckpt = load_checkpoint(self.path, self.args)
+        for name, obj in self.states.items():
+            obj.load_state_dict(ckpt[name])
+        rank = self.run.rank
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resumed from {self.path} at step {ckpt['step']} (epoch {ckpt['step'] // steps_per_epoch})")
+        return ckpt["step"], ckpt["history"], ckpt.get("train_s", 0.0)
+
+    def due(self) -> bool:
+        return self.args.checkpoint_every > 0 and time.time() - self.last_write > 60 * self.args.checkpoint_every
+
+    def save(self, step: int, metrics: MetricsLog, clock: TrainClock, net: nn.Module) -> None:
+        metrics.check(step, net)  # never write a poisoned state
+        rngs = [None] * self.run.world
+        if is_dist():
+            dist.all_gather_object(rngs, rng_state())  # every rank joins
+        else:
+            rngs = [rng_state()]
+        if self.run.rank == 0:
+            state = {name: obj.state_dict() for name, obj in self.states.items()}
+            save_checkpoint(self.path, {**state, "step": step, "history": metrics.history, "rng": rngs,
+                                        "args": vars(self.args), "train_s": clock.seconds(),
+                                        "script": Path(__file__).name})
+        self.last_write = time.time()
+
+
+class StopFlag:
+    """PLUMBING: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C) ask the
+    loop to checkpoint and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun
+    --max-restarts and SLURM --requeue start it again, and the restarted run resumes."""
+
+    def __init__(self):
+        self.requested, self.signum = False, 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested, self.signum = True, signum
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
+
+    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
+        """(stop now, write a checkpoint now), the same on every rank."""
+        if not is_dist():
+            return self.requested, checkpoint_due
+        # PLUMBING: ranks must decide at the same step (else one waits forever in the next collective). They
+        # agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
+        if step % 10 and step != last_step:
+            return False, False
+        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
+        stop_now, write_now = (agreed > 0).tolist()
+        return stop_now, write_now
+
+    def exit(self, step: int) -> None:
+        log(f"stop requested (signal {self.signum or 'on another rank'}): checkpoint and backbone.pt written "
+            f"at step {step}; run the same command to resume")
+        barrier()
+        sys.exit(128 + (self.signum or signal.SIGTERM))  # non-zero: torchrun / SLURM start the run again
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainClock, run: Run) -> dict:
+    """final_metrics.json's common part: steps, epochs, times, the last probe row, the k-NN curve's ends."""
+    last_probe = ([r for r in history if "val_acc_h" in r] or [{}])[-1]
+    final = {"step": step, "epochs": step / steps_per_epoch, "train_s": clock.seconds(),
+             "wall_s": time.time() - run.start,
+             **{k: v for k, v in last_probe.items() if k.startswith("val_acc") or k.endswith("_epoch")}}
+    knn_rows = [r for r in history if "knn_top1" in r]
+    if knn_rows:
+        final["knn_top1_random_init"] = knn_rows[0]["knn_top1"] if knn_rows[0]["step"] == 0 else None
+        final["knn_top1_bank_subset"] = knn_rows[-1]["knn_top1"]
+    return final
+
+
+def end_of_epoch(step: int, steps_per_epoch: int, last_step: int, args, nets, val_loader, knn, metrics: MetricsLog,
+                 clock: TrainClock) -> None:
+    """PLUMBING: at every epoch end (and the last step) the online probes on the validation set; every
+    --knn-every epochs the k-NN of the backbone that backbone.pt saves."""
+    if step % steps_per_epoch == 0 or step == last_step:
+        acc = nets.probe_accuracy(val_loader)
+        metrics.write({"step": step, "epoch": step / steps_per_epoch, **acc})
+        log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
+    if step % steps_per_epoch == 0 and args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
+        metrics.knn_row(knn, nets.backbone, step, step / steps_per_epoch, clock)
+
+
+def finish_training(args, run: Run, nets, metrics: MetricsLog, clock: TrainClock, step: int, steps_per_epoch: int,
+                    knn) -> dict:
+    """PLUMBING: backbone.pt, then (rank 0 alone, the process group closed first so that no rank waits at a
+    barrier during a long evaluation) the final k-NN with the whole training set as memory bank. Returns
+    final_metrics.json's content so far; write_final writes it."""
+    final = final_metrics(metrics.history, step, steps_per_epoch, clock, run)
+    if run.rank == 0:
+        save_backbone(run.out_dir / "backbone.pt", nets.backbone, args)
+    run.close()
+    if knn is not None:
+        final["knn_top1"] = knn(nets.backbone, full_bank=True)
+        metrics.write({"step": step, "epoch": step / steps_per_epoch, "knn_top1_full": final["knn_top1"],
+                       "train_s": clock.seconds()})
+    return final
+
+
+def write_final(run: Run, final: dict, args, metrics: MetricsLog = None, shown=None) -> None:
+    """final_metrics.json (with every argument) and the closing log line (rank 0); closes metrics.jsonl."""
+    if run.rank == 0:
+        final["args"] = vars(args)
+        (run.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args' and (shown is None or k in shown)})}")
+    if metrics is not None:
+        metrics.close()
 
 
 # ==== 8. Linear evaluation ====
@@ -944,274 +1264,107 @@ class KNNMonitor:
 
 
 # ==== 9. Training loop ====
-def train_step(model, online, target, optimizer, scaler, views, labels, ws: float, tau: float, autocast):
-    """One optimisation step of Eq. 3: forward both networks, update theta, then xi <- EMA(theta).
+@dataclass
+class StepOut:
+    """What train_step returns, the same contract in every method file: detached tensors on the device (the
+    step never waits for the GPU; they are read only at log steps)."""
+    loss: torch.Tensor  # the method's objective, the loss of §5: watched by the non-finite guard
+    logs: dict  # name -> 0-d tensor: loss terms, the probes' loss, monitors; each a column of metrics.jsonl
 
-    model is `online` itself or its DDP / compiled wrapper. Returns the (detached) loss terms and the online
-    outputs; nothing here waits for the GPU (no .item()).
-    """
+
+def train_step(nets: Nets, optimizer, batch, schedule: dict, args) -> StepOut:
+    """One optimisation step of Eq. 3: forward both networks, update theta, then xi <- EMA(theta)."""
+    views, labels = batch  # views: [(B, 3, S, S)] * (2 + --small-crops), labels: (B,) for the probes only
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * schedule["lr_scale"]
+    device = nets.run.device
+    views = [v.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for v in views]
+    labels = labels.to(device, non_blocking=True)
+
     # --- forward: online on all crops, target on the two large views (Fig. 1) ---
-    with autocast:
-        online_out = model(views)
+    with nets.run.autocast:
+        online_out = nets.model(views)
         with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into the target
-            target_out = [target(v) for v in views[:2]]
-    loss, loss_g, loss_l = co_byol_loss(online_out, target_out, ws)  # Eq. 3, in fp32
+            target_out = [nets.target(v) for v in views[:2]]
+    loss, loss_g, loss_l = co_byol_loss(online_out, target_out, args.ws)  # Eq. 3, in fp32
     loss_probe = probe_loss(online_out, labels)
 
     # --- update theta, then xi <- EMA(theta) ---
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss + loss_probe).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    ema_update(target, online.encoder, tau)
-    return loss.detach(), loss_g.detach(), loss_l.detach(), loss_probe.detach(), online_out
+    nets.scaler.scale(loss + loss_probe).backward()
+    nets.scaler.step(optimizer)
+    nets.scaler.update()
+    ema_update(nets.target, nets.online.encoder, schedule["tau"])
 
-
-class StopFlag:
-    """PLUMBING: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C) ask the
-    loop to checkpoint and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun
-    --max-restarts and SLURM --requeue start it again, and the restarted run resumes."""
-
-    def __init__(self):
-        self.requested, self.signum = False, 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested, self.signum = True, signum
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+    # Collapse monitor: std of the L2-normalised projections per dimension, x sqrt(D): ~1 healthy, -> 0 collapsed.
+    z_std = F.normalize(online_out[0]["z_g"].detach().float(), dim=1).std(0).mean() * math.sqrt(args.proj_dim)
+    return StepOut(loss.detach(), {"loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
+                                   "loss_probe": loss_probe.detach(), "z_std": z_std})
 
 
 def main(args):
     """Train; returns (online network, target encoder, final metrics) so that tests can inspect them."""
-    global _RANK
-    rank, world, device = setup_distributed(args)
-    _RANK = rank
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    out_dir = Path(args.output_dir)
-    if rank == 0:
-        prepare_output_dir(out_dir)
-    dtype = amp_dtype(args, device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    if device.type == "cpu":
-        # PITFALL (measured): narrow networks produce denormal floats early in training; without flushing them
-        # to zero the first steps ran 4x slower on CPU.
-        torch.set_flush_denormal(True)
-
-    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, rank, world)
+    run = Run(args)  # §7: rank, device, precision, output folder, seeds
+    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, run.rank, run.world)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-
-    # Model: the online network theta and its EMA target xi (a copy of f, g1, g2; no predictor, no probe).
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    online = OnlineNetwork(args, num_classes).to(device)
-    target = copy.deepcopy(online.encoder).requires_grad_(False)  # PAPER: xi starts equal to theta
-    if device.type == "cuda" and world > 1:
-        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
-        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics.
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
-    # channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on this project's 2-core CPUs too.
-    online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
-    torch.manual_seed(args.seed + rank)
-    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
-    optimizer = LARS(param_groups(online, args, scale), lr=args.lr * scale, eta=args.lars_eta)  # or SGD: see groups
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    # Resume: everything from OUTPUT_DIR/checkpoint.pt when it exists.
-    step, history, train_s = 0, [], 0.0  # train_s: seconds spent in training steps, over every resume
-    ckpt_path = out_dir / "checkpoint.pt"
-    if rank == 0 and ckpt_path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
-        ckpt_path.with_suffix(".tmp").unlink()
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, args)
-        online.load_state_dict(ckpt["online"])
-        target.load_state_dict(ckpt["target"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, history, train_s = ckpt["step"], ckpt["history"], ckpt.get("train_s", 0.0)
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        log(f"resumed from {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
-
-    model = online
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
-    if args.compile:
-        model = torch.compile(model)
-
-    def checkpoint_state() -> dict:
-        rngs = [None] * world
-        if is_dist():
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        return {"online": online.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "history": history, "rng": rngs, "args": vars(args),
-                "train_s": train_s, "script": Path(__file__).name}
-
-    # PLUMBING: the non-finite guard sees every step without a host sync: a flag on the device collects any
-    # NaN/inf loss; it is read (with the weights) at log steps and before every checkpoint write, so a poisoned
-    # state is never written and the last good checkpoint stays the newest one.
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-
-    def stop_if_nonfinite(check_weights: bool = False) -> None:
-        bad = nonfinite
-        if check_weights:
-            bad = bad | ~torch.stack([torch.isfinite(p).all() for p in online.parameters()]).all()
-        if all_reduce_sum(bad.float().reshape(1)).item() > 0:
-            fail(f"non-finite loss or weights by step {step}; lower --lr or use --amp off (the last good "
-                 f"checkpoint {ckpt_path} is kept)")
-
-    def write_checkpoint():
-        nonlocal last_write
-        stop_if_nonfinite(check_weights=True)
-        state = checkpoint_state()  # every rank joins the all-gather of RNG states
-        if rank == 0:
-            save_checkpoint(ckpt_path, state)
-        last_write = time.time()
-
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    nets, optimizer = build_training(args, num_classes, run)  # §4: theta, xi = theta, LARS
+    schedule = Schedule(args, steps_per_epoch)  # §6
+    ckpt = Checkpointer(args, run, {"online": nets.online, "target": nets.target, "optimizer": optimizer,
+                                    "scaler": nets.scaler})
+    step, history, train_s = ckpt.resume(steps_per_epoch)  # (0, [], 0) for a new run
+    metrics, clock, stop = MetricsLog(run, history), TrainClock(train_s, step), StopFlag()
     log(f"co_byol.py: {json.dumps(vars(args))}")
-    log(f"world size {world}, per-process batch {args.batch_size // world}, lr {args.lr * scale:g} "
-        f"(= {args.lr} x {args.batch_size}/256), {steps_per_epoch} steps/epoch, {total_steps} steps, "
-        f"local map {args.local_map}x{args.local_map}, device {device}, amp {dtype} "
-        f"({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU), width {args.width}")
-    knn = KNNMonitor(args, train_set.base, val_set, num_classes, device, autocast) if rank == 0 and args.knn_k else None
-
-    def log_row(row: dict) -> None:
-        history.append(row)
-        if metrics_file:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-
-    def knn_row(epoch: float) -> None:
-        """k-NN top-1 of the backbone that backbone.pt saves, logged with the training time so far."""
-        if knn is not None:
-            t0 = time.time()
-            acc = knn(online.encoder.backbone)
-            log_row({"step": step, "epoch": epoch, "knn_top1": acc, "knn_s": time.time() - t0, "train_s": train_s})
-            log(f"epoch {epoch:.2f}: k-NN top-1 {acc:.2f} % ({time.time() - t0:.0f} s, bank "
-                f"{len(knn.bank) if knn.bank else len(knn.labels)}), {train_s / 60:.1f} min of training")
-        barrier()
-    stop = StopFlag()
-    last_step = total_steps if not args.max_steps else min(total_steps, args.max_steps)
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
-    start_time, tick, tick_step = time.time(), time.time(), step
-    last_write = start_time  # --checkpoint-every counts from here
-    bar = tqdm(total=last_step, initial=step, disable=rank != 0, dynamic_ncols=True, desc="co_byol")
-    stop_now = False
+    log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps, local map {args.local_map}x{args.local_map}, "
+        f"width {args.width}")
+    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run.device, run.autocast) \
+        if run.rank == 0 and args.knn_k else None
     if step == 0 and args.knn_every:
-        knn_row(0.0)  # epoch 0: the network at random initialisation, the reference every curve stands beside
-        tick = time.time()  # img_per_s measures training only
+        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)  # epoch 0: the random network, every curve's reference
+    bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True, desc="co_byol")
 
+    stop_now = False
     while step < last_step and not stop_now:
         epoch, skip = divmod(step, steps_per_epoch)
         train_set.epoch = epoch  # the views of this epoch (see SeededViews)
-        sampler.set_epoch(epoch, skip=skip * (args.batch_size // world))  # resume mid-epoch where we stopped
-        segment_start = time.time()  # training time excludes the evaluations below
-        for views, labels in loader:
-            # --- schedules (Sec. 6) ---
-            lr_scale = lr_at(step, total_steps, warmup_steps, 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_scale
-            tau = tau_at(step, total_steps, args.tau_base, args.tau_final)
-
-            views = [v.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for v in views]
-            labels = labels.to(device, non_blocking=True)
-
-            loss, loss_g, loss_l, loss_probe, online_out = train_step(
-                model, online, target, optimizer, scaler, views, labels, args.ws, tau, autocast)
-            nonfinite = nonfinite | ~torch.isfinite(loss + loss_probe)  # no host sync
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))  # resume mid-epoch where it stopped
+        clock.start(step)
+        for batch in loader:
+            # --- one step of Eq. 3 at this step's lr and tau (§6) ---
+            sched = schedule(step)
+            out = train_step(nets, optimizer, batch, sched, args)
+            metrics.watch(out)
             step += 1
             bar.update(1)
-
-            # --- logging (the only place with host-device syncs) ---
+            # --- log (the only host-device syncs), stop on a signal, timed checkpoints ---
             if step % args.log_every == 0 or step == last_step:
-                stop_if_nonfinite()
-                values = torch.stack([loss, loss_g, loss_l, loss_probe,
-                                      F.normalize(online_out[0]["z_g"].detach().float(), dim=1).std(0).mean()])
-                values = all_reduce_sum(values) / world
-                loss_v, g_v, l_v, probe_v, zstd = values.tolist()
-                now = time.time()
-                row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "loss_global": g_v,
-                       "loss_local": l_v, "loss_probe": probe_v,
-                       "z_std": zstd * math.sqrt(args.proj_dim),  # ~1 healthy, -> 0 when collapsed
-                       "lr": optimizer.param_groups[0]["lr"], "tau": tau,
-                       "img_per_s": (step - tick_step) * args.batch_size / (now - tick),
-                       "peak_mem_mb": peak_memory_mb(device), "train_s": train_s + now - segment_start}
-                tick, tick_step = now, step
-                bar.set_postfix(loss=f"{loss_v:.3f}", local=f"{l_v:.3f}", lr=f"{row['lr']:.3g}",
-                                img_s=f"{row['img_per_s']:.0f}")
-                log_row(row)
-
-            # --- preemption (checkpoint and leave) and timed checkpoints ---
-            due = args.checkpoint_every > 0 and time.time() - last_write > 60 * args.checkpoint_every
-            stop_now, write_now = stop.requested, due
-            if is_dist():
-                # PLUMBING: ranks must decide at the same step (else one waits forever in the next collective).
-                # They agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
-                stop_now = write_now = False
-                if step % 10 == 0 or step == last_step:
-                    agreed = all_reduce_sum(torch.tensor([float(stop.requested), float(due)], device=device))
-                    stop_now, write_now = (agreed > 0).tolist()
+                metrics.step_row(step, steps_per_epoch, out, sched, optimizer.param_groups[0]["lr"], clock,
+                                 args.batch_size, bar)
+            stop_now, write_now = stop.poll(step, last_step, ckpt.due(), run.device)
             if stop_now or step == last_step:
                 break
             if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
-                train_s, segment_start = train_s + time.time() - segment_start, time.time()
-                write_checkpoint()
-
-        train_s += time.time() - segment_start
-
-        # --- end of epoch (or of the run): validate the probes, k-NN, checkpoint ---
-        at_epoch_end = step % steps_per_epoch == 0
-        if at_epoch_end or step == last_step:
-            acc = evaluate_probes(online, val_loader, device, autocast)
-            log_row({"step": step, "epoch": step / steps_per_epoch, **acc})
-            log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
-        if at_epoch_end and args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
-            knn_row(step / steps_per_epoch)
-        tick = time.time()  # img_per_s measures training only
-        write_checkpoint()
-        if stop_now:  # exit non-zero so that torchrun --max-restarts / SLURM --requeue start the run again
-            if rank == 0:
-                save_backbone(out_dir / "backbone.pt", online.encoder.backbone, args)
-            log(f"stop requested (signal {stop.signum or 'on another rank'}): checkpoint and backbone.pt written "
-                f"at step {step}; run the same command to resume")
-            barrier()
-            sys.exit(128 + (stop.signum or signal.SIGTERM))
+                clock.pause()
+                ckpt.save(step, metrics, clock, nets.trained)
+                clock.start(step)
+        clock.pause()
+        # --- end of epoch (or of the run): the probes, the k-NN, a checkpoint; on a signal, leave ---
+        end_of_epoch(step, steps_per_epoch, last_step, args, nets, val_loader, knn, metrics, clock)
+        ckpt.save(step, metrics, clock, nets.trained)
+        if stop_now:
+            if run.rank == 0:
+                save_backbone(run.out_dir / "backbone.pt", nets.backbone, args)
+            stop.exit(step)
     bar.close()
 
-    # --- final outputs: backbone.pt, k-NN, final_metrics.json, curves.png ---
-    last_probe = ([r for r in history if "val_acc_h" in r] or [{}])[-1]
-    final = {"step": step, "epochs": step / steps_per_epoch, "train_s": train_s, "wall_s": time.time() - start_time,
-             **{k: v for k, v in last_probe.items() if k.startswith("val_acc")}}
-    if rank == 0:
-        save_backbone(out_dir / "backbone.pt", online.encoder.backbone, args)  # BYOL evaluates the ONLINE network
-        knn_rows = [r for r in history if "knn_top1" in r]
-        if knn_rows:
-            final["knn_top1_random_init"] = knn_rows[0]["knn_top1"] if knn_rows[0]["step"] == 0 else None
-            final["knn_top1_bank_subset"] = knn_rows[-1]["knn_top1"]
-        if knn is not None:  # the final k-NN: the whole training set as memory bank
-            final["knn_top1"] = knn(online.encoder.backbone, full_bank=True)
-            log_row({"step": step, "epoch": step / steps_per_epoch, "knn_top1_full": final["knn_top1"],
-                     "train_s": train_s})
-        final["args"] = vars(args)
-        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        plot_curves(history, out_dir / "curves.png")
-        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args'})}")
-        metrics_file.close()
-    barrier()
-    if is_dist():
-        dist.destroy_process_group()
-    return online, target, final
+    # --- outputs: backbone.pt (BYOL evaluates the ONLINE network), final k-NN, final_metrics.json, curves.png ---
+    final = finish_training(args, run, nets, metrics, clock, step, steps_per_epoch, knn)
+    if run.rank == 0:
+        plot_curves(metrics.history, run.out_dir / "curves.png")
+    write_final(run, final, args, metrics)
+    return nets.online, nets.target, final
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

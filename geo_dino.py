@@ -41,13 +41,13 @@ Run:
         --out-dim 65536 --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 --tau-base 0.996 \
         --local-loss geo --output-dir runs/geo_dino_in1k
     # Multi-node: the same with torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT ...
-Expected results: measured numbers, with their commands, machines and times, are in the README (geo_dino
-section); one epoch of each setting on a 5k-image CIFAR-10 subset on a 2-core CPU is in results/geo_dino_cifar5k_*
+Expected results: measured numbers, with their commands, machines and times, are in docs/geo_dino.md;
+a fraction of an epoch of each setting on a 5k-image CIFAR-10 subset on a 2-core CPU is in results/geo_dino_cifar5k_*
 (far too short to rank them).
 
-Reading order: Sec. 3 (`GeometricView`, `cell_centers`: where every cell comes from) -> Sec. 5 (the matchings
-and the losses, Eq. 4-10) -> Sec. 9 (the training loop) -> Sec. 4 (heads, Swin-T wrapper). Sections 2, 7 and
-most of 3, 6 and 8 are plumbing shared with co_dino.py and co_byol.py (kept identical).
+Reading order: §3 (`GeometricView`, `cell_centers`: where every cell comes from) -> §5 (the matchings
+and the losses, Eq. 4-10) -> §9 (the training loop) -> §4 (heads, Swin-T wrapper). §2, §7 and
+most of §3, §6 and §8 are plumbing shared with co_dino.py and co_byol.py (kept identical).
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -363,8 +364,8 @@ def log(msg: str) -> None:
 # the box (ul_x, ul_y, lr_x, lr_y) in original-image pixels and the flip flag f; P is BYOL's/DINO's pipeline
 # without its first two (geometric) operations. Multi-crop (App. A.1): 2 global crops (blur 1.0 / 0.1,
 # solarisation 0 / 0.2, as DINO) and N_L small crops (blur 0.5).
-# DEVIATION: no Gaussian blur on 32 px images (solo-learn's CIFAR practice), on any crop; from 64 px on
-# (and at the paper's 224 / 96 px) the blur probabilities are DINO's.
+# DEVIATION: no Gaussian blur on images of 32 px or less (solo-learn's CIFAR practice), on any crop; above
+# 32 px (the paper's 224 / 96 px included) the blur probabilities are DINO's.
 # IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
 # and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -694,11 +695,14 @@ class SwinBackbone(nn.Module):
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.features(x)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
-    def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:
-        local = self.forward_local(x)
+    def head(self, local: torch.Tensor) -> rf_resnet.BackboneOutput:
+        """The dense map -> rf_resnet's outputs (eval_linear.py's internal masking calls it on a masked map)."""
         pooled = local.mean(dim=(2, 3))  # (B, C, n, n) -> (B, C)
         # the same fields as rf_resnet's backbones, so the probes, KNNMonitor (.h) and eval_linear.py need no case
         return rf_resnet.BackboneOutput(local=local, pooled=pooled, h=pooled)
+
+    def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:
+        return self.head(self.forward_local(x))
 
 
 def build_backbone(args) -> nn.Module:
@@ -799,6 +803,75 @@ def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
+
+
+class Centers(nn.Module):
+    """DINO's two centres (DINO Eq. 4): of the global teacher outputs and of the local ones (the local loss's
+    own centre); (1, K) buffers, so that they move with the device and live in the checkpoint."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("local_center", torch.zeros(1, out_dim))
+
+
+@dataclass
+class Nets:
+    """Everything one training step computes with: the student, its EMA teacher, the centres, the module the
+    forward pass goes through (the student, or its DDP / compiled wrapper), the grad scaler (fp16 only), the
+    run's device and precision, and the epoch's sums of the match monitors ([valid fraction, sim == geo
+    fraction, steps], from the resume point on). `backbone`: the network that backbone.pt saves and the k-NN
+    reads (DINO: the TEACHER's)."""
+    student: StudentNetwork
+    teacher: nn.Module
+    centers: Centers
+    model: nn.Module
+    scaler: torch.amp.GradScaler
+    run: "Run"
+    epoch_match: torch.Tensor
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.teacher.backbone
+
+    @property
+    def trained(self) -> nn.Module:  # what the optimiser changes: checked for non-finite weights
+        return self.student
+
+    def probe_accuracy(self, val_loader) -> dict:
+        """The probes' accuracy and the epoch's mean match monitors (then reset for the next epoch)."""
+        acc = evaluate_probes(self.student, val_loader, self.run.device, self.run.autocast)
+        m = all_reduce_sum(self.epoch_match) / self.run.world  # PLUMBING: mean over ranks
+        self.epoch_match = torch.zeros_like(self.epoch_match)
+        return {**acc, "match_valid_frac_epoch": m[0].item() / max(m[2].item(), 1),
+                "sim_geo_agree_epoch": m[1].item() / max(m[2].item(), 1)}
+
+
+def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.optim.Optimizer]:
+    """The student and its teacher (= the student at step 0, the same initial weights on every rank), the
+    centres (zero), LARS or AdamW."""
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    student = StudentNetwork(args, num_classes).to(run.device)
+    teacher = make_teacher(student)  # DINO: the teacher starts equal to the student
+    if run.device.type == "cuda" and run.world > 1:
+        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
+        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics. (Swin-T has no BatchNorm.)
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    # channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on this project's 2-core CPUs too.
+    student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
+    torch.manual_seed(args.seed + run.rank)
+    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
+    optimizer = make_optimizer(student, args, scale)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
+    model = student
+    if run.world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[run.device.index]
+                                                    if run.device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, scaler, run,
+                torch.zeros(3, device=run.device)), optimizer
 
 
 # ==== 5. Loss ====
@@ -998,6 +1071,35 @@ def wd_at(step: int, total: int, base: float, final: float) -> float:
     return final + (base - final) * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0))) / 2
 
 
+class Schedule:
+    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every group's base lr),
+    `weight_decay` (DINO's cosine), `tau` (the teacher's EMA momentum), `teacher_temp` (T_t, warmed up per
+    epoch) and `freeze_last_layer` (the prototypes stay fixed in the first epoch(s)). Every float but lr_scale
+    is logged."""
+
+    def __init__(self, args, steps_per_epoch: int):
+        self.args, self.steps_per_epoch = args, steps_per_epoch
+        self.total = args.epochs * steps_per_epoch
+        self.warmup = round(args.warmup_epochs * steps_per_epoch)
+        if args.epochs < args.warmup_teacher_temp_epochs:
+            # A run shorter than DINO's teacher-temperature warm-up works (teacher_temp_at only interpolates; the
+            # official np.linspace schedule would fail): T_t stops short of --teacher-temp. Unlike the lr warm-up
+            # it is not scaled to --epochs: DINO's recipe fixes it in epochs.
+            last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp, args.teacher_temp,
+                                        args.warmup_teacher_temp_epochs)
+            log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs {args.warmup_teacher_temp_epochs}: "
+                f"the teacher temperature ends at {last_temp:.4g}, not --teacher-temp {args.teacher_temp}")
+
+    def __call__(self, step: int) -> dict:
+        a, epoch = self.args, step // self.steps_per_epoch
+        return {"lr_scale": lr_at(step, self.total, self.warmup, 1.0),
+                "weight_decay": wd_at(step, self.total, a.weight_decay, a.weight_decay_end),
+                "tau": tau_at(step, self.total, a.tau_base, a.tau_final),
+                "teacher_temp": teacher_temp_at(epoch, a.warmup_teacher_temp, a.teacher_temp,
+                                                a.warmup_teacher_temp_epochs),
+                "freeze_last_layer": epoch < a.freeze_last_layer}
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
 
@@ -1105,7 +1207,7 @@ def make_optimizer(net: nn.Module, args, scale: float) -> torch.optim.Optimizer:
     return LARS(groups, lr=args.lr * scale, eta=args.lars_eta)
 
 
-# ==== 7. Checkpoint and resume ====
+# ==== 7. Plumbing: checkpoint and resume, metrics log, stop flag, outputs ====
 # PLUMBING: OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; it is written by
 # rank 0 through a temporary file and os.replace (a crash never leaves half a file) and loaded with
 # weights_only=True (plain tensors and Python containers; the arguments are stored as a dict).
@@ -1177,20 +1279,269 @@ def set_rng_state(s: dict) -> None:
 
 
 def save_backbone(path: Path, backbone: nn.Module, args) -> None:
-    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}."""
-    state = {"arch": args.arch, "arch_kwargs": {"stem": args.stem, "mlp": False if args.no_mlp else None,
-                                                "width": args.width},
-             "state_dict": backbone.state_dict(), "args": vars(args)}
-    save_checkpoint(path, state)
-
-
-def save_backbone_file(path: Path, backbone: nn.Module, args) -> None:
-    """backbone.pt for rf_resnet archs (save_backbone) and for swin_t: {"arch": "swin_t", "arch_kwargs": {},
-    "state_dict": keys of torchvision's swin_t with head = Identity ("features.*", "norm.*"), "args"}."""
-    if args.arch != "swin_t":
-        return save_backbone(path, backbone, args)
-    save_checkpoint(path, {"arch": "swin_t", "arch_kwargs": {}, "state_dict": backbone.state_dict(),
+    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}. For swin_t:
+    arch_kwargs {} and the keys of torchvision's swin_t with head = Identity ("features.*", "norm.*")."""
+    kwargs = ({} if args.arch == "swin_t" else
+              {"stem": args.stem, "mlp": False if args.no_mlp else None, "width": args.width})
+    save_checkpoint(path, {"arch": args.arch, "arch_kwargs": kwargs, "state_dict": backbone.state_dict(),
                            "args": vars(args)})
+
+
+class Run:
+    """PLUMBING: this process's place in the run: rank, world size, device, precision, output folder.
+
+    Seeds every RNG with seed + rank (the augmentations differ per rank; the weights are re-seeded with the bare
+    seed where they are built, so every rank starts from the same network).
+    """
+
+    def __init__(self, args):
+        global _RANK
+        self.rank, self.world, self.device = setup_distributed(args)
+        _RANK = self.rank
+        torch.manual_seed(args.seed + self.rank)
+        random.seed(args.seed + self.rank)
+        self.out_dir = Path(args.output_dir)
+        if self.rank == 0:
+            prepare_output_dir(self.out_dir)
+        self.dtype = amp_dtype(args, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        if self.device.type == "cpu":
+            # PITFALL (measured): narrow networks produce denormal floats early in training; without flushing them
+            # to zero the first steps ran 4x slower on CPU.
+            torch.set_flush_denormal(True)
+        self.start = time.time()
+
+    def describe(self, args) -> str:
+        return (f"world size {self.world}, per-process batch {args.batch_size // self.world}, device {self.device}, "
+                f"amp {self.dtype} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU)")
+
+    def close(self) -> None:
+        barrier()
+        if is_dist():
+            dist.destroy_process_group()
+
+
+class TrainClock:
+    """PLUMBING: seconds spent in training steps over every resume (evaluations and checkpoints excluded), and
+    the images per second between two log rows."""
+
+    def __init__(self, train_s: float, step: int):
+        self.train_s, self.started = train_s, None
+        self.tick, self.tick_step = time.time(), step
+
+    def start(self, step: int) -> None:
+        self.started = time.time()
+        self.tick, self.tick_step = self.started, step  # img_per_s counts training time only
+
+    def pause(self) -> None:
+        self.train_s += time.time() - self.started
+        self.started = None
+
+    def seconds(self) -> float:
+        return self.train_s + (time.time() - self.started if self.started is not None else 0.0)
+
+    def img_per_s(self, step: int, batch_size: int) -> float:
+        now = time.time()
+        rate = (step - self.tick_step) * batch_size / (now - self.tick)
+        self.tick, self.tick_step = now, step
+        return rate
+
+
+class MetricsLog:
+    """PLUMBING: metrics.jsonl (written by rank 0), the history kept in checkpoints, and the non-finite guard.
+
+    The guard sees every step without a host sync: a flag on the device collects any NaN/inf loss; it is read
+    (with the weights) at log steps and before every checkpoint write, so a poisoned state is never written
+    and the last good checkpoint stays the newest one.
+    """
+
+    def __init__(self, run: Run, history: list):
+        self.run, self.history = run, history
+        self.file = open(run.out_dir / "metrics.jsonl", "a") if run.rank == 0 else None
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+
+    def write(self, row: dict) -> None:
+        self.history.append(row)
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def watch(self, out: "StepOut") -> None:
+        self.nonfinite = self.nonfinite | ~torch.isfinite(out.loss + out.logs["loss_probe"])  # no host sync
+
+    def check(self, step: int, net: nn.Module = None) -> None:
+        bad = self.nonfinite
+        if net is not None:
+            bad = bad | ~torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
+        if all_reduce_sum(bad.float().reshape(1)).item() > 0:
+            fail(f"non-finite loss or weights by step {step}; lower --lr or use --amp off (the last good "
+                 f"checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
+
+    def step_row(self, step: int, steps_per_epoch: int, out: "StepOut", schedule: dict, lr: float,
+                 clock: TrainClock, batch_size: int, bar=None) -> None:
+        """The row of a log step: the step's loss and logs (mean over ranks), the schedules, speed, memory."""
+        self.check(step)
+        values = all_reduce_sum(torch.stack([out.loss, *out.logs.values()]).float()) / self.run.world
+        loss, *logs = values.tolist()
+        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, **dict(zip(out.logs, logs)), "lr": lr,
+               **{k: v for k, v in schedule.items() if k != "lr_scale" and not isinstance(v, bool)},
+               "img_per_s": clock.img_per_s(step, batch_size), "peak_mem_mb": peak_memory_mb(self.run.device),
+               "train_s": clock.seconds()}
+        self.write(row)
+        if bar is not None:
+            shown = {k: f"{row[k]:.3g}" for k in list(out.logs)[:2]}
+            bar.set_postfix(loss=f"{loss:.3f}", **shown, lr=f"{lr:.3g}", img_s=f"{row['img_per_s']:.0f}")
+
+    def knn_row(self, knn, backbone: nn.Module, step: int, epoch: float, clock: TrainClock) -> None:
+        """k-NN top-1 of the backbone that backbone.pt saves, logged with the training time so far (rank 0)."""
+        if knn is not None:
+            t0 = time.time()
+            acc = knn(backbone)
+            self.write({"step": step, "epoch": epoch, "knn_top1": acc, "knn_s": time.time() - t0,
+                        "train_s": clock.seconds()})
+            log(f"epoch {epoch:.2f}: k-NN top-1 {acc:.2f} % ({time.time() - t0:.0f} s, bank "
+                f"{len(knn.bank) if knn.bank else len(knn.labels)}), {clock.seconds() / 60:.1f} min of training")
+        barrier()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class Checkpointer:
+    """PLUMBING: OUTPUT_DIR/checkpoint.pt, written at every epoch end, every --checkpoint-every minutes and when
+    a stop signal arrives; a run started with the same command resumes from it (bit-exact on CPU).
+
+    `states`: name -> every object with state_dict() / load_state_dict() that the run changes (networks,
+    optimiser, grad scaler, centres); besides them the checkpoint holds the step, the metrics history, the
+    training seconds and the RNG state of every rank.
+    """
+
+    def __init__(self, args, run: Run, states: dict):
+        self.args, self.run, self.states = args, run, states
+        self.path = run.out_dir / "checkpoint.pt"
+        if run.rank == 0 and self.path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
+            self.path.with_suffix(".tmp").unlink()
+        self.last_write = time.time()
+
+    def resume(self, steps_per_epoch: int) -> tuple[int, list, float]:
+        """(step, history, training seconds): where the checkpoint stopped, or (0, [], 0.0) for a new run."""
+        if not self.path.exists():
+            return 0, [], 0.0
+        ckpt = load_checkpoint(self.path, self.args)
+        for name, obj in self.states.items():
+            obj.load_state_dict(ckpt[name])
+        rank = self.run.rank
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resumed from {self.path} at step {ckpt['step']} (epoch {ckpt['step'] // steps_per_epoch})")
+        return ckpt["step"], ckpt["history"], ckpt.get("train_s", 0.0)
+
+    def due(self) -> bool:
+        return self.args.checkpoint_every > 0 and time.time() - self.last_write > 60 * self.args.checkpoint_every
+
+    def save(self, step: int, metrics: MetricsLog, clock: TrainClock, net: nn.Module) -> None:
+        metrics.check(step, net)  # never write a poisoned state
+        rngs = [None] * self.run.world
+        if is_dist():
+            dist.all_gather_object(rngs, rng_state())  # every rank joins
+        else:
+            rngs = [rng_state()]
+        if self.run.rank == 0:
+            state = {name: obj.state_dict() for name, obj in self.states.items()}
+            save_checkpoint(self.path, {**state, "step": step, "history": metrics.history, "rng": rngs,
+                                        "args": vars(self.args), "train_s": clock.seconds(),
+                                        "script": Path(__file__).name})
+        self.last_write = time.time()
+
+
+class StopFlag:
+    """PLUMBING: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C) ask the
+    loop to checkpoint and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun
+    --max-restarts and SLURM --requeue start it again, and the restarted run resumes."""
+
+    def __init__(self):
+        self.requested, self.signum = False, 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested, self.signum = True, signum
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
+
+    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
+        """(stop now, write a checkpoint now), the same on every rank."""
+        if not is_dist():
+            return self.requested, checkpoint_due
+        # PLUMBING: ranks must decide at the same step (else one waits forever in the next collective). They
+        # agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
+        if step % 10 and step != last_step:
+            return False, False
+        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
+        stop_now, write_now = (agreed > 0).tolist()
+        return stop_now, write_now
+
+    def exit(self, step: int) -> None:
+        log(f"stop requested (signal {self.signum or 'on another rank'}): checkpoint and backbone.pt written "
+            f"at step {step}; run the same command to resume")
+        barrier()
+        sys.exit(128 + (self.signum or signal.SIGTERM))  # non-zero: torchrun / SLURM start the run again
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainClock, run: Run) -> dict:
+    """final_metrics.json's common part: steps, epochs, times, the last probe row, the k-NN curve's ends."""
+    last_probe = ([r for r in history if "val_acc_h" in r] or [{}])[-1]
+    final = {"step": step, "epochs": step / steps_per_epoch, "train_s": clock.seconds(),
+             "wall_s": time.time() - run.start,
+             **{k: v for k, v in last_probe.items() if k.startswith("val_acc") or k.endswith("_epoch")}}
+    knn_rows = [r for r in history if "knn_top1" in r]
+    if knn_rows:
+        final["knn_top1_random_init"] = knn_rows[0]["knn_top1"] if knn_rows[0]["step"] == 0 else None
+        final["knn_top1_bank_subset"] = knn_rows[-1]["knn_top1"]
+    return final
+
+
+def end_of_epoch(step: int, steps_per_epoch: int, last_step: int, args, nets, val_loader, knn, metrics: MetricsLog,
+                 clock: TrainClock) -> None:
+    """PLUMBING: at every epoch end (and the last step) the online probes on the validation set; every
+    --knn-every epochs the k-NN of the backbone that backbone.pt saves."""
+    if step % steps_per_epoch == 0 or step == last_step:
+        acc = nets.probe_accuracy(val_loader)
+        metrics.write({"step": step, "epoch": step / steps_per_epoch, **acc})
+        log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
+    if step % steps_per_epoch == 0 and args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
+        metrics.knn_row(knn, nets.backbone, step, step / steps_per_epoch, clock)
+
+
+def finish_training(args, run: Run, nets, metrics: MetricsLog, clock: TrainClock, step: int, steps_per_epoch: int,
+                    knn) -> dict:
+    """PLUMBING: backbone.pt, then (rank 0 alone, the process group closed first so that no rank waits at a
+    barrier during a long evaluation) the final k-NN with the whole training set as memory bank. Returns
+    final_metrics.json's content so far; write_final writes it."""
+    final = final_metrics(metrics.history, step, steps_per_epoch, clock, run)
+    if run.rank == 0:
+        save_backbone(run.out_dir / "backbone.pt", nets.backbone, args)
+    run.close()
+    if knn is not None:
+        final["knn_top1"] = knn(nets.backbone, full_bank=True)
+        metrics.write({"step": step, "epoch": step / steps_per_epoch, "knn_top1_full": final["knn_top1"],
+                       "train_s": clock.seconds()})
+    return final
+
+
+def write_final(run: Run, final: dict, args, metrics: MetricsLog = None, shown=None) -> None:
+    """final_metrics.json (with every argument) and the closing log line (rank 0); closes metrics.jsonl."""
+    if run.rank == 0:
+        final["args"] = vars(args)
+        (run.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args' and (shown is None or k in shown)})}")
+    if metrics is not None:
+        metrics.close()
 
 
 # ==== 8. Linear evaluation ====
@@ -1354,333 +1705,140 @@ def plot_matches(path: str, encoder: nn.Module, dataset, args, device, autocast,
 
 
 # ==== 9. Training loop ====
-def train_step(model, student, teacher, optimizer, scaler, views, boxes, flips, labels, centers, args,
-               tau: float, teacher_temp: float, weight_decay: float, freeze_last_layer: bool, autocast):
-    """One optimisation step (PAPER Algorithm 1, lines 10-18): forward, (1 - w) L_G + w L_L, update the
-    student, then the teacher (EMA) and the two centres.
+@dataclass
+class StepOut:
+    """What train_step returns, the same contract in every method file: detached tensors on the device (the
+    step never waits for the GPU; they are read only at log steps)."""
+    loss: torch.Tensor  # the method's objective, the loss of §5: watched by the non-finite guard
+    logs: dict  # name -> 0-d tensor: loss terms, the probes' loss, monitors; each a column of metrics.jsonl
 
-    model is `student` itself or its DDP / compiled wrapper; views: 2 + N_L crops (B, 3, S, S); boxes (B, V, 4)
-    and flips (B, V) describe where they came from; centers = (global centre, local centre), each (1, K).
-    Returns the (detached) loss terms, the new centres and the monitors; no .item() (no GPU sync).
-    """
-    center, local_center = centers
+
+def train_step(nets: Nets, optimizer, batch, schedule: dict, args) -> StepOut:
+    """One optimisation step (PAPER Algorithm 1, lines 10-18): forward, (1 - w) L_G + w L_L, update the
+    student, then the teacher (EMA) and the two centres."""
+    # views: 2 + N_L crops (B, 3, S, S); boxes (B, V, 4) and flips (B, V): where they came from; labels: probes
+    (views, boxes, flips), labels = batch
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * schedule["lr_scale"]
+    device, teacher_temp = nets.run.device, schedule["teacher_temp"]
+    # each crop size is its own tensor (2 global, N_L small): every one goes channels_last
+    views = [v.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for v in views]
+    boxes, flips = boxes.to(device, non_blocking=True), flips.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    center, local_center = nets.centers.center, nets.centers.local_center
+
     # --- forward: student on all crops, teacher on the 2 global crops (App. A.2) ---
-    with autocast:
-        student_out = model(views)
+    with nets.run.autocast:
+        student_out = nets.model(views)
         with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
-            teacher_out = forward_views(teacher, views[:2])
+            teacher_out = forward_views(nets.teacher, views[:2])
     loss, loss_g, loss_l, match = geo_dino_loss(student_out, teacher_out, boxes, flips, center, local_center,
                                                 args.student_temp, teacher_temp, args.local_loss,
                                                 args.local_weight)  # in fp32
     loss_probe = probe_loss(student_out, labels)
 
     # --- update the student, then the teacher <- EMA(student) ---
-    optimizer.param_groups[0]["weight_decay"] = weight_decay  # group 0: the decayed weights (param_groups)
+    optimizer.param_groups[0]["weight_decay"] = schedule["weight_decay"]  # group 0: the decayed weights
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss + loss_probe).backward()
-    if freeze_last_layer:  # DINO: the prototypes stay fixed in the first epoch(s), which stabilises training
-        for head in (student.encoder.head, student.encoder.local_head):
+    nets.scaler.scale(loss + loss_probe).backward()
+    if schedule["freeze_last_layer"]:  # DINO: the prototypes stay fixed in the first epoch(s): stabler start
+        for head in (nets.student.encoder.head, nets.student.encoder.local_head):
             if head is not None:
                 for p in head.last_layer.parameters():
                     p.grad = None
     if args.clip_grad:
-        scaler.unscale_(optimizer)  # PITFALL: clip the true gradient, not the fp16-scaled one
-        clip_gradients(student.encoder.parameters(), args.clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    ema_update(teacher, student.encoder, tau)
+        nets.scaler.unscale_(optimizer)  # PITFALL: clip the true gradient, not the fp16-scaled one
+        clip_gradients(nets.student.encoder.parameters(), args.clip_grad)
+    nets.scaler.step(optimizer)
+    nets.scaler.update()
+    ema_update(nets.teacher, nets.student.encoder, schedule["tau"])
 
     # --- centres, after the loss as in the official code (DINO Eq. 4), over the global batch ---
     t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
-    monitors = collapse_monitors(t_global, center, teacher_temp)
-    center = update_center(center, t_global, args.center_momentum)
+    entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
+    nets.centers.center = update_center(center, t_global, args.center_momentum)
     local_monitors = torch.zeros(2, device=t_global.device)
     if args.local_loss != "none":
         # PAPER Sec. 3.4.2 / EsViT: the local head has its own centre, a mean over every cell of every image:
         # 2 x (B, K, n, n) -> (2B * n * n, K)
         t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
         local_monitors = collapse_monitors(t_local, local_center, teacher_temp)  # local collapse (Sec. 4.6)
-        local_center = update_center(local_center, t_local, args.center_momentum)
-    monitors = torch.cat([monitors, local_monitors, match])  # [entropy, kl, local entropy, local kl, valid, agree]
-    return (loss.detach(), loss_g.detach(), loss_l.detach(), loss_probe.detach()), (center, local_center), monitors
-
-
-class StopFlag:
-    """PLUMBING: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C) ask the
-    loop to checkpoint and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun
-    --max-restarts and SLURM --requeue start it again, and the restarted run resumes."""
-
-    def __init__(self):
-        self.requested, self.signum = False, 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested, self.signum = True, signum
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+        nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
+    nets.epoch_match += torch.cat([match, match.new_ones(1)])  # the epoch's match monitors (Sec. 4.6-4.7)
+    return StepOut(loss.detach(), {
+        "loss_global": loss_g.detach(), "loss_local": loss_l.detach(), "loss_probe": loss_probe.detach(),
+        "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform,  # collapse: -> log K
+        "local_teacher_entropy": local_monitors[0], "local_teacher_kl_uniform": local_monitors[1],  # local collapse
+        "match_valid_frac": match[0], "sim_geo_agree": match[1]})  # match monitors (Sec. 4.6-4.7)
 
 
 def main(args):
     """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect them."""
-    global _RANK
-    rank, world, device = setup_distributed(args)
-    _RANK = rank
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    out_dir = Path(args.output_dir)
-    if rank == 0:
-        prepare_output_dir(out_dir)
-    dtype = amp_dtype(args, device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    if device.type == "cpu":
-        # PITFALL (measured): narrow networks produce denormal floats early in training; without flushing them
-        # to zero the first steps ran 4x slower on CPU.
-        torch.set_flush_denormal(True)
-
-    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, rank, world)
+    run = Run(args)  # §7: rank, device, precision, output folder, seeds
+    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, run.rank, run.world)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-
-    # Model: the student and its EMA teacher (a copy of f and both heads; no probe), and the two centres.
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    student = StudentNetwork(args, num_classes).to(device)
-    teacher = make_teacher(student)  # DINO: the teacher starts equal to the student
-    if device.type == "cuda" and world > 1:
-        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
-        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics. (Swin-T has no BatchNorm.)
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    # channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on this project's 2-core CPUs too.
-    student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
-    centers = (torch.zeros(1, args.out_dim, device=device), torch.zeros(1, args.out_dim, device=device))
-    torch.manual_seed(args.seed + rank)
-    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
-    optimizer = make_optimizer(student, args, scale)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    # Resume: everything from OUTPUT_DIR/checkpoint.pt when it exists.
-    step, history, train_s = 0, [], 0.0  # train_s: seconds spent in training steps, over every resume
-    ckpt_path = out_dir / "checkpoint.pt"
-    if rank == 0 and ckpt_path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
-        ckpt_path.with_suffix(".tmp").unlink()
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, args)
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        centers = (ckpt["center"].to(device), ckpt["local_center"].to(device))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, history, train_s = ckpt["step"], ckpt["history"], ckpt.get("train_s", 0.0)
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        log(f"resumed from {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
-
-    model = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
-    if args.compile:
-        model = torch.compile(model)
-
-    def checkpoint_state() -> dict:
-        rngs = [None] * world
-        if is_dist():
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        return {"student": student.state_dict(), "teacher": teacher.state_dict(), "center": centers[0],
-                "local_center": centers[1], "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "history": history, "rng": rngs, "args": vars(args), "train_s": train_s,
-                "script": Path(__file__).name}
-
-    # PLUMBING: the non-finite guard sees every step without a host sync: a flag on the device collects any
-    # NaN/inf loss; it is read (with the weights) at log steps and before every checkpoint write, so a poisoned
-    # state is never written and the last good checkpoint stays the newest one.
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-
-    def stop_if_nonfinite(check_weights: bool = False) -> None:
-        bad = nonfinite
-        if check_weights:
-            bad = bad | ~torch.stack([torch.isfinite(p).all() for p in student.parameters()]).all()
-        if all_reduce_sum(bad.float().reshape(1)).item() > 0:
-            fail(f"non-finite loss or weights by step {step}; lower --lr or use --amp off (the last good "
-                 f"checkpoint {ckpt_path} is kept)")
-
-    def write_checkpoint():
-        nonlocal last_write
-        stop_if_nonfinite(check_weights=True)
-        state = checkpoint_state()  # every rank joins the all-gather of RNG states
-        if rank == 0:
-            save_checkpoint(ckpt_path, state)
-        last_write = time.time()
-
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    nets, optimizer = build_training(args, num_classes, run)  # §4: student, teacher = student, centres, optimiser
+    schedule = Schedule(args, steps_per_epoch)  # §6
+    ckpt = Checkpointer(args, run, {"student": nets.student, "teacher": nets.teacher, "centers": nets.centers,
+                                    "optimizer": optimizer, "scaler": nets.scaler})
+    step, history, train_s = ckpt.resume(steps_per_epoch)  # (0, [], 0) for a new run
+    metrics, clock, stop = MetricsLog(run, history), TrainClock(train_s, step), StopFlag()
     log(f"geo_dino.py: {json.dumps(vars(args))}")
-    log(f"world size {world}, per-process batch {args.batch_size // world}, lr {args.lr * scale:g} "
-        f"(= {args.lr} x {args.batch_size}/256), {steps_per_epoch} steps/epoch, {total_steps} steps, "
-        f"grids {args.grid_global}x{args.grid_global} (global) / {args.grid_local}x{args.grid_local} (small), "
-        f"local loss {args.local_loss}, device {device}, amp {dtype} "
-        f"({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU), width {args.width}")
-    if args.epochs < args.warmup_teacher_temp_epochs:
-        # A run shorter than DINO's teacher-temperature warm-up works (teacher_temp_at only interpolates; the
-        # official np.linspace schedule would fail): T_t stops short of --teacher-temp. Unlike the lr warm-up it
-        # is not scaled to --epochs: DINO's recipe fixes it in epochs.
-        last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp, args.teacher_temp,
-                                    args.warmup_teacher_temp_epochs)
-        log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs {args.warmup_teacher_temp_epochs}: "
-            f"the teacher temperature ends at {last_temp:.4g}, not --teacher-temp {args.teacher_temp}")
-    knn = KNNMonitor(args, train_set.base, val_set, num_classes, device, autocast) if rank == 0 and args.knn_k else None
-
-    def log_row(row: dict) -> None:
-        history.append(row)
-        if metrics_file:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-
-    def knn_row(epoch: float) -> None:
-        """k-NN top-1 of the backbone that backbone.pt saves, logged with the training time so far."""
-        if knn is not None:
-            t0 = time.time()
-            acc = knn(teacher.backbone)  # DINO evaluates the TEACHER (backbone.pt is teacher.backbone)
-            log_row({"step": step, "epoch": epoch, "knn_top1": acc, "knn_s": time.time() - t0, "train_s": train_s})
-            log(f"epoch {epoch:.2f}: k-NN top-1 {acc:.2f} % ({time.time() - t0:.0f} s, bank "
-                f"{len(knn.bank) if knn.bank else len(knn.labels)}), {train_s / 60:.1f} min of training")
-        barrier()
-    stop = StopFlag()
-    last_step = total_steps if not args.max_steps else min(total_steps, args.max_steps)
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
-    start_time, tick, tick_step = time.time(), time.time(), step
-    last_write = start_time  # --checkpoint-every counts from here
-    bar = tqdm(total=last_step, initial=step, disable=rank != 0, dynamic_ncols=True, desc="geo_dino")
-    stop_now = False
+    log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps, grids {args.grid_global}x{args.grid_global} (global) "
+        f"/ {args.grid_local}x{args.grid_local} (small), local loss {args.local_loss}, width {args.width}")
+    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run.device, run.autocast) \
+        if run.rank == 0 and args.knn_k else None
     if step == 0 and args.knn_every:
-        knn_row(0.0)  # epoch 0: the network at random initialisation, the reference every curve stands beside
-        tick = time.time()  # img_per_s measures training only
+        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)  # epoch 0: the random network, every curve's reference
+    bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True, desc="geo_dino")
 
+    stop_now = False
     while step < last_step and not stop_now:
         epoch, skip = divmod(step, steps_per_epoch)
         train_set.epoch = epoch  # the views of this epoch (see SeededViews)
-        sampler.set_epoch(epoch, skip=skip * (args.batch_size // world))  # resume mid-epoch where we stopped
-        segment_start = time.time()  # training time excludes the evaluations below
-        # Per-epoch sums of the match monitors (from the resume point on, after a mid-epoch resume).
-        epoch_match = torch.zeros(3, device=device)  # [valid fraction, sim == geo fraction, steps]
-        for (views, boxes, flips), labels in loader:
-            # --- schedules (Sec. 6) ---
-            lr_scale = lr_at(step, total_steps, warmup_steps, 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_scale
-            tau = tau_at(step, total_steps, args.tau_base, args.tau_final)
-            teacher_temp = teacher_temp_at(epoch, args.warmup_teacher_temp, args.teacher_temp,
-                                           args.warmup_teacher_temp_epochs)
-            weight_decay = wd_at(step, total_steps, args.weight_decay, args.weight_decay_end)
-
-            # each crop size is its own tensor (2 global, N_L small): every one goes channels_last
-            views = [v.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for v in views]
-            boxes, flips = boxes.to(device, non_blocking=True), flips.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-
-            (loss, loss_g, loss_l, loss_probe), centers, monitors = train_step(
-                model, student, teacher, optimizer, scaler, views, boxes, flips, labels, centers, args, tau,
-                teacher_temp, weight_decay, epoch < args.freeze_last_layer, autocast)
-            nonfinite = nonfinite | ~torch.isfinite(loss + loss_probe)  # no host sync
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))  # resume mid-epoch where it stopped
+        clock.start(step)
+        for batch in loader:
+            # --- one step (Algorithm 1) at this step's lr, weight decay, tau and teacher temperature (§6) ---
+            sched = schedule(step)
+            out = train_step(nets, optimizer, batch, sched, args)
+            metrics.watch(out)
             step += 1
             bar.update(1)
-            epoch_match += torch.cat([monitors[4:], monitors.new_ones(1)])
-
-            # --- logging (the only place with host-device syncs) ---
+            # --- log (the only host-device syncs), stop on a signal, timed checkpoints ---
             if step % args.log_every == 0 or step == last_step:
-                stop_if_nonfinite()
-                values = torch.stack([loss, loss_g, loss_l, loss_probe, *monitors])
-                values = all_reduce_sum(values) / world
-                loss_v, g_v, l_v, probe_v, entropy, kl_uniform, l_entropy, l_kl, valid, agree = values.tolist()
-                now = time.time()
-                row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "loss_global": g_v,
-                       "loss_local": l_v, "loss_probe": probe_v,
-                       "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform,  # collapse: -> log K
-                       "local_teacher_entropy": l_entropy, "local_teacher_kl_uniform": l_kl,  # local collapse
-                       "match_valid_frac": valid, "sim_geo_agree": agree,  # match monitors (Sec. 4.6-4.7)
-                       "lr": optimizer.param_groups[0]["lr"], "weight_decay": weight_decay, "tau": tau,
-                       "teacher_temp": teacher_temp,
-                       "img_per_s": (step - tick_step) * args.batch_size / (now - tick),
-                       "peak_mem_mb": peak_memory_mb(device), "train_s": train_s + now - segment_start}
-                tick, tick_step = now, step
-                bar.set_postfix(loss=f"{loss_v:.3f}", local=f"{l_v:.3f}", valid=f"{valid:.2f}",
-                                agree=f"{agree:.2f}", img_s=f"{row['img_per_s']:.0f}")
-                log_row(row)
-
-            # --- preemption (checkpoint and leave) and timed checkpoints ---
-            due = args.checkpoint_every > 0 and time.time() - last_write > 60 * args.checkpoint_every
-            stop_now, write_now = stop.requested, due
-            if is_dist():
-                # PLUMBING: ranks must decide at the same step (else one waits forever in the next collective).
-                # They agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
-                stop_now = write_now = False
-                if step % 10 == 0 or step == last_step:
-                    agreed = all_reduce_sum(torch.tensor([float(stop.requested), float(due)], device=device))
-                    stop_now, write_now = (agreed > 0).tolist()
+                metrics.step_row(step, steps_per_epoch, out, sched, optimizer.param_groups[0]["lr"], clock,
+                                 args.batch_size, bar)
+            stop_now, write_now = stop.poll(step, last_step, ckpt.due(), run.device)
             if stop_now or step == last_step:
                 break
             if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
-                train_s, segment_start = train_s + time.time() - segment_start, time.time()
-                write_checkpoint()
-
-        train_s += time.time() - segment_start
-
-        # --- end of epoch (or of the run): validate the probes, log the epoch's match monitors, k-NN, checkpoint ---
-        at_epoch_end = step % steps_per_epoch == 0
-        if at_epoch_end or step == last_step:
-            acc = evaluate_probes(student, val_loader, device, autocast)
-            m = all_reduce_sum(epoch_match) / world  # PLUMBING: mean over ranks
-            match = {"match_valid_frac_epoch": m[0].item() / max(m[2].item(), 1),
-                     "sim_geo_agree_epoch": m[1].item() / max(m[2].item(), 1)}
-            log_row({"step": step, "epoch": step / steps_per_epoch, **acc, **match})
-            log(f"epoch {step / steps_per_epoch:.2f} step {step}: "
-                + ", ".join(f"{k} {v:.3g}" for k, v in {**acc, **match}.items()))
-        if at_epoch_end and args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
-            knn_row(step / steps_per_epoch)
-        tick = time.time()  # img_per_s measures training only
-        write_checkpoint()
-        if stop_now:  # exit non-zero so that torchrun --max-restarts / SLURM --requeue start the run again
-            if rank == 0:
-                save_backbone_file(out_dir / "backbone.pt", teacher.backbone, args)
-            log(f"stop requested (signal {stop.signum or 'on another rank'}): checkpoint and backbone.pt written "
-                f"at step {step}; run the same command to resume")
-            barrier()
-            sys.exit(128 + (stop.signum or signal.SIGTERM))
+                clock.pause()
+                ckpt.save(step, metrics, clock, nets.trained)
+                clock.start(step)
+        clock.pause()
+        # --- end of epoch (or of the run): the probes and match monitors, the k-NN, a checkpoint; on a signal, leave
+        end_of_epoch(step, steps_per_epoch, last_step, args, nets, val_loader, knn, metrics, clock)
+        ckpt.save(step, metrics, clock, nets.trained)
+        if stop_now:
+            if run.rank == 0:
+                save_backbone(run.out_dir / "backbone.pt", nets.backbone, args)
+            stop.exit(step)
     bar.close()
 
-    # --- final outputs: backbone.pt, k-NN, final_metrics.json, curves.png (+ match figures) ---
-    last_probe = ([r for r in history if "val_acc_h" in r] or [{}])[-1]
-    final = {"step": step, "epochs": step / steps_per_epoch, "train_s": train_s, "wall_s": time.time() - start_time,
-             **{k: v for k, v in last_probe.items() if k.startswith("val_acc") or k.endswith("_epoch")}}
-    if rank == 0:
-        save_backbone_file(out_dir / "backbone.pt", teacher.backbone, args)  # DINO evaluates the TEACHER
-        knn_rows = [r for r in history if "knn_top1" in r]
-        if knn_rows:
-            final["knn_top1_random_init"] = knn_rows[0]["knn_top1"] if knn_rows[0]["step"] == 0 else None
-            final["knn_top1_bank_subset"] = knn_rows[-1]["knn_top1"]
-        if knn is not None:  # the final k-NN: the whole training set as memory bank
-            final["knn_top1"] = knn(teacher.backbone, full_bank=True)  # the TEACHER, as backbone.pt
-            log_row({"step": step, "epoch": step / steps_per_epoch, "knn_top1_full": final["knn_top1"],
-                     "train_s": train_s})
+    # --- outputs: backbone.pt (DINO evaluates the TEACHER), final k-NN, final_metrics.json, curves (+ matches) ---
+    final = finish_training(args, run, nets, metrics, clock, step, steps_per_epoch, knn)
+    if run.rank == 0:
         if args.plot_matches:
-            plot_matches(args.plot_matches, teacher, train_set.base, args, device, autocast)
-        final["wall_s_total"] = time.time() - start_time  # with k-NN and figures
-        final["args"] = vars(args)
-        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        plot_curves(history, out_dir / "curves.png")
-        plot_match_curves(history, out_dir / "match_monitors.png")
-        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args'})}")
-        metrics_file.close()
-    barrier()
-    if is_dist():
-        dist.destroy_process_group()
-    return student, teacher, final
+            plot_matches(args.plot_matches, nets.teacher, train_set.base, args, run.device, run.autocast)
+        final["wall_s_total"] = time.time() - run.start  # with k-NN and figures
+        plot_curves(metrics.history, run.out_dir / "curves.png")
+        plot_match_curves(metrics.history, run.out_dir / "match_monitors.png")
+    write_final(run, final, args, metrics)
+    return nets.student, nets.teacher, final
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -1697,7 +1855,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(1, 5, figsize=(25, 4))
     for key in ("loss", "loss_global", "loss_local"):
         ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
-    ax[0].set_title("loss (L_DINO + ws L_local) and its terms"), ax[0].legend(), ax[0].set_xlabel("step")
+    ax[0].set_title("loss ((1 - w) L_G + w L_L) and its terms"), ax[0].legend(), ax[0].set_xlabel("step")
     ax[1].plot([r["step"] for r in train], [r["lr"] for r in train], label="lr (weights)")
     ax1b = ax[1].twinx()
     ax1b.plot([r["step"] for r in train], [r["tau"] for r in train], color="C1", label="tau")

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -282,8 +283,11 @@ def test_one_step_of_each_loss(loss):
     optimizer = bag_ssl.LARS(bag_ssl.param_groups(online, args, 1.0), lr=args.lr, eta=args.lars_eta)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     before = [p.clone() for p in online.encoder.parameters()]
-    total, terms, loss_probe, _ = bag_ssl.train_step(online, online, target, optimizer, scaler, views, labels, args,
-                                                     0.99, bag_ssl.nullcontext())
+    run = SimpleNamespace(device=torch.device("cpu"), autocast=bag_ssl.nullcontext())
+    nets = bag_ssl.Nets(online, target, online, scaler, run)
+    out = bag_ssl.train_step(nets, optimizer, (views, labels), {"lr_scale": 1.0, "tau": 0.99}, args)
+    total, loss_probe = out.loss, out.logs["loss_probe"]
+    terms = torch.stack([out.logs[k] for k in bag_ssl.LOSS_TERMS[loss]])
     assert math.isfinite(total.item()) and terms.shape == (len(bag_ssl.LOSS_TERMS[loss]),)
     assert torch.isfinite(terms).all() and math.isfinite(loss_probe.item())
     if loss == "vicreg":

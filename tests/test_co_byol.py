@@ -360,9 +360,11 @@ def test_nan_between_log_steps_never_reaches_a_checkpoint(tmp_path, monkeypatch)
     real_step, calls = co_byol.train_step, []
 
     def poisoned_step(*a, **kw):
-        loss, *rest = real_step(*a, **kw)
+        out = real_step(*a, **kw)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 6 else loss, *rest)  # step 6 of 8, not a log step
+        if len(calls) == 6:  # step 6 of 8, not a log step
+            out.loss = out.loss * float("nan")
+        return out
 
     monkeypatch.setattr(co_byol, "train_step", poisoned_step)
     args = co_byol.parse_args(TINY + ["--log-every", "100", "--knn-k", "0", "--output-dir", str(out)])

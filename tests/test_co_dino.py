@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -175,9 +176,12 @@ def test_train_step_freezes_prototypes_updates_centres_and_ema():
     last = [p.clone() for p in student.encoder.head.last_layer.parameters()]
     t0 = [p.clone() for p in teacher.parameters()]
     views, labels = [torch.randn(4, 3, 16, 16) for _ in range(2)], torch.randint(0, 10, (4,))
-    centers = (torch.zeros(1, 64), torch.zeros(1, 64))
-    _, (c, c_l), _ = co_dino.train_step(student, student, teacher, opt, scaler, views, labels, centers, args,
-                                        0.9, 0.04, True, co_dino.nullcontext())
+    run = SimpleNamespace(device=torch.device("cpu"), autocast=co_dino.nullcontext())
+    nets = co_dino.Nets(student, teacher, co_dino.Centers(64), student, scaler, run)
+    schedule = {"lr_scale": 1.0, "tau": 0.9, "teacher_temp": 0.04, "freeze_last_layer": True}
+    out = co_dino.train_step(nets, opt, (views, labels), schedule, args)
+    assert isinstance(out, co_dino.StepOut) and set(out.logs) >= {"loss_global", "loss_local", "loss_probe"}
+    c, c_l = nets.centers.center, nets.centers.local_center
     for a, b in zip(last, student.encoder.head.last_layer.parameters()):
         assert torch.equal(a, b)  # prototypes frozen in the first epoch
     assert c.abs().sum() > 0 and c_l.abs().sum() > 0 and not torch.equal(c, c_l)  # two separate centres
@@ -227,7 +231,7 @@ def test_tiny_run_writes_all_outputs(tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     for k, v in backbone["state_dict"].items():  # backbone.pt is the TEACHER backbone
         assert torch.equal(v, ckpt["teacher"]["backbone." + k])
-    assert ckpt["center"].shape == ckpt["local_center"].shape == (1, 64)
+    assert ckpt["centers"]["center"].shape == ckpt["centers"]["local_center"].shape == (1, 64)
     assert (out / "curves.png").stat().st_size > 0
 
 
@@ -242,7 +246,7 @@ def test_resume_2_plus_2_equals_4(tmp_path):
     la, lb = ({r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
                if "loss" in r} for d in (a, b))
     assert ca["step"] == cb["step"] == 4 and la == lb
-    assert torch.equal(ca["center"], cb["center"]) and torch.equal(ca["local_center"], cb["local_center"])
+    assert torch.equal(ca["centers"]["center"], cb["centers"]["center"]) and torch.equal(ca["centers"]["local_center"], cb["centers"]["local_center"])
     for part in ("student", "teacher"):
         for k in ca[part]:
             assert torch.equal(ca[part][k], cb[part][k]), f"{part}.{k}"

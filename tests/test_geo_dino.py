@@ -270,7 +270,7 @@ def test_swin_backbone_round_trips_through_torchvision_and_eval_linear(tmp_path)
     args = geo_dino.parse_args(["--dataset", "fake", "--arch", "swin_t", "--image-size", "64", "--local-crop-size", "64"])
     assert args.grid_global == 2
     path = tmp_path / "backbone.pt"
-    geo_dino.save_backbone_file(path, wrapper, args)
+    geo_dino.save_backbone(path, wrapper, args)
     saved = torch.load(path, weights_only=True)
     assert saved["arch"] == "swin_t" and saved["arch_kwargs"] == {} and isinstance(saved["args"], dict)
     model = torchvision.models.swin_t(weights=None)
@@ -425,8 +425,8 @@ def test_tiny_run_writes_all_outputs_and_resumes_bit_exactly(tmp_path):
     rf_resnet.build_backbone(backbone["arch"], **backbone["arch_kwargs"]).load_state_dict(backbone["state_dict"])
     for k, v in backbone["state_dict"].items():  # backbone.pt is the TEACHER backbone
         assert torch.equal(v, ca["teacher"]["backbone." + k])
-    assert ca["center"].shape == ca["local_center"].shape == (1, 64)
-    assert not torch.equal(ca["center"], ca["local_center"])  # two separate centres
+    assert ca["centers"]["center"].shape == ca["centers"]["local_center"].shape == (1, 64)
+    assert not torch.equal(ca["centers"]["center"], ca["centers"]["local_center"])  # two separate centres
     for f in (a / "curves.png", a / "match_monitors.png", a / "matches.png"):
         assert f.stat().st_size > 0
 
@@ -438,7 +438,7 @@ def test_tiny_run_writes_all_outputs_and_resumes_bit_exactly(tmp_path):
     la, lb = ({r["step"]: (r["loss"], r["sim_geo_agree"]) for r in
                map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r} for d in (a, b))
     assert ca["step"] == cb["step"] == 4 and la == lb
-    assert torch.equal(ca["center"], cb["center"]) and torch.equal(ca["local_center"], cb["local_center"])
+    assert torch.equal(ca["centers"]["center"], cb["centers"]["center"]) and torch.equal(ca["centers"]["local_center"], cb["centers"]["local_center"])
     for part in ("student", "teacher"):
         for k in ca[part]:
             assert torch.equal(ca[part][k], cb[part][k]), f"{part}.{k}"

@@ -33,36 +33,46 @@ PAIRS = {"co_byol": (("BYOL", ["--ws", "0"]), ("CO-BYOL", ["--ws", "0.2"])),
          "geo_dino": (("DINO", ["--local-loss", "none"]), ("geo_dino", ["--local-loss", "geo"]))}
 
 
-def one(method: str, spec: str, variant: int, device: str, amp: str, steps: int, warmup: int, width: int) -> dict:
+def build(method: str, spec: str, variant: int, device: str, amp: str, width: int, out_dir: str):
+    """(module, args, run, nets, optimizer, batch, schedule): what the method's training loop would build."""
     sys.path.insert(0, str(ROOT))
     import importlib
 
-    import torch
-
     mod = importlib.import_module(method)
     arch, size, batch = spec.split(":")
+    _, flags = PAIRS[method][variant]
+    args = mod.parse_args(["--arch", arch, "--image-size", size, "--batch-size", batch, "--dataset", "fake",
+                           "--fake-size", batch, "--num-workers", "0", "--device", device, "--amp", amp,
+                           "--width", str(width), "--output-dir", out_dir, *flags])
+    run = mod.Run(args)  # device, precision, flush-denormal on CPU: as main()
+    _, _, loader, _, _, num_classes = mod.make_loaders(args, 0, 1)
+    nets, optimizer = mod.build_training(args, num_classes, run)
+    # a step past DINO's frozen-prototype epoch and the lr warm-up: the steady state's work
+    schedule = mod.Schedule(args, 1)(min(args.epochs - 1, max(1, getattr(args, "freeze_last_layer", 0))))
+    return mod, args, run, nets, optimizer, next(iter(loader)), schedule
+
+
+def median_time(fn, steps: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def one(method: str, spec: str, variant: int, device: str, amp: str, steps: int, warmup: int, width: int) -> dict:
+    import torch
+
     name, flags = PAIRS[method][variant]
     with tempfile.TemporaryDirectory() as out_dir:
-        args = mod.parse_args(["--arch", arch, "--image-size", size, "--batch-size", batch, "--dataset", "fake",
-                               "--fake-size", batch, "--num-workers", "0", "--device", device, "--amp", amp,
-                               "--width", str(width), "--output-dir", out_dir, *flags])
-        run = mod.Run(args)  # device, precision, flush-denormal on CPU: as main()
-        train_set, _, loader, _, _, num_classes = mod.make_loaders(args, 0, 1)
-        nets, optimizer = mod.build_training(args, num_classes, run)
-        batch_data = next(iter(loader))
-        # a step past DINO's frozen-prototype epoch and the lr warm-up: the steady state's work
-        schedule = mod.Schedule(args, 1)(min(args.epochs - 1, max(1, getattr(args, "freeze_last_layer", 0))))
-        times = []
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            out = mod.train_step(nets, optimizer, batch_data, schedule, args)
-            out.loss.item()  # wait for the device
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    b, s = int(batch), int(size)
+        mod, args, run, nets, optimizer, batch, schedule = build(method, spec, variant, device, amp, width, out_dir)
+        # .item(): wait for the device
+        step_s = median_time(lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item(), steps, warmup)
+    arch, size, b = spec.split(":")
     return {"method": method, "name": name, "flags": " ".join(flags), "arch": arch, "width": width,
-            "image_size": s, "batch": b, "step_s": step_s, "img_per_s": b / step_s,
+            "image_size": int(size), "batch": int(b), "step_s": step_s, "img_per_s": int(b) / step_s,
             "peak_mem_mb": mod.peak_memory_mb(run.device), "device": device, "amp": str(run.dtype),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 

@@ -18,3 +18,34 @@ def test_bench_step_times_every_method_base_and_variant(method, variant):
     name, flags = bench_step.PAIRS[method][variant]
     assert row["name"] == name and row["flags"] == " ".join(flags) and row["method"] == method
     assert row["step_s"] > 0 and row["img_per_s"] == pytest.approx(4 / row["step_s"]) and row["peak_mem_mb"] > 0
+
+
+floor_spec = importlib.util.spec_from_file_location("bench_floor", ROOT / "benchmarks" / "bench_floor.py")
+bench_floor = importlib.util.module_from_spec(floor_spec)
+floor_spec.loader.exec_module(bench_floor)
+
+
+@pytest.mark.parametrize("method", sorted(bench_step.PAIRS))
+def test_floor_benchmark_counts_the_backbone_work_inside_the_step(method):
+    """The floor (backbone forward + backward, EMA backbone forward) is part of every step: fewer FLOPs."""
+    row = bench_floor.one(method, "resnet18:32:4", 1, "cpu", "off", steps=1, warmup=0, width=8)
+    assert 0 < row["floor_gflop"] < row["step_gflop"]
+    assert row["floor_s"] > 0 and row["step_over_floor"] == pytest.approx(row["step_s"] / row["floor_s"])
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py's CPU dry run: the same plumbing as on a GPU (the method's command line, plain and
+    under torchrun), a table with img/s and memory for every run, and the loader-vs-step comparison."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu_check.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--methods", "co_byol", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["setting"], r["name"]) for r in rows] == [("off", "BYOL"), ("off", "CO-BYOL"),
+                                                          ("torchrun, 1 process", "CO-BYOL")]
+    assert all(r["img_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
+    assert "Loader check: CO-BYOL resnet18" in out.read_text()

@@ -1,0 +1,123 @@
+"""The GPU check, ready to run (not a test): every method's real training loop on a CUDA machine, in one script.
+
+    python benchmarks/gpu_check.py --out results/gpu_check.md        # CUDA: about 8-10 minutes on one GPU
+    python benchmarks/gpu_check.py --device cpu --quick              # CPU dry run of the same plumbing (tests)
+
+What it runs, each as its own process through the method file's command line (the loader, AMP, DDP, logging
+and checkpointing included), on FakeData at 224 px:
+1. every method file, base and variant (co_byol --ws 0 / 0.2, co_dino --ws 0 / 0.2, bag_ssl --loss vicreg /
+   byol, geo_dino --local-loss none / geo), ResNet-50 and RF99-ResNet50, bf16 autocast, batch 64 per GPU;
+2. co_byol ResNet-50 CO and base with fp16 + GradScaler; CO-BYOL with `--compile`; CO-BYOL under
+   `torchrun --nproc_per_node=1` and, when the machine has more GPUs, `--nproc_per_node=N` (DDP, NCCL, SyncBN);
+3. the step alone (benchmarks/bench_step.py's code: no loader) for CO-BYOL ResNet-50, so that the loop's img/s
+   over the step's img/s says whether the loader keeps the GPU busy (1.0 = never waits for data).
+Reported per run: img/s (median of the logged rows after the first), peak memory (torch.cuda.max_memory_allocated),
+wall time, and the paper's reference (Table 11: 12 GB for BYOL vs 12.1 GB for CO-BYOL, ResNet-50). The goal
+stated for one H100-class GPU: CO-BYOL ResNet-50 at 224 px >= 2,000 img/s in bf16.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_step  # noqa: E402  (PAIRS: base and variant of every method; one(): the step alone)
+
+
+def train_run(method: str, flags: list[str], arch: str, size: int, batch: int, steps: int, device: str,
+              amp: str, workers: int, width: int, extra: list[str], nproc: int = 0) -> dict:
+    """One short training run of METHOD through its command line; its metrics.jsonl, summarised."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+               if nproc else [sys.executable])
+        cmd += [str(ROOT / f"{method}.py"), "--dataset", "fake", "--fake-size", str(batch * max(nproc, 1) * (steps + 1)),
+                "--image-size", str(size), "--arch", arch, "--width", str(width), "--batch-size",
+                str(batch * max(nproc, 1)), "--epochs", "1", "--max-steps", str(steps), "--warmup-epochs", "0",
+                "--log-every", str(max(1, steps // 10)), "--knn-k", "0", "--num-workers", str(workers),
+                "--device", device, "--amp", amp, "--checkpoint-every", "0", "--output-dir", out, *flags, *extra]
+        if method == "bag_ssl":  # the bag-of-patch evaluation is not part of the training-speed check
+            cmd += ["--eval-patches", "1", "--eval-train-images", "10", "--eval-test-images", "10",
+                    "--linear-epochs", "1", "--eval-knn-k", "0"]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wall = time.time() - t0
+        if proc.returncode != 0:
+            return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300], "wall_s": wall}
+        rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"img_per_s"' in line]
+    speeds = [r["img_per_s"] for r in rows[1:]] or [r["img_per_s"] for r in rows]
+    return {"img_per_s": statistics.median(speeds), "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
+            "wall_s": wall, "steps": steps}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cuda: the check; cpu: a dry run")
+    p.add_argument("--quick", action="store_true", help="tiny networks and a few steps (the CPU dry run)")
+    p.add_argument("--steps", type=int, default=0, help="training steps per run (default: 150, --quick: 2)")
+    p.add_argument("--methods", default=",".join(sorted(bench_step.PAIRS)), help="comma-separated method files")
+    p.add_argument("--out", help="write the markdown table here (and the raw rows as .jsonl)")
+    a = p.parse_args()
+    import torch
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check.py: error: no CUDA device here; run with --device cpu --quick for the dry run")
+    gpus = torch.cuda.device_count() if a.device == "cuda" else 0
+    steps = a.steps or (2 if a.quick else 150)
+    archs, size, batch, width = (["resnet18"], 32, 4, 8) if a.quick else (["resnet50", "rf99_resnet50"], 224, 64, 64)
+    amp = "off" if a.device == "cpu" else "bf16"
+    workers = 0 if a.quick else min(16, os.cpu_count() or 1)
+    common = dict(size=size, batch=batch, steps=steps, device=a.device, workers=workers, width=width)
+    runs = []  # (label, method, variant name, flags, arch, amp, extra, nproc)
+    for method in a.methods.split(","):
+        for arch in archs:
+            for name, flags in bench_step.PAIRS[method]:
+                runs.append((amp, method, name, flags, arch, amp, [], 0))
+    base, co = bench_step.PAIRS["co_byol"]
+    if a.device == "cuda":
+        runs += [("fp16 + GradScaler", "co_byol", n, f, archs[0], "fp16", [], 0) for n, f in (base, co)]
+    if not (a.quick and a.device == "cpu"):  # a CPU compile takes minutes: not part of the dry run
+        runs.append(("--compile", "co_byol", co[0], co[1], archs[0], amp, ["--compile"], 0))
+    runs.append(("torchrun, 1 process", "co_byol", co[0], co[1], archs[0], amp, [], 1))
+    if gpus > 1:
+        runs.append((f"torchrun, {gpus} GPUs (global batch {batch * gpus})", "co_byol", co[0], co[1], archs[0], amp,
+                     [], gpus))
+    rows, t_start = [], time.time()
+    for label, method, name, flags, arch, run_amp, extra, nproc in runs:
+        r = train_run(method, flags, arch, amp=run_amp, extra=extra, nproc=nproc, **common)
+        rows.append({"setting": label, "method": method, "name": name, "flags": " ".join(flags), "arch": arch, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    step_alone = bench_step.one("co_byol", f"{archs[0]}:{size}:{batch}", 1, a.device, amp, steps=5 if not a.quick
+                                else 1, warmup=2 if not a.quick else 0, width=width)
+    loop = next((r for r in rows if r["name"] == co[0] and r["arch"] == archs[0] and r["setting"] == amp), {})
+    busy = loop.get("img_per_s", 0) / step_alone["img_per_s"]
+    lines = [f"Command: `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`  ",
+             f"Machine: {torch.cuda.get_device_name() if a.device == 'cuda' else platform.processor() or 'cpu'}, "
+             f"{gpus} GPU(s), {os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+             f"{steps} steps per run, batch {batch} per process, {size} px, FakeData, {workers} loader workers; "
+             f"total {time.time() - t_start:.0f} s.", "",
+             "| setting | method | arch | img/s | peak memory (MiB) | wall (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{r['img_per_s']:.0f} | {r['peak_mem_mb']:.0f}" if "img_per_s" in r else f"failed: {r['error']} |"
+        lines.append(f"| {r['setting']} | {r['name']} (`{r['flags']}`) | {r['arch']} | {speed} | {r['wall_s']:.0f} |")
+    lines += ["", f"Loader check: CO-BYOL {archs[0]}, training loop {loop.get('img_per_s', 0):.0f} img/s vs the step "
+              f"alone {step_alone['img_per_s']:.0f} img/s: {busy:.2f} of the step's speed "
+              f"({'the loader keeps up' if busy >= 0.9 else 'the loop waits for data'}).",
+              "Paper (Table 11, ResNet-50, per GPU): BYOL 12 GB, CO-BYOL 12.1 GB. Goal on one H100-class GPU: "
+              "CO-BYOL ResNet-50 at 224 px >= 2,000 img/s in bf16."]
+    print("\n".join(lines))
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
+        Path(a.out).with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if any("error" in r for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

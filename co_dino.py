@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(DINO: 256)")
     g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the prototypes (last "
                    "layer) are not trained (DINO: 1)")
+    g.add_argument("--head-bn", action="store_true", help="BatchNorm after the hidden layers of the DINO heads "
+                   "(the official code's --use_bn_in_head; lightly's ResNet DINO recipe for CIFAR-10 uses it)")
+    g.add_argument("--norm-last-layer", choices=["true", "false"], default="true", help="fix the norm of every "
+                   "prototype to 1 (DINO's --norm_last_layer: false trains the norms, which DINO found better "
+                   "but less stable and uses for ViT-S, true for ViT-B)")
     g.add_argument("--student-temp", type=float, default=0.1, help="student softmax temperature T_s (DINO: 0.1)")
     g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature T_t after warm-up "
                    "(DINO: 0.04-0.07)")
@@ -185,6 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    args.norm_last_layer = args.norm_last_layer == "true"
     args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
     args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
     if args.min_crop is None:  # CO-SSL Sec. 3.3: c_min = 0.2 is CO-SSL's; the DINO baseline keeps 0.08
@@ -518,7 +524,7 @@ def make_loaders(args, rank: int, world: int):
 
 # ==== 4. Model: backbone, heads, EMA teacher ====
 class DINOHead(nn.Module):
-    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU, no BatchNorm) down to a
+    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm only with --head-bn) to a
     bottleneck, L2-normalisation, then a weight-normalised linear layer (no bias) onto K prototypes whose
     norm is fixed to 1 (`norm_last_layer=True`).
 
@@ -527,11 +533,15 @@ class DINOHead(nn.Module):
     (B, K, n, n); with conv=False it maps (B, C) -> (B, K). Dimension 1 is the channel dimension in both cases.
     """
 
-    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, conv: bool = False):
+    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, conv: bool = False,
+                 norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
         layer = (lambda i, o, bias=True: nn.Conv2d(i, o, 1, bias=bias)) if conv else nn.Linear
-        self.mlp = nn.Sequential(layer(dim_in, hidden), nn.GELU(), layer(hidden, hidden), nn.GELU(),
-                                 layer(hidden, bottleneck))
+        norm = nn.BatchNorm2d if conv else nn.BatchNorm1d  # --head-bn (DINO's use_bn_in_head): after each hidden layer
+
+        def hidden_layer(i: int, o: int) -> list[nn.Module]:
+            return [layer(i, o), *([norm(o)] if use_bn else []), nn.GELU()]
+        self.mlp = nn.Sequential(*hidden_layer(dim_in, hidden), *hidden_layer(hidden, hidden), layer(hidden, bottleneck))
         for m in self.mlp:
             if isinstance(m, (nn.Linear, nn.Conv2d)):  # IMPL (official code): truncated normal, std 0.02, bias 0
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -540,7 +550,8 @@ class DINOHead(nn.Module):
         # vector and the logits are cosine similarities between the bottleneck vector and the prototypes.
         self.last_layer = nn.utils.parametrizations.weight_norm(layer(bottleneck, out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        # --norm-last-layer false (official DINO flag): the norms g are trained too (the teacher follows by EMA)
+        self.last_layer.parametrizations.weight.original0.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=1)  # L2-normalise the bottleneck (over channels)
@@ -587,11 +598,13 @@ class Encoder(nn.Module):
         self.backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, mlp=False if args.no_mlp else None,
                                                  width=args.width)
         c = self.backbone.out_dim
-        self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim)
+        self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
+                             norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
         # --ws 0 is DINO: no local head exists, so nothing of CO-DINO is computed or trained.
         # IMPL: a separate local head (as CO-BYOL's g2) by default; --shared-head is Table 6's "1 head" ablation.
         self.local = args.ws > 0
-        self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True)
+        self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True,
+                                    norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
                            if self.local and not args.shared_head else None)  # --shared-head: self.head instead
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 

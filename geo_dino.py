@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(DINO: 256)")
     g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the prototypes (last "
                    "layer) are not trained (DINO: 1)")
+    g.add_argument("--head-bn", action="store_true", help="BatchNorm after the hidden layers of the DINO heads "
+                   "(the official code's --use_bn_in_head; lightly's ResNet DINO recipe for CIFAR-10 uses it)")
     g.add_argument("--norm-last-layer", choices=["true", "false"], default="true", help="fix the norm of every "
                    "prototype to 1 (DINO's --norm_last_layer: false trains the norms, which DINO found better "
                    "but less stable and uses for ViT-S, true for ViT-B)")
@@ -630,7 +632,7 @@ def make_loaders(args, rank: int, world: int):
 
 # ==== 4. Model: backbone, heads, EMA teacher ====
 class DINOHead(nn.Module):
-    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU, no BatchNorm) down to a
+    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm only with --head-bn) to a
     bottleneck, L2-normalisation, then a weight-normalised linear layer (no bias) onto K prototypes whose
     norm is fixed to 1 (`norm_last_layer=True`).
 
@@ -640,11 +642,14 @@ class DINOHead(nn.Module):
     """
 
     def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, conv: bool = False,
-                 norm_last_layer: bool = True):
+                 norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
         layer = (lambda i, o, bias=True: nn.Conv2d(i, o, 1, bias=bias)) if conv else nn.Linear
-        self.mlp = nn.Sequential(layer(dim_in, hidden), nn.GELU(), layer(hidden, hidden), nn.GELU(),
-                                 layer(hidden, bottleneck))
+        norm = nn.BatchNorm2d if conv else nn.BatchNorm1d  # --head-bn (DINO's use_bn_in_head): after each hidden layer
+
+        def hidden_layer(i: int, o: int) -> list[nn.Module]:
+            return [layer(i, o), *([norm(o)] if use_bn else []), nn.GELU()]
+        self.mlp = nn.Sequential(*hidden_layer(dim_in, hidden), *hidden_layer(hidden, hidden), layer(hidden, bottleneck))
         for m in self.mlp:
             if isinstance(m, (nn.Linear, nn.Conv2d)):  # IMPL (official code): truncated normal, std 0.02, bias 0
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -723,10 +728,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = build_backbone(args)
         c = self.backbone.out_dim
-        self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, norm_last_layer=args.norm_last_layer)
+        self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
+                             norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
         # --local-loss none is vanilla DINO: no local head exists, so nothing local is computed or trained.
         self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True,
-                                    norm_last_layer=args.norm_last_layer) if args.local_loss != "none" else None)
+                                    norm_last_layer=args.norm_last_layer, use_bn=args.head_bn) if args.local_loss != "none" else None)
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)

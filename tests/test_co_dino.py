@@ -310,3 +310,21 @@ def test_torchrun_two_processes_keep_identical_weights_and_centres(tmp_path):
     assert len(r0["centres"]) == len(r1["centres"]) == 2 * 4  # 4 steps (32 images / 8), global + local
     for c0, c1 in zip(r0["centres"], r1["centres"]):
         torch.testing.assert_close(c0, c1)
+
+
+def test_head_bn_and_norm_last_layer_flags():
+    """--head-bn puts BatchNorm after the two hidden layers (global and local heads); without it the head is the
+    official one (no BatchNorm, same parameter names); --norm-last-layer false trains the prototype norms."""
+    plain = co_dino.parse_args(TINY + ["--ws", "0.2"])
+    bn = co_dino.parse_args(TINY + ["--ws", "0.2", "--head-bn", "--norm-last-layer", "false"])
+    enc_plain, enc_bn = co_dino.Encoder(plain), co_dino.Encoder(bn)
+    for head, kind in ((enc_bn.head, torch.nn.BatchNorm1d), (enc_bn.local_head, torch.nn.BatchNorm2d)):
+        assert sum(isinstance(m, kind) for m in head.mlp) == 2
+    assert not any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in enc_plain.head.mlp.modules())
+    assert [n for n, _ in enc_plain.head.named_parameters()] == [
+        "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
+        "last_layer.parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"]
+    g = lambda enc: enc.head.last_layer.parametrizations.weight.original0.requires_grad  # noqa: E731
+    assert not g(enc_plain) and g(enc_bn)
+    out = enc_bn(torch.randn(4, 3, 16, 16))
+    assert out["logits_g"].shape == (4, 64) and out["logits_l"].shape[:2] == (4, 64)

@@ -24,7 +24,7 @@ PER_METHOD = {
     "MultiView": "the method's views (two crops, patches, multi-crop with boxes)",
     "Encoder": "the method's heads", "OnlineNetwork": "BYOL's theta (predictor, local heads)",
     "StudentNetwork": "DINO's student (geo_dino: local head on matched cells)",
-    "DINOHead": "geo_dino has --norm-last-layer", "Nets": "the method's networks",
+    "Nets": "the method's networks",
     "build_training": "the method's networks and optimiser", "Schedule": "the method's schedules",
     "train_step": "the algorithm", "main": "the method's names and outputs", "plot_curves": "the method's monitors",
     "ema_update": "the paper's notation: theta/xi (BYOL) or student/teacher (DINO)",

@@ -328,3 +328,13 @@ def test_head_bn_and_norm_last_layer_flags():
     assert not g(enc_plain) and g(enc_bn)
     out = enc_bn(torch.randn(4, 3, 16, 16))
     assert out["logits_g"].shape == (4, 64) and out["logits_l"].shape[:2] == (4, 64)
+
+
+def test_laptop_recipe_defaults_and_explicit_flags_win():
+    lap = co_dino.parse_args(["--recipe", "laptop"])
+    for k, v in co_dino.LAPTOP_RECIPE.items():
+        assert getattr(lap, k) == v, k
+    assert lap.min_crop == 0.2 and co_dino.parse_args(["--recipe", "laptop", "--ws", "0"]).min_crop == 0.08
+    assert lap.warmup_teacher_temp_epochs == 0  # CIFAR: T_t constant from the start (solo-learn)
+    lap = co_dino.parse_args(["--recipe", "laptop", "--teacher-temp", "0.07", "--epochs", "2"])
+    assert (lap.teacher_temp, lap.epochs, lap.head_bn) == (0.07, 2, True)  # flags given explicitly still win

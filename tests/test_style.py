@@ -29,7 +29,7 @@ PER_METHOD = {
     "train_step": "the algorithm", "main": "the method's names and outputs", "plot_curves": "the method's monitors",
     "ema_update": "the paper's notation: theta/xi (BYOL) or student/teacher (DINO)",
     "tau_at": "cites BYOL or DINO", "param_groups": "geo_dino: AdamW besides LARS",
-    "save_backbone": "geo_dino also saves Swin-T",
+    "save_backbone": "geo_dino also saves Swin-T", "LAPTOP_RECIPE": "each method's laptop values",
 }
 
 

@@ -220,16 +220,23 @@ def _one_line(proc, code, text):
 
 
 def test_bad_checkpoints_and_mismatched_data_are_one_line(tmp_path):
-    _one_line(run_eval(["--checkpoint", str(tmp_path / "nope.pt")]), 2, "does not exist")
     (tmp_path / "junk.pt").write_text("not a torch file")
-    _one_line(run_eval(["--checkpoint", str(tmp_path / "junk.pt")]), 1, "cannot read")
     torch.save({"online": {}, "step": 3}, tmp_path / "checkpoint.pt")  # a training checkpoint, not backbone.pt
-    _one_line(run_eval(["--checkpoint", str(tmp_path / "checkpoint.pt")]), 1, "is not a backbone.pt")
     torch.save({"arch": "resnet999", "arch_kwargs": {"stem": "cifar"}, "state_dict": {}, "args": {}}, tmp_path / "a.pt")
-    _one_line(run_eval(["--checkpoint", str(tmp_path / "a.pt"), "--dataset", "fake"]), 1, "cannot rebuild arch")
     b = rf_resnet.build_backbone("resnet18", stem="imagenet")
     torch.save({"arch": "resnet18", "arch_kwargs": {"stem": "imagenet", "mlp": None}, "state_dict": b.state_dict(),
                 "args": {"image_size": 224}}, tmp_path / "r18.pt")
-    _one_line(run_eval(["--checkpoint", str(tmp_path / "r18.pt"), "--dataset", "cifar10"]), 1,
-              "trained on 224 px images but cifar10 images are 32 px")
-    _one_line(run_eval(["--checkpoint", str(tmp_path / "r18.pt"), "--corruptions", "fog"]), 2, "unknown corruption")
+    cases = [(["--checkpoint", str(tmp_path / "nope.pt")], 2, "does not exist"),
+             (["--checkpoint", str(tmp_path / "junk.pt")], 1, "cannot read"),
+             (["--checkpoint", str(tmp_path / "checkpoint.pt")], 1, "is not a backbone.pt"),
+             (["--checkpoint", str(tmp_path / "a.pt"), "--dataset", "fake"], 1, "cannot rebuild arch"),
+             (["--checkpoint", str(tmp_path / "r18.pt"), "--dataset", "cifar10"], 1,
+              "trained on 224 px images but cifar10 images are 32 px"),
+             (["--checkpoint", str(tmp_path / "r18.pt"), "--corruptions", "fog"], 2, "unknown corruption")]
+    # the cases are independent processes: start them together (the suite's time), then check each
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "eval_linear.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for argv, _, _ in cases]
+    for proc, (_, code, text) in zip(procs, cases):
+        _, err = proc.communicate(timeout=300)
+        _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), code, text)

@@ -1658,7 +1658,7 @@ def table1_markdown(evaluation: dict, args) -> str:
         cols += [("grid_mean", f"{g}x{g} grid, mean"), ("grid_local", f"{g}x{g} grid, local 3x3/2 concat")]
     training = (f"patch-based ({args.patch_size}x{args.patch_size})" if args.crop == "patch"
                 else f"multi-scale ({args.min_scale:g}, 1)")
-    lines = [f"| Method | Pre-training | Classifier | " + " | ".join(c[1] for c in cols) + " |",
+    lines = ["| Method | Pre-training | Classifier | " + " | ".join(c[1] for c in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for key, name in (("linear_top1", "linear"), ("knn_top1", f"k-NN (k={args.eval_knn_k})")):
         if key in res["central"]:

@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. The network, batch,
 # optimiser, lr and schedule are co_byol.py's laptop recipe (not re-tuned); the DINO values (BatchNorm in the
 # head, teacher temperature, EMA tau, head sizes, no frozen prototypes) were chosen by a lever search
-# (docs/co_dino.md): without --head-bn every setting tried collapsed to uniform outputs within 200 steps.
+# (docs/co_dino.md): without --head-bn every setting tried collapsed to uniform outputs or was unstable.
 LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=3, optimizer="sgd",
                      lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99, head_hidden=512, bottleneck=128,
                      out_dim=4096, head_bn=True, freeze_last_layer=0, teacher_temp=0.04, num_workers=2,

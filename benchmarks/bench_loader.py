@@ -71,7 +71,7 @@ def one(method: str, setting: str, batches: int, data_dir: str) -> dict:
                 batch = next(it)
         load_s = (time.perf_counter() - t0) / batches
         nets, optimizer = mod.build_training(args, num_classes, run)
-        schedule = mod.Schedule(args, 1)(min(args.epochs - 1, max(1, getattr(args, "freeze_last_layer", 0))))
+        schedule = bench_step.steady_schedule(mod, args)
         step_s = bench_step.median_time(lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item(),
                                         3, 1)
     return {"method": method, "name": name, "setting": setting, "batch": args.batch_size, "load_s": load_s,

@@ -47,9 +47,12 @@ def build(method: str, spec: str, variant: int, device: str, amp: str, width: in
     run = mod.Run(args)  # device, precision, flush-denormal on CPU: as main()
     _, _, loader, _, _, num_classes = mod.make_loaders(args, 0, 1)
     nets, optimizer = mod.build_training(args, num_classes, run)
-    # a step past DINO's frozen-prototype epoch and the lr warm-up: the steady state's work
-    schedule = mod.Schedule(args, 1)(min(args.epochs - 1, max(1, getattr(args, "freeze_last_layer", 0))))
-    return mod, args, run, nets, optimizer, next(iter(loader)), schedule
+    return mod, args, run, nets, optimizer, next(iter(loader)), steady_schedule(mod, args)
+
+
+def steady_schedule(mod, args) -> dict:
+    """The schedules of a step past DINO's frozen-prototype epoch and the lr warm-up: the steady state's work."""
+    return mod.Schedule(args, 1)(min(args.epochs - 1, max(1, getattr(args, "freeze_last_layer", 0))))
 
 
 def median_time(fn, steps: int, warmup: int) -> float:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -340,13 +341,30 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
                                  p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose(ops + [T.PILToTensor()])  # (3, S, S) uint8: normalised on the device, see `normalize`
 
 
 def eval_transform(size: int) -> T.Compose:
     if size <= 64:  # small images are used whole
         return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
     return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+@functools.lru_cache(maxsize=None)
+def mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as (1, 3, 1, 1) tensors on `device`, made once (a copy per step would sync with the GPU)."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
+def normalize(views: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) uint8 training views -> float32 network input: T.ToTensor + T.Normalize(MEAN, STD), batched.
+
+    PERF: training views leave the loader workers as uint8 (4x less to pass between processes and to the GPU)
+    and are normalised here in one batched op on the device, with the same arithmetic as the two transforms
+    (so the same bits). Per 32 px image, ToTensor + Normalize cost more than the crop: benchmarks/bench_loader.py.
+    """
+    mean, std = mean_std_on(views.device)
+    return views.float().div_(255).sub_(mean).div_(std)
 
 
 class MultiView:
@@ -791,6 +809,8 @@ class LARS(torch.optim.Optimizer):
 
     For every tensor of a group with `lars=True`: g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w|) / lr, 1)
     ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms, probes) are plain SGD + momentum.
+    PERF: each line updates all tensors of a group at once (torch._foreach_*, a few kernels per group instead of
+    a few per tensor: ResNet-50 has 161 tensors); the trust ratios stay on the device (no host sync).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
@@ -799,23 +819,28 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d_p, wd = p.grad, group["weight_decay"]
-                if group["lars"]:
-                    p_norm, g_norm = torch.norm(p), torch.norm(d_p)
-                    trust = group["eta"] * p_norm / (g_norm + wd * p_norm + 1e-8)
-                    trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / group["lr"], max=1.0), 1.0)
-                    d_p = (d_p + wd * p) * trust
-                elif wd:
-                    d_p = d_p + wd * p
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d_p.clone()
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads, wd, lr = [p.grad for p in params], group["weight_decay"], group["lr"]
+            d_p = torch._foreach_add(grads, params, alpha=wd) if wd else grads  # g + wd * w (new tensors)
+            if group["lars"]:
+                p_norm = torch.stack(torch._foreach_norm(params))  # (n_tensors,) |w| of each tensor
+                g_norm = torch.stack(torch._foreach_norm(grads))  # (n_tensors,) |g|
+                trust = group["eta"] * p_norm / (g_norm + wd * p_norm + 1e-8)
+                trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / lr, max=1.0), 1.0)
+                d_p = torch._foreach_mul(d_p, list(trust.unbind()))  # each tensor times its own 0-d ratio
+            bufs, updates = [], []  # momentum: buf <- m * buf + update; a tensor's first step: buf = update
+            for p, d in zip(params, d_p):
+                if "momentum_buffer" in self.state[p]:
+                    bufs.append(self.state[p]["momentum_buffer"])
+                    updates.append(d)
                 else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+                    self.state[p]["momentum_buffer"] = d.clone()
+            if bufs:
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, updates)
+            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-lr)
 
 
 def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
@@ -1278,7 +1303,8 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args) -> StepOut:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * schedule["lr_scale"]
     device = nets.run.device
-    views = [v.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for v in views]
+    views = [normalize(v.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+             for v in views]  # uint8 from the loader -> normalised float32
     labels = labels.to(device, non_blocking=True)
 
     # --- forward: online on all crops, target on the two large views (Fig. 1) ---

@@ -33,7 +33,8 @@ def floor_fn(nets, batch):
 
     views = batch[0] if torch.is_tensor(batch[0][0]) else batch[0][0]  # geo_dino's batch: ((views, boxes, flips), y)
     device = nets.run.device
-    views = [v.to(device).contiguous(memory_format=torch.channels_last) for v in views]
+    mod = sys.modules[type(nets).__module__]  # the method file: its normalize turns the uint8 views into input
+    views = [mod.normalize(v.to(device)).contiguous(memory_format=torch.channels_last) for v in views]
     backbone = nets.trained.encoder.backbone
     ema = getattr(nets, "target", None) or getattr(nets, "teacher", None)
 

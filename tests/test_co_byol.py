@@ -113,6 +113,21 @@ def test_local_grid_keeps_a_subset_of_the_local_representations():
     assert not torch.allclose(sub, F.adaptive_avg_pool2d(local, 2))  # --local-grid-mode pool: another thing
 
 
+def test_training_views_are_uint8_and_normalise_to_the_float_transforms_bits():
+    """The views leave the loader as uint8; `normalize` on the batch gives exactly T.ToTensor + T.Normalize."""
+    import numpy as np
+    import torchvision.transforms as T
+    from PIL import Image
+
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)) for i in range(3)]
+    views = [co_byol.MultiView(co_byol.parse_args(TINY))(img) for img in images]  # per image: [t(x), t'(x)]
+    assert all(v.dtype == torch.uint8 and v.shape == (3, 16, 16) for pair in views for v in pair)
+    batch = torch.stack([pair[0] for pair in views])  # (3, 3, 16, 16), as the loader collates view t
+    to_float = T.Compose([T.ToTensor(), T.Normalize(co_byol.MEAN, co_byol.STD)])
+    expected = torch.stack([to_float(T.ToPILImage()(v)) for v in batch])
+    assert torch.equal(co_byol.normalize(batch), expected)
+
+
 def test_ema_update_parameters_not_buffers():
     (_, a), (_, b) = _models([0.2, 0.2])
     target, online = a.encoder, b.encoder
@@ -148,6 +163,44 @@ def test_lars_step_matches_formula():
     trust = min(0.02 * 5.0 / (0.3 + 0.1 * 5.0 + 1e-8) / 0.5, 1.0)  # eta |w| / (|g| + wd |w|), clipped by lr
     expected = torch.tensor([3.0, 4.0]) - 0.5 * trust * (torch.tensor([0.3, 0.0]) + 0.1 * torch.tensor([3.0, 4.0]))
     torch.testing.assert_close(w.detach(), expected)
+
+
+def test_lars_equals_the_per_tensor_loop_over_steps():
+    """The _foreach LARS equals the per-tensor formula with momentum, over several steps: mixed shapes, a zero
+    tensor (trust 1), a plain-SGD group with weight decay, a tensor whose first gradient comes late."""
+    torch.manual_seed(0)
+    shapes = [(4, 3, 3, 3), (8, 4), (5,), (2, 2)]
+    make = lambda: [torch.nn.Parameter(torch.randn(s)) for s in shapes]  # noqa: E731
+    ours, ref = make(), make()
+    for a, b in zip(ours, ref):
+        b.data.copy_(a.data)
+    ours[3].data.zero_(), ref[3].data.zero_()
+
+    def groups(ps):
+        return [dict(params=[ps[0], ps[1], ps[3]], lr=0.4, weight_decay=1e-3, lars=True),
+                dict(params=[ps[2]], lr=0.4, weight_decay=5e-4, lars=False)]
+
+    opt = co_byol.LARS(groups(ours), lr=0.4, eta=0.02)
+    bufs = {}
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            a.grad = None if (i == 1 and step == 0) else grads[i].clone()  # tensor 1: first gradient at step 1
+            b.grad = a.grad
+        opt.step()
+        for g in groups(ref):  # the formula, one tensor at a time
+            for w in g["params"]:
+                if w.grad is None:
+                    continue
+                d = w.grad + g["weight_decay"] * w.data
+                if g["lars"]:
+                    pn, gn = w.data.norm(), w.grad.norm()
+                    trust = 0.02 * pn / (gn + g["weight_decay"] * pn + 1e-8) / g["lr"]
+                    d = d * (min(float(trust), 1.0) if pn > 0 and gn > 0 else 1.0)
+                bufs[id(w)] = d.clone() if id(w) not in bufs else 0.9 * bufs[id(w)] + d
+                w.data -= g["lr"] * bufs[id(w)]
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-6)
 
 
 def test_knn_top1_is_weighted_vote_of_the_k_nearest():

@@ -175,7 +175,8 @@ def test_train_step_freezes_prototypes_updates_centres_and_ema():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     last = [p.clone() for p in student.encoder.head.last_layer.parameters()]
     t0 = [p.clone() for p in teacher.parameters()]
-    views, labels = [torch.randn(4, 3, 16, 16) for _ in range(2)], torch.randint(0, 10, (4,))
+    views = [torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8) for _ in range(2)]  # as from the loader
+    labels = torch.randint(0, 10, (4,))
     run = SimpleNamespace(device=torch.device("cpu"), autocast=co_dino.nullcontext())
     nets = co_dino.Nets(student, teacher, co_dino.Centers(64), student, scaler, run)
     schedule = {"lr_scale": 1.0, "tau": 0.9, "teacher_temp": 0.04, "freeze_last_layer": True}

@@ -220,6 +220,22 @@ def test_knn_top1_is_weighted_vote_of_the_k_nearest():
     assert co_byol.knn_top1(train_f, train_y, train_f, train_y, 1, T, 3) == 100.0
 
 
+def test_linear_readout_fits_frozen_features():
+    """linear_top1: 100 % on linearly separable features (any scale and offset), chance on random labels,
+    the same number twice (deterministic), and it does not need torch's grad mode to be on."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 4, generator=g)
+    x_tr, x_te = torch.randn(2000, 16, generator=g), torch.randn(500, 16, generator=g)
+    y_tr, y_te = (x_tr @ w).argmax(1), (x_te @ w).argmax(1)  # 4 classes split by hyperplanes
+    x_tr, x_te = 1000 * x_tr + 5, 1000 * x_te + 5
+    with torch.no_grad():
+        acc = co_byol.linear_top1(x_tr, y_tr, x_te, y_te, 4)
+    assert co_byol.linear_top1(x_tr, y_tr, x_tr, y_tr, 4) == 100  # fitted to convergence
+    assert acc >= 96 and acc == co_byol.linear_top1(x_tr, y_tr, x_te, y_te, 4)
+    shuffled = y_tr[torch.randperm(2000, generator=g)]
+    assert co_byol.linear_top1(x_tr, shuffled, x_te, y_te, 4) < 40  # chance: 25 %
+
+
 def test_knn_bank_is_class_balanced_and_fixed():
     labels = [i % 10 for i in range(1000)][::-1]
     bank = co_byol.balanced_subset(labels, 100, 10)
@@ -330,11 +346,13 @@ def test_tiny_run_writes_all_outputs(tmp_path):
     assert len([r for r in rows if "val_acc_h" in r]) == 2  # one validation per epoch
     knn = [r for r in rows if "knn_top1" in r]
     assert [(r["step"], r["epoch"]) for r in knn] == [(0, 0.0), (4, 1.0), (8, 2.0)]  # epoch 0 = random network
-    assert all(0 <= r["knn_top1"] <= 100 and r["knn_s"] >= 0 for r in knn)
+    assert all(0 <= r["knn_top1"] <= 100 and 0 <= r["linear_top1"] <= 100 and r["knn_s"] >= 0 for r in knn)
     assert knn[0]["train_s"] == 0 < knn[1]["train_s"] < knn[2]["train_s"]  # training time, evaluations excluded
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["step"] == 8 and "knn_top1" in final and "val_acc_h" in final
     assert final["knn_top1_random_init"] == knn[0]["knn_top1"] and rows[-1]["knn_top1_full"] == final["knn_top1"]
+    assert final["linear_top1_random_init"] == knn[0]["linear_top1"] and final["linear_top1_bank_subset"] == knn[-1]["linear_top1"]
+    assert rows[-1]["linear_top1_full"] == final["linear_top1"]
     backbone = torch.load(out / "backbone.pt", weights_only=True)
     assert set(backbone) == {"arch", "arch_kwargs", "state_dict", "args"}
     import rf_resnet

@@ -1,7 +1,7 @@
 """Benchmark (not a test): each method's full training step against its floor, in time and in FLOPs.
 
     python benchmarks/bench_floor.py --out results/bench_floor_cpu.md          # every method, the default configs
-    python benchmarks/bench_floor.py --methods co_byol --configs resnet18:32:64 --width 16   # the laptop network
+    python benchmarks/bench_floor.py --configs resnet18:32:64 --width 16 --recipe laptop   # the laptop network
     python benchmarks/bench_floor.py --device cuda --amp bf16 --configs resnet50:224:64,rf99_resnet50:224:64
 
 The floor is the work no implementation of the method can skip: forward + backward of the trained backbone on
@@ -11,10 +11,12 @@ on the same batch from the method's own loader, built by the same code as benchm
 per method, configuration and variant (base and CO / local-loss variant): both times (median of --steps after
 --warmup), step / floor, both FLOP counts (torch.utils.flop_counter: matmuls and convolutions, forward and
 backward), the achieved GFLOP/s of the step, and the variant / base ratios of time and of FLOPs side by side.
+Floor and step are timed in turn (floor, step, floor, ...), so that a busy spell of the machine falls on both.
 """
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,24 +61,38 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def one(method: str, spec: str, variant: int, device: str, amp: str, steps: int, warmup: int, width: int) -> dict:
+def interleaved_medians(fns: list, steps: int, warmup: int) -> list[float]:
+    """Median time of each function, the functions run in turn (f1, f2, f1, f2, ...): a slower or faster spell
+    of a shared machine then falls on all of them alike, not on one (their ratio is what the table reads)."""
+    times = [[] for _ in fns]
+    for i in range(warmup + steps):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def one(method: str, spec: str, variant: int, device: str, amp: str, steps: int, warmup: int, width: int,
+        recipe: str = "") -> dict:
     import torch
 
     name, flags = bench_step.PAIRS[method][variant]
     with tempfile.TemporaryDirectory() as out_dir:
         mod, args, run, nets, optimizer, batch, schedule = bench_step.build(method, spec, variant, device, amp, width,
-                                                                            out_dir)
+                                                                            out_dir, recipe)
         step = lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item()  # noqa: E731
         floor = floor_fn(nets, batch)
         sync = (lambda: torch.cuda.synchronize()) if run.device.type == "cuda" else (lambda: None)
-        floor_s = bench_step.median_time(lambda: (floor(), sync()), steps, warmup)
-        step_s = bench_step.median_time(step, steps, warmup)
+        floor_s, step_s = interleaved_medians([lambda: (floor(), sync()), step], steps, warmup)
         floor_flops, step_flops = count_flops(floor), count_flops(step)
     arch, size, b = spec.split(":")
     return {"method": method, "name": name, "flags": " ".join(flags), "arch": arch, "width": width,
             "image_size": int(size), "batch": int(b), "floor_s": floor_s, "step_s": step_s,
             "step_over_floor": step_s / floor_s, "floor_gflop": floor_flops / 1e9, "step_gflop": step_flops / 1e9,
-            "step_gflop_per_s": step_flops / 1e9 / step_s, "device": device, "amp": str(run.dtype),
+            "step_gflop_per_s": step_flops / 1e9 / step_s, "recipe": args.recipe_used, "device": device,
+            "amp": str(run.dtype),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -87,6 +103,8 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"], help="autocast precision")
     p.add_argument("--width", type=int, default=64, help="base width of the backbone (the laptop recipe: 16)")
+    p.add_argument("--recipe", default="", help="the files' --recipe where they have one (e.g. laptop: its heads "
+                   "and optimiser); files without it use their defaults")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--out", help="write the markdown table here (and the raw rows next to it as .jsonl)")
@@ -94,7 +112,7 @@ def main():
     a = p.parse_args()
     if a.one:
         method, spec, variant = a.one.split(":", 1)[0], ":".join(a.one.split(":")[1:4]), int(a.one.split(":")[4])
-        print(json.dumps(one(method, spec, variant, a.device, a.amp, a.steps, a.warmup, a.width)))
+        print(json.dumps(one(method, spec, variant, a.device, a.amp, a.steps, a.warmup, a.width, a.recipe)))
         return
     rows, t_start = [], time.time()
     for method in a.methods.split(","):
@@ -102,7 +120,8 @@ def main():
             for variant in (0, 1):  # each in its own process: one configuration's memory and threads
                 out = subprocess.run([sys.executable, __file__, "--one", f"{method}:{spec}:{variant}", "--device",
                                       a.device, "--amp", a.amp, "--width", str(a.width), "--steps", str(a.steps),
-                                      "--warmup", str(a.warmup)], capture_output=True, text=True, check=True)
+                                      "--warmup", str(a.warmup), "--recipe", a.recipe], capture_output=True, text=True,
+                                     check=True)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(rows[-1], flush=True)
     lines = [f"Command: `python benchmarks/bench_floor.py {' '.join(sys.argv[1:])}`  ",
@@ -115,7 +134,8 @@ def main():
         for r in (r0, r1):
             ratio = (f"{r1['step_s'] / r0['step_s']:.3f} | {r1['step_gflop'] / r0['step_gflop']:.3f}"
                      if r is r1 else "|")
-            lines.append(f"| {r['name']} (`{r['flags']}`) | {r['arch']} | {r['image_size']} | {r['batch']} | "
+            flags = " ".join(filter(None, [f"--recipe {r['recipe']}" if r["recipe"] else "", r["flags"]]))
+            lines.append(f"| {r['name']} (`{flags}`) | {r['arch']} | {r['image_size']} | {r['batch']} | "
                          f"{r['floor_s']:.3f} | {r['step_s']:.3f} | {r['step_over_floor']:.2f} | "
                          f"{r['floor_gflop']:.2f} | {r['step_gflop']:.2f} | {r['step_gflop_per_s']:.1f} | {ratio} |")
     lines[4] = "|" + "---|" * 12

@@ -1474,7 +1474,7 @@ def linear_top1(train_f, train_y, test_f, test_y, num_classes: int, iters: int =
     Multinomial logistic regression on the features standardised with the training mean and std, by full-batch
     L-BFGS from zero weights (deterministic, no lr to tune). Measured (docs/co_byol.md): on the whole training set
     it reads what eval_linear.py --precompute reads after 100 epochs of SGD (46.8 vs 46.8 % on the laptop BYOL,
-    seed 0), in 4 s on one core; on the 10,000-image bank 1.3 points less.
+    seed 0), in about 5 s on one core; on the 10,000-image bank 1.3 points less.
     """
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     x_tr, x_te = (train_f - mean) / std, (test_f - mean) / std

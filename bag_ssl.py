@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("experiment")
     g.add_argument("--output-dir", default="runs/bag_ssl", help="checkpoints, metrics and figures go here; "
                    "a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
+    g.add_argument("--recipe", choices=["default", "laptop"], default="default", help="'laptop': the defaults of "
+                   "the 2-core CPU recipe (see LAPTOP_RECIPE and docs/bag_ssl.md); flags given explicitly still win")
     g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank); also fixes the "
                    "evaluation patches and subsets")
     g.add_argument("--epochs", type=int, default=200, help="pre-training epochs (paper App. C.1: 600 on CIFAR, "
@@ -233,10 +235,24 @@ def parse_eval_patches(text: str) -> list[int]:
     return values
 
 
+# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. Loss, network, batch,
+# optimiser, lr, schedule, EMA and head sizes are co_byol.py's BYOL laptop recipe (chosen there by a lever search,
+# docs/co_byol.md; not re-tuned here), so `--crop multiscale` is BYOL with the same crops (0.08, 1) and `--crop
+# patch` changes only the views. The bag-of-patch evaluation runs on seeded subsets (5,000 train / 2,000 test
+# images, N up to 64: 455k forward passes); the online and final k-NN use whole images.
+LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=3, optimizer="sgd",
+                     lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, loss="byol", tau_base=0.99, proj_hidden=512,
+                     proj_dim=256, pred_hidden=512, num_workers=2, eval_patches="1,16,64", eval_train_images=5000,
+                     eval_test_images=2000, output_dir="runs/bag_ssl_laptop")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.recipe == "laptop":  # the recipe's values become the defaults; explicit flags still win
+        parser.set_defaults(**LAPTOP_RECIPE)
+        args = parser.parse_args(argv)
     for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")

@@ -267,6 +267,23 @@ def test_optimizer_sgd_drops_only_the_trust_ratio_and_warmup_scales_with_epochs(
     assert bag_ssl.parse_args(TINY).warmup_epochs == 1  # explicit wins
 
 
+def test_laptop_recipe_is_co_byols_byol_recipe_with_only_the_views_changed():
+    """--recipe laptop: co_byol.py's BYOL laptop values (not re-tuned), so --crop multiscale is that BYOL with the
+    same crops and --crop patch changes only the views; explicit flags still win."""
+    import co_byol
+
+    lap = bag_ssl.parse_args(["--recipe", "laptop"])
+    for k, v in bag_ssl.LAPTOP_RECIPE.items():
+        assert getattr(lap, k) == v, k
+    byol = co_byol.parse_args(["--recipe", "laptop", "--ws", "0"])
+    shared = ("arch", "width", "batch_size", "epochs", "optimizer", "lr", "weight_decay", "warmup_epochs", "tau_base",
+              "tau_final", "proj_hidden", "proj_dim", "pred_hidden", "image_size", "stem", "knn_k", "knn_bank")
+    assert {k: getattr(lap, k) for k in shared} == {k: getattr(byol, k) for k in shared}
+    assert lap.loss == "byol" and lap.crop == "patch" and lap.min_scale == byol.min_crop == 0.08
+    lap = bag_ssl.parse_args(["--recipe", "laptop", "--crop", "multiscale", "--epochs", "2", "--loss", "vicreg"])
+    assert (lap.crop, lap.epochs, lap.loss, lap.width) == ("multiscale", 2, "vicreg", 16)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Whole runs
 # ---------------------------------------------------------------------------------------------------------

@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("experiment")
     g.add_argument("--output-dir", default="runs/geo_dino", help="checkpoints, metrics and figures go here; "
                    "a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
-    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank)")
+    g.add_argument("--recipe", choices=["default", "laptop"], default="default", help="'laptop': the defaults of "
+                   "the 2-core CPU recipe (see LAPTOP_RECIPE and docs/geo_dino.md); flags given explicitly still win")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank); also draws the "
+                   "--train-per-class subset")
     g.add_argument("--epochs", type=int, default=200, help="pre-training epochs (paper: 300 on ImageNet-1k)")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
                    "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
@@ -156,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes; "
                    "paper: 512)")
-    g.add_argument("--optimizer", choices=["lars", "adamw"], default="lars", help="lars (solo-learn's DINO "
-                   "recipe for ResNets on CIFAR) or adamw (the paper's, Sec. 4.2)")
+    g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default="lars", help="lars (solo-learn's DINO "
+                   "recipe for ResNets on CIFAR), sgd (plain SGD with momentum 0.9: LARS' groups without the trust "
+                   "ratio, as in co_dino.py) or adamw (the paper's, Sec. 4.2)")
     g.add_argument("--lr", type=float, default=0.3, help="learning rate for batch 256, scaled linearly with "
                    "--batch-size (LARS, solo-learn DINO: 0.3; AdamW, paper Sec. 4.2: 5e-4)")
     g.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay at step 0 (not on biases and "
@@ -178,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchvision datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train and "
                    "DATA_DIR/val (or test); 'fake' is torchvision's FakeData (tests, throughput)")
     g.add_argument("--data-dir", default="data", help="dataset root")
+    g.add_argument("--train-per-class", type=int, default=0, help="pre-train on K images drawn at random from each "
+                   "class (seeded by --seed; PAPER Sec. 4.5.1: 10-200 per class, the 1-20 %% ImageNet-1k subsets); "
+                   "the k-NN and the probes still use the whole training set. 0: all images")
     g.add_argument("--image-size", type=int, default=0, help="side of the 2 global crops in pixels (0: 32 for "
                    "CIFAR, 96 for STL-10, 224 for image folders as in the paper, 32 for fake)")
     g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
@@ -211,10 +218,27 @@ def feature_grid(args, size: int) -> int:
         return rf_resnet.local_grid(rf_resnet.build_backbone(args.arch, stem=args.stem, width=args.width), size)
 
 
+# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. Network, batch,
+# optimiser, lr, schedule and the DINO values (BatchNorm in the head, teacher temperature, EMA tau, head sizes,
+# prototypes not frozen) are co_dino.py's laptop recipe, chosen there by a lever search (docs/co_dino.md; not
+# re-tuned here); the three --local-loss settings share all of them. Multi-crop: 2 global crops of 32 px (a 5x5
+# map) and 2 small crops of 14 px (a 2x2 map), instead of the paper's 8. Counted with torch.utils.flop_counter,
+# a step is 53.7 GFLOP with --local-loss none and 80.0 with sim or geo (the local head at all 58 student and 50
+# teacher cells), against 46.2 for co_dino.py's DINO and 69.7 for its CO-DINO (75.8 min for 3 epochs on one
+# core): hence 2 epochs, not 3, to keep a run near an hour on one core.
+LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=2, optimizer="sgd",
+                     lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99, head_hidden=512, bottleneck=128,
+                     out_dim=4096, head_bn=True, freeze_last_layer=0, teacher_temp=0.04,
+                     warmup_teacher_temp_epochs=0, local_crops=2, num_workers=2, output_dir="runs/geo_dino_laptop")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.recipe == "laptop":  # the recipe's values become the defaults; explicit flags still win
+        parser.set_defaults(**LAPTOP_RECIPE)
+        args = parser.parse_args(argv)
     for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -246,8 +270,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "log_every", "out_dim", "head_hidden", "bottleneck"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_steps < 0 or args.num_workers < 0 or args.knn_k < 0 or args.clip_grad < 0 or args.knn_bank < 0:
-        parser.error("--max-steps, --num-workers, --knn-k, --knn-bank and --clip-grad must be >= 0")
+    if min(args.max_steps, args.num_workers, args.knn_k, args.clip_grad, args.knn_bank, args.train_per_class) < 0:
+        parser.error("--max-steps, --num-workers, --knn-k, --knn-bank, --clip-grad and --train-per-class must be >= 0")
     if args.knn_every < 0 or not args.knn_temperature > 0:
         parser.error("need --knn-every >= 0 and --knn-temperature > 0")
     if args.image_size < 8 or args.fake_size < 1 or args.local_crop_size < 8:
@@ -632,9 +656,30 @@ def load_datasets(args, rank: int):
     return out
 
 
+def random_per_class(labels: list[int], per_class: int, num_classes: int, seed: int) -> list[int]:
+    """PAPER Sec. 4.5.1: `per_class` indices drawn at random from each class (a class-balanced subset, as the
+    paper's ImageNet-1k subsets), seeded; sorted. A class with fewer images gives all of them."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    taken, keep = [0] * num_classes, []
+    for i in order:
+        y = labels[i]
+        if 0 <= y < num_classes and taken[y] < per_class:
+            taken[y] += 1
+            keep.append(i)
+    return sorted(keep)
+
+
 def make_loaders(args, rank: int, world: int):
+    """With --train-per-class the views come from a Subset of the training set (train.base); the k-NN's memory
+    bank is still drawn from the whole training set (PAPER Sec. 4.5.1: full training data as anchors)."""
     train_base, val, num_classes = load_datasets(args, rank)
-    train = SeededViews(train_base, MultiView(args), args.seed)
+    views_base = train_base
+    if args.train_per_class:
+        labels = getattr(train_base, "targets", None)
+        labels = list(labels) if labels is not None else [y for _, y in train_base]
+        views_base = torch.utils.data.Subset(train_base, random_per_class(labels, args.train_per_class,
+                                                                          num_classes, args.seed))
+    train = SeededViews(views_base, MultiView(args), args.seed)
     per_rank = args.batch_size // world
     if len(train) // args.batch_size < 1:
         fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
@@ -1174,7 +1219,7 @@ def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
         else:
             decay.append(p)
     lr = args.lr * world_batch_scale
-    return [dict(params=decay, lr=lr, base_lr=lr, weight_decay=args.weight_decay, lars=True),
+    return [dict(params=decay, lr=lr, base_lr=lr, weight_decay=args.weight_decay, lars=args.optimizer == "lars"),
             dict(params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0, lars=False),
             dict(params=probes, lr=args.probe_lr * world_batch_scale, base_lr=args.probe_lr * world_batch_scale,
                  weight_decay=0.0, lars=False)]
@@ -1840,6 +1885,10 @@ def main(args):
     """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect them."""
     run = Run(args)  # §7: rank, device, precision, output folder, seeds
     train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, run.rank, run.world)
+    train_all = getattr(train_set.base, "dataset", train_set.base)  # --train-per-class: the Subset's whole set
+    if args.train_per_class:
+        log(f"pre-training on {len(train_set)} of {len(train_all)} training images ({args.train_per_class} per class, "
+            f"seed {args.seed}); the k-NN bank is drawn from all {len(train_all)}")
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
@@ -1853,7 +1902,7 @@ def main(args):
     log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, grids {args.grid_global}x{args.grid_global} (global) "
         f"/ {args.grid_local}x{args.grid_local} (small), local loss {args.local_loss}, width {args.width}")
-    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run.device, run.autocast) \
+    knn = KNNMonitor(args, train_all, val_set, num_classes, run.device, run.autocast) \
         if run.rank == 0 and args.knn_k else None
     if step == 0 and args.knn_every:
         metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)  # epoch 0: the random network, every curve's reference

@@ -103,8 +103,8 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"], help="autocast precision")
     p.add_argument("--width", type=int, default=64, help="base width of the backbone (the laptop recipe: 16)")
-    p.add_argument("--recipe", default="", help="the files' --recipe where they have one (e.g. laptop: its heads "
-                   "and optimiser); files without it use their defaults")
+    p.add_argument("--recipe", default="", help="the files' --recipe (e.g. laptop: its heads, crops and optimiser); "
+                   "empty: their defaults")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--out", help="write the markdown table here (and the raw rows next to it as .jsonl)")

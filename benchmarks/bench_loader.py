@@ -5,7 +5,7 @@
 For each method and setting, the cost of producing one batch in the main process (`--num-workers 0`: decoding,
 the method's views, collation; seconds of one core) beside the cost of the training step on the same batch
 (benchmarks/bench_step.py's code), and the share of the CPU the loader takes when both run on the same cores:
-loader / (loader + step). Settings: the laptop recipe (`--recipe laptop` where the file has one; real CIFAR-10
+loader / (loader + step). Settings: the laptop recipe (each file's `--recipe laptop`; real CIFAR-10
 from memory, 32 px, batch 64, width 16: needs `python prepare_cifar10.py data`) and a 224 px ImageFolder of JPEGs written to a temporary folder (256 x
 256 smooth random images, ResNet-50, batch 8). A share above 10 % means the loader keeps the step from 90 % of
 the CPU.
@@ -48,9 +48,8 @@ def one(method: str, setting: str, batches: int, data_dir: str) -> dict:
     mod = importlib.import_module(method)
     name, flags = bench_step.PAIRS[method][1]
     with tempfile.TemporaryDirectory() as tmp:
-        if setting == "laptop":  # the file's --recipe laptop where it has one, else the same data and network
-            recipe = ["--recipe", "laptop"] if "recipe" in vars(mod.build_parser().parse_args([])) else []
-            argv = recipe + ["--dataset", "cifar10", "--data-dir", data_dir, "--arch", "resnet18", "--width", "16",
+        if setting == "laptop":  # the file's --recipe laptop, on the real CIFAR-10
+            argv = ["--recipe", "laptop", "--dataset", "cifar10", "--data-dir", data_dir, "--arch", "resnet18", "--width", "16",
                     "--batch-size", "64", "--image-size", "32"]
         else:
             write_folder(Path(tmp) / "folder")

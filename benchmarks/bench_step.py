@@ -35,19 +35,18 @@ PAIRS = {"co_byol": (("BYOL", ["--ws", "0"]), ("CO-BYOL", ["--ws", "0.2"])),
 
 def build(method: str, spec: str, variant: int, device: str, amp: str, width: int, out_dir: str, recipe: str = ""):
     """(module, args, run, nets, optimizer, batch, schedule): what the method's training loop would build.
-    recipe: the file's --recipe (its heads, optimiser, ...) where it has one; the spec's network still wins."""
+    recipe: the file's --recipe (its heads, optimiser, ...); the spec's network still wins."""
     sys.path.insert(0, str(ROOT))
     import importlib
 
     mod = importlib.import_module(method)
     arch, size, batch = spec.split(":")
     _, flags = PAIRS[method][variant]
-    has_recipe = recipe and "recipe" in vars(mod.build_parser().parse_args([]))
-    args = mod.parse_args((["--recipe", recipe] if has_recipe else []) +
+    args = mod.parse_args((["--recipe", recipe] if recipe else []) +
                           ["--arch", arch, "--image-size", size, "--batch-size", batch, "--dataset", "fake",
                            "--fake-size", batch, "--num-workers", "0", "--device", device, "--amp", amp,
                            "--width", str(width), "--output-dir", out_dir, *flags])
-    args.recipe_used = recipe if has_recipe else ""
+    args.recipe_used = recipe
     run = mod.Run(args)  # device, precision, flush-denormal on CPU: as main()
     _, _, loader, _, _, num_classes = mod.make_loaders(args, 0, 1)
     nets, optimizer = mod.build_training(args, num_classes, run)

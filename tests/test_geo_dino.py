@@ -308,7 +308,8 @@ def test_swin_backbone_round_trips_through_torchvision_and_eval_linear(tmp_path)
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "needs /nonexistent/train"),
     (["--width", "30"], "--width must be a positive multiple of 4"),
     (["--knn-temperature", "0"], "--knn-temperature > 0"),
-    (["--knn-bank", "-1"], "--knn-bank and --clip-grad must be >= 0"),
+    (["--knn-bank", "-1"], "--knn-bank, --clip-grad and --train-per-class must be >= 0"),
+    (["--train-per-class", "-5"], "--knn-bank, --clip-grad and --train-per-class must be >= 0"),
 ])
 def test_bad_values_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -382,6 +383,48 @@ def test_online_probe_is_batch_normalised_and_averaged_over_the_global_crops():
     logits, labels = torch.randn(6, 4), torch.randint(0, 4, (6,))
     outs = [{"logits_h": logits}, {"logits_h": logits}, {"local": torch.randn(6, 2)}]  # small crops: no probe
     torch.testing.assert_close(geo_dino.probe_loss(outs, labels), F.cross_entropy(logits, labels))  # a mean
+
+
+def test_laptop_recipe_is_co_dinos_dino_recipe_and_explicit_flags_win():
+    """--recipe laptop: co_dino.py's DINO laptop values (not re-tuned), shared by all three --local-loss."""
+    import co_dino
+
+    lap = geo_dino.parse_args(["--recipe", "laptop"])
+    for k, v in geo_dino.LAPTOP_RECIPE.items():
+        assert getattr(lap, k) == v, k
+    dino = co_dino.parse_args(["--recipe", "laptop", "--ws", "0"])
+    shared = ("arch", "width", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "tau_base",
+              "head_hidden", "bottleneck", "out_dim", "head_bn", "freeze_last_layer", "student_temp", "teacher_temp",
+              "warmup_teacher_temp_epochs", "center_momentum", "image_size", "stem", "knn_k", "knn_bank")
+    assert {k: getattr(lap, k) for k in shared} == {k: getattr(dino, k) for k in shared}
+    assert (lap.local_crops, lap.local_crop_size, lap.grid_global, lap.grid_local) == (2, 14, 5, 2)
+    assert (lap.epochs, dino.epochs) == (2, 3)  # the local head at 108 cells: 2 epochs fit the hour
+    lap = geo_dino.parse_args(["--recipe", "laptop", "--local-loss", "sim", "--epochs", "30"])
+    assert (lap.local_loss, lap.epochs, lap.head_bn) == ("sim", 30, True)
+
+
+def test_optimizer_sgd_is_lars_without_the_trust_ratio():
+    for name, lars in (("lars", [True, False, False]), ("sgd", [False, False, False])):
+        args = geo_dino.parse_args(TINY + ["--width", "8", "--optimizer", name])
+        groups = geo_dino.make_optimizer(geo_dino.StudentNetwork(args, 10), args, 1.0).param_groups
+        assert isinstance(geo_dino.make_optimizer(geo_dino.StudentNetwork(args, 10), args, 1.0), geo_dino.LARS)
+        assert [g["lars"] for g in groups] == lars
+        assert [g["weight_decay"] for g in groups] == [args.weight_decay, 0.0, 0.0]
+
+
+def test_train_per_class_draws_a_balanced_seeded_subset_and_the_knn_keeps_the_whole_set():
+    labels = [i % 10 for i in range(200)] + [3] * 50  # class 3 has more images
+    pick = geo_dino.random_per_class(labels, 4, 10, seed=0)
+    assert sorted(labels[i] for i in pick) == sorted(list(range(10)) * 4) and pick == sorted(set(pick))
+    assert pick == geo_dino.random_per_class(labels, 4, 10, seed=0) != geo_dino.random_per_class(labels, 4, 10, 1)
+    assert pick != sorted(i for i in range(200) if i < 40)  # drawn at random, not the first of each class
+    assert len(geo_dino.random_per_class([0, 0, 1], 5, 2, seed=0)) == 3  # a small class gives all its images
+
+    args = geo_dino.parse_args(TINY + ["--fake-size", "64", "--train-per-class", "2"])
+    train, _, loader, _, _, _ = geo_dino.make_loaders(args, 0, 1)
+    assert len(train) == 20 and len(train.base.dataset) == 64 and len(loader) == 20 // 4
+    full = [train.base.dataset[i][1] for i in range(64)]
+    assert sorted(full[i] for i in train.base.indices) == sorted(list(range(10)) * 2)
 
 
 # ---------------------------------------------------------------------------------------------------------

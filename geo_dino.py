@@ -1209,7 +1209,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
-    """Weight decay and LARS adaptation on weights only: not on biases and norms (ndim <= 1), nor the probes."""
+    """Weight decay and LARS adaptation on weights only: not on biases and norms (ndim <= 1), nor the probes.
+    With --optimizer sgd no group gets the LARS trust ratio (plain SGD + momentum, weight decay on weights)."""
     decay, no_decay, probes = [], [], []
     for name, p in net.named_parameters():
         if name.startswith("probe_"):

@@ -28,7 +28,7 @@ PER_METHOD = {
     "build_training": "the method's networks and optimiser", "Schedule": "the method's schedules",
     "train_step": "the algorithm", "main": "the method's names and outputs", "plot_curves": "the method's monitors",
     "ema_update": "the paper's notation: theta/xi (BYOL) or student/teacher (DINO)",
-    "tau_at": "cites BYOL or DINO", "param_groups": "geo_dino: AdamW besides LARS",
+    "tau_at": "cites BYOL or DINO", "make_loaders": "geo_dino: --train-per-class subsets (paper Sec. 4.5.1)",
     "save_backbone": "geo_dino also saves Swin-T", "LAPTOP_RECIPE": "each method's laptop values",
 }
 

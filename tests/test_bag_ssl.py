@@ -284,6 +284,24 @@ def test_laptop_recipe_is_co_byols_byol_recipe_with_only_the_views_changed():
     assert (lap.crop, lap.epochs, lap.loss, lap.width) == ("multiscale", 2, "vicreg", 16)
 
 
+def test_laptop_multiscale_arm_trains_bit_for_bit_what_co_byols_byol_trains(tmp_path):
+    """--recipe laptop --crop multiscale and co_byol.py --recipe laptop --ws 0, same seed: the same views, the
+    same networks and the same updates, so the same weights (on CPU). The committed BYOL laptop runs are then the
+    multi-scale arm's training, and only the bag-of-patch evaluation of their backbones is left to run."""
+    import co_byol
+
+    small = ["--recipe", "laptop", "--dataset", "fake", "--fake-size", "16", "--batch-size", "4", "--image-size",
+             "16", "--width", "8", "--epochs", "1", "--max-steps", "3", "--num-workers", "0", "--knn-k", "0"]
+    bag = bag_ssl.main(bag_ssl.parse_args(small + NO_EVAL + ["--crop", "multiscale", "--output-dir", str(tmp_path / "b")]))
+    byol = co_byol.main(co_byol.parse_args(small + ["--ws", "0", "--output-dir", str(tmp_path / "c")]))
+    for a, b in zip(bag[:2], byol[:2]):  # the online network and the EMA target
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    b0 = torch.load(tmp_path / "b" / "backbone.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, torch.load(tmp_path / "c" / "backbone.pt", weights_only=True)["state_dict"][k])
+               for k, v in b0.items())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Whole runs
 # ---------------------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
     python results/summary.py            # prints the markdown table of README.md (links from the repo root)
 
 Per method and seed it reads `final_metrics.json` of results/<folder>_s<seed>: `knn_top1` (k = 200 on the whole
-training set), `linear_top1` (the logistic-regression readout on the same frozen features; runs made before it
-existed have none: then the offline `eval_linear.py --precompute` probe of `eval_results.json` is shown where it
-was run, marked "offline") and `train_s`. Mean and spread (max - min) over the seeds found.
+training set), `linear_top1` (the logistic-regression readout on the same frozen features; for runs made before
+it existed, the same readout computed afterwards by results/laptop/readout.py into `readout.json`) and `train_s`.
+The random initialisation: readout.py's `random:S`, the network a seed-S run starts from. Mean and spread (max - min) over the seeds found.
 """
 import json
 import statistics
@@ -23,8 +23,10 @@ def seeds_of(prefix: str) -> dict[int, dict]:
         path = R / f"{prefix}_s{s}" / "final_metrics.json"
         if path.exists():
             final = json.loads(path.read_text())
-            offline = R / f"{prefix}_s{s}" / "eval_results.json"
-            if "linear_top1" not in final and offline.exists():
+            readout, offline = R / f"{prefix}_s{s}" / "readout.json", R / f"{prefix}_s{s}" / "eval_results.json"
+            if "linear_top1" not in final and readout.exists():  # results/laptop/readout.py, for older runs
+                final["linear_top1"] = json.loads(readout.read_text())["linear_top1"]
+            elif "linear_top1" not in final and offline.exists():
                 final["linear_offline"] = json.loads(offline.read_text())["linear"]["final (.h)"]
             out[s] = final
     return out
@@ -40,18 +42,16 @@ def cell(values: list[float]) -> str:
 
 
 def random_init() -> tuple[list[float], list[float]]:
-    """k-NN of the laptop network at random initialisation, seeds 0-2, and its offline linear probe (seed 0)."""
-    seed0 = json.loads((R / "laptop/random_init/eval_results.json").read_text())  # eval_linear.py --knn
-    knn = [seed0["knn"]["top1"]] + [json.loads((R / f"laptop/random_init/knn_seed{s}.json").read_text())
-                                    ["knn_top1_full_bank"] for s in (1, 2)]
-    return knn, [seed0["linear"]["final (.h)"]]
+    """k-NN and linear readout of the laptop network at random initialisation, seeds 0-2 (readout.py random:S)."""
+    runs = [json.loads((R / f"laptop/random_init/readout_seed{s}.json").read_text()) for s in (0, 1, 2)]
+    return [r["knn_top1"] for r in runs], [r["linear_top1"] for r in runs]
 
 
 def main() -> None:
     print("| method | seeds | k-NN top-1 %: per seed: **mean** (spread) | linear top-1 % | training minutes, mean | runs |")
     print("|---|---|---|---|---|---|")
     knn, lin = random_init()
-    print(f"| same network at random initialisation | 0-2 | {cell(knn)} | {lin[0]:.2f} (seed 0, offline) | 0 | "
+    print(f"| same network at random initialisation | 0,1,2 | {cell(knn)} | {cell(lin)} | 0 | "
           "[random_init](results/laptop/random_init) |")
     for name, flags, prefix in ROWS:
         runs = seeds_of(prefix)

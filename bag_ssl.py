@@ -31,6 +31,7 @@ Run:
     python bag_ssl.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --eval-patches 1,4   # CPU smoke
     python bag_ssl.py                        # CIFAR-10, ResNet-34, VICReg, 14x14 patches, 200 epochs, one GPU
     python bag_ssl.py --crop multiscale      # the baseline (RandomResizedCrop(0.08, 1)), same recipe
+    python bag_ssl.py --recipe laptop        # 2-core CPU: co_byol's BYOL laptop recipe on patches (docs/bag_ssl.md)
     python bag_ssl.py --loss simclr          # or tcr, byol
     python bag_ssl.py --eval-only --checkpoint runs/bag_ssl/backbone.pt --eval-patches 1,16,256 --local-agg
     torchrun --nproc_per_node=8 bag_ssl.py   # 8 GPUs, --batch-size stays the global batch

@@ -32,6 +32,8 @@ Run:
     python geo_dino.py                                   # CIFAR-10, ResNet-18 (cifar stem), geo, one GPU
     python geo_dino.py --local-loss sim                  # EsViT's similarity matching, same recipe
     python geo_dino.py --local-loss none                 # vanilla DINO (multi-crop), same recipe
+    python geo_dino.py --recipe laptop                   # 2-core CPU: co_dino's DINO laptop values, 2 epochs
+    python geo_dino.py --recipe laptop --train-per-class 100 --epochs 100 --knn-every 10   # low-data (Fig. 4)
     torchrun --nproc_per_node=8 geo_dino.py              # 8 GPUs, --batch-size stays the global batch
     # Paper scale (ImageNet-1k, Swin-T/7, 300 epochs, batch 512, 8 x A100 for 7 days; Table 2 in the paper:
     # linear top-1 vanilla 77.0, sim 77.9, geo 77.8 %):

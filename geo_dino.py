@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default="data", help="dataset root")
     g.add_argument("--train-per-class", type=int, default=0, help="pre-train on K images drawn at random from each "
                    "class (seeded by --seed; PAPER Sec. 4.5.1: 10-200 per class, the 1-20 %% ImageNet-1k subsets); "
-                   "the k-NN and the probes still use the whole training set. 0: all images")
+                   "the online probes train on the subset's views, the k-NN bank still comes from the whole "
+                   "training set (the paper's anchors). 0: all images")
     g.add_argument("--image-size", type=int, default=0, help="side of the 2 global crops in pixels (0: 32 for "
                    "CIFAR, 96 for STL-10, 224 for image folders as in the paper, 32 for fake)")
     g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")

@@ -49,8 +49,8 @@ def one(method: str, setting: str, batches: int, data_dir: str) -> dict:
     name, flags = bench_step.PAIRS[method][1]
     with tempfile.TemporaryDirectory() as tmp:
         if setting == "laptop":  # the file's --recipe laptop, on the real CIFAR-10
-            argv = ["--recipe", "laptop", "--dataset", "cifar10", "--data-dir", data_dir, "--arch", "resnet18", "--width", "16",
-                    "--batch-size", "64", "--image-size", "32"]
+            argv = ["--recipe", "laptop", "--dataset", "cifar10", "--data-dir", data_dir, "--arch", "resnet18",
+                    "--width", "16", "--batch-size", "64", "--image-size", "32"]
         else:
             write_folder(Path(tmp) / "folder")
             argv = ["--dataset", "imagefolder", "--data-dir", str(Path(tmp) / "folder"), "--arch", "resnet50",

@@ -274,3 +274,28 @@ def test_eval_linear_refuses_non_finite_and_out_of_range_floats(flag, value, cap
         module("eval_linear").parse_args(["--checkpoint", "runs/x/backbone.pt", flag, value])
     assert e.value.code == 2
     assert flag in one_error_line([ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln][0])
+
+
+def test_keep_freed_memory_reuses_the_pages_of_freed_tensors():
+    """Run() on CPU calls keep_freed_memory: a freed 64 MB tensor's pages serve the next one, with no page faults
+    (measured cost without it: 150k faults and +50 % time in a geo_dino laptop step). In a fresh process, as the
+    setting is process-wide; the four files' copies are byte-identical (test_style.py)."""
+    code = """
+import resource, sys, torch
+sys.path.insert(0, %r)
+import co_byol
+def faults_of_a_second_64mb_tensor():
+    torch.empty(16 << 20).fill_(1)  # allocated, touched, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 << 20).fill_(1)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+default = faults_of_a_second_64mb_tensor()
+co_byol.keep_freed_memory()
+faults_of_a_second_64mb_tensor()  # the first block that comes from the heap
+print(default, faults_of_a_second_64mb_tensor())
+""" % str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    default, kept = map(int, out.split())
+    if default < 1000:
+        pytest.skip(f"this kernel maps large blocks with huge pages ({default} faults for 64 MB): nothing to keep")
+    assert default > 10_000 and kept < 100, (default, kept)  # 16,384 pages of 4 KiB, then none

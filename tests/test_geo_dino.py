@@ -222,6 +222,9 @@ def test_local_loss_against_explicit_loops(mode):
     assert monitors[0].item() == pytest.approx(n_valid / n_cells)
     assert monitors[1].item() == pytest.approx(n_agree / max(n_valid, 1))
     assert 0 < n_valid < n_cells  # the non-overlapping crop really produced invalid cells
+    # the local collapse monitors, computed from the loss's own P_t, equal collapse_monitors on every teacher cell
+    t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, K) for o in teacher])  # (2B*m*m, K)
+    torch.testing.assert_close(monitors[2:], geo_dino.collapse_monitors(t_local, c_l, Tt))
 
 
 def test_local_loss_stops_gradient_into_teacher():

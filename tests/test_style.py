@@ -68,7 +68,7 @@ def test_duplicated_plumbing_is_byte_identical(name):
 
 def test_the_plumbing_that_every_loop_calls_is_in_every_file():
     for name in ("Run", "TrainClock", "MetricsLog", "Checkpointer", "StopFlag", "ResumableSampler", "end_of_epoch",
-                 "finish_training", "write_final", "KNNMonitor", "StepOut"):
+                 "finish_training", "write_final", "KNNMonitor", "StepOut", "keep_freed_memory"):
         assert all(name in d for d in DEFS.values()), name
 
 

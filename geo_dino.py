@@ -1026,14 +1026,16 @@ def local_distributions(student: list[dict], teacher: list[dict], local_center: 
     """The local heads' distributions of every crop, once per crop (each enters 2-3 pairs), in fp32.
 
     student: dicts with "logits_l" (B, K_p, n, n); teacher: the same for the 2 global crops. Returns (log P_s
-    per student crop, P_t per teacher crop), each (B, K_p, n*n): log_softmax(s / T_s), and softmax((t - c) /
-    T_t) with the LOCAL centre (1, K_p) and no gradient. PERF: computing them per pair instead repeated four of
-    the six teacher softmaxes over (B, 4096, 25) and two student ones, most of the local loss's time on a CPU.
+    per student crop, P_t per teacher crop), each cell-major (B, n*n, K_p): log_softmax(s / T_s), and
+    softmax((t - c) / T_t) with the LOCAL centre (1, K_p) and no gradient.
+    PERF (measured, CPU): once per crop, not once per pair (which repeated four of the six teacher softmaxes
+    over (B, 4096, 25)); and cell-major, so that every op runs along K_p, the contiguous dimension of the
+    head's channels_last output (K-major, each op ran 3-20x slower: strided, and in mixed layouts).
     """
-    log_p_s = [F.log_softmax(o["logits_l"].float().flatten(2) / student_temp, dim=1)  # (B, Kp, n, n) -> (B, Kp, n*n)
-               for o in student]
-    p_t = [F.softmax((o["logits_l"].float().flatten(2) - local_center.view(1, -1, 1)) / teacher_temp,
-                     dim=1).detach() for o in teacher]  # (B, Kp, m, m) -> (B, Kp, m*m); sg: no gradient into the teacher
+    log_p_s = [F.log_softmax(o["logits_l"].float().flatten(2).transpose(1, 2) / student_temp, dim=-1)
+               for o in student]  # (B, Kp, n, n) -> (B, n*n, Kp)
+    p_t = [F.softmax((o["logits_l"].float().flatten(2).transpose(1, 2) - local_center) / teacher_temp,
+                     dim=-1).detach() for o in teacher]  # (B, Kp, m, m) -> (B, m*m, Kp); sg: no gradient into the teacher
     return log_p_s, p_t
 
 
@@ -1041,13 +1043,13 @@ def local_pair_loss(log_p_student: torch.Tensor, p_teacher: torch.Tensor, index:
                     valid: torch.Tensor) -> torch.Tensor:
     """PAPER Eq. 4 / Eq. 6 for one pair of crops: 1/K sum_k 1{valid_k} H(P_t(z'_{k*}), P_s(z_k)), batch mean.
 
-    log_p_student (B, K_p, n*n) and p_teacher (B, K_p, m*m): `local_distributions` of the two crops (K_p
+    log_p_student (B, n*n, K_p) and p_teacher (B, m*m, K_p): `local_distributions` of the two crops (K_p
     prototypes); index (B, n*n): the matched teacher cell of every student cell; valid (B, n*n) bool (all True
     for sim). PAPER Eq. 6: the sum over valid cells is divided by K = n*n, the number of all student cells (not
     only the valid ones).
     """
-    t = torch.gather(p_teacher, 2, index.unsqueeze(1).expand(-1, p_teacher.shape[1], -1))  # (B, Kp, n*n): cell k*
-    ce = -(t * log_p_student).sum(1)  # (B, Kp, n*n) -> (B, n*n): H(P_t(z'_{k*}), P_s(z_k))
+    t = torch.gather(p_teacher, 1, index.unsqueeze(-1).expand(-1, -1, p_teacher.shape[-1]))  # (B, n*n, Kp): cell k*
+    ce = -(t * log_p_student).sum(-1)  # (B, n*n, Kp) -> (B, n*n): H(P_t(z'_{k*}), P_s(z_k))
     return ((ce * valid).sum(1) / ce.shape[1]).mean()  # 1/K sum_k 1{d(k) < s} H, then batch mean
 
 
@@ -1099,7 +1101,7 @@ def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
             loss_l = loss_l + local_pair_loss(log_p_s[v], p_t[iq], index, valid)
         loss_l = loss_l / len(matchings)  # PAPER Eq. 9 / 10: 1 / (2 (N_L + 1)) sum over the pairs
         # local collapse (Sec. 4.6), from the P_t just computed: every cell of both global crops, (2B * m * m, K_p)
-        local_collapse = collapse_monitors_of(torch.cat([p.transpose(1, 2).reshape(-1, p.shape[1]) for p in p_t]))
+        local_collapse = collapse_monitors_of(torch.cat([p.reshape(-1, p.shape[-1]) for p in p_t]))
     # Match monitors (PAPER Sec. 4.6-4.7), computed in every mode: how many student cells have a geometric
     # partner, and among those, how often the similarity matching picks that same teacher cell.
     with torch.no_grad():

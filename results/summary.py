@@ -6,7 +6,9 @@ Per method and seed it reads `final_metrics.json` of results/<folder>_s<seed>: `
 training set), `linear_top1` (the logistic-regression readout on the same frozen features; for runs made before
 it existed, the same readout computed afterwards by results/laptop/readout.py into `readout.json`) and `train_s`.
 The random initialisation: readout.py's `random:S`, the network a seed-S run starts from. Mean and spread
-(max - min) over the seeds found.
+(max - min) over the seeds found. The CPU and precision of each run come from its train.log ("amp ... (native
+bf16 / no native bf16 on this CPU)"): the runs so far were made on two 2-core machines, an Intel Xeon without
+native bf16 ("Xeon") and an AMD EPYC with it ("EPYC").
 """
 import json
 import statistics
@@ -16,7 +18,10 @@ R = Path(__file__).resolve().parent
 # (name, file and flags, run folders without the _s<seed> suffix)
 ROWS = [("BYOL", "co_byol.py --ws 0", "laptop/byol"), ("CO-BYOL", "co_byol.py --ws 0.2", "laptop/co_byol"),
         ("DINO", "co_dino.py --ws 0", "co_dino_laptop/dino"),
-        ("CO-DINO", "co_dino.py --ws 0.2", "co_dino_laptop/co_dino")]
+        ("CO-DINO", "co_dino.py --ws 0.2", "co_dino_laptop/co_dino"),
+        ("DINO, 2 small crops", "geo_dino.py --local-loss none", "geo_dino_laptop/none"),
+        ("+ local loss, similarity matching", "geo_dino.py --local-loss sim", "geo_dino_laptop/sim"),
+        ("+ local loss, geometric matching", "geo_dino.py --local-loss geo", "geo_dino_laptop/geo")]
 
 
 def seeds_of(prefix: str) -> dict[int, dict]:
@@ -32,6 +37,13 @@ def seeds_of(prefix: str) -> dict[int, dict]:
     return out
 
 
+def machine(folder: Path) -> str:
+    """'Xeon fp32', 'EPYC fp32' or 'EPYC bf16', from the run's train.log (its device line)."""
+    line = next(l for l in (folder / "train.log").read_text().splitlines() if " amp " in l)
+    cpu = "Xeon" if "no native bf16" in line else "EPYC"
+    return f"{cpu} {'bf16' if 'bfloat16' in line else 'fp32'}"
+
+
 def cell(values: list[float]) -> str:
     """'a / b / c: **mean** (spread)', or the one value."""
     if len(values) == 1:
@@ -41,20 +53,24 @@ def cell(values: list[float]) -> str:
 
 
 def main() -> None:
-    print("| method | seeds | k-NN top-1 %: per seed: **mean** (spread) | linear top-1 % | training minutes, mean "
-          "| runs |")
-    print("|---|---|---|---|---|---|")
+    print("| method | seeds | k-NN top-1 %: per seed: **mean** (spread) | linear top-1 % | training minutes "
+          "per seed (1 thread) | CPU, precision | runs |")
+    print("|---|---|---|---|---|---|---|")
     init = [json.loads((R / f"laptop/random_init/readout_seed{s}.json").read_text()) for s in (0, 1, 2)]
     print(f"| same network at random initialisation | 0,1,2 | {cell([r['knn_top1'] for r in init])} | "
-          f"{cell([r['linear_top1'] for r in init])} | 0 | [random_init](results/laptop/random_init) |")
+          f"{cell([r['linear_top1'] for r in init])} | 0 | | [random_init](results/laptop/random_init) |")
     for name, flags, prefix in ROWS:
         runs = seeds_of(prefix)
         if not runs:
             continue
-        minutes = statistics.mean(f["train_s"] / 60 for f in runs.values())
+        minutes = " / ".join(f"{f['train_s'] / 60:.1f}" for f in runs.values())
+        machines = [machine(R / f"{prefix}_s{s}") for s in runs]
+        groups = {m: ",".join(str(s) for s, ms in zip(runs, machines) if ms == m) for m in dict.fromkeys(machines)}
+        where = machines[0] if len(groups) == 1 else ", ".join(f"{m} (seeds {s})" for m, s in groups.items())
         folder, seeds = Path(prefix).parent, ",".join(str(s) for s in runs)
         knn, linear = cell([f["knn_top1"] for f in runs.values()]), cell([f["linear_top1"] for f in runs.values()])
-        print(f"| {name} (`{flags}`) | {seeds} | {knn} | {linear} | {minutes:.1f} | [{folder}](results/{folder}) |")
+        print(f"| {name} (`{flags}`) | {seeds} | {knn} | {linear} | {minutes} | {where} | "
+              f"[{folder}](results/{folder}) |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""The per-run table of docs/geo_dino.md ("Laptop recipe results"), from the committed runs in this folder.
+
+    python results/geo_dino_laptop/rows.py
+
+One row per run folder (none_sS, sim_sS, geo_sS: the whole training set; sub100_*: 100 images per class):
+training minutes, k-NN (k = 200) on the 10,000-image bank at every evaluation, the final k-NN and linear
+readout on the whole training set, the online probe, and the monitors of the last logged step: the global and
+local teachers' entropy and KL(mean P_t || uniform) (log K = 8.32 nats for K = 4096), and sim_geo_agree.
+"""
+import json
+from pathlib import Path
+
+R = Path(__file__).resolve().parent
+
+
+def row(folder: Path) -> str:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((folder / "final_metrics.json").read_text())
+    knn = " / ".join(f"{r['knn_top1']:.2f}" for r in rows if "knn_top1" in r)
+    last = [r for r in rows if "teacher_entropy" in r][-1]
+    local = (f"{last['local_teacher_entropy']:.2f} / {last['local_teacher_kl_uniform']:.2f}"
+             if "sim" in folder.name or "geo" in folder.name else "-")
+    return (f"| {folder.name} | {final['train_s'] / 60:.1f} | {knn} | {final['knn_top1']:.2f} | "
+            f"{final['linear_top1']:.2f} | {final['val_acc_h']:.2f} | {last['teacher_entropy']:.2f} / "
+            f"{last['teacher_kl_uniform']:.2f} | {local} | {final['sim_geo_agree_epoch']:.3f} |")
+
+
+def main() -> None:
+    print("| run | training minutes (1 thread) | k-NN, 10k bank, per evaluation | final k-NN | final linear | "
+          "online probe | global teacher: entropy / KL to uniform (nats) | local teacher: entropy / KL | "
+          "sim_geo_agree (last epoch) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    order = {"none": 0, "sim": 1, "geo": 2}
+    folders = [f for f in R.iterdir() if (f / "final_metrics.json").exists()]
+    for f in sorted(folders, key=lambda f: (f.name.startswith("sub"), f.name[-1], order[f.name.split("_")[-2]])):
+        print(row(f))
+
+
+if __name__ == "__main__":
+    main()

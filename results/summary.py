@@ -19,9 +19,9 @@ R = Path(__file__).resolve().parent
 ROWS = [("BYOL", "co_byol.py --ws 0", "laptop/byol"), ("CO-BYOL", "co_byol.py --ws 0.2", "laptop/co_byol"),
         ("DINO", "co_dino.py --ws 0", "co_dino_laptop/dino"),
         ("CO-DINO", "co_dino.py --ws 0.2", "co_dino_laptop/co_dino"),
-        ("DINO, 2 small crops", "geo_dino.py --local-loss none", "geo_dino_laptop/none"),
-        ("+ local loss, similarity matching", "geo_dino.py --local-loss sim", "geo_dino_laptop/sim"),
-        ("+ local loss, geometric matching", "geo_dino.py --local-loss geo", "geo_dino_laptop/geo")]
+        ("DINO + 2 small crops", "geo_dino.py --local-loss none", "geo_dino_laptop/none"),
+        ("+ local loss, sim. matching", "geo_dino.py --local-loss sim", "geo_dino_laptop/sim"),
+        ("+ local loss, geo. matching", "geo_dino.py --local-loss geo", "geo_dino_laptop/geo")]
 
 
 def seeds_of(prefix: str) -> dict[int, dict]:

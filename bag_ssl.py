@@ -63,6 +63,7 @@ import random
 import resource
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -690,10 +691,12 @@ def make_loaders(args, rank: int, world: int):
     sampler = ResumableSampler(train, world, rank, args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False)  # fresh workers see the new epoch
+                                         persistent_workers=False,  # fresh workers see the new epoch
+                                         worker_init_fn=ignore_stop_signals)
     # Validation: each rank takes every world-th image (no padding, exact counts after the all-reduce).
     val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, num_workers=args.num_workers)
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, num_workers=args.num_workers,
+                                             worker_init_fn=ignore_stop_signals)
     return train, sampler, loader, val, val_loader, num_classes
 
 
@@ -1362,6 +1365,27 @@ class Checkpointer:
         self.last_write = time.time()
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """PLUMBING: worker_init_fn of every DataLoader. A scheduler's SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT
+    often reach the whole process group, loader workers included. torch's workers die of a SIGTERM that does
+    not come from their parent (and of SIGUSR1, SIGINT by default), and the main process then raises "DataLoader
+    worker ... is killed by signal" before StopFlag can checkpoint. So a worker ignores SIGUSR1 and SIGINT, and
+    a thread takes its SIGTERMs: one from the parent (torch's and multiprocessing's terminate()) ends the
+    worker as torch's own handler does, any other is dropped; the main process stops its workers itself."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's handler
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread, and the threads it starts
+
+    def take_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+            pass
+        os._exit(0)
+
+    threading.Thread(target=take_sigterm, daemon=True).start()
+
+
 class StopFlag:
     """PLUMBING: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C) ask the
     loop to checkpoint and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun
@@ -1481,7 +1505,8 @@ def evaluate_probes(net: nn.Module, val_loader, device, autocast, backbone: nn.M
 
 @torch.no_grad()
 def embed(backbone, dataset, device, autocast, batch_size: int, num_workers: int):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         worker_init_fn=ignore_stop_signals)
     feats, labels = [], []
     for x, y in loader:
         with autocast:
@@ -1619,7 +1644,8 @@ def bag_features(backbone, dataset, indices: list[int], split: int, args, device
     n_max, ns = max(args.eval_patch_list), convergence_ns(max(args.eval_patch_list))
     per_batch = max(1, args.eval_batch // n_max)  # images per batch: about eval_batch patches per chunk
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=per_batch,
-                                         num_workers=args.num_workers)
+                                         num_workers=args.num_workers,
+                                             worker_init_fn=ignore_stop_signals)
     feats: dict[str, list] = {"central": [], **{f"patches_{n}": [] for n in args.eval_patch_list}}
     if args.local_agg:
         feats.update(grid_mean=[], grid_local=[])

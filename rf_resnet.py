@@ -179,6 +179,24 @@ def _conv1x1_like(conv: nn.Conv2d) -> nn.Conv2d:
     return nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=1, stride=1, bias=False)
 
 
+class SubsampledConv1x1(nn.Conv2d):
+    """A 1x1 convolution with stride s, computed on the CPU as a stride-1 one on every s-th pixel: the same
+    weight, the same numbers (a 1x1 kernel only reads those pixels), another oneDNN kernel.
+
+    IMPL: torch 2.14.1's CPU backward of a strided 1x1 convolution in channels_last corrupts the heap or
+    crashes for some narrow shapes: 4-8 input channels on 64-66 px maps in fp32 (seen on an Intel Xeon), 12 on
+    66 px in bf16 (AMD EPYC), i.e. the first downsampling shortcut of ResNet-18 at --width 8-12 and 64 px with
+    the CIFAR stem. The stride-1 kernel on the subsampled map has not crashed in any of these (docs/rf_resnet.md).
+    On CUDA the ordinary strided convolution runs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or self.stride == (1, 1):
+            return super().forward(x)
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
+
+
 def _set_stride(block: nn.Module, stride: int) -> None:
     """Give the first block of a stage stride `stride` on its 3x3 and on its downsample shortcut."""
     conv = block.conv2 if isinstance(block, Bottleneck) else block.conv1  # the 3x3 that carries the stride
@@ -263,6 +281,12 @@ def make_resnet(
                 blk.conv2 = _conv1x1_like(blk.conv2)
                 if j not in keep:
                     blk.conv1 = _conv1x1_like(blk.conv1)
+    for blk in resnet.modules():  # the strided 1x1 shortcuts, with their weights: no new random draws
+        if isinstance(blk, (BasicBlock, Bottleneck)) and blk.downsample is not None:
+            conv = blk.downsample[0]
+            blk.downsample[0] = torch.nn.utils.skip_init(SubsampledConv1x1, conv.in_channels, conv.out_channels,
+                                                         kernel_size=1, stride=conv.stride, bias=False)
+            blk.downsample[0].weight = conv.weight
     # torchvision initialises the convolutions it built (Kaiming normal, fan_out); do the same for ours.
     for m in resnet.modules():
         if isinstance(m, nn.Conv2d):

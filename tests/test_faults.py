@@ -1,9 +1,10 @@
 """Fault handling, the same in the four method files: a killed, preempted, diverging or misconfigured run loses
 at most the work since its last checkpoint and says what went wrong in one line.
 
-Every case runs in-process on tiny FakeData (a few steps of a narrow ResNet-18), so the file takes about a
-minute; the subprocess-level checks (SIGTERM through a real process, kill -9) live in test_co_byol.py and
-test_co_dino.py, the NaN guard in each method's own test file.
+Most cases run in-process on tiny FakeData (a few steps of a narrow ResNet-18); those that need a real process
+(kill -9, a torchrun restart, SIGTERM to a whole process group with its loader worker) start one. A plain
+SIGTERM through a real process is in test_co_byol.py and test_co_dino.py, the NaN guard in each method's own
+test file.
 """
 import importlib
 import os
@@ -218,6 +219,28 @@ def test_kill_9_while_checkpointing_every_step_leaves_a_loadable_checkpoint(tmp_
     again = subprocess.run(argv + ["--max-steps", str(step + 1)], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0 and f"at step {step}" in again.stdout, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name,sig", [(m, signal.SIGTERM) for m in METHODS]
+                         + [("co_byol", signal.SIGINT), ("co_byol", signal.SIGUSR1)])
+def test_stop_signal_to_the_process_group_with_a_loader_worker_checkpoints_and_exits(name, sig, tmp_path):
+    """A scheduler (or `kill -- -PGID`, or Ctrl-C) signals the whole process group, the loader worker too: the
+    worker must not die of it, so the main process checkpoints and exits 128 + the signal as when it alone is
+    signalled; before the fix the run ended in 'DataLoader worker ... is killed by signal' with exit code 1."""
+    out = tmp_path / "run"
+    argv = list(TINY[name])
+    argv[argv.index("--fake-size") + 1] = "4000"  # 1000 steps per epoch: the worker stays busy
+    argv[argv.index("--num-workers") + 1] = "1"
+    proc = subprocess.Popen([sys.executable, f"{name}.py", *argv, "--output-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # a few steps through the worker
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, sig)  # the session's group: the main process and its loader worker
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig and "is killed by signal" not in err, err[-2000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 2 and (out / "backbone.pt").exists()
 
 
 def _children(pid: int) -> list[int]:

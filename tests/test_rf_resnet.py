@@ -131,3 +131,39 @@ def test_width_64_is_the_standard_network_and_bad_widths_are_refused():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same layers, same init draws
     with pytest.raises(ValueError, match="multiple of 4"):
         build_backbone("resnet50", width=30)
+
+
+def test_subsampled_1x1_shortcut_computes_the_strided_convolution():
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(12, 24, 1, stride=2, bias=False)
+    ours = rf_resnet.SubsampledConv1x1(12, 24, 1, stride=2, bias=False)
+    ours.weight = ref.weight
+    for size in (66, 33):  # even and odd maps: ceil(size / 2) rows and columns either way
+        x = torch.randn(2, 12, size, size, requires_grad=True)
+        torch.testing.assert_close(ours(x), ref(x))
+        (g_ours,) = torch.autograd.grad(ours(x).square().sum(), x)
+        (g_ref,) = torch.autograd.grad(ref(x).square().sum(), x)
+        torch.testing.assert_close(g_ours, g_ref)
+
+
+CRASH_SHAPES = """
+import sys, torch
+from rf_resnet import build_backbone
+width, amp = int(sys.argv[1]), sys.argv[2] == "bf16"
+net = build_backbone("resnet18", stem="cifar", width=width).to(memory_format=torch.channels_last)
+x = torch.randn(16, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+for _ in range(2):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        loss = net(x).h.float().square().mean()
+    loss.backward()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("width,amp", [(8, "fp32"), (12, "bf16")])
+def test_narrow_resnet18_at_64_px_trains_in_channels_last_without_crashing(width, amp):
+    """The shapes whose strided 1x1 backward crashed oneDNN (docs/rf_resnet.md), in a subprocess: a crash
+    there is a non-zero exit code here, not a dead test run."""
+    proc = subprocess.run([sys.executable, "-c", CRASH_SHAPES, str(width), amp], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-1500:])

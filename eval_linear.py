@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Tiny-ImageNet-C (<= 64 px) or ImageNet-C (larger)")
     g.add_argument("--pgd-random-start", type=int, choices=[0, 1], default=1, help="start PGD at a uniform "
                    "random point of the eps-ball (Foolbox's LinfPGD default, which the paper used)")
+    g.add_argument("--robustness-parts", default="corruptions,masking,pgd", help="comma-separated subset of "
+                   "corruptions, masking, pgd: which parts --robustness runs (masking alone is one forward pass "
+                   "per image; corruptions 35 and PGD 16 forward+backward passes)")
     g.add_argument("--robust-subset", type=int, default=0, help="evaluate robustness on this many validation "
                    "images (0: all); corruptions x severities and PGD cost many passes")
 
@@ -155,7 +158,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("need --lr > 0, --knn-temperature > 0, --weight-decay >= 0 and 0 < --min-crop <= 1")
     if not 0 <= args.momentum < 1:
         parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
-    args.corruptions = [c for c in args.corruptions.split(",") if c]
+    args.robustness_parts = [c for c in args.robustness_parts.split(",") if c]
+    if not args.robustness_parts or set(args.robustness_parts) - {"corruptions", "masking", "pgd"}:
+        parser.error(f"--robustness-parts takes a comma-separated subset of corruptions,masking,pgd, got "
+                     f"{','.join(args.robustness_parts) or 'nothing'}")
+    args.corruptions = [c for c in args.corruptions.split(",") if c] if "corruptions" in args.robustness_parts else []
     unknown = sorted(set(args.corruptions) - set(CORRUPTIONS))
     if unknown:
         parser.error(f"unknown corruption(s) {', '.join(unknown)}; choose from {', '.join(CORRUPTIONS)}")
@@ -641,8 +648,9 @@ def robustness(net: Normalized, probe: nn.Linear, dataset, args, device) -> dict
     gen = torch.Generator().manual_seed(args.seed)
     n, clean = 0, 0
     corr = {name: [0] * 5 for name in args.corruptions}
-    mask = {d: 0 for d in MASK_DROPS}
-    pgd = [0] * len(PGD_SETTINGS)
+    mask = {d: 0 for d in MASK_DROPS} if "masking" in args.robustness_parts else {}
+    pgd_settings = PGD_SETTINGS if "pgd" in args.robustness_parts else []
+    pgd = [0] * len(pgd_settings)
     for x, y in tqdm(data, desc="robustness", dynamic_ncols=True):
         x, y = x.to(device), y.to(device)
         n += len(y)
@@ -652,11 +660,11 @@ def robustness(net: Normalized, probe: nn.Linear, dataset, args, device) -> dict
             for s in range(1, 6):
                 xc = corrupt(x.cpu(), name, s, params, gen).to(device)
                 corr[name][s - 1] += (classify(xc).argmax(1) == y).sum().item()
-        for d in MASK_DROPS:  # (b) internal masking: masked_pool replaces the average pooling, then the MLP
+        for d in mask:  # (b) internal masking: masked_pool replaces the average pooling, then the MLP
             pooled = masked_pool(local, d, gen)
             h = net.backbone.mlp(pooled) if net.backbone.mlp is not None else pooled
             mask[d] += (probe(h.float()).argmax(1) == y).sum().item()
-        for i, (eps, frac, steps) in enumerate(PGD_SETTINGS):  # (c) PGD, Table 4's eight settings
+        for i, (eps, frac, steps) in enumerate(pgd_settings):  # (c) PGD, Table 4's eight settings
             xa = pgd_attack(classify, x, y, eps, eps * frac, steps, bool(args.pgd_random_start), gen)
             pgd[i] += (classify(xa).argmax(1) == y).sum().item()
     pct = lambda c: 100 * c / max(n, 1)  # noqa: E731
@@ -664,8 +672,8 @@ def robustness(net: Normalized, probe: nn.Linear, dataset, args, device) -> dict
                    for name, v in corr.items()}
     masking = {str(d): pct(c) for d, c in mask.items()}
     return {"images": n, "corruption_params": params, "clean": pct(clean), "corruptions": corruptions,
-            "masking": masking, "masking_mean": sum(masking.values()) / len(masking),
-            "pgd": [{"eps": e, "step": e * f, "steps": s, "acc": pct(c)} for (e, f, s), c in zip(PGD_SETTINGS, pgd)]}
+            "masking": masking, "masking_mean": sum(masking.values()) / len(masking) if masking else None,
+            "pgd": [{"eps": e, "step": e * f, "steps": s, "acc": pct(c)} for (e, f, s), c in zip(pgd_settings, pgd)]}
 
 
 # ==== 6. Analysis: redundancy of local representations, effective receptive fields ====
@@ -860,11 +868,17 @@ def markdown(res: dict) -> str:
                   f"{r['corruption_params']}; accuracies averaged over severities 1-5 and over 50-90 % masking)", "",
                   "| clean | " + " | ".join(names) + " | mask |", "|---" * (len(names) + 2) + "|",
                   f"| {r['clean']:.2f} | " + " | ".join(f"{r['corruptions'][c]['mean']:.2f}" for c in names)
-                  + f" | {r['masking_mean']:.2f} |", "",
-                  "| eps | " + " | ".join(f"{p['eps']:g}" for p in r["pgd"]) + " |", "|---" * (len(r["pgd"]) + 1) + "|",
-                  "| step | " + " | ".join(f"eps/{round(p['eps'] / p['step'])}" for p in r["pgd"]) + " |",
-                  "| iterations | " + " | ".join(str(p["steps"]) for p in r["pgd"]) + " |",
-                  "| PGD top-1 | " + " | ".join(f"{p['acc']:.2f}" for p in r["pgd"]) + " |"]
+                  + (f" | {r['masking_mean']:.2f} |" if r["masking"] else " | - |")]
+        if r["masking"]:
+            lines += ["", "| dropped | 0 % | " + " | ".join(f"{100 * float(d):.0f} %" for d in r["masking"]) + " |",
+                      "|---" * (len(r["masking"]) + 2) + "|",
+                      f"| top-1 | {r['clean']:.2f} | " + " | ".join(f"{v:.2f}" for v in r["masking"].values()) + " |"]
+        if r["pgd"]:
+            lines += ["", "| eps | " + " | ".join(f"{p['eps']:g}" for p in r["pgd"]) + " |",
+                      "|---" * (len(r["pgd"]) + 1) + "|",
+                      "| step | " + " | ".join(f"eps/{round(p['eps'] / p['step'])}" for p in r["pgd"]) + " |",
+                      "| iterations | " + " | ".join(str(p["steps"]) for p in r["pgd"]) + " |",
+                      "| PGD top-1 | " + " | ".join(f"{p['acc']:.2f}" for p in r["pgd"]) + " |"]
     if "analysis" in res:
         a = res["analysis"]
         lines += ["", "| intra-image local cos | inter-image local cos | Pearson(global, local) | ERF >5 % (px) "
@@ -883,15 +897,19 @@ def plot_robustness(r: dict, path: Path) -> None:
     for name, v in r["corruptions"].items():
         ax[0].plot(range(1, 6), v["severity"], marker="o", label=name)
     ax[0].set(xlabel="severity", ylabel="top-1 (%)", title="ImageNet-C corruptions")
-    ax[0].legend(fontsize=7)
+    if r["corruptions"]:
+        ax[0].legend(fontsize=7)
     drops = [0.0] + list(MASK_DROPS)
-    ax[1].plot([100 * d for d in drops], [r["clean"]] + [r["masking"][str(d)] for d in MASK_DROPS], marker="o")
+    if r["masking"]:
+        ax[1].plot([100 * d for d in drops], [r["clean"]] + [r["masking"][str(d)] for d in MASK_DROPS], marker="o")
     ax[1].set(xlabel="local representations dropped (%)", ylabel="top-1 (%)", title="internal masking")
     for steps, frac in ((1, 40), (5, 40), (1, 10)):
         pts = [(p["eps"], p["acc"]) for p in r["pgd"] if p["steps"] == steps and round(p["eps"] / p["step"]) == frac]
-        ax[2].plot(*zip(*pts), marker="o", label=f"step eps/{frac}, {steps} it.")
+        if pts:
+            ax[2].plot(*zip(*pts), marker="o", label=f"step eps/{frac}, {steps} it.")
     ax[2].set(xscale="log", xlabel="eps (L-inf, [0, 1] pixels)", ylabel="top-1 (%)", title="PGD")
-    ax[2].legend(fontsize=7)
+    if r["pgd"]:
+        ax[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -205,6 +205,15 @@ def test_full_tiny_evaluation_of_a_co_byol_backbone(tmp_path):
     for f in ("results.md", "robustness.png", "analysis.png", "eval_checkpoint.pt"):
         assert (out / f).stat().st_size > 0
     assert "| final (.h) |" in proc.stdout
+    # Masking alone (one forward pass per image): no corruptions, no PGD; a part that does not exist is refused.
+    only = ["--epochs", "1", "--precompute", "--robustness", "--robustness-parts", "masking"]
+    proc = run_eval([a if a != str(out) else str(tmp_path / "masking") for a in common] + only)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rob = json.loads((tmp_path / "masking" / "results.json").read_text())["robustness"]
+    assert rob["corruptions"] == {} and rob["pgd"] == [] and list(rob["masking"]) == ["0.5", "0.6", "0.7", "0.8", "0.9"]
+    assert "| dropped | 0 % | 50 % |" in (tmp_path / "masking" / "results.md").read_text()
+    proc = run_eval(common + only[:-1] + ["masking,fgsm"])
+    assert proc.returncode == 2 and "--robustness-parts takes" in proc.stderr.strip().splitlines()[-1]
     # A longer run in the same folder resumes the probe after its 2 finished epochs.
     proc = run_eval(common + ["--epochs", "3", "--precompute"])
     assert proc.returncode == 1 and "another evaluation (different layers, precompute)" in proc.stderr

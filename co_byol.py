@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--knn-k", type=int, default=200, help="k of the k-NN evaluation on .h (cosine, "
                    "temperature-weighted votes as in DINO's eval_knn); 0 skips every k-NN")
     g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature of the k-NN votes")
-    g.add_argument("--knn-every", type=int, default=1, help="online k-NN every this many epochs (and at "
-                   "epoch 0, the random network); 0: only at the end")
+    g.add_argument("--knn-every", type=int, default=1, help="online k-NN and probe readout every this "
+                   "many epochs (k-NN also at epoch 0, the random network); 0: k-NN only at the end, probes every "
+                   "epoch")
     g.add_argument("--knn-bank", type=int, default=10000, help="memory bank of the online k-NN: a fixed, "
                    "class-balanced subset of this many training images (the first of each class); 0: all. "
                    "The final k-NN always uses the whole training set")
@@ -1206,13 +1207,15 @@ def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainCl
 
 def end_of_epoch(step: int, steps_per_epoch: int, last_step: int, args, nets, val_loader, knn, metrics: MetricsLog,
                  clock: TrainClock) -> None:
-    """PLUMBING: at every epoch end (and the last step) the online probes on the validation set; every
-    --knn-every epochs the k-NN of the backbone that backbone.pt saves."""
-    if step % steps_per_epoch == 0 or step == last_step:
+    """PLUMBING: every --knn-every epochs (every epoch with 0 or 1) and at the last step the online probes on
+    the validation set, at the same epoch ends the k-NN of the backbone that backbone.pt saves. Probing every
+    epoch of a 100-epoch low-data run would cost a third of its time (10k validation images per epoch)."""
+    epoch_end, every = step % steps_per_epoch == 0, max(args.knn_every, 1)
+    if (epoch_end and (step // steps_per_epoch) % every == 0) or step == last_step:
         acc = nets.probe_accuracy(val_loader)
         metrics.write({"step": step, "epoch": step / steps_per_epoch, **acc})
         log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
-    if step % steps_per_epoch == 0 and args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
+    if epoch_end and args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
         metrics.knn_row(knn, nets.backbone, step, step / steps_per_epoch, clock)
 
 

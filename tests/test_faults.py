@@ -322,3 +322,14 @@ print(default, faults_of_a_second_64mb_tensor())
     if default < 1000:
         pytest.skip(f"this kernel maps large blocks with huge pages ({default} faults for 64 MB): nothing to keep")
     assert default > 10_000 and kept < 100, (default, kept)  # 16,384 pages of 4 KiB, then none
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_probes_and_knn_follow_knn_every_and_the_last_step(name, tmp_path):
+    """--knn-every 2 over 3 epochs: probe rows at epoch 2 and at the end only (not every epoch), k-NN rows at
+    the random network (epoch 0) and at epoch 2; the final readout comes after training."""
+    import json
+    run(name, tmp_path, "--epochs", "3", "--knn-every", "2", "--knn-k", "3")
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val_acc_h" in r] == [2.0, 3.0]
+    assert [r["epoch"] for r in rows if "knn_top1" in r] == [0.0, 2.0]

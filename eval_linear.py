@@ -866,9 +866,9 @@ def markdown(res: dict) -> str:
         names = list(r["corruptions"])
         lines += ["", f"Robustness of the .h probe on {r['images']} validation images (corruption parameters: "
                   f"{r['corruption_params']}; accuracies averaged over severities 1-5 and over 50-90 % masking)", "",
-                  "| clean | " + " | ".join(names) + " | mask |", "|---" * (len(names) + 2) + "|",
-                  f"| {r['clean']:.2f} | " + " | ".join(f"{r['corruptions'][c]['mean']:.2f}" for c in names)
-                  + (f" | {r['masking_mean']:.2f} |" if r["masking"] else " | - |")]
+                  "| " + " | ".join(["clean", *names, "mask"]) + " |", "|---" * (len(names) + 2) + "|",
+                  "| " + " | ".join([f"{r['clean']:.2f}", *(f"{r['corruptions'][c]['mean']:.2f}" for c in names),
+                                     f"{r['masking_mean']:.2f}" if r["masking"] else "-"]) + " |"]
         if r["masking"]:
             lines += ["", "| dropped | 0 % | " + " | ".join(f"{100 * float(d):.0f} %" for d in r["masking"]) + " |",
                       "|---" * (len(r["masking"]) + 2) + "|",

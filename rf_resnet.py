@@ -184,7 +184,7 @@ class SubsampledConv1x1(nn.Conv2d):
     weight, the same numbers (a 1x1 kernel only reads those pixels), another oneDNN kernel.
 
     IMPL: torch 2.14.1's CPU backward of a strided 1x1 convolution in channels_last corrupts the heap or
-    crashes for some narrow shapes: 4-8 input channels on 64-66 px maps in fp32 (seen on an Intel Xeon), 12 on
+    crashes for some narrow shapes: 4-8 input channels on 64-66 px maps in fp32 (Intel Xeon, AMD EPYC), 12 on
     66 px in bf16 (AMD EPYC), i.e. the first downsampling shortcut of ResNet-18 at --width 8-12 and 64 px with
     the CIFAR stem. The stride-1 kernel on the subsampled map has not crashed in any of these (docs/rf_resnet.md).
     On CUDA the ordinary strided convolution runs.

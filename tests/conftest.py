@@ -8,6 +8,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # oneDNN (PyTorch's CPU convolutions) picks its kernels by the CPU's instruction set: AVX2, AVX-512, AVX512-BF16,
 # AMX. The test machines differ, and one of them aborted in a backward pass that passes on the others
 # (docs/rf_resnet.md, "oneDNN's CPU kernels"). The tests cap oneDNN below AMX, at the AVX512-BF16 kernels: those
-# swept for crashes and out-of-bounds writes on the development machine (natively, and capped at AVX-512 for a
-# CPU without bf16). Subprocesses inherit the cap. `ONEDNN_MAX_CPU_ISA=DEFAULT pytest` tests the CPU's own kernels.
+# swept for crashes and out-of-bounds writes on the development machine (natively, and capped at AVX-512 and at
+# AVX2 for CPUs without them). Subprocesses inherit the cap. `ONEDNN_MAX_CPU_ISA=DEFAULT pytest` tests the CPU's own kernels.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")

@@ -2,6 +2,7 @@
 
     python results/onednn_sweep/sweep.py --isa DEFAULT        # the CPU's own kernels
     python results/onednn_sweep/sweep.py --isa AVX512_CORE    # as on an AVX-512 CPU without bf16
+    ATEN_CPU_CAPABILITY=avx2 python results/onednn_sweep/sweep.py --isa AVX2   # as on an AVX2-only CPU
 
 Each shape runs in a child process that walks the list in order and prints each shape before running it; when the
 child dies (segfault, abort), the parent records the shape and starts a new child after it. With

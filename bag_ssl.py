@@ -19,7 +19,7 @@ N grows (Fig. 3a), and averaging locally then concatenating (Table 5) beats the 
 
 What this file implements: both sides of the paper's tables from one script (`--crop patch`, BagSSL, and
 `--crop multiscale`, the baseline), four losses (`--loss simclr|vicreg|tcr|byol`, with BYOL's EMA target and
-predictor), the paper's projector (2 layers, 4096 hidden), online linear probes, an online k-NN on whole images
+predictor), EMP-SSL's many-patch loss as an anchor (`--loss emp --num-patches 20`), the paper's projector (2 layers, 4096 hidden), online linear probes, an online k-NN on whole images
 every epoch (epoch 0: the random network), LARS (or SGD) with warm-up + cosine, AMP, DDP (global-batch losses),
 auto-resume, SIGTERM checkpoints, a narrow `--width` for CPUs; and after training (or with `--eval-only
 --checkpoint backbone.pt`) the bag-of-patch evaluation: linear probe and k-NN on the mean embedding of N
@@ -81,11 +81,11 @@ import rf_resnet
 
 # ==== 1. Arguments ====
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
-LOSSES = ("vicreg", "simclr", "tcr", "byol")
-METHOD_NAMES = {"vicreg": "VICReg", "simclr": "SimCLR", "tcr": "TCR", "byol": "BYOL"}
+LOSSES = ("vicreg", "simclr", "tcr", "byol", "emp")
+METHOD_NAMES = {"vicreg": "VICReg", "simclr": "SimCLR", "tcr": "TCR", "byol": "BYOL", "emp": "EMP-SSL"}
 # The loss terms logged for each loss (metrics.jsonl keys), in the order bag_ssl_loss returns them.
 LOSS_TERMS = {"vicreg": ("loss_inv", "loss_var", "loss_cov"), "simclr": ("loss_nce",),
-              "tcr": ("coding_rate", "cos_views"), "byol": ("loss_byol",)}
+              "tcr": ("coding_rate", "cos_views"), "byol": ("loss_byol",), "emp": ("coding_rate", "cos_mean")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-scale", type=float, default=0.08, help="lower area bound of RandomResizedCrop for "
                    "--crop multiscale (paper: 0.08, i.e. 9x9 to 32x32 crops on CIFAR)")
     g.add_argument("--loss", choices=LOSSES, default="vicreg", help="joint-embedding loss (Sec. 4: SimCLR, "
-                   "VICReg, TCR, BYOL; the paper's tables show all four behave alike)")
+                   "VICReg, TCR, BYOL; the paper's tables show all four behave alike); 'emp': EMP-SSL's many-patch "
+                   "loss (Tong et al. 2023), TCR on every patch + cosine of every patch to its image's mean")
+    g.add_argument("--num-patches", type=int, default=None, help="views per image: 2 for the two-view losses; "
+                   "with --loss emp any n >= 2 (default 20, the official EMP-SSL CIFAR-10 command's)")
+    g.add_argument("--emp-lambda", type=float, default=200.0, help="EMP-SSL: weight of the cosine-to-the-mean "
+                   "term against the coding rate (EMP-SSL: 200)")
     g.add_argument("--temperature", type=float, default=0.1, help="SimCLR NT-Xent temperature (App. C: 0.1)")
     g.add_argument("--sim-coeff", type=float, default=25.0, help="VICReg invariance weight lambda (App. C: 25)")
     g.add_argument("--std-coeff", type=float, default=25.0, help="VICReg variance weight mu (App. C: 25)")
@@ -289,6 +294,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup_epochs is None:  # App. C's 10 epochs (co_byol's solo-learn default too), at most 5 % of a short run
         args.warmup_epochs = min(10.0, 0.05 * args.epochs)
     args.patch_size = args.patch_size or max(1, round(args.image_size * 14 / 32))
+    if args.num_patches is None:
+        args.num_patches = 20 if args.loss == "emp" else 2
+    if args.num_patches < 2 or (args.num_patches != 2 and args.loss != "emp"):
+        parser.error(f"--num-patches {args.num_patches}: the two-view losses take exactly 2 views; more (n >= 2) "
+                     "need --loss emp")
     args.eval_patch_size = args.eval_patch_size or args.patch_size
     try:
         args.eval_patch_list = parse_eval_patches(args.eval_patches)
@@ -326,7 +336,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("need --lars-eta > 0 and --checkpoint-every >= 0")
     if min(args.temperature, args.tcr_eps, args.linear_lr) <= 0 or min(args.sim_coeff, args.std_coeff,
                                                                         args.cov_coeff, args.tcr_lambda,
-                                                                        args.linear_wd) < 0:
+                                                                        args.emp_lambda, args.linear_wd) < 0:
         parser.error("need --temperature, --tcr-eps, --linear-lr > 0 and the loss weights and --linear-wd >= 0")
     if not 0 <= args.tau_base <= args.tau_final <= 1:
         parser.error("need 0 <= --tau-base <= --tau-final <= 1")
@@ -530,7 +540,14 @@ def patch_view(size: int, patch: int, blur_p: float, solarize_p: float) -> T.Com
 
 
 class MultiView:
-    """image -> [view t, view t']: two fixed-scale patches (BagSSL) or two multi-scale crops (the baseline)."""
+    """image -> [view t, view t']: two fixed-scale patches (BagSSL) or two multi-scale crops (the baseline).
+
+    --loss emp: --num-patches n views, t, t', t, t', ... (EMP-SSL, Tong et al. 2023, Sec. 3: "n fixed-size image
+    patches" per image). IMPL: the n views alternate BYOL's two augmentation pipelines, so n = 2 is exactly the
+    two-view pair above and only the number of patches and the loss separate EMP-SSL from BagSSL here; the
+    official EMP-SSL code uses one symmetric pipeline (blur and solarisation with p = 0.1 each) on 16x16
+    patches (a quarter of the area) and one BatchNorm batch for all n patches (here: one per view).
+    """
 
     def __init__(self, args):
         # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's (Tiny-ImageNet's 64 px too)
@@ -541,9 +558,10 @@ class MultiView:
         else:  # the baseline: RandomResizedCrop(0.08, 1), i.e. 9x9 to 32x32 crops on CIFAR (Table 1 caption)
             self.views = [byol_view(args.image_size, (args.min_scale, 1.0), 1.0 * blur, 0.0),
                           byol_view(args.image_size, (args.min_scale, 1.0), 0.1 * blur, 0.2)]
+        self.n = args.num_patches
 
     def __call__(self, img):
-        return [v(img) for v in self.views]
+        return [self.views[i % 2](img) for i in range(self.n)]
 
 
 class SeededViews(torch.utils.data.Dataset):
@@ -824,7 +842,7 @@ class OnlineNetwork(nn.Module):
         self.probe_pooled = linear_probe(c, num_classes) if self.encoder.backbone.mlp is not None else None
 
     def forward(self, views: list[torch.Tensor]) -> list[dict]:
-        """One call for both views (DDP expects one forward per backward); BN statistics stay per view."""
+        """One call for all views (DDP expects one forward per backward); BN statistics stay per view."""
         outs = []
         for x in views:
             o = self.encoder(x)
@@ -914,6 +932,8 @@ def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.opti
 #           must span all directions (a smooth version of VICReg's covariance term).
 #   BYOL:   asymmetry. No explicit repulsion at all: a predictor on the online side and a stop-gradient EMA
 #           target avoid the trivial solution (Grill et al. 2020).
+# EMP-SSL (--loss emp, same group, 2023) is TCR with n patches per image instead of two views: every patch is
+# pulled towards the mean projection of its image's patches, i.e. towards its bag, already during training.
 # All losses run in fp32 (PITFALL: logdet, softmax with T = 0.1 and std/cov statistics are unreliable in bf16).
 
 
@@ -987,6 +1007,23 @@ def tcr_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float = 30.0, eps: float =
     return -rate - lam * cos, {"coding_rate": rate, "cos_views": cos}
 
 
+def emp_loss(zs: list[torch.Tensor], lam: float = 200.0, eps: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """EMP-SSL (Tong, Chen, Ma, Olshausen, LeCun 2023, arXiv 2304.03977, Eq. 4): TCR generalised to n patches.
+
+    zs: n x (N, D), the projections of patch i of every image (N: the global batch under DDP); rows are
+    L2-normalised first. With zbar_b = 1/n sum_i z_i,b, the mean projection of image b's patches:
+        loss = -1/n sum_i R(z_i) - lambda * 1/n sum_i mean_b cos(z_i,b, zbar_b)          (EMP-SSL: lambda 200)
+    Every patch is pulled towards its image's bag (the mean), not towards one other view; the coding rate of each
+    patch set keeps the batch spread over all D directions. IMPL (the authors' code): zbar is not detached.
+    With n = 2 this is not tcr_loss: cos(z_1, zbar) = sqrt((1 + cos(z_1, z_2)) / 2) for unit z_1, z_2.
+    Returns (loss, {"coding_rate": mean R, "cos_mean": mean cosine to the bag}).
+    """
+    z = F.normalize(torch.stack(zs).float(), dim=-1)  # n x (N, D) -> (n, N, D), unit rows
+    rate = torch.stack([coding_rate(zi, eps) for zi in z]).mean()
+    cos = F.cosine_similarity(z, z.mean(0, keepdim=True), dim=-1).mean()  # (n, N, D) vs (1, N, D) -> (n, N)
+    return -rate - lam * cos, {"coding_rate": rate, "cos_mean": cos}
+
+
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """PAPER Eq. 1 (BYOL): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
 
@@ -999,9 +1036,10 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def bag_ssl_loss(online: list[dict], target: list[dict] | None, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training loss on two views: (total, stacked unweighted terms in LOSS_TERMS[args.loss] order).
+    """The training loss: (total, stacked unweighted terms in LOSS_TERMS[args.loss] order).
 
-    online: the online outputs of views 0 and 1; target: the EMA target's (BYOL only, else None).
+    online: the online outputs of views 0 and 1 (--loss emp: of all n views); target: the EMA target's (BYOL
+    only, else None).
     PAPER: BagSSL changes the views, not the loss: this is each method's own loss.
     """
     if args.loss == "byol":
@@ -1009,6 +1047,9 @@ def bag_ssl_loss(online: list[dict], target: list[dict] | None, args) -> tuple[t
         loss = byol_loss(online[0]["p"], target[1]["z"]) + byol_loss(online[1]["p"], target[0]["z"])
         return loss, loss.detach()[None]
     # Global batch: SimCLR's negatives, VICReg's and TCR's statistics are over ALL images of all processes.
+    if args.loss == "emp":
+        loss, terms = emp_loss([gather_with_grad(o["z"]) for o in online], args.emp_lambda, args.tcr_eps)
+        return loss, torch.stack([terms[k] for k in LOSS_TERMS[args.loss]]).detach()
     z1, z2 = gather_with_grad(online[0]["z"]), gather_with_grad(online[1]["z"])  # (B, D) -> (world * B, D)
     if args.loss == "simclr":
         loss = nt_xent_loss(z1, z2, args.temperature)
@@ -1823,7 +1864,7 @@ class StepOut:
 
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args) -> StepOut:
     """One optimisation step: embed both views (patches or crops), the method's loss, update; BYOL: then EMA."""
-    views, labels = batch  # views: 2 x (B, 3, S, S), two patches or two crops of each image; labels: probes only
+    views, labels = batch  # views: 2 (emp: n) x (B, 3, S, S), patches or crops of each image; labels: probes only
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * schedule["lr_scale"]
     device = nets.run.device
@@ -1906,7 +1947,8 @@ def main(args):
     if args.eval_only:
         return None, None, evaluate_saved_backbone(args, run)
     # Data: MultiView (§3) makes the two views of every image: two fixed-scale patches (--crop patch) or two
-    # multi-scale crops (--crop multiscale); everything else in this function is the same for both arms.
+    # multi-scale crops (--crop multiscale), or n patches (--loss emp); everything else in this function is the
+    # same for every arm.
     train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, run.rank, run.world)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
@@ -1918,8 +1960,9 @@ def main(args):
     step, history, train_s = ckpt.resume(steps_per_epoch)  # (0, [], 0) for a new run
     metrics, clock, stop = MetricsLog(run, history), TrainClock(train_s, step), StopFlag()
     log(f"bag_ssl.py: {json.dumps(vars(args))}")
-    views_text = (f"two {args.patch_size}x{args.patch_size} patches -> {args.image_size} px" if args.crop == "patch"
-                  else f"two RandomResizedCrop({args.min_scale:g}, 1) crops -> {args.image_size} px")
+    n = "two" if args.num_patches == 2 else str(args.num_patches)
+    views_text = (f"{n} {args.patch_size}x{args.patch_size} patches -> {args.image_size} px" if args.crop == "patch"
+                  else f"{n} RandomResizedCrop({args.min_scale:g}, 1) crops -> {args.image_size} px")
     log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, loss {args.loss}, views: {views_text}, "
         f"width {args.width}")

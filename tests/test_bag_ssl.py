@@ -98,6 +98,34 @@ def test_tcr_matches_eigenvalue_formula():
     assert bag_ssl.coding_rate(collapsed, eps) < bag_ssl.coding_rate(F.normalize(torch.randn(n, d), dim=1), eps)
 
 
+def test_emp_matches_loop_formula():
+    torch.manual_seed(0)
+    n_views, n, d, lam, eps = 3, 8, 4, 200.0, 0.2
+    zs = [torch.randn(n, d, dtype=torch.float64) * (i + 1) for i in range(n_views)]  # scale: rows are normalised
+
+    def rate(z):  # 1/2 sum_i log(1 + d / (n eps) sigma_i^2) of the row-normalised Z
+        z = z / z.norm(dim=1, keepdim=True)
+        return 0.5 * sum(math.log(1 + d / (n * eps) * float(s) ** 2) for s in torch.linalg.svdvals(z))
+
+    unit = [z / z.norm(dim=1, keepdim=True) for z in zs]
+    cos = 0.0
+    for b in range(n):  # each image: the cosine of each of its patches to the mean of its (unit) patches
+        mean = sum(u[b] for u in unit) / n_views
+        cos += sum(float(u[b] @ mean / mean.norm()) for u in unit) / n_views
+    cos /= n
+    expected_rate = sum(rate(z) for z in zs) / n_views
+    loss, terms = bag_ssl.emp_loss(zs, lam, eps)
+    assert terms["coding_rate"].item() == pytest.approx(expected_rate, rel=1e-6)
+    assert terms["cos_mean"].item() == pytest.approx(cos, rel=1e-6)
+    assert loss.item() == pytest.approx(-expected_rate - lam * cos, rel=1e-6)
+    # n = 2 is not tcr_loss: the cosine to the mean of two unit vectors is sqrt((1 + cos(z1, z2)) / 2)
+    _, tcr_terms = bag_ssl.tcr_loss(zs[0], zs[1], lam, eps)
+    _, emp_terms = bag_ssl.emp_loss(zs[:2], lam, eps)
+    assert emp_terms["coding_rate"].item() == pytest.approx(tcr_terms["coding_rate"].item(), rel=1e-6)
+    cos_pairs = F.cosine_similarity(zs[0], zs[1], dim=1)
+    assert emp_terms["cos_mean"].item() == pytest.approx(torch.sqrt((1 + cos_pairs) / 2).mean().item(), rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Views, evaluation boxes, aggregation
 # ---------------------------------------------------------------------------------------------------------
@@ -114,6 +142,20 @@ def test_patch_view_is_a_whole_patch_resized():
         img = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
         assert [v.shape for v in bag_ssl.MultiView(args)(img)] == [(3, 16, 16)] * 2
     assert bag_ssl.parse_args(["--dataset", "fake", "--image-size", "32", "--arch", "resnet18"]).patch_size == 14
+
+
+def test_emp_views_are_n_patches_whose_first_two_are_the_two_view_pair():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    pair, many = (bag_ssl.MultiView(bag_ssl.parse_args(TINY + extra))
+                  for extra in (["--loss", "byol"], ["--loss", "emp", "--num-patches", "5"]))
+    assert bag_ssl.parse_args(TINY + ["--loss", "emp"]).num_patches == 20  # the official EMP-SSL command's
+    torch.manual_seed(3)
+    two = pair(img)
+    torch.manual_seed(3)
+    five = many(img)
+    assert [v.shape for v in five] == [(3, 16, 16)] * 5
+    assert all(torch.equal(a, b) for a, b in zip(two, five[:2]))  # same pipelines, same random draws
+    assert len({v.numpy().tobytes() for v in five}) == 5  # five different patches
 
 
 def test_eval_boxes_inside_image_right_size_and_deterministic():
@@ -173,6 +215,8 @@ def test_aggregation_is_the_mean_of_single_patch_embeddings():
     (["--knn-every", "-1"], "need --knn-every >= 0"),
     (["--knn-bank", "-1"], "--knn-bank"),
     (["--optimizer", "adam"], "invalid choice: 'adam'"),
+    (["--loss", "vicreg", "--num-patches", "3"], "the two-view losses take exactly 2 views"),
+    (["--loss", "emp", "--num-patches", "1"], "--num-patches 1"),
 ])
 def test_bad_values_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -305,13 +349,14 @@ def test_laptop_multiscale_arm_trains_bit_for_bit_what_co_byols_byol_trains(tmp_
 # ---------------------------------------------------------------------------------------------------------
 # Whole runs
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("loss", ["simclr", "vicreg", "tcr", "byol"])
+@pytest.mark.parametrize("loss", ["simclr", "vicreg", "tcr", "byol", "emp"])
 def test_one_step_of_each_loss(loss):
     """One real training step (patch views of a FakeData batch, the loss, LARS, BYOL's EMA) for every loss."""
-    args = bag_ssl.parse_args(TINY + ["--loss", loss])
+    n_views = 3 if loss == "emp" else 2
+    args = bag_ssl.parse_args(TINY + ["--loss", loss, "--num-patches", str(n_views)])
     train, _, loader, _, _, num_classes = bag_ssl.make_loaders(args, 0, 1)
     views, labels = next(iter(loader))
-    assert [v.shape for v in views] == [(4, 3, 16, 16)] * 2
+    assert [v.shape for v in views] == [(4, 3, 16, 16)] * n_views
     torch.manual_seed(0)
     online = bag_ssl.OnlineNetwork(args, num_classes)
     target = bag_ssl.copy.deepcopy(online.encoder).requires_grad_(False) if loss == "byol" else None
@@ -329,6 +374,8 @@ def test_one_step_of_each_loss(loss):
         assert total.item() == pytest.approx(25 * terms[0].item() + 25 * terms[1].item() + terms[2].item(), rel=1e-5)
     if loss == "tcr":
         assert total.item() == pytest.approx(-terms[0].item() - 30 * terms[1].item(), rel=1e-5)
+    if loss == "emp":
+        assert total.item() == pytest.approx(-terms[0].item() - 200 * terms[1].item(), rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(before, online.encoder.parameters()))  # the step trained f, g
     # BYOL alone has an EMA target and a predictor; the others train a single network
     assert (online.predictor is not None) == (loss == "byol")

@@ -12,6 +12,10 @@ per method, configuration and variant (base and CO / local-loss variant): both t
 --warmup), step / floor, both FLOP counts (torch.utils.flop_counter: matmuls and convolutions, forward and
 backward), the achieved GFLOP/s of the step, and the variant / base ratios of time and of FLOPs side by side.
 Floor and step are timed in turn (floor, step, floor, ...), so that a busy spell of the machine falls on both.
+Both are also measured in CPU time of this process (`time.process_time`, all its threads): on a machine
+shared with other work, wall time counts the spells this process waits for a core, CPU time does not.
+With one thread (`OMP_NUM_THREADS=1`) CPU time is the step's own compute; measured on the 2-core EPYC beside
+two training runs, a CO-DINO laptop step took 0.65-0.80 s of wall time and 0.42-0.50 s of CPU time.
 """
 import argparse
 import json
@@ -61,17 +65,19 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def interleaved_medians(fns: list, steps: int, warmup: int) -> list[float]:
-    """Median time of each function, the functions run in turn (f1, f2, f1, f2, ...): a slower or faster spell
-    of a shared machine then falls on all of them alike, not on one (their ratio is what the table reads)."""
-    times = [[] for _ in fns]
+def interleaved_medians(fns: list, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Median wall time and median CPU time of each function, the functions run in turn (f1, f2, f1, f2, ...):
+    a slower or faster spell of a shared machine then falls on all of them alike, not on one (their ratio is
+    what the table reads)."""
+    wall, cpu = [[] for _ in fns], [[] for _ in fns]
     for i in range(warmup + steps):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
+        for fn, w, c in zip(fns, wall, cpu):
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             if i >= warmup:
-                ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+                w.append(time.perf_counter() - t0)
+                c.append(time.process_time() - c0)
+    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
 
 
 def one(method: str, spec: str, variant: int, device: str, amp: str, steps: int, warmup: int, width: int,
@@ -85,12 +91,14 @@ def one(method: str, spec: str, variant: int, device: str, amp: str, steps: int,
         step = lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item()  # noqa: E731
         floor = floor_fn(nets, batch)
         sync = (lambda: torch.cuda.synchronize()) if run.device.type == "cuda" else (lambda: None)
-        floor_s, step_s = interleaved_medians([lambda: (floor(), sync()), step], steps, warmup)
+        (floor_s, step_s), (floor_cpu_s, step_cpu_s) = interleaved_medians([lambda: (floor(), sync()), step], steps,
+                                                                            warmup)
         floor_flops, step_flops = count_flops(floor), count_flops(step)
     arch, size, b = spec.split(":")
     return {"method": method, "name": name, "flags": " ".join(flags), "arch": arch, "width": width,
             "image_size": int(size), "batch": int(b), "floor_s": floor_s, "step_s": step_s,
-            "step_over_floor": step_s / floor_s, "floor_gflop": floor_flops / 1e9, "step_gflop": step_flops / 1e9,
+            "step_over_floor": step_s / floor_s, "floor_cpu_s": floor_cpu_s, "step_cpu_s": step_cpu_s,
+            "step_over_floor_cpu": step_cpu_s / floor_cpu_s, "floor_gflop": floor_flops / 1e9, "step_gflop": step_flops / 1e9,
             "step_gflop_per_s": step_flops / 1e9 / step_s, "recipe": args.recipe_used, "device": device,
             "amp": str(run.dtype),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -128,17 +136,19 @@ def main():
              f"Machine: {platform.processor() or platform.machine()}, {rows[0]['threads']} torch threads, device "
              f"{a.device}, amp {a.amp} ({rows[0]['amp']}), width {a.width}, torch {rows[0]['torch']}, "
              f"{time.strftime('%Y-%m-%d')}; total wall time {time.time() - t_start:.0f} s.", "",
-             "| method | arch | px | batch | floor (s) | step (s) | step / floor | floor GFLOP | step GFLOP | "
-             "step GFLOP/s | variant / base: time | variant / base: FLOPs |", "|---|" * 12]
+             "| method | arch | px | batch | floor (s) | step (s) | step / floor | step / floor, CPU time | "
+             "floor GFLOP | step GFLOP | step GFLOP/s | variant / base: time | variant / base: CPU time | "
+             "variant / base: FLOPs |", "|---|" * 14]
     for r0, r1 in zip(rows[::2], rows[1::2]):  # base, variant
         for r in (r0, r1):
-            ratio = (f"{r1['step_s'] / r0['step_s']:.3f} | {r1['step_gflop'] / r0['step_gflop']:.3f}"
-                     if r is r1 else "|")
+            ratio = (f"{r1['step_s'] / r0['step_s']:.3f} | {r1['step_cpu_s'] / r0['step_cpu_s']:.3f} | "
+                     f"{r1['step_gflop'] / r0['step_gflop']:.3f}" if r is r1 else "| |")
             flags = " ".join(filter(None, [f"--recipe {r['recipe']}" if r["recipe"] else "", r["flags"]]))
             lines.append(f"| {r['name']} (`{flags}`) | {r['arch']} | {r['image_size']} | {r['batch']} | "
                          f"{r['floor_s']:.3f} | {r['step_s']:.3f} | {r['step_over_floor']:.2f} | "
+                         f"{r['step_over_floor_cpu']:.2f} | "
                          f"{r['floor_gflop']:.2f} | {r['step_gflop']:.2f} | {r['step_gflop_per_s']:.1f} | {ratio} |")
-    lines[4] = "|" + "---|" * 12
+    lines[4] = "|" + "---|" * 14
     print("\n".join(lines))
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")

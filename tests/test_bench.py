@@ -30,6 +30,7 @@ def test_floor_benchmark_counts_the_backbone_work_inside_the_step(method, varian
     row = bench_floor.one(method, "resnet18:32:4", variant, "cpu", "off", steps=1, warmup=0, width=8)
     assert 0 < row["floor_gflop"] < row["step_gflop"] and row["recipe"] == ""
     assert row["floor_s"] > 0 and row["step_over_floor"] == pytest.approx(row["step_s"] / row["floor_s"])
+    assert row["floor_cpu_s"] > 0 and row["step_over_floor_cpu"] == pytest.approx(row["step_cpu_s"] / row["floor_cpu_s"])
 
 
 def test_floor_benchmark_recipe_builds_the_files_recipe():

@@ -8,7 +8,8 @@ the method's views, collation; seconds of one core) beside the cost of the train
 loader / (loader + step). Settings: the laptop recipe (each file's `--recipe laptop`; real CIFAR-10
 from memory, 32 px, batch 64, width 16: needs `python prepare_cifar10.py data`) and a 224 px ImageFolder of JPEGs written to a temporary folder (256 x
 256 smooth random images, ResNet-50, batch 8). A share above 10 % means the loader keeps the step from 90 % of
-the CPU.
+the CPU. Both are measured in wall time and in CPU time of this process (`time.process_time`): on a machine
+shared with other work, the CPU-time share is the one to read (with one thread, `OMP_NUM_THREADS=1`).
 """
 import argparse
 import json
@@ -39,7 +40,7 @@ def write_folder(root: Path, n: int = 64) -> None:
                 save_image(img, root / split / f"c{c}" / f"{i}.jpg")
 
 
-def one(method: str, setting: str, batches: int, data_dir: str) -> dict:
+def one(method: str, setting: str, batches: int, data_dir: str, amp: str = "off") -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -55,27 +56,29 @@ def one(method: str, setting: str, batches: int, data_dir: str) -> dict:
             write_folder(Path(tmp) / "folder")
             argv = ["--dataset", "imagefolder", "--data-dir", str(Path(tmp) / "folder"), "--arch", "resnet50",
                     "--batch-size", "8", "--image-size", "224"]
-        args = mod.parse_args(argv + ["--num-workers", "0", "--amp", "off", "--device", "cpu", "--output-dir",
+        args = mod.parse_args(argv + ["--num-workers", "0", "--amp", amp, "--device", "cpu", "--output-dir",
                                       str(Path(tmp) / "out"), *flags])
         run = mod.Run(args)
         _, _, loader, _, _, num_classes = mod.make_loaders(args, 0, 1)
         it = iter(loader)
         batch = next(it)  # warm-up (file cache, first decode)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(batches):
             try:
                 batch = next(it)
             except StopIteration:
                 it = iter(loader)
                 batch = next(it)
-        load_s = (time.perf_counter() - t0) / batches
+        load_s, load_cpu_s = (time.perf_counter() - t0) / batches, (time.process_time() - c0) / batches
         nets, optimizer = mod.build_training(args, num_classes, run)
         schedule = bench_step.steady_schedule(mod, args)
-        step_s = bench_step.median_time(lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item(),
-                                        3, 1)
-    return {"method": method, "name": name, "setting": setting, "batch": args.batch_size, "load_s": load_s,
-            "step_s": step_s, "loader_share": load_s / (load_s + step_s), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+        step = lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item()  # noqa: E731
+        step_s = bench_step.median_time(step, 3, 1)
+        step_cpu_s = bench_step.median_time(step, 3, 0, clock=time.process_time)
+    return {"method": method, "name": name, "setting": setting, "batch": args.batch_size, "amp": str(run.dtype),
+            "load_s": load_s, "step_s": step_s, "loader_share": load_s / (load_s + step_s), "load_cpu_s": load_cpu_s,
+            "step_cpu_s": step_cpu_s, "loader_share_cpu": load_cpu_s / (load_cpu_s + step_cpu_s),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def main():
@@ -84,21 +87,25 @@ def main():
     p.add_argument("--settings", default="laptop,folder224", help="laptop (CIFAR-10, 32 px) and/or folder224")
     p.add_argument("--batches", type=int, default=10, help="batches timed per setting")
     p.add_argument("--data-dir", default=str(ROOT / "data"), help="where prepare_cifar10.py wrote CIFAR-10")
+    p.add_argument("--amp", default="off", choices=["off", "auto", "bf16"], help="the step's precision (auto: bf16 "
+                   "where the CPU has it natively, as the files' default)")
     p.add_argument("--out", help="write the markdown table here (and the raw rows as .jsonl)")
     a = p.parse_args()
     rows, t_start = [], time.time()
     for method in a.methods.split(","):
         for setting in a.settings.split(","):
-            rows.append(one(method, setting, a.batches, a.data_dir))
+            rows.append(one(method, setting, a.batches, a.data_dir, a.amp))
             print(json.dumps(rows[-1]), flush=True)
     lines = [f"Command: `python benchmarks/bench_loader.py {' '.join(sys.argv[1:])}`  ",
              f"Machine: {platform.processor() or platform.machine()}, {rows[0]['threads']} torch threads, torch "
              f"{rows[0]['torch']}, {time.strftime('%Y-%m-%d')}; total {time.time() - t_start:.0f} s.", "",
-             "| method | setting | batch | loader, one core (s / batch) | step (s / batch) | loader share of the CPU |",
-             "|---|---|---|---|---|---|"]
+             "| method | setting | batch | step precision | loader, one core (s / batch) | step (s / batch) | "
+             "loader share of the CPU | loader, CPU time (s / batch) | step, CPU time (s / batch) | "
+             "loader share, CPU time |", "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['setting']} | {r['batch']} | {r['load_s']:.3f} | {r['step_s']:.3f} | "
-                     f"{100 * r['loader_share']:.0f} % |")
+        lines.append(f"| {r['name']} | {r['setting']} | {r['batch']} | {r['amp']} | {r['load_s']:.3f} | "
+                     f"{r['step_s']:.3f} | {100 * r['loader_share']:.0f} % | {r['load_cpu_s']:.3f} | "
+                     f"{r['step_cpu_s']:.3f} | {100 * r['loader_share_cpu']:.0f} % |")
     print("\n".join(lines))
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")

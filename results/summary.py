@@ -17,9 +17,10 @@ from pathlib import Path
 R = Path(__file__).resolve().parent
 # (name, file and flags, run folders without the _s<seed> suffix)
 ROWS = [("BYOL", "co_byol.py --ws 0", "laptop/byol"), ("CO-BYOL", "co_byol.py --ws 0.2", "laptop/co_byol"),
-        ("DINO", "co_dino.py --ws 0", "co_dino_laptop/dino"),
-        ("DINO, 12 epochs", "co_dino.py --ws 0 --epochs 12", "co_dino_laptop/dino12"),
-        ("CO-DINO", "co_dino.py --ws 0.2", "co_dino_laptop/co_dino"),
+        ("DINO, 12 epochs", "co_dino.py --ws 0", "co_dino_laptop/dino12"),  # co_dino's recipe: 12 epochs
+        ("CO-DINO, 12 epochs", "co_dino.py --ws 0.2", "co_dino_laptop/co_dino12"),
+        ("DINO, 3 epochs", "co_dino.py --ws 0 --epochs 3", "co_dino_laptop/dino"),
+        ("CO-DINO, 3 epochs", "co_dino.py --ws 0.2 --epochs 3", "co_dino_laptop/co_dino"),
         ("DINO + 2 small crops", "geo_dino.py --local-loss none", "geo_dino_laptop/none"),
         ("+ local loss, sim. matching", "geo_dino.py --local-loss sim", "geo_dino_laptop/sim"),
         ("+ local loss, geo. matching", "geo_dino.py --local-loss geo", "geo_dino_laptop/geo")]

@@ -32,6 +32,8 @@ def run_row(folder: Path) -> str:
 def arm_row(name: str, values: dict) -> str:
     def cell(i: int) -> str:
         v = [values[s][i] for s in sorted(values)]
+        if len(v) == 1:
+            return f"{v[0]:.2f}"
         return (" / ".join(f"{x:.2f}" for x in v) + f": **{sum(v) / len(v):.2f}** ({max(v) - min(v):.2f})")
     return f"| {name} | {','.join(map(str, sorted(values)))} | {cell(0)} | {cell(1)} |"
 

@@ -401,7 +401,7 @@ def test_laptop_recipe_is_co_dinos_dino_recipe_and_explicit_flags_win():
               "warmup_teacher_temp_epochs", "center_momentum", "image_size", "stem", "knn_k", "knn_bank")
     assert {k: getattr(lap, k) for k in shared} == {k: getattr(dino, k) for k in shared}
     assert (lap.local_crops, lap.local_crop_size, lap.grid_global, lap.grid_local) == (2, 14, 5, 2)
-    assert (lap.epochs, dino.epochs) == (2, 3)  # the local head at 108 cells: 2 epochs fit the hour
+    assert (lap.epochs, dino.epochs) == (2, 12)  # geo's local head at 108 cells: 2 epochs; co_dino's DINO: 12
     lap = geo_dino.parse_args(["--recipe", "laptop", "--local-loss", "sim", "--epochs", "30"])
     assert (lap.local_loss, lap.epochs, lap.head_bn) == ("sim", 30, True)
 

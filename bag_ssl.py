@@ -19,9 +19,9 @@ N grows (Fig. 3a), and averaging locally then concatenating (Table 5) beats the 
 
 What this file implements: both sides of the paper's tables from one script (`--crop patch`, BagSSL, and
 `--crop multiscale`, the baseline), four losses (`--loss simclr|vicreg|tcr|byol`, with BYOL's EMA target and
-predictor), EMP-SSL's many-patch loss as an anchor (`--loss emp --num-patches 20`), the paper's projector (2 layers, 4096 hidden), online linear probes, an online k-NN on whole images
-every epoch (epoch 0: the random network), LARS (or SGD) with warm-up + cosine, AMP, DDP (global-batch losses),
-auto-resume, SIGTERM checkpoints, a narrow `--width` for CPUs; and after training (or with `--eval-only
+predictor), EMP-SSL's many-patch loss as an anchor (`--loss emp --num-patches 20`), the paper's projector (2
+layers, 4096 hidden), online linear probes, an online k-NN on whole images every epoch (epoch 0: the random
+network), LARS (or SGD) with warm-up + cosine, AMP, DDP (global-batch losses), auto-resume, SIGTERM checkpoints, a narrow `--width` for CPUs; and after training (or with `--eval-only
 --checkpoint backbone.pt`) the bag-of-patch evaluation: linear probe and k-NN on the mean embedding of N
 patches for N in `--eval-patches` and on the whole image, laid out as the paper's Table 1 (`table1.md`,
 `final_metrics.json`), the convergence study of Fig. 3a (`convergence.png`) and local aggregation (Table 5,
@@ -542,8 +542,8 @@ def patch_view(size: int, patch: int, blur_p: float, solarize_p: float) -> T.Com
 class MultiView:
     """image -> [view t, view t']: two fixed-scale patches (BagSSL) or two multi-scale crops (the baseline).
 
-    --loss emp: --num-patches n views, t, t', t, t', ... (EMP-SSL, Tong et al. 2023, Sec. 3: "n fixed-size image
-    patches" per image). IMPL: the n views alternate BYOL's two augmentation pipelines, so n = 2 is exactly the
+    --loss emp: --num-patches n views, t, t', t, t', ... (EMP-SSL, Tong et al. 2023: n fixed-size patches per
+    image). IMPL: the n views alternate BYOL's two augmentation pipelines, so n = 2 is exactly the
     two-view pair above and only the number of patches and the loss separate EMP-SSL from BagSSL here; the
     official EMP-SSL code uses one symmetric pipeline (blur and solarisation with p = 0.1 each) on 16x16
     patches (a quarter of the area) and one BatchNorm batch for all n patches (here: one per view).
@@ -1011,7 +1011,7 @@ def tcr_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float = 30.0, eps: float =
 
 
 def emp_loss(zs: list[torch.Tensor], lam: float = 200.0, eps: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """EMP-SSL (Tong, Chen, Ma, Olshausen, LeCun 2023, arXiv 2304.03977, Eq. 4): TCR generalised to n patches.
+    """EMP-SSL (Tong, Chen, Ma, LeCun 2023, arXiv 2304.03977): TCR generalised to n patches.
 
     zs: n x (N, D), the projections of patch i of every image (N: the global batch under DDP); rows are
     L2-normalised first. With zbar_b = 1/n sum_i z_i,b, the mean projection of image b's patches:

@@ -104,6 +104,26 @@ def one(method: str, spec: str, variant: int, device: str, amp: str, steps: int,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def table(rows: list[dict]) -> list[str]:
+    """The markdown table of rows measured in (base, variant) pairs. "step / floor per FLOP" is the CPU-time
+    ratio divided by the FLOP ratio: how much slower than the floor's rate the step's FLOPs run (1.00: at the
+    rate of the backbone's convolutions; above: work the FLOP counter does not see, e.g. softmaxes, copies)."""
+    lines = ["| method | arch | px | batch | floor (s) | step (s) | step / floor | step / floor, CPU time | "
+             "floor GFLOP | step GFLOP | step / floor per FLOP | step GFLOP/s | variant / base: time | "
+             "variant / base: CPU time | variant / base: FLOPs |", "|" + "---|" * 15]
+    for r0, r1 in zip(rows[::2], rows[1::2]):  # base, variant
+        for r in (r0, r1):
+            ratio = (f"{r1['step_s'] / r0['step_s']:.3f} | {r1['step_cpu_s'] / r0['step_cpu_s']:.3f} | "
+                     f"{r1['step_gflop'] / r0['step_gflop']:.3f}" if r is r1 else "| |")
+            flags = " ".join(filter(None, [f"--recipe {r['recipe']}" if r["recipe"] else "", r["flags"]]))
+            per_flop = r["step_over_floor_cpu"] / (r["step_gflop"] / r["floor_gflop"])
+            lines.append(f"| {r['name']} (`{flags}`) | {r['arch']} | {r['image_size']} | {r['batch']} | "
+                         f"{r['floor_s']:.3f} | {r['step_s']:.3f} | {r['step_over_floor']:.2f} | "
+                         f"{r['step_over_floor_cpu']:.2f} | {r['floor_gflop']:.2f} | {r['step_gflop']:.2f} | "
+                         f"{per_flop:.2f} | {r['step_gflop_per_s']:.1f} | {ratio} |")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(sorted(bench_step.PAIRS)), help="comma-separated method files")
@@ -135,20 +155,7 @@ def main():
     lines = [f"Command: `python benchmarks/bench_floor.py {' '.join(sys.argv[1:])}`  ",
              f"Machine: {platform.processor() or platform.machine()}, {rows[0]['threads']} torch threads, device "
              f"{a.device}, amp {a.amp} ({rows[0]['amp']}), width {a.width}, torch {rows[0]['torch']}, "
-             f"{time.strftime('%Y-%m-%d')}; total wall time {time.time() - t_start:.0f} s.", "",
-             "| method | arch | px | batch | floor (s) | step (s) | step / floor | step / floor, CPU time | "
-             "floor GFLOP | step GFLOP | step GFLOP/s | variant / base: time | variant / base: CPU time | "
-             "variant / base: FLOPs |", "|---|" * 14]
-    for r0, r1 in zip(rows[::2], rows[1::2]):  # base, variant
-        for r in (r0, r1):
-            ratio = (f"{r1['step_s'] / r0['step_s']:.3f} | {r1['step_cpu_s'] / r0['step_cpu_s']:.3f} | "
-                     f"{r1['step_gflop'] / r0['step_gflop']:.3f}" if r is r1 else "| |")
-            flags = " ".join(filter(None, [f"--recipe {r['recipe']}" if r["recipe"] else "", r["flags"]]))
-            lines.append(f"| {r['name']} (`{flags}`) | {r['arch']} | {r['image_size']} | {r['batch']} | "
-                         f"{r['floor_s']:.3f} | {r['step_s']:.3f} | {r['step_over_floor']:.2f} | "
-                         f"{r['step_over_floor_cpu']:.2f} | "
-                         f"{r['floor_gflop']:.2f} | {r['step_gflop']:.2f} | {r['step_gflop_per_s']:.1f} | {ratio} |")
-    lines[4] = "|" + "---|" * 14
+             f"{time.strftime('%Y-%m-%d')}; total wall time {time.time() - t_start:.0f} s.", "", *table(rows)]
     print("\n".join(lines))
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")

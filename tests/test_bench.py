@@ -42,6 +42,21 @@ def test_floor_benchmark_recipe_builds_the_files_recipe():
     assert laptop["step_gflop"] < paper["step_gflop"]
 
 
+def test_floor_table_reads_time_per_flop_against_the_floor():
+    """"step / floor per FLOP": a step with 1.5x the floor's FLOPs in 1.5x its CPU time runs at the floor's rate
+    (1.00); in 3x its CPU time, at half of it (2.00). The variant / base ratios come from each pair's base."""
+    def row(name, step_cpu, step_gflop):
+        return {"name": name, "flags": "", "recipe": "", "arch": "a", "image_size": 32, "batch": 4, "floor_s": 1.0,
+                "step_s": step_cpu, "step_over_floor": step_cpu, "floor_cpu_s": 1.0, "step_cpu_s": step_cpu,
+                "step_over_floor_cpu": step_cpu, "floor_gflop": 10.0, "step_gflop": step_gflop,
+                "step_gflop_per_s": step_gflop / step_cpu}
+    lines = bench_floor.table([row("base", 1.5, 15.0), row("variant", 3.0, 15.0)])
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    col = cells[0].index("step / floor per FLOP")
+    assert [r[col] for r in cells[2:]] == ["1.00", "2.00"]
+    assert cells[3][-3:] == ["2.000", "2.000", "1.000"] and cells[2][-3:] == ["", "", ""]
+
+
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu_check.py's CPU dry run: the same plumbing as on a GPU (the method's command line, plain and
     under torchrun), a table with img/s and memory for every run, and the loader-vs-step comparison."""

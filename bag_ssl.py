@@ -32,6 +32,7 @@ Run:
     python bag_ssl.py                        # CIFAR-10, ResNet-34, VICReg, 14x14 patches, 200 epochs, one GPU
     python bag_ssl.py --crop multiscale      # the baseline (RandomResizedCrop(0.08, 1)), same recipe
     python bag_ssl.py --recipe laptop        # 2-core CPU: co_byol's BYOL laptop recipe on patches (docs/bag_ssl.md)
+    python bag_ssl.py --recipe laptop-emp    # 2-core CPU: EMP-SSL's 20 patches per image, one epoch
     python bag_ssl.py --loss simclr          # or tcr, byol
     python bag_ssl.py --eval-only --checkpoint runs/bag_ssl/backbone.pt --eval-patches 1,16,256 --local-agg
     torchrun --nproc_per_node=8 bag_ssl.py   # 8 GPUs, --batch-size stays the global batch
@@ -95,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("experiment")
     g.add_argument("--output-dir", default="runs/bag_ssl", help="checkpoints, metrics and figures go here; "
                    "a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
-    g.add_argument("--recipe", choices=["default", "laptop"], default="default", help="'laptop': the defaults of "
-                   "the 2-core CPU recipe (see LAPTOP_RECIPE and docs/bag_ssl.md); flags given explicitly still win")
+    g.add_argument("--recipe", choices=["default", "laptop", "laptop-emp"], default="default", help="'laptop': the "
+                   "defaults of the 2-core CPU recipe (see LAPTOP_RECIPE and docs/bag_ssl.md); 'laptop-emp': its "
+                   "EMP-SSL anchor (LAPTOP_EMP_RECIPE); flags given explicitly still win")
     g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank); also fixes the "
                    "evaluation patches and subsets")
     g.add_argument("--epochs", type=int, default=200, help="pre-training epochs (paper App. C.1: 600 on CIFAR, "
@@ -252,14 +254,19 @@ LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64
                      lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, loss="byol", tau_base=0.99, proj_hidden=512,
                      proj_dim=256, pred_hidden=512, num_workers=2, eval_patches="1,16,64", eval_train_images=5000,
                      eval_test_images=2000, output_dir="runs/bag_ssl_laptop")
+# --recipe laptop-emp: the many-patch anchor, EMP-SSL (Tong, Chen, Ma, LeCun 2023) on the same network, data and
+# evaluation: 20 patches per image, one epoch, LARS lr 0.3 per 256 and weight decay 1e-4 (EMP-SSL's optimiser
+# family; SGD at the BYOL lr above stayed at the random level in the lever search, docs/bag_ssl.md).
+LAPTOP_EMP_RECIPE = dict(LAPTOP_RECIPE, loss="emp", num_patches=20, epochs=1, optimizer="lars", lr=0.3,
+                         weight_decay=1e-4, warmup_epochs=0.05, output_dir="runs/bag_ssl_laptop_emp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.recipe == "laptop":  # the recipe's values become the defaults; explicit flags still win
-        parser.set_defaults(**LAPTOP_RECIPE)
+    if args.recipe != "default":  # the recipe's values become the defaults; explicit flags still win
+        parser.set_defaults(**{"laptop": LAPTOP_RECIPE, "laptop-emp": LAPTOP_EMP_RECIPE}[args.recipe])
         args = parser.parse_args(argv)
     for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):

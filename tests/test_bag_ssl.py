@@ -328,6 +328,20 @@ def test_laptop_recipe_is_co_byols_byol_recipe_with_only_the_views_changed():
     assert (lap.crop, lap.epochs, lap.loss, lap.width) == ("multiscale", 2, "vicreg", 16)
 
 
+def test_laptop_emp_recipe_is_the_measured_emp_command():
+    """--recipe laptop-emp is the command of the committed EMP-SSL runs (results/bag_ssl_laptop/emp_s*): the laptop
+    recipe's network, data and evaluation with EMP-SSL's loss, 20 patches, one epoch and LARS; flags still win."""
+    measured = bag_ssl.parse_args(["--recipe", "laptop", "--loss", "emp", "--num-patches", "20", "--epochs", "1",
+                                   "--optimizer", "lars", "--lr", "0.3", "--weight-decay", "1e-4",
+                                   "--warmup-epochs", "0.05", "--output-dir", "runs/x"])
+    emp = bag_ssl.parse_args(["--recipe", "laptop-emp", "--output-dir", "runs/x"])
+    assert {k: v for k, v in vars(emp).items() if k != "recipe"} == \
+        {k: v for k, v in vars(measured).items() if k != "recipe"}
+    assert (emp.loss, emp.num_patches, emp.optimizer, emp.crop, emp.width) == ("emp", 20, "lars", "patch", 16)
+    assert bag_ssl.parse_args(["--recipe", "laptop-emp", "--epochs", "2"]).epochs == 2
+    assert bag_ssl.parse_args(["--recipe", "laptop-emp"]).output_dir == "runs/bag_ssl_laptop_emp"
+
+
 def test_laptop_multiscale_arm_trains_bit_for_bit_what_co_byols_byol_trains(tmp_path):
     """--recipe laptop --crop multiscale and co_byol.py --recipe laptop --ws 0, same seed: the same views, the
     same networks and the same updates, so the same weights (on CPU). The committed BYOL laptop runs are then the

@@ -726,24 +726,22 @@ def make_loaders(args, rank: int, world: int):
 class DINOHead(nn.Module):
     """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm only with --head-bn) to a
     bottleneck, L2-normalisation, then a weight-normalised linear layer (no bias) onto K prototypes whose
-    norm is fixed to 1 (`norm_last_layer=True`).
+    norm is fixed to 1 (`norm_last_layer=True`). Maps (N, C) -> (N, K).
 
-    conv=True applies the same head at every position of a (B, C, n, n) map with 1x1 convolutions (CO-SSL's
-    local head, PAPER Sec. 3.1: "individually forwards them to a new projection head"): (B, C, n, n) ->
-    (B, K, n, n); with conv=False it maps (B, C) -> (B, K). Dimension 1 is the channel dimension in both cases.
+    The local head h (PAPER Sec. 3.4.2) is a second DINOHead that `per_position` runs on every local
+    representation of the (B, C, n, n) map.
     """
 
-    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, conv: bool = False,
-                 norm_last_layer: bool = True, use_bn: bool = False):
+    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, norm_last_layer: bool = True,
+                 use_bn: bool = False):
         super().__init__()
-        layer = (lambda i, o, bias=True: nn.Conv2d(i, o, 1, bias=bias)) if conv else nn.Linear
-        norm = nn.BatchNorm2d if conv else nn.BatchNorm1d  # --head-bn (DINO's use_bn_in_head): after each hidden layer
+        layer, norm = nn.Linear, nn.BatchNorm1d  # norm: --head-bn (DINO's use_bn_in_head), after each hidden layer
 
         def hidden_layer(i: int, o: int) -> list[nn.Module]:
             return [layer(i, o), *([norm(o)] if use_bn else []), nn.GELU()]
         self.mlp = nn.Sequential(*hidden_layer(dim_in, hidden), *hidden_layer(hidden, hidden), layer(hidden, bottleneck))
         for m in self.mlp:
-            if isinstance(m, (nn.Linear, nn.Conv2d)):  # IMPL (official code): truncated normal, std 0.02, bias 0
+            if isinstance(m, nn.Linear):  # IMPL (official code): truncated normal, std 0.02, bias 0
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         # Weight normalisation: weight = g * v / |v| per prototype; g is fixed to 1, so every prototype is a unit
@@ -754,8 +752,21 @@ class DINOHead(nn.Module):
         self.last_layer.parametrizations.weight.original0.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=1)  # L2-normalise the bottleneck (over channels)
+        x = F.normalize(self.mlp(x), dim=1)  # L2-normalise the bottleneck: (N, bottleneck)
         return self.last_layer(x)  # logits over the K prototypes
+
+
+def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
+    """A head built for (N, C) vectors, applied to every position of a (B, C, n, n) map -> (B, D, n, n).
+
+    1x1 convolutions computed as one matrix product over the B*n*n vectors; with --head-bn, BatchNorm normalises
+    over those vectors, as BatchNorm2d would. PERF (measured, 2-core AMD EPYC, bf16, one thread): CO-DINO's
+    laptop local head took 28.0 ms for forward + backward on 64 x 4 x 4 positions as Linear layers, 36.4 ms as
+    1x1 convolutions. The output is a view in the input's memory order: (B, D, n, n) with D contiguous, so the
+    local loss reads it cell-major for free."""
+    b, c, n, m = local.shape
+    out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
+    return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
 
 
 def linear_probe(dim_in: int, num_classes: int) -> nn.Sequential:
@@ -813,7 +824,7 @@ class Encoder(nn.Module):
     """f (backbone) + the global DINO head h-bar + the local DINO head h: the part shared by student and teacher.
 
     PAPER Sec. 3.4.1-3.4.2: h-bar maps the global representation to K logits; a second head h, with its own
-    parameters, maps every local representation z_k to K logits (1x1 convolutions = the same MLP at each cell).
+    parameters, maps every local representation z_k to K logits (the same MLP at each cell: `per_position`).
     """
 
     def __init__(self, args):
@@ -823,7 +834,7 @@ class Encoder(nn.Module):
         self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                              norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
         # --local-loss none is vanilla DINO: no local head exists, so nothing local is computed or trained.
-        self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim, conv=True,
+        self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                                     norm_last_layer=args.norm_last_layer, use_bn=args.head_bn) if args.local_loss != "none" else None)
 
     def forward(self, x: torch.Tensor) -> dict:
@@ -831,7 +842,7 @@ class Encoder(nn.Module):
         # "local" (the backbone's dense representation z) is what the similarity matching compares.
         res = {"h": out.h, "pooled": out.pooled, "local": out.local, "logits_g": self.head(out.h)}  # (B, K)
         if self.local_head is not None:
-            res["logits_l"] = self.local_head(out.local)  # (B, C, n, n) -> (B, K, n, n)
+            res["logits_l"] = per_position(self.local_head, out.local)  # (B, C, n, n) -> (B, K, n, n)
         return res
 
 

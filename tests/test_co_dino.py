@@ -136,17 +136,15 @@ def test_dino_head_prototypes_are_unit_vectors_and_local_head_is_positionwise():
     head, local = net.encoder.head, net.encoder.local_head
     w = head.last_layer.weight  # (K, bottleneck): weight-normalised, norm fixed to 1
     torch.testing.assert_close(w.norm(dim=1), torch.ones(64))
-    x = torch.randn(3, net.encoder.backbone.out_dim, 2, 2)
+    x = torch.randn(3, net.encoder.backbone.out_dim, 2, 2).contiguous(memory_format=torch.channels_last)
     local.eval()
-    out = local(x)  # (3, K, 2, 2)
-    # the same head as a plain MLP on one position's vector: copy the 1x1 conv weights into Linear layers
-    lin = co_dino.DINOHead(x.shape[1], 32, 16, 64)
-    for conv_layer, lin_layer in zip([m for m in local.mlp if isinstance(m, torch.nn.Conv2d)],
-                                     [m for m in lin.mlp if isinstance(m, torch.nn.Linear)]):
-        lin_layer.weight.data = conv_layer.weight.data.flatten(1)
-        lin_layer.bias.data = conv_layer.bias.data
-    lin.last_layer.parametrizations.weight.original1.data = local.last_layer.parametrizations.weight.original1.data.flatten(1)
-    torch.testing.assert_close(out[1, :, 0, 1], lin(x[1:2, :, 0, 1])[0], rtol=1e-4, atol=1e-5)
+    out = co_dino.per_position(local, x)  # (3, K, 2, 2)
+    assert out.shape == (3, 64, 2, 2)
+    # the local head is one MLP applied to each position's vector on its own (a 1x1 convolution)
+    for i, j, k in ((1, 0, 1), (2, 1, 0)):
+        torch.testing.assert_close(out[i, :, j, k], local(x[i:i + 1, :, j, k])[0], rtol=1e-4, atol=1e-5)
+    # and the logits arrive K-contiguous, so the local loss reads them cell-major without a copy
+    assert out.flatten(2).transpose(1, 2).is_contiguous()
 
 
 def test_collapse_monitors():
@@ -319,9 +317,9 @@ def test_head_bn_and_norm_last_layer_flags():
     plain = co_dino.parse_args(TINY + ["--ws", "0.2"])
     bn = co_dino.parse_args(TINY + ["--ws", "0.2", "--head-bn", "--norm-last-layer", "false"])
     enc_plain, enc_bn = co_dino.Encoder(plain), co_dino.Encoder(bn)
-    for head, kind in ((enc_bn.head, torch.nn.BatchNorm1d), (enc_bn.local_head, torch.nn.BatchNorm2d)):
+    for head, kind in ((enc_bn.head, torch.nn.BatchNorm1d), (enc_bn.local_head, torch.nn.BatchNorm1d)):
         assert sum(isinstance(m, kind) for m in head.mlp) == 2
-    assert not any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in enc_plain.head.mlp.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in enc_plain.head.mlp.modules())
     assert [n for n, _ in enc_plain.head.named_parameters()] == [
         "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
         "last_layer.parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"]

@@ -674,10 +674,11 @@ class Encoder(nn.Module):
                            if self.local and not args.shared_head else None)  # --shared-head: self.head instead
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
-    def forward(self, x: torch.Tensor) -> dict:
+    def forward(self, x: torch.Tensor, local: bool = True) -> dict:
+        """local=False skips the local head (the small crops: the local loss uses only the two large views)."""
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
         res = {"h": out.h, "pooled": out.pooled, "logits_g": self.head(out.h)}  # logits_g: (B, K)
-        if self.local:
+        if self.local and local:
             local = out.local
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local head
                 local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
@@ -707,7 +708,7 @@ class StudentNetwork(nn.Module):
         teacher_out: the teacher's outputs of the large views, the probes' inputs (none: no probe outputs)."""
         outs = []
         for i, x in enumerate(views):
-            o = self.encoder(x)
+            o = self.encoder(x, local=i < 2)  # small crops (i >= 2) enter only L_DINO
             if i < len(teacher_out):
                 # PITFALL: the probes see detached features, so their loss never shapes the representation.
                 o["logits_h"] = self.probe_h(teacher_out[i]["h"].detach())

@@ -147,6 +147,16 @@ def test_dino_head_prototypes_are_unit_vectors_and_local_head_is_positionwise():
     assert out.flatten(2).transpose(1, 2).is_contiguous()
 
 
+def test_local_head_runs_on_the_two_large_views_only():
+    """The local loss pairs the two large views (co_dino_loss), so the small crops of multi-crop never go through the
+    local head: no local logits to compute, and none to backpropagate."""
+    (args, net), = _models([0.2])
+    large = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    outs = net(large + [torch.randn(2, 3, 16, 16)] * 2)
+    assert ["logits_l" in o for o in outs] == [True, True, False, False]
+    assert all(o["logits_g"].shape == (2, args.out_dim) for o in outs)
+
+
 def test_collapse_monitors():
     K = 16
     uniform = co_dino.collapse_monitors(torch.zeros(8, K), torch.zeros(1, K), 0.04)

@@ -23,7 +23,9 @@ ROWS = [("BYOL", "co_byol.py --ws 0", "laptop/byol"), ("CO-BYOL", "co_byol.py --
         ("CO-DINO, 3 epochs", "co_dino.py --ws 0.2 --epochs 3", "co_dino_laptop/co_dino"),
         ("DINO + 2 small crops", "geo_dino.py --local-loss none", "geo_dino_laptop/none"),
         ("+ local loss, sim. matching", "geo_dino.py --local-loss sim", "geo_dino_laptop/sim"),
-        ("+ local loss, geo. matching", "geo_dino.py --local-loss geo", "geo_dino_laptop/geo")]
+        ("+ local loss, geo. matching", "geo_dino.py --local-loss geo", "geo_dino_laptop/geo"),
+        ("BagSSL, 14x14 patches", "bag_ssl.py", "bag_ssl_laptop/patch"),
+        ("EMP-SSL, 20 patches, 1 epoch", "bag_ssl.py --recipe laptop-emp", "bag_ssl_laptop/emp")]
 
 
 def seeds_of(prefix: str) -> dict[int, dict]:

@@ -650,7 +650,7 @@ def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
     --head-bn, BatchNorm normalises over those vectors, as BatchNorm2d would. PERF (measured, 2-core AMD EPYC,
     bf16, one thread): the laptop local head (128 -> 512 -> 512 -> 128 -> 4096, BatchNorm) took 28.0 ms for
     forward + backward on 64 x 4 x 4 positions as Linear layers, 36.4 ms as 1x1 convolutions. The output is a
-    view in the input's memory order: (B, D, n, n) with D contiguous, so the loss reads it cell-major for free."""
+    view of the (B*n*n, D) result, D its contiguous dimension, so the loss reads it cell-major for free."""
     b, c, n, m = local.shape
     out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
@@ -826,7 +826,7 @@ def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor, st
     The teacher's global distribution is centred with the global centre (1, K), its local distributions with
     the separate local centre (1, K). The teacher temperature is the same for both.
     PERF: the local logits are read cell-major, (B, K, n, n) -> (B, n*n, K), so that every softmax and product
-    runs along K, the contiguous dimension of the head's channels_last output (K-major, they ran 3-20x slower
+    runs along K, the contiguous dimension of the head's output (per_position) (K-major, they ran 3-20x slower
     per op on a CPU: strided, and in mixed layouts).
     """
     s_l = F.log_softmax(student_local.float().flatten(2).transpose(1, 2) / student_temp, dim=-1)  # (B, n*n, K)

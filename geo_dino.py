@@ -762,8 +762,8 @@ def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
     1x1 convolutions computed as one matrix product over the B*n*n vectors; with --head-bn, BatchNorm normalises
     over those vectors, as BatchNorm2d would. PERF (measured, 2-core AMD EPYC, bf16, one thread): CO-DINO's
     laptop local head took 28.0 ms for forward + backward on 64 x 4 x 4 positions as Linear layers, 36.4 ms as
-    1x1 convolutions. The output is a view in the input's memory order: (B, D, n, n) with D contiguous, so the
-    local loss reads it cell-major for free."""
+    1x1 convolutions. The output is a view of the (B*n*n, D) result, D its contiguous dimension, so the local loss
+    reads it cell-major for free."""
     b, c, n, m = local.shape
     out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
@@ -1048,7 +1048,7 @@ def local_distributions(student: list[dict], teacher: list[dict], local_center: 
     softmax((t - c) / T_t) with the LOCAL centre (1, K_p) and no gradient.
     PERF (measured, CPU): once per crop, not once per pair (which repeated four of the six teacher softmaxes
     over (B, 4096, 25)); and cell-major, so that every op runs along K_p, the contiguous dimension of the
-    head's channels_last output (K-major, each op ran 3-20x slower: strided, and in mixed layouts).
+    head's output (per_position) (K-major, each op ran 3-20x slower: strided, and in mixed layouts).
     """
     log_p_s = [F.log_softmax(o["logits_l"].float().flatten(2).transpose(1, 2) / student_temp, dim=-1)
                for o in student]  # (B, Kp, n, n) -> (B, n*n, Kp)

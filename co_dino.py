@@ -589,10 +589,8 @@ def make_loaders(args, rank: int, world: int):
 class DINOHead(nn.Module):
     """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm only with --head-bn) to a
     bottleneck, L2-normalisation, then a weight-normalised linear layer (no bias) onto K prototypes whose
-    norm is fixed to 1 (`norm_last_layer=True`). Maps (N, C) -> (N, K).
-
-    CO-SSL's local head (PAPER Sec. 3.1: "individually forwards them to a new projection head") is a second
-    DINOHead that `per_position` runs on every local representation of the (B, C, n, n) map.
+    norm is fixed to 1 (`norm_last_layer=True`). Maps (N, C) -> (N, K). The local head is a second DINOHead that
+    `per_position` runs on every local representation of the (B, C, n, n) map.
     """
 
     def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, norm_last_layer: bool = True,
@@ -643,14 +641,15 @@ def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
-    """A head built for (N, C) vectors, applied to every position of a (B, C, n, n) map -> (B, D, n, n): the
-    local head, and with --shared-head (Table 6's one-head variant) the global head on the local representations.
+    """A head built for (N, C) vectors, applied to every position of a (B, C, n, n) map -> (B, D, n, n).
 
-    The paper's 1x1 convolutions ("to parallelize"), computed as one matrix product over the B*n*n vectors; with
-    --head-bn, BatchNorm normalises over those vectors, as BatchNorm2d would. PERF (measured, 2-core AMD EPYC,
-    bf16, one thread): the laptop local head (128 -> 512 -> 512 -> 128 -> 4096, BatchNorm) took 28.0 ms for
-    forward + backward on 64 x 4 x 4 positions as Linear layers, 36.4 ms as 1x1 convolutions. The output is a
-    view of the (B*n*n, D) result, D its contiguous dimension, so the loss reads it cell-major for free."""
+    The same MLP at every position (1x1 convolutions), computed as one matrix product over the B*n*n vectors;
+    with BatchNorm in the head, it normalises over those vectors, as BatchNorm2d would. co_dino and geo_dino run their local DINO
+    heads this way, co_byol and co_dino their global heads on the local representations with --shared-head
+    (CO-SSL Table 6's one-head variant). PERF (measured, 2-core AMD EPYC, bf16, one thread): CO-DINO's laptop
+    local head (128 -> 512 -> 512 -> 128 -> 4096, BatchNorm) took 28.0 ms for forward + backward on 64 x 4 x 4
+    positions as Linear layers, 36.4 ms as 1x1 convolutions. The output is a view of the (B*n*n, D) result, D
+    its contiguous dimension, so a loss reads it cell-major for free."""
     b, c, n, m = local.shape
     out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)

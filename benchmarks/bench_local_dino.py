@@ -1,0 +1,128 @@
+"""Benchmark (not a test): CO-DINO's local head and local loss alone, at the laptop shapes, in CPU time.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_local_dino.py
+
+What results/bench_floor_laptop_cpu.md cites for the part of a CO-DINO step that its FLOPs do not explain.
+(1) The local head (co_dino.DINOHead with the laptop sizes, BatchNorm) on 64 images x 4 x 4 positions, forward
++ backward under bf16 autocast: run by `per_position` as Linear layers (the files' way) and as the same layers
+written as 1x1 convolutions on the channels_last map (the files' way until 2026-12-03).
+(2) One view order of `co_dino.local_dino_loss` (B = 64, K = 4096, 4 x 4 positions, bf16 logits), forward +
+backward, beside rewrites that were measured and not kept: chunks of images (for the cache), logsumexp minus a
+batched matrix-vector product, and its two terms alone. Medians of CPU time (`time.process_time`), the
+variants interleaved so that a busy spell of the machine falls on all of them.
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import co_dino  # noqa: E402
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 5) -> dict:
+    times = {k: [] for k in fns}
+    for i in range(warmup + reps):
+        for k, f in fns.items():
+            t0 = time.process_time()
+            f()
+            if i >= warmup:
+                times[k].append(time.process_time() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def conv_copy(head: co_dino.DINOHead) -> nn.Module:
+    """The same layers as 1x1 convolutions on a (B, C, n, n) map (weights copied; weight norm as a plain conv)."""
+    layers = []
+    for m in head.mlp:
+        if isinstance(m, nn.Linear):
+            conv = nn.Conv2d(m.in_features, m.out_features, 1)
+            conv.weight.data, conv.bias.data = m.weight.data[:, :, None, None].clone(), m.bias.data.clone()
+            layers.append(conv)
+        elif isinstance(m, nn.BatchNorm1d):
+            layers.append(nn.BatchNorm2d(m.num_features))
+        else:
+            layers.append(m)
+
+    class ConvHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(*layers)
+            w = head.last_layer.weight.detach()
+            self.last_layer = nn.utils.parametrizations.weight_norm(nn.Conv2d(w.shape[1], w.shape[0], 1, bias=False))
+
+        def forward(self, x):
+            return self.last_layer(F.normalize(self.mlp(x), dim=1))
+    return ConvHead().to(memory_format=torch.channels_last)
+
+
+def main() -> None:
+    co_dino.keep_freed_memory()
+    torch.set_flush_denormal(True)
+    args = co_dino.parse_args(["--recipe", "laptop", "--ws", "0.2"])
+    B, n, C, K = 64, 4, 128, args.out_dim  # width-16 ResNet-18 at 32 px: 128 channels, a 4 x 4 map
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); B {B}, {n}x{n} positions, K {K}")
+
+    head = co_dino.DINOHead(C, args.head_hidden, args.bottleneck, K, use_bn=args.head_bn)
+    conv = conv_copy(head)
+    x = torch.randn(B, C, n, n).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def fb(fn):
+        def run():
+            head.zero_grad(set_to_none=True)
+            conv.zero_grad(set_to_none=True)
+            x.grad = None
+            with torch.autocast("cpu", torch.bfloat16):
+                y = fn()
+            y.float().sum().backward()
+        return run
+    res = interleaved({"Linear layers (per_position)": fb(lambda: co_dino.per_position(head, x)),
+                       "1x1 convolutions": fb(lambda: conv(x))}, reps=20)
+    print("local head, forward + backward:", ", ".join(f"{k} {v:.1f} ms" for k, v in res.items()))
+
+    g = torch.Generator().manual_seed(0)
+    sl = torch.randn(B, K, n, n, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    tl = torch.randn(B, K, n, n, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    sg, tg = torch.randn(B, K, generator=g).bfloat16(), torch.randn(B, K, generator=g).bfloat16()
+    sl.requires_grad_(), sg.requires_grad_()
+    c, lc, Ts, Tt = torch.randn(1, K) * 0.1, torch.randn(1, K) * 0.1, 0.1, 0.04
+
+    def chunked(k):
+        return lambda: sum(co_dino.local_dino_loss(a, b, e, d, c, lc, Ts, Tt) * a.shape[0]
+                           for a, b, e, d in zip(sl.split(k), tl.split(k), sg.split(k), tg.split(k))) / B
+
+    def lse_bmm():
+        s = sl.float().flatten(2).transpose(1, 2) / Ts  # (B, n*n, K)
+        t_g = F.softmax((tg.float() - c) / Tt, dim=-1)
+        l2g = torch.logsumexp(s, -1) - torch.bmm(s, t_g.unsqueeze(2)).squeeze(2)
+        t_l = F.softmax((tl.float().flatten(2).transpose(1, 2) - lc) / Tt, dim=-1)
+        return (l2g - torch.bmm(t_l, F.log_softmax(sg.float() / Ts, dim=-1).unsqueeze(2)).squeeze(2)).mean()
+
+    def student_term():
+        s_l = F.log_softmax(sl.float().flatten(2).transpose(1, 2) / Ts, dim=-1)
+        return -(F.softmax((tg.float() - c) / Tt, dim=-1).unsqueeze(1) * s_l).sum(-1).mean()
+
+    def teacher_term():
+        t_l = F.softmax((tl.float().flatten(2).transpose(1, 2) - lc) / Tt, dim=-1)
+        return -(t_l * F.log_softmax(sg.float() / Ts, dim=-1).unsqueeze(1)).sum(-1).mean()
+
+    def fbl(fn):
+        def run():
+            sl.grad = sg.grad = None
+            fn().backward()
+        return run
+    ref = co_dino.local_dino_loss(sl, tl, sg, tg, c, lc, Ts, Tt).item()
+    assert abs(lse_bmm().item() - ref) < 1e-3 * abs(ref) and abs(chunked(8)().item() - ref) < 1e-3 * abs(ref)
+    res = interleaved({"local_dino_loss": fbl(lambda: co_dino.local_dino_loss(sl, tl, sg, tg, c, lc, Ts, Tt)),
+                       "in chunks of 8 images": fbl(chunked(8)), "logsumexp + bmm": fbl(lse_bmm),
+                       "its student term alone": fbl(student_term), "its teacher term alone": fbl(teacher_term)},
+                      reps=20)
+    print("local loss, one view order, forward + backward:", ", ".join(f"{k} {v:.1f} ms" for k, v in res.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,7 @@ def interleaved(fns: dict, reps: int, warmup: int = 5) -> dict:
 
 
 def conv_copy(head: co_dino.DINOHead) -> nn.Module:
-    """The same layers as 1x1 convolutions on a (B, C, n, n) map (weights copied; weight norm as a plain conv)."""
+    """The same layers as 1x1 convolutions on a (B, C, n, n) map, weights copied (the prototypes' g and v too)."""
     layers = []
     for m in head.mlp:
         if isinstance(m, nn.Linear):
@@ -52,8 +52,12 @@ def conv_copy(head: co_dino.DINOHead) -> nn.Module:
         def __init__(self):
             super().__init__()
             self.mlp = nn.Sequential(*layers)
-            w = head.last_layer.weight.detach()
-            self.last_layer = nn.utils.parametrizations.weight_norm(nn.Conv2d(w.shape[1], w.shape[0], 1, bias=False))
+            src = head.last_layer.parametrizations.weight  # weight = g * v / |v|: copy g and v
+            k, d = src.original1.shape
+            self.last_layer = nn.utils.parametrizations.weight_norm(nn.Conv2d(d, k, 1, bias=False))
+            dst = self.last_layer.parametrizations.weight
+            dst.original0.data = src.original0.data.reshape(k, 1, 1, 1).clone()
+            dst.original1.data = src.original1.data[:, :, None, None].clone()
 
         def forward(self, x):
             return self.last_layer(F.normalize(self.mlp(x), dim=1))

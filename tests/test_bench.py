@@ -72,3 +72,20 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert [(r["setting"], r["name"]) for r in rows] == [("off", "CO-BYOL"), ("torchrun, 1 process", "CO-BYOL")]
     assert all(r["img_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
     assert "Loader check: CO-BYOL resnet18" in out.read_text()
+
+
+def test_local_dino_benchmark_compares_the_same_function():
+    """bench_local_dino.py times the local head as Linear layers (per_position) against its 1x1-convolution copy:
+    both must compute the same logits, or the comparison means nothing."""
+    import torch
+
+    spec_l = importlib.util.spec_from_file_location("bench_local_dino", ROOT / "benchmarks" / "bench_local_dino.py")
+    bench = importlib.util.module_from_spec(spec_l)
+    spec_l.loader.exec_module(bench)
+    import co_dino
+
+    torch.manual_seed(0)
+    head = co_dino.DINOHead(8, 16, 8, 32, use_bn=True).eval()
+    conv = bench.conv_copy(head).eval()
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(conv(x), co_dino.per_position(head, x), rtol=1e-4, atol=1e-5)

@@ -643,13 +643,14 @@ def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
     """A head built for (N, C) vectors, applied to every position of a (B, C, n, n) map -> (B, D, n, n).
 
-    The same MLP at every position (1x1 convolutions), computed as one matrix product over the B*n*n vectors;
-    with BatchNorm in the head, it normalises over those vectors, as BatchNorm2d would. co_dino and geo_dino run their local DINO
-    heads this way, co_byol and co_dino their global heads on the local representations with --shared-head
-    (CO-SSL Table 6's one-head variant). PERF (benchmarks/bench_local_dino.py, 2-core AMD EPYC, bf16, one
-    thread, two runs): CO-DINO's laptop local head (128 -> 512 -> 512 -> 128 -> 4096, BatchNorm) took 23.5 / 25.1
-    ms for forward + backward on 64 x 4 x 4 positions as Linear layers, 27.8 / 30.8 ms as 1x1 convolutions. The output is a view of the (B*n*n, D) result, D
-    its contiguous dimension, so a loss reads it cell-major for free."""
+    The same MLP at every position (1x1 convolutions), computed as one matrix product over the B*n*n vectors; with
+    BatchNorm in the head, it normalises over those vectors, as BatchNorm2d would. co_dino and geo_dino run their
+    local DINO heads this way, co_byol and co_dino their global heads on the local representations with
+    --shared-head (CO-SSL Table 6's one-head variant). PERF (benchmarks/bench_local_dino.py, 2-core AMD EPYC,
+    bf16, one thread, two runs): CO-DINO's laptop local head (128 -> 512 -> 512 -> 128 -> 4096, BatchNorm) took
+    23.5 / 25.1 ms for forward + backward on 64 x 4 x 4 positions as Linear layers, 27.8 / 30.8 ms as 1x1
+    convolutions. The output is a view of the (B*n*n, D) result, D its contiguous dimension, so a loss reads it
+    cell-major for free."""
     b, c, n, m = local.shape
     out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
@@ -673,11 +674,11 @@ class Encoder(nn.Module):
                            if self.local and not args.shared_head else None)  # --shared-head: self.head instead
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
-    def forward(self, x: torch.Tensor, local: bool = True) -> dict:
-        """local=False skips the local head (the small crops: the local loss uses only the two large views)."""
+    def forward(self, x: torch.Tensor, with_local: bool = True) -> dict:
+        """with_local=False skips the local head (small crops: the local loss uses only the two large views)."""
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
         res = {"h": out.h, "pooled": out.pooled, "logits_g": self.head(out.h)}  # logits_g: (B, K)
-        if self.local and local:
+        if self.local and with_local:
             local = out.local
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local head
                 local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
@@ -707,7 +708,7 @@ class StudentNetwork(nn.Module):
         teacher_out: the teacher's outputs of the large views, the probes' inputs (none: no probe outputs)."""
         outs = []
         for i, x in enumerate(views):
-            o = self.encoder(x, local=i < 2)  # small crops (i >= 2) enter only L_DINO
+            o = self.encoder(x, with_local=i < 2)  # small crops (i >= 2) enter only L_DINO
             if i < len(teacher_out):
                 # PITFALL: the probes see detached features, so their loss never shapes the representation.
                 o["logits_h"] = self.probe_h(teacher_out[i]["h"].detach())

@@ -21,9 +21,10 @@ What this file implements: both sides of the paper's tables from one script (`--
 `--crop multiscale`, the baseline), four losses (`--loss simclr|vicreg|tcr|byol`, with BYOL's EMA target and
 predictor), EMP-SSL's many-patch loss as an anchor (`--loss emp --num-patches 20`), the paper's projector (2
 layers, 4096 hidden), online linear probes, an online k-NN on whole images every epoch (epoch 0: the random
-network), LARS (or SGD) with warm-up + cosine, AMP, DDP (global-batch losses), auto-resume, SIGTERM checkpoints, a narrow `--width` for CPUs; and after training (or with `--eval-only
---checkpoint backbone.pt`) the bag-of-patch evaluation: linear probe and k-NN on the mean embedding of N
-patches for N in `--eval-patches` and on the whole image, laid out as the paper's Table 1 (`table1.md`,
+network), LARS (or SGD) with warm-up + cosine, AMP, DDP (global-batch losses), auto-resume, SIGTERM
+checkpoints, a narrow `--width` for CPUs; and after training (or with `--eval-only --checkpoint
+backbone.pt`) the bag-of-patch evaluation: linear probe and k-NN on the mean embedding of N patches for N in
+`--eval-patches` and on the whole image, laid out as the paper's Table 1 (`table1.md`,
 `final_metrics.json`), the convergence study of Fig. 3a (`convergence.png`) and local aggregation (Table 5,
 `--local-agg`). Not here: the visualisations of Sec. 4.3 (Fig. 4-5), ImageNet-1K (Fig. 3b).
 

@@ -3,12 +3,14 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_local_dino.py
 
 What results/bench_floor_laptop_cpu.md cites for the part of a CO-DINO step that its FLOPs do not explain.
-(1) The local head (co_dino.DINOHead with the laptop sizes, BatchNorm) on 64 images x 4 x 4 positions, forward
-+ backward under bf16 autocast: run by `per_position` as Linear layers (the files' way) and as the same layers
-written as 1x1 convolutions on the channels_last map (the files' way until 2026-12-03).
-(2) One view order of `co_dino.local_dino_loss` (B = 64, K = 4096, 4 x 4 positions, bf16 logits), forward +
-backward, beside rewrites that were measured and not kept: chunks of images (for the cache), logsumexp minus a
-batched matrix-vector product, and its two terms alone. Medians of CPU time (`time.process_time`), the
+(1) The local head (co_dino.DINOHead with the laptop sizes, BatchNorm) on 64 images x 5 x 5 positions (the
+laptop network's local map), forward + backward under bf16 autocast: run by `per_position` as Linear layers (the
+files' way) and as the same layers written as 1x1 convolutions on the channels_last map (the files' way until
+2026-12-03).
+(2) One view order of `co_dino.local_dino_loss` (B = 64, K = 4096, 5 x 5 positions, bf16 logits), forward +
+backward, beside its form until 2026-12-03 (the products with the other view's distribution per cell, before
+the mean over cells) and rewrites that were measured and not kept: chunks of images (for the cache), logsumexp
+minus a batched matrix-vector product; and its two terms alone. Medians of CPU time (`time.process_time`), the
 variants interleaved so that a busy spell of the machine falls on all of them.
 """
 import statistics
@@ -68,7 +70,7 @@ def main() -> None:
     co_dino.keep_freed_memory()
     torch.set_flush_denormal(True)
     args = co_dino.parse_args(["--recipe", "laptop", "--ws", "0.2"])
-    B, n, C, K = 64, 4, 128, args.out_dim  # width-16 ResNet-18 at 32 px: 128 channels, a 4 x 4 map
+    B, n, C, K = 64, args.local_map, 128, args.out_dim  # width-16 ResNet-18 at 32 px: 128 channels, a 5 x 5 map
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); B {B}, {n}x{n} positions, K {K}")
 
     head = co_dino.DINOHead(C, args.head_hidden, args.bottleneck, K, use_bn=args.head_bn)
@@ -99,6 +101,13 @@ def main() -> None:
         return lambda: sum(co_dino.local_dino_loss(a, b, e, d, c, lc, Ts, Tt) * a.shape[0]
                            for a, b, e, d in zip(sl.split(k), tl.split(k), sg.split(k), tg.split(k))) / B
 
+    def products_per_cell():  # the loss until 2026-12-03: the products with the other view's distribution per cell
+        s_l = F.log_softmax(sl.float().flatten(2).transpose(1, 2) / Ts, dim=-1)
+        t_g = F.softmax((tg.float() - c) / Tt, dim=-1)
+        t_l = F.softmax((tl.float().flatten(2).transpose(1, 2) - lc) / Tt, dim=-1)
+        s_g = F.log_softmax(sg.float() / Ts, dim=-1)
+        return (-(t_g.unsqueeze(1) * s_l).sum(-1) - (t_l * s_g.unsqueeze(1)).sum(-1)).mean()
+
     def lse_bmm():
         s = sl.float().flatten(2).transpose(1, 2) / Ts  # (B, n*n, K)
         t_g = F.softmax((tg.float() - c) / Tt, dim=-1)
@@ -108,11 +117,11 @@ def main() -> None:
 
     def student_term():
         s_l = F.log_softmax(sl.float().flatten(2).transpose(1, 2) / Ts, dim=-1)
-        return -(F.softmax((tg.float() - c) / Tt, dim=-1).unsqueeze(1) * s_l).sum(-1).mean()
+        return -(F.softmax((tg.float() - c) / Tt, dim=-1) * s_l.mean(1)).sum(-1).mean()
 
     def teacher_term():
-        t_l = F.softmax((tl.float().flatten(2).transpose(1, 2) - lc) / Tt, dim=-1)
-        return -(t_l * F.log_softmax(sg.float() / Ts, dim=-1).unsqueeze(1)).sum(-1).mean()
+        t_l = F.softmax((tl.flatten(2).transpose(1, 2) - lc) / Tt, dim=-1)
+        return -(t_l.mean(1) * F.log_softmax(sg.float() / Ts, dim=-1)).sum(-1).mean()
 
     def fbl(fn):
         def run():
@@ -120,8 +129,9 @@ def main() -> None:
             fn().backward()
         return run
     ref = co_dino.local_dino_loss(sl, tl, sg, tg, c, lc, Ts, Tt).item()
-    assert abs(lse_bmm().item() - ref) < 1e-3 * abs(ref) and abs(chunked(8)().item() - ref) < 1e-3 * abs(ref)
+    assert all(abs(f().item() - ref) < 1e-3 * abs(ref) for f in (lse_bmm, chunked(8), products_per_cell))
     res = interleaved({"local_dino_loss": fbl(lambda: co_dino.local_dino_loss(sl, tl, sg, tg, c, lc, Ts, Tt)),
+                       "products per cell (before)": fbl(products_per_cell),
                        "in chunks of 8 images": fbl(chunked(8)), "logsumexp + bmm": fbl(lse_bmm),
                        "its student term alone": fbl(student_term), "its teacher term alone": fbl(teacher_term)},
                       reps=20)

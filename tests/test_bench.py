@@ -69,9 +69,32 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
                            "--methods", "co_byol", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert [(r["setting"], r["name"]) for r in rows] == [("off", "CO-BYOL"), ("torchrun, 1 process", "CO-BYOL")]
-    assert all(r["img_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
-    assert "Loader check: CO-BYOL resnet18" in out.read_text()
+    runs, floor = rows[:2], rows[2:]
+    assert [(r["setting"], r["name"]) for r in runs] == [("off", "CO-BYOL"), ("torchrun, 1 process", "CO-BYOL")]
+    assert all(r["img_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in runs)
+    # the floor table: base and variant, each step against its backbone's forward + backward, and more FLOPs for CO
+    assert [(r["setting"], r["name"]) for r in floor] == [("floor table", "BYOL"), ("floor table", "CO-BYOL")]
+    assert all(r["floor_s"] > 0 and r["step_gflop"] > r["floor_gflop"] > 0 for r in floor)
+    assert floor[1]["step_gflop"] > floor[0]["step_gflop"]
+    text = out.read_text()
+    assert "Loader check: CO-BYOL resnet18" in text and "| CO-BYOL (`--ws 0.2`) | resnet18 | 32 | 4 |" in text
+    assert "Not started" not in text
+
+
+def test_gpu_check_stops_starting_runs_when_its_time_budget_is_spent(tmp_path):
+    """--budget-s 0: nothing starts after the first check of the clock, and the report says what did not run."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu_check.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--methods", "co_byol", "--budget-s", "0", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.with_suffix(".jsonl").read_text() == ""
+    assert ("Not started (the 0 s time budget was spent): off: CO-BYOL resnet18; torchrun, 1 process: CO-BYOL "
+            "resnet18; floor table: co_byol resnet18.") in out.read_text()
 
 
 def test_local_dino_benchmark_compares_the_same_function():

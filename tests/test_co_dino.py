@@ -72,6 +72,7 @@ def test_local_dino_loss_matches_explicit_sum():
     B, K, n, Ts, Tt = 2, 8, 3, 0.1, 0.05
     s_l, t_l, s_g, t_g = torch.randn(B, K, n, n), torch.randn(B, K, n, n), torch.randn(B, K), torch.randn(B, K)
     c, c_l = torch.randn(1, K), torch.randn(1, K)
+    s_l.requires_grad_(), s_g.requires_grad_()
 
     def H(teacher_logits, center, student_logits):  # cross-entropy of one pair of K-vectors
         p_t = torch.softmax((teacher_logits - center.flatten()) / Tt, dim=0)
@@ -83,7 +84,12 @@ def test_local_dino_loss_matches_explicit_sum():
             for j in range(n):
                 total += H(t_g[b], c, s_l[b, :, i, j]) + H(t_l[b, :, i, j], c_l, s_g[b])
     expected = total / (B * n * n)
-    torch.testing.assert_close(co_dino.local_dino_loss(s_l, t_l, s_g, t_g, c, c_l, Ts, Tt), expected)
+    loss = co_dino.local_dino_loss(s_l, t_l, s_g, t_g, c, c_l, Ts, Tt)
+    torch.testing.assert_close(loss, expected)
+    # the same gradients too (the loss averages over the cells before its products: a rewrite of the same sum)
+    grads = torch.autograd.grad(loss, (s_l, s_g))
+    for got, want in zip(grads, torch.autograd.grad(expected, (s_l, s_g))):
+        torch.testing.assert_close(got, want)
 
 
 def test_no_gradient_into_teacher_outputs():

@@ -46,7 +46,9 @@ def floor_row(method: str, spec: str, variant: int, device: str, amp: str, width
     steps, warmup = FLOOR_STEPS[quick]
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_floor.py"), "--one",
                           f"{method}:{spec}:{variant}", "--device", device, "--amp", amp, "--width", str(width),
-                          "--steps", str(steps), "--warmup", str(warmup)], capture_output=True, text=True, check=True)
+                          "--steps", str(steps), "--warmup", str(warmup)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr or out.stdout).strip().splitlines()[-1][:300]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -166,9 +168,14 @@ def main():
                                              width=width))
         for method in methods if not dry else methods[:1]:  # base and variant, bench_floor.py, one process each
             if in_budget(f"floor table: {method} {arch}"):
-                floor_rows += [{"setting": "floor table",
-                                **floor_row(method, f"{arch}:{size}:{batch}", v, a.device, amp, width, a.quick)}
-                               for v in (0, 1)]
+                pair = [{"setting": "floor table",
+                         **floor_row(method, f"{arch}:{size}:{batch}", v, a.device, amp, width, a.quick)}
+                        for v in (0, 1)]
+                if any("error" in r for r in pair):
+                    rows.append({"setting": "floor table", "method": method, "name": method, "flags": "",
+                                 "arch": arch, "wall_s": 0, "error": next(r for r in pair if "error" in r)["error"]})
+                else:
+                    floor_rows.extend(pair)
                 report()
     if not dry:
         train(*compiled)

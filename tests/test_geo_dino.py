@@ -491,6 +491,20 @@ def test_tiny_run_writes_all_outputs_and_resumes_bit_exactly(tmp_path):
             assert torch.equal(ca[part][k], cb[part][k]), f"{part}.{k}"
 
 
+def test_local_collapse_monitors_are_real_on_every_logged_step(tmp_path):
+    """The local collapse monitors are computed on the steps the loop logs only (PERF): with --log-every 3 and
+    --max-steps 4 of 6 steps, the rows of step 3 (a multiple of --log-every) and step 4 (the last, by
+    --max-steps) both carry them (a teacher distribution's entropy is > 0 nats, at most log K)."""
+    out = tmp_path / "run"
+    proc = run_script(TINY + ["--epochs", "3", "--max-steps", "4", "--log-every", "3", "--knn-k", "0",
+                              "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 4]
+    for r in rows:
+        assert 0 < r["local_teacher_entropy"] <= math.log(64) + 1e-6 and r["local_teacher_kl_uniform"] >= 0
+
+
 def test_width_8_run_on_cifar10_from_the_data_scripts_layout(tmp_path):
     """prepare_cifar10.py's cifar-10-batches-py layout: items are (PIL image, label) as from torchvision, so
     the box-tracking crops apply unchanged; then a tiny --width 8 run on it, whose backbone.pt rebuilds."""

@@ -44,7 +44,8 @@ def test_floor_benchmark_recipe_builds_the_files_recipe():
 
 def test_floor_table_reads_time_per_flop_against_the_floor():
     """"step / floor per FLOP": a step with 1.5x the floor's FLOPs in 1.5x its CPU time runs at the floor's rate
-    (1.00); in 3x its CPU time, at half of it (2.00). The variant / base ratios come from each pair's base."""
+    (1.00); in 3x its CPU time, at half of it (2.00). The variant / base ratios come from each pair's base; the
+    one against each step's own floor cancels a process that runs everything slower (the variant's floor here)."""
     def row(name, step_cpu, step_gflop):
         return {"name": name, "flags": "", "recipe": "", "arch": "a", "image_size": 32, "batch": 4, "floor_s": 1.0,
                 "step_s": step_cpu, "step_over_floor": step_cpu, "floor_cpu_s": 1.0, "step_cpu_s": step_cpu,
@@ -54,7 +55,12 @@ def test_floor_table_reads_time_per_flop_against_the_floor():
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     col = cells[0].index("step / floor per FLOP")
     assert [r[col] for r in cells[2:]] == ["1.00", "2.00"]
-    assert cells[3][-3:] == ["2.000", "2.000", "1.000"] and cells[2][-3:] == ["", "", ""]
+    assert cells[3][-4:] == ["2.000", "2.000", "2.000", "1.000"] and cells[2][-4:] == ["", "", "", ""]
+    # the same steps, the variant's process running everything (its floor too) 1.5x slower: the plain ratios
+    # read 3.0, the ratio against each step's own floor still 2.0
+    slow = dict(row("variant", 4.5, 15.0), floor_s=1.5, floor_cpu_s=1.5, step_over_floor=3.0, step_over_floor_cpu=3.0)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in bench_floor.table([row("base", 1.5, 15.0), slow])]
+    assert cells[3][-4:] == ["3.000", "3.000", "2.000", "1.000"]
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):

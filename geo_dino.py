@@ -1053,7 +1053,8 @@ def local_distributions(student: list[dict], teacher: list[dict], local_center: 
     """
     log_p_s = [F.log_softmax(o["logits_l"].float().flatten(2).transpose(1, 2) / student_temp, dim=-1)
                for o in student]  # (B, Kp, n, n) -> (B, n*n, Kp)
-    p_t = [F.softmax((o["logits_l"].float().flatten(2).transpose(1, 2) - local_center) / teacher_temp,
+    # (bf16 logits - fp32 centre) is fp32 in one pass: no separate .float() copy of the (B, m*m, K_p) logits
+    p_t = [F.softmax((o["logits_l"].flatten(2).transpose(1, 2) - local_center) / teacher_temp,
                      dim=-1).detach() for o in teacher]  # (B, Kp, m, m) -> (B, m*m, Kp); sg: no gradient into the teacher
     return log_p_s, p_t
 

@@ -1105,8 +1105,8 @@ def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
     unless 'none', "logits_l" (B, K, n, n); teacher: the same for the 2 global crops.
     Returns (total, L_G, L_L before weighting, monitors [valid fraction, sim == geo fraction, and the local
     teacher's entropy and KL to uniform (`collapse_monitors`; zeros with 'none' or local_collapse_monitors=False)]).
-    PERF: the local collapse monitors read every cell of both global crops ((2B * m * m, K_p) probabilities: 44
-    ms of a 0.63 s one-thread laptop step, measured) and are logged once every --log-every steps, so
+    PERF: the local collapse monitors read every cell of both global crops ((2B * m * m, K_p) probabilities, a
+    copy and a log over the step's largest tensors) and are logged once every --log-every steps, so
     `train_step` asks for them on the steps the loop logs only.
     """
     loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,

@@ -59,7 +59,8 @@ def test_floor_table_reads_time_per_flop_against_the_floor():
     # the same steps, the variant's process running everything (its floor too) 1.5x slower: the plain ratios
     # read 3.0, the ratio against each step's own floor still 2.0
     slow = dict(row("variant", 4.5, 15.0), floor_s=1.5, floor_cpu_s=1.5, step_over_floor=3.0, step_over_floor_cpu=3.0)
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in bench_floor.table([row("base", 1.5, 15.0), slow])]
+    lines = bench_floor.table([row("base", 1.5, 15.0), slow])
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert cells[3][-4:] == ["3.000", "3.000", "2.000", "1.000"]
 
 

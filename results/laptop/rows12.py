@@ -32,7 +32,8 @@ def run_row(folder: Path) -> str:
 def cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
-    return " / ".join(f"{x:.2f}" for x in values) + f": **{sum(values) / len(values):.2f}** ({max(values) - min(values):.2f})"
+    mean, spread = sum(values) / len(values), max(values) - min(values)
+    return " / ".join(f"{x:.2f}" for x in values) + f": **{mean:.2f}** ({spread:.2f})"
 
 
 def main() -> None:

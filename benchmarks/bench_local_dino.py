@@ -10,8 +10,13 @@ files' way) and as the same layers written as 1x1 convolutions on the channels_l
 (2) One view order of `co_dino.local_dino_loss` (B = 64, K = 4096, 5 x 5 positions, bf16 logits), forward +
 backward, beside its form until 2026-12-03 (the products with the other view's distribution per cell, before
 the mean over cells) and rewrites that were measured and not kept: chunks of images (for the cache), logsumexp
-minus a batched matrix-vector product; and its two terms alone. Medians of CPU time (`time.process_time`), the
-variants interleaved so that a busy spell of the machine falls on all of them.
+minus a batched matrix-vector product; and its two terms alone.
+(3) geo_dino's local loss at the laptop shapes (B = 64, K = 4096, 5 x 5 cells per global crop, 2 x 2 per small
+crop; the six pairs of App. A.2, random matchings with 80 % of the cells valid), forward + backward:
+`local_distributions` + `local_pair_loss` as in geo_dino.py, beside the teacher targets picked by torch.gather
+with the index expanded over the prototypes (the form until 2026-12-03), and the distributions alone.
+Medians of CPU time (`time.process_time`), the variants interleaved so that a busy spell of the machine falls on
+all of them.
 """
 import statistics
 import sys
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import co_dino  # noqa: E402
+import geo_dino  # noqa: E402
 
 
 def interleaved(fns: dict, reps: int, warmup: int = 5) -> dict:
@@ -136,6 +142,57 @@ def main() -> None:
                        "its student term alone": fbl(student_term), "its teacher term alone": fbl(teacher_term)},
                       reps=20)
     print("local loss, one view order, forward + backward:", ", ".join(f"{k} {v:.1f} ms" for k, v in res.items()))
+
+    res = interleaved(geo_local_loss_variants(B, K, args_geo_grids())[0], reps=20)
+    print("geo_dino local loss, six pairs, forward + backward:", ", ".join(f"{k} {v:.1f} ms" for k, v in res.items()))
+
+
+def args_geo_grids() -> tuple:
+    args = geo_dino.parse_args(["--recipe", "laptop"])
+    return args.grid_global, args.grid_local
+
+
+def geo_local_loss_variants(B: int, K: int, grids: tuple) -> tuple[dict, list]:
+    """Forward + backward of geo_dino's local loss (L_L of App. A.2) on random bf16 logits in the heads' layout,
+    as geo_dino.py computes it and as it did until 2026-12-03 (torch.gather): ({label: function}, the student
+    logits whose .grad each function fills); both forms give the same value."""
+    ng, nl = grids
+    g = torch.Generator().manual_seed(0)
+
+    def logits(n):  # the local head's output: (B, n, n, K) memory seen as (B, K, n, n)
+        return (torch.randn(B, n, n, K, generator=g) * 3).bfloat16().permute(0, 3, 1, 2)
+    student = [{"logits_l": logits(n).requires_grad_()} for n in (ng, ng, nl, nl)]
+    teacher = [{"logits_l": logits(ng)} for _ in range(2)]
+    lc, Ts, Tt = torch.randn(1, K, generator=g) * 0.1, 0.1, 0.04
+    pairs = [(iq, v) for iq in range(2) for v in range(4) if v != iq]
+    index = {(iq, v): torch.randint(0, ng * ng, (B, (ng if v < 2 else nl) ** 2), generator=g) for iq, v in pairs}
+    valid = {p: torch.rand(i.shape, generator=g) > 0.2 for p, i in index.items()}
+
+    def gathered(log_p_s, p_t, idx, ok):  # local_pair_loss until 2026-12-03
+        t = torch.gather(p_t, 1, idx.unsqueeze(-1).expand(-1, -1, p_t.shape[-1]))
+        ce = -(t * log_p_s).sum(-1)
+        return ((ce * ok).sum(1) / ce.shape[1]).mean()
+
+    def loss(pair_loss):
+        def run():
+            log_p_s, p_t = geo_dino.local_distributions(student, teacher, lc, Ts, Tt)
+            return sum(pair_loss(log_p_s[v], p_t[iq], index[iq, v], valid[iq, v]) for iq, v in pairs) / len(pairs)
+        return run
+
+    def distributions_only():
+        log_p_s, p_t = geo_dino.local_distributions(student, teacher, lc, Ts, Tt)
+        return sum(x.mean() for x in log_p_s) + sum(x.mean() for x in p_t)
+
+    def fb(fn):
+        def run():
+            for o in student:
+                o["logits_l"].grad = None
+            fn().backward()
+        return run
+    assert torch.equal(loss(geo_dino.local_pair_loss)(), loss(gathered)())
+    return ({"local_pair_loss (index_select)": fb(loss(geo_dino.local_pair_loss)),
+             "torch.gather (before)": fb(loss(gathered)), "the distributions alone": fb(distributions_only)},
+            [o["logits_l"] for o in student])
 
 
 if __name__ == "__main__":

@@ -54,8 +54,13 @@ def build(method: str, spec: str, variant: int, device: str, amp: str, width: in
 
 
 def steady_schedule(mod, args) -> dict:
-    """The schedules of a step past DINO's frozen-prototype epoch and the lr warm-up: the steady state's work."""
-    return mod.Schedule(args, 1)(min(args.epochs - 1, max(1, getattr(args, "freeze_last_layer", 0))))
+    """The schedules of a step past DINO's frozen-prototype epoch and the lr warm-up, and between two logged steps
+    (49 of every 50 at --log-every 50; geo_dino computes its local collapse monitors on logged steps only): the
+    steady state's work."""
+    schedule = mod.Schedule(args, 1)(min(args.epochs - 1, max(1, getattr(args, "freeze_last_layer", 0))))
+    if "log_step" in schedule:  # one step per epoch: the step above would count as logged
+        schedule["log_step"] = False
+    return schedule
 
 
 def median_time(fn, steps: int, warmup: int, clock=time.perf_counter) -> float:

@@ -19,6 +19,21 @@ def test_bench_step_times_every_method_base_and_variant(method, variant):
     assert row["step_s"] > 0 and row["img_per_s"] == pytest.approx(4 / row["step_s"]) and row["peak_mem_mb"] > 0
 
 
+def test_benchmarked_step_is_a_steady_step_between_logged_ones(tmp_path):
+    """The benchmarks time a step as most steps of a run are: not a logged one, so geo_dino skips its local
+    collapse monitors (every cell of both teacher crops; computed on logged steps only). With one step per epoch
+    the step the benchmark picks would otherwise be a run's last, hence logged (laptop geo_dino: 2 epochs)."""
+    import geo_dino
+
+    args = geo_dino.parse_args(["--recipe", "laptop", "--dataset", "fake", "--output-dir", str(tmp_path)])
+    step = min(args.epochs - 1, max(1, args.freeze_last_layer))
+    assert geo_dino.Schedule(args, 1)(step)["log_step"]  # the case this guards: as a run's step, it is logged
+    schedule = bench_step.steady_schedule(geo_dino, args)
+    assert schedule["log_step"] is False
+    assert {k: v for k, v in schedule.items() if k != "log_step"} == {
+        k: v for k, v in geo_dino.Schedule(args, 1)(step).items() if k != "log_step"}
+
+
 floor_spec = importlib.util.spec_from_file_location("bench_floor", ROOT / "benchmarks" / "bench_floor.py")
 bench_floor = importlib.util.module_from_spec(floor_spec)
 floor_spec.loader.exec_module(bench_floor)
@@ -119,3 +134,19 @@ def test_local_dino_benchmark_compares_the_same_function():
     conv = bench.conv_copy(head).eval()
     x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(conv(x), co_dino.per_position(head, x), rtol=1e-4, atol=1e-5)
+
+
+def test_geo_local_loss_benchmark_times_the_same_loss_both_ways():
+    """bench_local_dino.py's geo_dino rows: the loss with its targets picked by index_select (geo_dino.py) and by
+    torch.gather (before) give the same value (asserted inside) and the same gradients, so their times compare."""
+    spec_l = importlib.util.spec_from_file_location("bench_local_dino", ROOT / "benchmarks" / "bench_local_dino.py")
+    bench = importlib.util.module_from_spec(spec_l)
+    spec_l.loader.exec_module(bench)
+    import torch
+
+    variants, logits = bench.geo_local_loss_variants(3, 16, (3, 2))
+    grads = []
+    for label in ("local_pair_loss (index_select)", "torch.gather (before)"):
+        variants[label]()
+        grads.append([x.grad.clone() for x in logits])
+    assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(*grads))

@@ -56,6 +56,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision; auto = bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 "
                    "only where the CPU has native bf16 instructions (AVX512-BF16 or AMX), else off (fp32)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    g.add_argument("--compile", action="store_true", help="torch.compile the trained network (CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network and the loss (CUDA)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--knn-k", type=int, default=200, help="k of the k-NN evaluation on .h (cosine, "
@@ -744,15 +745,16 @@ class Centers(nn.Module):
 @dataclass
 class Nets:
     """Everything one training step computes with: the student, its EMA teacher, the centres, the module the
-    forward pass goes through (the student, or its DDP / compiled wrapper), the grad scaler (fp16 only) and the
-    run's device and precision. `backbone`: the network that backbone.pt saves and the k-NN reads (DINO: the
-    TEACHER's)."""
+    forward pass goes through (the student, or its DDP / compiled wrapper), the grad scaler (fp16 only), the
+    run's device and precision and the loss function (`co_dino_loss`, compiled with --compile). `backbone`: the
+    network that backbone.pt saves and the k-NN reads (DINO: the TEACHER's)."""
     student: StudentNetwork
     teacher: Encoder
     centers: Centers
     model: nn.Module
     scaler: torch.amp.GradScaler
     run: "Run"
+    loss_fn: Callable
 
     @property
     def backbone(self) -> nn.Module:
@@ -788,9 +790,15 @@ def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.opti
     if run.world > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[run.device.index]
                                                     if run.device.type == "cuda" else None)
+    loss_fn = co_dino_loss
     if args.compile:
-        model = torch.compile(model)
-    return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, scaler, run), optimizer
+        # PERF: the loss too. Its softmaxes over K prototypes at every position are chains of memory-bound
+        # elementwise ops, which the compiler fuses: the laptop local loss, forward + backward, 29.6 -> 17.0 ms
+        # per view order after a 38 s compile (benchmarks/bench_local_dino.py --compile; 2-core AMD EPYC, one
+        # thread beside two training runs, 2026-12-03). Not the default: on a CPU it needs a C++ compiler and
+        # compiles for minutes with the network, whose compile gained nothing at the laptop width (docs/co_byol.md).
+        model, loss_fn = torch.compile(model), torch.compile(co_dino_loss)
+    return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, scaler, run, loss_fn), optimizer
 
 
 # ==== 5. Loss ====
@@ -1513,7 +1521,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args) -> StepOut:
         with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
             teacher_out = [nets.teacher(v) for v in views[:2]]
         student_out = nets.model(views, teacher_out)
-    loss, loss_g, loss_l = co_dino_loss(student_out, teacher_out, center, local_center, args.student_temp,
+    loss, loss_g, loss_l = nets.loss_fn(student_out, teacher_out, center, local_center, args.student_temp,
                                         teacher_temp, args.ws)  # in fp32
     loss_probe = probe_loss(student_out, labels)
 

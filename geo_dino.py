@@ -68,6 +68,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision; auto = bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 "
                    "only where the CPU has native bf16 instructions (AVX512-BF16 or AMX), else off (fp32)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    g.add_argument("--compile", action="store_true", help="torch.compile the trained network (CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network and the loss (CUDA)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--knn-k", type=int, default=200, help="k of the k-NN evaluation on .h (cosine, "
@@ -929,9 +930,9 @@ class Centers(nn.Module):
 class Nets:
     """Everything one training step computes with: the student, its EMA teacher, the centres, the module the
     forward pass goes through (the student, or its DDP / compiled wrapper), the grad scaler (fp16 only), the
-    run's device and precision, and the epoch's sums of the match monitors ([valid fraction, sim == geo
-    fraction, steps], from the resume point on). `backbone`: the network that backbone.pt saves and the k-NN
-    reads (DINO: the TEACHER's)."""
+    run's device and precision, the epoch's sums of the match monitors ([valid fraction, sim == geo fraction,
+    steps], from the resume point on) and the loss function (`geo_dino_loss`, compiled with --compile).
+    `backbone`: the network that backbone.pt saves and the k-NN reads (DINO: the TEACHER's)."""
     student: StudentNetwork
     teacher: nn.Module
     centers: Centers
@@ -939,6 +940,7 @@ class Nets:
     scaler: torch.amp.GradScaler
     run: "Run"
     epoch_match: torch.Tensor
+    loss_fn: Callable
 
     @property
     def backbone(self) -> nn.Module:
@@ -978,10 +980,16 @@ def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.opti
     if run.world > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[run.device.index]
                                                     if run.device.type == "cuda" else None)
+    loss_fn = geo_dino_loss
     if args.compile:
-        model = torch.compile(model)
+        # PERF: the loss too. Its softmaxes over K_p prototypes at every cell are chains of memory-bound
+        # elementwise ops, which the compiler fuses: the laptop local loss, forward + backward, 84 -> 50 ms
+        # after a 16 s compile (benchmarks/bench_local_dino.py --compile; 2-core AMD EPYC, one thread beside two
+        # training runs, 2026-12-03). Not the default: on a CPU it needs a C++ compiler and compiles for minutes
+        # with the network, whose compile gained nothing at the laptop width (docs/co_byol.md).
+        model, loss_fn = torch.compile(model), torch.compile(geo_dino_loss)
     return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, scaler, run,
-                torch.zeros(3, device=run.device)), optimizer
+                torch.zeros(3, device=run.device), loss_fn), optimizer
 
 
 # ==== 5. Loss ====
@@ -1947,9 +1955,9 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args) -> StepOut:
         student_out = nets.model(views)
         with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
             teacher_out = forward_views(nets.teacher, views[:2])
-    loss, loss_g, loss_l, monitors = geo_dino_loss(student_out, teacher_out, boxes, flips, center, local_center,
-                                                   args.student_temp, teacher_temp, args.local_loss,
-                                                   args.local_weight, schedule["log_step"])  # in fp32
+    loss, loss_g, loss_l, monitors = nets.loss_fn(student_out, teacher_out, boxes, flips, center, local_center,
+                                                  args.student_temp, teacher_temp, args.local_loss,
+                                                  args.local_weight, schedule["log_step"])  # in fp32
     loss_probe = probe_loss(student_out, labels)
 
     # --- update the student, then the teacher <- EMA(student) ---

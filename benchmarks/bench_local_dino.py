@@ -1,6 +1,6 @@
 """Benchmark (not a test): CO-DINO's local head and local loss alone, at the laptop shapes, in CPU time.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_local_dino.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_local_dino.py [--compile]
 
 What results/bench_floor_laptop_cpu.md cites for the part of a CO-DINO step that its FLOPs do not explain.
 (1) The local head (co_dino.DINOHead with the laptop sizes, BatchNorm) on 64 images x 5 x 5 positions (the
@@ -15,9 +15,12 @@ minus a batched matrix-vector product; and its two terms alone.
 crop; the six pairs of App. A.2, random matchings with 80 % of the cells valid), forward + backward:
 `local_distributions` + `local_pair_loss` as in geo_dino.py, beside the teacher targets picked by torch.gather
 with the index expanded over the prototypes (the form until 2026-12-03), and the distributions alone.
+With --compile, (2) and (3) also time the local loss compiled by torch.compile (as co_dino.py and geo_dino.py
+compile their losses under --compile) and print each one's first call, the compile.
 Medians of CPU time (`time.process_time`), the variants interleaved so that a busy spell of the machine falls on
 all of them.
 """
+import argparse
 import statistics
 import sys
 import time
@@ -72,7 +75,22 @@ def conv_copy(head: co_dino.DINOHead) -> nn.Module:
     return ConvHead().to(memory_format=torch.channels_last)
 
 
+def compiled(label: str, fn, compiled_fn) -> dict:
+    """{label: compiled_fn} after its first forward + backward (the compile, printed) and a check that it computes
+    fn's value."""
+    t0 = time.time()
+    value = compiled_fn()
+    value.backward()
+    print(f"{label}: first forward + backward (the compile) {time.time() - t0:.1f} s")
+    reference = fn()
+    assert torch.allclose(value, reference, rtol=1e-4, atol=1e-5), (value, reference)
+    return {label: compiled_fn}
+
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--compile", action="store_true", help="also time the local losses under torch.compile")
+    compile_too = p.parse_args().compile
     co_dino.keep_freed_memory()
     torch.set_flush_denormal(True)
     args = co_dino.parse_args(["--recipe", "laptop", "--ws", "0.2"])
@@ -136,14 +154,19 @@ def main() -> None:
         return run
     ref = co_dino.local_dino_loss(sl, tl, sg, tg, c, lc, Ts, Tt).item()
     assert all(abs(f().item() - ref) < 1e-3 * abs(ref) for f in (lse_bmm, chunked(8), products_per_cell))
-    res = interleaved({"local_dino_loss": fbl(lambda: co_dino.local_dino_loss(sl, tl, sg, tg, c, lc, Ts, Tt)),
-                       "products per cell (before)": fbl(products_per_cell),
-                       "in chunks of 8 images": fbl(chunked(8)), "logsumexp + bmm": fbl(lse_bmm),
-                       "its student term alone": fbl(student_term), "its teacher term alone": fbl(teacher_term)},
-                      reps=20)
+    fns = {"local_dino_loss": fbl(lambda: co_dino.local_dino_loss(sl, tl, sg, tg, c, lc, Ts, Tt)),
+           "products per cell (before)": fbl(products_per_cell),
+           "in chunks of 8 images": fbl(chunked(8)), "logsumexp + bmm": fbl(lse_bmm),
+           "its student term alone": fbl(student_term), "its teacher term alone": fbl(teacher_term)}
+    if compile_too:
+        loss_c = torch.compile(co_dino.local_dino_loss)
+        fns |= compiled("local_dino_loss, torch.compile", lambda: co_dino.local_dino_loss(sl, tl, sg, tg, c, lc, Ts, Tt),
+                        lambda: loss_c(sl, tl, sg, tg, c, lc, Ts, Tt))
+        fns["local_dino_loss, torch.compile"] = fbl(fns["local_dino_loss, torch.compile"])
+    res = interleaved(fns, reps=20)
     print("local loss, one view order, forward + backward:", ", ".join(f"{k} {v:.1f} ms" for k, v in res.items()))
 
-    res = interleaved(geo_local_loss_variants(B, K, args_geo_grids())[0], reps=20)
+    res = interleaved(geo_local_loss_variants(B, K, args_geo_grids(), compile_too)[0], reps=20)
     print("geo_dino local loss, six pairs, forward + backward:", ", ".join(f"{k} {v:.1f} ms" for k, v in res.items()))
 
 
@@ -152,7 +175,7 @@ def args_geo_grids() -> tuple:
     return args.grid_global, args.grid_local
 
 
-def geo_local_loss_variants(B: int, K: int, grids: tuple) -> tuple[dict, list]:
+def geo_local_loss_variants(B: int, K: int, grids: tuple, compile_too: bool = False) -> tuple[dict, list]:
     """Forward + backward of geo_dino's local loss (L_L of App. A.2) on random bf16 logits in the heads' layout,
     as geo_dino.py computes it and as it did until 2026-12-03 (torch.gather): ({label: function}, the student
     logits whose .grad each function fills); both forms give the same value."""
@@ -190,9 +213,13 @@ def geo_local_loss_variants(B: int, K: int, grids: tuple) -> tuple[dict, list]:
             fn().backward()
         return run
     assert torch.equal(loss(geo_dino.local_pair_loss)(), loss(gathered)())
-    return ({"local_pair_loss (index_select)": fb(loss(geo_dino.local_pair_loss)),
-             "torch.gather (before)": fb(loss(gathered)), "the distributions alone": fb(distributions_only)},
-            [o["logits_l"] for o in student])
+    fns = {"local_pair_loss (index_select)": fb(loss(geo_dino.local_pair_loss)),
+           "torch.gather (before)": fb(loss(gathered)), "the distributions alone": fb(distributions_only)}
+    if compile_too:
+        label = "local_pair_loss, torch.compile"
+        fns |= compiled(label, loss(geo_dino.local_pair_loss), torch.compile(loss(geo_dino.local_pair_loss)))
+        fns[label] = fb(fns[label])
+    return fns, [o["logits_l"] for o in student]
 
 
 if __name__ == "__main__":

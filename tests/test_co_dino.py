@@ -192,7 +192,7 @@ def test_train_step_freezes_prototypes_updates_centres_and_ema():
     views = [torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8) for _ in range(2)]  # as from the loader
     labels = torch.randint(0, 10, (4,))
     run = SimpleNamespace(device=torch.device("cpu"), autocast=co_dino.nullcontext())
-    nets = co_dino.Nets(student, teacher, co_dino.Centers(64), student, scaler, run)
+    nets = co_dino.Nets(student, teacher, co_dino.Centers(64), student, scaler, run, co_dino.co_dino_loss)
     schedule = {"lr_scale": 1.0, "tau": 0.9, "teacher_temp": 0.04, "freeze_last_layer": True}
     out = co_dino.train_step(nets, opt, (views, labels), schedule, args)
     assert isinstance(out, co_dino.StepOut) and set(out.logs) >= {"loss_global", "loss_local", "loss_probe"}
@@ -353,3 +353,20 @@ def test_laptop_recipe_defaults_and_explicit_flags_win():
     assert lap.warmup_teacher_temp_epochs == 0  # CIFAR: T_t constant from the start (solo-learn)
     lap = co_dino.parse_args(["--recipe", "laptop", "--teacher-temp", "0.07", "--epochs", "2"])
     assert (lap.teacher_temp, lap.epochs, lap.head_bn) == (0.07, 2, True)  # flags given explicitly still win
+
+
+def test_compile_compiles_the_loss_that_train_step_calls(tmp_path, monkeypatch):
+    """--compile compiles the network and the loss (PERF: the compiler fuses the local softmaxes), and
+    train_step computes its loss through nets.loss_fn, so the compiled loss is the one trained with. A recording
+    stand-in replaces torch.compile (a real compile takes about a minute on a CPU)."""
+    compiled = []
+    monkeypatch.setattr(co_dino.torch, "compile", lambda fn: compiled.append(fn) or fn)
+    args = co_dino.parse_args(TINY + ["--ws", "0.2", "--compile", "--output-dir", str(tmp_path)])
+    run = co_dino.Run(args)
+    _, _, loader, _, _, num_classes = co_dino.make_loaders(args, 0, 1)
+    nets, optimizer = co_dino.build_training(args, num_classes, run)
+    assert nets.loss_fn is co_dino.co_dino_loss and compiled == [nets.model, co_dino.co_dino_loss]
+    calls = []
+    nets.loss_fn = lambda *a: calls.append(len(a)) or co_dino.co_dino_loss(*a)
+    co_dino.train_step(nets, optimizer, next(iter(loader)), co_dino.Schedule(args, 4)(0), args)
+    assert calls == [7]

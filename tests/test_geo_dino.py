@@ -568,3 +568,20 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert len(r0["centres"]) == len(r1["centres"]) == 2 * 2  # 2 steps (8 images / 4), global + local
     for c0, c1 in zip(r0["centres"], r1["centres"]):
         torch.testing.assert_close(c0, c1)
+
+
+def test_compile_compiles_the_loss_that_train_step_calls(tmp_path, monkeypatch):
+    """--compile compiles the network and the loss (PERF: the compiler fuses the local softmaxes), and
+    train_step computes its loss through nets.loss_fn, so the compiled loss is the one trained with. A recording
+    stand-in replaces torch.compile (a real compile takes about a minute on a CPU)."""
+    compiled = []
+    monkeypatch.setattr(geo_dino.torch, "compile", lambda fn: compiled.append(fn) or fn)
+    args = geo_dino.parse_args(TINY + ["--compile", "--output-dir", str(tmp_path)])
+    run = geo_dino.Run(args)
+    _, _, loader, _, _, num_classes = geo_dino.make_loaders(args, 0, 1)
+    nets, optimizer = geo_dino.build_training(args, num_classes, run)
+    assert nets.loss_fn is geo_dino.geo_dino_loss and compiled == [nets.model, geo_dino.geo_dino_loss]
+    calls = []
+    nets.loss_fn = lambda *a: calls.append(len(a)) or geo_dino.geo_dino_loss(*a)
+    geo_dino.train_step(nets, optimizer, next(iter(loader)), geo_dino.Schedule(args, 2)(0), args)
+    assert calls == [11]

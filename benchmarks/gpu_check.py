@@ -7,7 +7,8 @@ What it runs, each as its own process through the method file's command line (th
 and checkpointing included), on FakeData at 224 px:
 1. every method file, base and variant (co_byol --ws 0 / 0.2, co_dino --ws 0 / 0.2, bag_ssl --loss vicreg /
    byol, geo_dino --local-loss none / geo), ResNet-50 and RF99-ResNet50, bf16 autocast, batch 64 per GPU;
-2. co_byol ResNet-50 CO and base with fp16 + GradScaler; CO-BYOL with `--compile`; CO-BYOL under
+2. co_byol ResNet-50 CO and base with fp16 + GradScaler; CO-BYOL, CO-DINO and geo_dino with `--compile` (the
+   network; the latter two compile their losses too); CO-BYOL under
    `torchrun --nproc_per_node=1` and, when the machine has more GPUs, `--nproc_per_node=N` (DDP, NCCL, SyncBN);
 3. the step alone (benchmarks/bench_step.py's code: no loader) for CO-BYOL ResNet-50, so that the loop's img/s
    over the step's img/s says whether the loader keeps the GPU busy (1.0 = never waits for data);
@@ -111,7 +112,9 @@ def main():
                 if gpus > 1:
                     runs[arch].append((f"torchrun, {gpus} GPUs (global batch {batch * gpus})", method, co[0], co[1],
                                        arch, amp, [], gpus))
-    compiled = ("--compile", "co_byol", co[0], co[1], archs[0], amp, ["--compile"], 0)  # minutes to compile: last
+    # minutes to compile: last; co_dino and geo_dino compile their losses too
+    compiled = [("--compile", m, *bench_step.PAIRS[m][1], archs[0], amp, ["--compile"], 0)
+                for m in ("co_byol", "co_dino", "geo_dino") if m in methods]
     rows, floor_rows, skipped, step_alone, t_start = [], [], [], {}, time.time()
 
     def report(done: bool = False) -> list[str]:
@@ -177,8 +180,8 @@ def main():
                 else:
                     floor_rows.extend(pair)
                 report()
-    if not dry:
-        train(*compiled)
+    for run in compiled if not dry else []:
+        train(*run)
     print("\n".join(report(done=True)))
     if any("error" in r for r in rows):
         sys.exit(1)

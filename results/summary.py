@@ -7,8 +7,8 @@ training set), `linear_top1` (the logistic-regression readout on the same frozen
 it existed, the same readout computed afterwards by results/laptop/readout.py into `readout.json`) and `train_s`.
 The random initialisation: readout.py's `random:S`, the network a seed-S run starts from. Mean and spread
 (max - min) over the seeds found. The CPU and precision of each run come from its train.log ("amp ... (native
-bf16 / no native bf16 on this CPU)"): the runs so far were made on two 2-core machines, an Intel Xeon without
-native bf16 ("Xeon") and an AMD EPYC with it ("EPYC").
+bf16 / no native bf16 on this CPU)"): the runs so far were made on three 2-core machines, an Intel Xeon without
+native bf16 ("Xeon"), an AMD EPYC with it ("EPYC") and an Intel Xeon with AMX-BF16 ("Xeon-AMX", CPU_OF below).
 """
 import json
 import statistics
@@ -18,6 +18,8 @@ R = Path(__file__).resolve().parent
 # (name, file and flags, run folders without the _s<seed> suffix); the 3-epoch DINO / CO-DINO runs
 # (co_dino_laptop/dino_s*, co_dino_s*), the recipe before 12 epochs, are in docs/co_dino.md only
 ROWS = [("BYOL", "co_byol.py --ws 0", "laptop/byol"), ("CO-BYOL", "co_byol.py --ws 0.2", "laptop/co_byol"),
+        ("BYOL, 12 epochs", "co_byol.py --ws 0 --epochs 12", "laptop/byol12"),
+        ("CO-BYOL, 12 epochs", "co_byol.py --ws 0.2 --epochs 12", "laptop/co_byol12"),
         ("DINO, 12 epochs", "co_dino.py --ws 0", "co_dino_laptop/dino12"),  # co_dino's recipe: 12 epochs
         ("CO-DINO, 12 epochs", "co_dino.py --ws 0.2", "co_dino_laptop/co_dino12"),
         ("DINO + 2 small crops", "geo_dino.py --local-loss none", "geo_dino_laptop/none"),
@@ -40,10 +42,15 @@ def seeds_of(prefix: str) -> dict[int, dict]:
     return out
 
 
+# runs whose train.log does not tell their CPU: the device line of the 2-core Intel Xeon with AMX-BF16 (2026-12-06)
+# reads "native bf16", as the EPYC's does
+CPU_OF = {"laptop/byol12_s2": "Xeon-AMX", "laptop/co_byol12_s2": "Xeon-AMX"}
+
+
 def machine(folder: Path) -> str:
-    """'Xeon fp32', 'EPYC fp32' or 'EPYC bf16', from the run's train.log (its device line)."""
+    """'Xeon fp32', 'EPYC fp32', 'EPYC bf16' or 'Xeon-AMX bf16', from the run's train.log (its device line)."""
     line = next(l for l in (folder / "train.log").read_text().splitlines() if " amp " in l)
-    cpu = "Xeon" if "no native bf16" in line else "EPYC"
+    cpu = CPU_OF.get(folder.relative_to(R).as_posix(), "Xeon" if "no native bf16" in line else "EPYC")
     return f"{cpu} {'bf16' if 'bfloat16' in line else 'fp32'}"
 
 
@@ -56,8 +63,8 @@ def cell(values: list[float]) -> str:
 
 
 def main() -> None:
-    print("| method | seeds | k-NN top-1 %: per seed: **mean** (spread) | linear top-1 % | training minutes "
-          "per seed (1 thread) | CPU, precision | runs |")
+    print("| method | seeds | k-NN top-1 %: per seed: **mean** (spread) | linear top-1 % | minutes per seed "
+          "(1 thread) | CPU, precision | runs |")
     print("|---|---|---|---|---|---|---|")
     init = [json.loads((R / f"laptop/random_init/readout_seed{s}.json").read_text()) for s in (0, 1, 2)]
     print(f"| same network at random initialisation | 0,1,2 | {cell([r['knn_top1'] for r in init])} | "

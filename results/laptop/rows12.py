@@ -2,7 +2,8 @@
 
     python results/laptop/rows12.py
 
-Per run (byol12_sS: BYOL, co_byol12_sS: CO-BYOL, `--recipe laptop --epochs 12`, bf16 on the 2-core AMD EPYC):
+Per run (byol12_sS: BYOL, co_byol12_sS: CO-BYOL, `--recipe laptop --epochs 12`, bf16; seeds 0-1 on the 2-core
+AMD EPYC, seed 2 on a 2-core Intel Xeon with AMX-BF16):
 training minutes, the online k-NN (k = 200, 10k bank) at epochs 0 / 3 / 6 / 9 / 12, the final k-NN and linear
 readout on the whole training set. Then, per arm, the seeds' mean and spread (max - min) beside the same
 networks at random initialisation (results/laptop/random_init, the fp32 readout of seeds 0-2) and beside the

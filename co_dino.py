@@ -793,10 +793,10 @@ def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.opti
     loss_fn = co_dino_loss
     if args.compile:
         # PERF: the loss too. Its softmaxes over K prototypes at every position are chains of memory-bound
-        # elementwise ops, which the compiler fuses: the laptop local loss, forward + backward, 29.6 -> 17.0 ms
-        # per view order after a 38 s compile (benchmarks/bench_local_dino.py --compile; 2-core AMD EPYC, one
-        # thread beside two training runs, 2026-12-03). Not the default: on a CPU it needs a C++ compiler and
-        # compiles for minutes with the network, whose compile gained nothing at the laptop width (docs/co_byol.md).
+        # elementwise ops, which the compiler fuses: the laptop local loss, forward + backward, 46.2 -> 25.1 ms
+        # per view order after an 18 s compile (benchmarks/bench_local_dino.py --compile; one thread, idle 2-core
+        # Intel Xeon with AMX-BF16, 2026-12-06). Not the default: on a CPU it needs a C++ compiler and compiles
+        # for minutes with the network, whose compile gained nothing at the laptop width (docs/co_byol.md).
         model, loss_fn = torch.compile(model), torch.compile(co_dino_loss)
     return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, scaler, run, loss_fn), optimizer
 

@@ -983,10 +983,10 @@ def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.opti
     loss_fn = geo_dino_loss
     if args.compile:
         # PERF: the loss too. Its softmaxes over K_p prototypes at every cell are chains of memory-bound
-        # elementwise ops, which the compiler fuses: the laptop local loss, forward + backward, 84 -> 50 ms
-        # after a 16 s compile (benchmarks/bench_local_dino.py --compile; 2-core AMD EPYC, one thread beside two
-        # training runs, 2026-12-03). Not the default: on a CPU it needs a C++ compiler and compiles for minutes
-        # with the network, whose compile gained nothing at the laptop width (docs/co_byol.md).
+        # elementwise ops, which the compiler fuses: the laptop local loss, forward + backward, 131 -> 72 ms
+        # (benchmarks/bench_local_dino.py --compile; one thread, idle 2-core Intel Xeon with AMX-BF16,
+        # 2026-12-06). Not the default: on a CPU it needs a C++ compiler and compiles for minutes with the
+        # network, whose compile gained nothing at the laptop width (docs/co_byol.md).
         model, loss_fn = torch.compile(model), torch.compile(geo_dino_loss)
     return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, scaler, run,
                 torch.zeros(3, device=run.device), loss_fn), optimizer
@@ -1077,8 +1077,8 @@ def local_pair_loss(log_p_student: torch.Tensor, p_teacher: torch.Tensor, index:
     only the valid ones).
     PERF: the targets are copied as whole rows (index_select); torch.gather with the index expanded to
     (B, n*n, K_p) reads an int64 index per element: the laptop local loss (six pairs, forward + backward) took
-    107.8 ms that way and 88.4 ms this way, same values and gradients (benchmarks/bench_local_dino.py, 2-core AMD
-    EPYC, one thread beside two training runs, 2026-12-03).
+    150.5 ms that way and 131.2 ms this way, same values and gradients (benchmarks/bench_local_dino.py, one
+    thread, idle 2-core Intel Xeon with AMX-BF16, 2026-12-06).
     """
     b, m2, k_p = p_teacher.shape
     # the matched teacher cell k* of every student cell, as a row of the (B * m*m, K_p) table of teacher cells

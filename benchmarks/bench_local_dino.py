@@ -1,6 +1,6 @@
 """Benchmark (not a test): CO-DINO's local head and local loss alone, at the laptop shapes, in CPU time.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_local_dino.py [--compile]
+    OMP_NUM_THREADS=1 python benchmarks/bench_local_dino.py [--compile] [--steps]
 
 What results/bench_floor_laptop_cpu.md cites for the part of a CO-DINO step that its FLOPs do not explain.
 (1) The local head (co_dino.DINOHead with the laptop sizes, BatchNorm) on 64 images x 5 x 5 positions (the
@@ -17,6 +17,9 @@ crop; the six pairs of App. A.2, random matchings with 80 % of the cells valid),
 with the index expanded over the prototypes (the form until 2026-12-03), and the distributions alone.
 With --compile, (2) and (3) also time the local loss compiled by torch.compile (as co_dino.py and geo_dino.py
 compile their losses under --compile) and print each one's first call, the compile.
+(4) With --steps: the whole laptop training step of CO-DINO and of geo_dino (the file's `train_step` on one batch,
+benchmarks/bench_step.py's construction) with its loss compiled and the network eager, beside the same step
+eager and its floor (benchmarks/bench_floor.py): what compiling the loss buys a step.
 Medians of CPU time (`time.process_time`), the variants interleaved so that a busy spell of the machine falls on
 all of them.
 """
@@ -75,6 +78,34 @@ def conv_copy(head: co_dino.DINOHead) -> nn.Module:
     return ConvHead().to(memory_format=torch.channels_last)
 
 
+def whole_steps(method: str, backend: str = "inductor", reps: int = 15) -> dict:
+    """(4): median CPU seconds of the floor, of the eager laptop step and of the same step with its loss compiled
+    (`Nets.loss_fn`, as --compile sets it; the network stays eager), interleaved, after the compile (printed), and
+    the two steps' losses on the same first batch (equal up to the compiler's rounding)."""
+    import copy
+    import dataclasses
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_floor  # noqa: E402  (floor_fn; it imports bench_step: build)
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mod, args, _, nets, optimizer, batch, schedule = bench_floor.bench_step.build(
+            method, "resnet18:32:64", 1, "cpu", "bf16", 16, out_dir, "laptop")
+        loss_fn = {"co_dino": "co_dino_loss", "geo_dino": "geo_dino_loss"}[method]
+        nets_c, optimizer_c = copy.deepcopy((nets, optimizer))  # one call: the optimiser keeps the copy's parameters
+        nets_c = dataclasses.replace(nets_c, loss_fn=torch.compile(getattr(mod, loss_fn), backend=backend))
+        eager_loss = mod.train_step(nets, optimizer, batch, schedule, args).loss.item()
+        t0 = time.time()  # the compiled step's first call starts from the same state as the eager one above
+        compiled_loss = mod.train_step(nets_c, optimizer_c, batch, schedule, args).loss.item()
+        print(f"{method} step, loss compiled: first step (the compile) {time.time() - t0:.1f} s")
+        fns = {"floor": bench_floor.floor_fn(nets, batch),
+               "step": lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item(),
+               "step, loss compiled": lambda: mod.train_step(nets_c, optimizer_c, batch, schedule, args).loss.item()}
+        times = {k: v / 1e3 for k, v in interleaved(fns, reps, warmup=3).items()}
+    return times | {"eager_loss": eager_loss, "compiled_loss": compiled_loss}
+
+
 def compiled(label: str, fn, compiled_fn) -> dict:
     """{label: compiled_fn} after its first forward + backward (the compile, printed) and a check that it computes
     fn's value."""
@@ -90,7 +121,9 @@ def compiled(label: str, fn, compiled_fn) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--compile", action="store_true", help="also time the local losses under torch.compile")
-    compile_too = p.parse_args().compile
+    p.add_argument("--steps", action="store_true", help="also time whole laptop steps with the loss compiled (4)")
+    a = p.parse_args()
+    compile_too = a.compile
     co_dino.keep_freed_memory()
     torch.set_flush_denormal(True)
     args = co_dino.parse_args(["--recipe", "laptop", "--ws", "0.2"])
@@ -168,6 +201,12 @@ def main() -> None:
 
     res = interleaved(geo_local_loss_variants(B, K, args_geo_grids(), compile_too)[0], reps=20)
     print("geo_dino local loss, six pairs, forward + backward:", ", ".join(f"{k} {v:.1f} ms" for k, v in res.items()))
+    for method in ("co_dino", "geo_dino") if a.steps else ():
+        r = whole_steps(method)
+        print(f"{method} laptop step, CPU time: floor {r['floor']:.3f} s, step {r['step']:.3f} s (/ floor "
+              f"{r['step'] / r['floor']:.2f}), loss compiled {r['step, loss compiled']:.3f} s (/ floor "
+              f"{r['step, loss compiled'] / r['floor']:.2f}); first-step loss {r['eager_loss']:.5f} eager, "
+              f"{r['compiled_loss']:.5f} compiled")
 
 
 def args_geo_grids() -> tuple:

@@ -150,3 +150,15 @@ def test_geo_local_loss_benchmark_times_the_same_loss_both_ways():
         variants[label]()
         grads.append([x.grad.clone() for x in logits])
     assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(*grads))
+
+
+def test_compiled_loss_step_benchmark_starts_both_steps_from_the_same_state():
+    """bench_local_dino.py --steps times the laptop step with its loss compiled against the eager step: the two run
+    on copies of one state (networks, EMA teacher, centres, optimiser), so their first losses are equal when the
+    "compiler" changes nothing (torch.compile's eager backend: the trace, no code generation)."""
+    spec_l = importlib.util.spec_from_file_location("bench_local_dino", ROOT / "benchmarks" / "bench_local_dino.py")
+    bench = importlib.util.module_from_spec(spec_l)
+    spec_l.loader.exec_module(bench)
+    for method in ("co_dino", "geo_dino"):
+        r = bench.whole_steps(method, backend="eager", reps=1)
+        assert r["compiled_loss"] == r["eager_loss"] > 0, (method, r)

@@ -1,4 +1,4 @@
-"""Benchmark (not a test): CO-DINO's local head and local loss alone, at the laptop shapes, in CPU time.
+"""Benchmark (not a test): CO-DINO's and geo_dino's local head and local loss at the laptop shapes, in CPU time.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_local_dino.py [--compile] [--steps]
 

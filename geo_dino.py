@@ -62,6 +62,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -236,14 +237,15 @@ LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64
                      lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99, head_hidden=512, bottleneck=128,
                      out_dim=4096, head_bn=True, freeze_last_layer=0, teacher_temp=0.04,
                      warmup_teacher_temp_epochs=0, local_crops=2, num_workers=2, output_dir="runs/geo_dino_laptop")
+RECIPES = {"laptop": LAPTOP_RECIPE}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.recipe == "laptop":  # the recipe's values become the defaults; explicit flags still win
-        parser.set_defaults(**LAPTOP_RECIPE)
+    if args.recipe != "default":  # the recipe's values become the defaults; explicit flags still win
+        parser.set_defaults(**RECIPES[args.recipe])
         args = parser.parse_args(argv)
     for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
@@ -646,6 +648,16 @@ def load_cifar10(root: str, ev, download: bool):
     return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
 
 
+def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
+    """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
+    lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
+    if train != val:
+        lacks, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        fail(f"{val_dir} and {val_dir.parent / 'train'} must hold the same class folders (labels are their sorted "
+             f"names): {val_dir.name} " + "; ".join([f"lacks {', '.join(lacks)}"] * bool(lacks)
+                                                   + [f"has {', '.join(extra)} that train lacks"] * bool(extra)))
+
+
 def load_datasets(args, rank: int):
     """(train dataset without transform, val dataset with eval transform, number of classes).
 
@@ -669,7 +681,9 @@ def load_datasets(args, rank: int):
                     tv.STL10(root, split="test", transform=ev, download=download), 10)
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
         train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
-        return train, tv.ImageFolder(str(val_dir), transform=ev, loader=read_image), len(train.classes)
+        val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
+        same_classes(train.classes, val.classes, val_dir)
+        return train, val, len(train.classes)
 
     if rank == 0:
         try:
@@ -945,10 +959,6 @@ class Nets:
     @property
     def backbone(self) -> nn.Module:
         return self.teacher.backbone
-
-    @property
-    def trained(self) -> nn.Module:  # what the optimiser changes: checked for non-finite weights
-        return self.student
 
     def probe_accuracy(self, val_loader) -> dict:
         """The probes' accuracy and the epoch's mean match monitors (then reset for the next epoch)."""
@@ -1395,8 +1405,61 @@ def prepare_output_dir(out_dir: Path) -> None:
         fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
 
 
+def nonfinite_entries(state, name: str = "") -> list[str]:
+    """The names of the floating-point tensors (and floats) in a nested state dict that hold a NaN or an inf:
+    parameters, BatchNorm running statistics, optimiser moments, the grad scaler's scale. One host sync."""
+    found = []
+
+    def walk(obj, key):
+        if isinstance(obj, torch.Tensor) and (obj.is_floating_point() or obj.is_complex()):
+            found.append((key, obj))
+        elif isinstance(obj, float):
+            found.append((key, torch.tensor(obj)))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}.{i}" if key else str(i))
+
+    walk(state, name)
+    if not found:
+        return []
+    device = found[0][1].device  # flags gathered on one device, read at once
+    bad = torch.stack([(~torch.isfinite(t.detach()).all()).to(device) for _, t in found]).tolist()
+    return [key for (key, _), b in zip(found, bad) if b]
+
+
+def lock_output_dir(out_dir: Path):
+    """One run per OUTPUT_DIR at a time: rank 0 holds a lock on OUTPUT_DIR/run.lock while its process lives.
+
+    A POSIX record lock (fcntl.lockf; also over NFS): the kernel releases it when the process ends in any way,
+    kill -9 and crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file
+    stays and names the last holder. No lock where the OS has no fcntl (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(out_dir / "run.lock", "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
+             f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
+    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH. A state
+    with a NaN or an inf anywhere is never written (the last good file stays the newest)."""
+    bad = nonfinite_entries(state)
+    if bad:
+        fail(f"not writing {path}: non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more" if bad[1:] else "")
+             + "; lower --lr or use --amp off (the previous file, if any, is kept)")
     tmp = path.with_suffix(".tmp")
     try:
         torch.save(state, tmp)
@@ -1407,8 +1470,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
              "file, if any, is kept: free space or choose another --output-dir, then rerun to resume")
 
 
+def flag_defaults(recipe: str) -> dict:
+    """dest -> the value each flag takes when a command omits it, under --recipe RECIPE."""
+    parser = build_parser()
+    parser.set_defaults(**RECIPES.get(recipe, {}))
+    return {a.dest: parser.get_default(a.dest) for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
 def load_checkpoint(path: Path, args) -> dict:
-    """Read OUTPUT_DIR/checkpoint.pt and check that it continues THIS run; every problem is one line."""
+    """Read OUTPUT_DIR/checkpoint.pt and check that it continues THIS run; every problem is one line.
+
+    A checkpoint written before a flag existed ran with that flag's default: it resumes when the command leaves
+    the flag at its default (one line says so), and is refused when the command sets another value."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, not a torch file, or a pickle with code in it
@@ -1419,15 +1492,27 @@ def load_checkpoint(path: Path, args) -> dict:
         fail(f"{path} was not written by {script} (found: "
              f"{ckpt.get('script', 'no script name') if isinstance(ckpt, dict) else type(ckpt).__name__}); "
              "use another --output-dir")
-    saved, now = ckpt["args"], vars(args)
+    saved, now, defaults, predates = ckpt["args"], vars(args), flag_defaults(args.recipe), []
     for key in sorted(set(saved) | set(now)):
         if key in RESUME_MAY_CHANGE or (key in ("epochs", "warmup_epochs") and args.allow_epochs_change):
             continue
-        if saved.get(key) != now.get(key):
-            flag = "--" + key.replace("_", "-")
-            fail(f"{path} was written with {flag} {saved.get(key)}, this command has {flag} {now.get(key)}: "
+        flag = "--" + key.replace("_", "-")
+        if key not in saved and key in defaults:  # a flag newer than the checkpoint
+            if defaults[key] is not None and now[key] != defaults[key]:
+                fail(f"{path} predates {flag} (it ran as with the default {flag} {defaults[key]}), this command has "
+                     f"{flag} {now[key]}: resume without {flag}, or start a new run with another --output-dir")
+            predates.append(f"{flag} {now[key]}")
+        elif key not in saved:  # a value derived from the flags (e.g. the local map's side): follows them
+            continue
+        elif key not in now:
+            fail(f"{path} was written with {flag} {saved[key]}, a flag this version of {script} no longer has: "
+                 "start a new run with another --output-dir")
+        elif saved[key] != now[key]:
+            fail(f"{path} was written with {flag} {saved[key]}, this command has {flag} {now[key]}: "
                  f"resume with the same value, or start a new run with another --output-dir"
                  + (" (or add --allow-epochs-change)" if key == "epochs" else ""))
+    if predates:
+        log(f"note: {path} predates {len(predates)} flag(s); resuming with their defaults: {', '.join(predates)}")
     return ckpt
 
 
@@ -1468,6 +1553,7 @@ class Run:
         self.out_dir = Path(args.output_dir)
         if self.rank == 0:
             prepare_output_dir(self.out_dir)
+            self.lock = lock_output_dir(self.out_dir)  # released when this process ends
         self.dtype = amp_dtype(args, self.device)
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         if self.device.type == "cpu":
@@ -1516,32 +1602,48 @@ class TrainClock:
 class MetricsLog:
     """PLUMBING: metrics.jsonl (written by rank 0), the history kept in checkpoints, and the non-finite guard.
 
+    metrics.jsonl is rewritten from the checkpoint's history when a run starts or resumes, so after any kill it
+    holds every row once (the steps after the last checkpoint are trained, and logged, again) and no row cut
+    short; each row is then appended with one write. A failed write (full disk) stops the run with one line.
     The guard sees every step without a host sync: a flag on the device collects any NaN/inf loss; it is read
-    (with the weights) at log steps and before every checkpoint write, so a poisoned state is never written
-    and the last good checkpoint stays the newest one.
+    at log steps, and before every checkpoint write together with every tensor the checkpoint would hold, so a
+    poisoned state is never written and the last good checkpoint stays the newest one.
     """
 
     def __init__(self, run: Run, history: list):
-        self.run, self.history = run, history
-        self.file = open(run.out_dir / "metrics.jsonl", "a") if run.rank == 0 else None
+        self.run, self.history, self.file = run, history, None
+        self.path = run.out_dir / "metrics.jsonl"
+        if run.rank == 0:
+            tmp = self.path.with_suffix(".tmp")
+            self._io(lambda: tmp.write_text("".join(json.dumps(row) + "\n" for row in history)))
+            self._io(lambda: os.replace(tmp, self.path))
+            self.file = self._io(lambda: open(self.path, "a"))
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+
+    def _io(self, write):
+        try:
+            return write()
+        except OSError as e:
+            fail(f"cannot write {self.path} ({e.strerror or e}); checkpoint.pt is kept: free space or choose "
+                 "another --output-dir, then rerun the same command to resume")
 
     def write(self, row: dict) -> None:
         self.history.append(row)
         if self.file:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            self._io(lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
 
     def watch(self, out: "StepOut") -> None:
         self.nonfinite = self.nonfinite | ~torch.isfinite(out.loss + out.logs["loss_probe"])  # no host sync
 
-    def check(self, step: int, net: nn.Module = None) -> None:
-        bad = self.nonfinite
-        if net is not None:
-            bad = bad | ~torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all()
-        if all_reduce_sum(bad.float().reshape(1)).item() > 0:
-            fail(f"non-finite loss or weights by step {step}; lower --lr or use --amp off (the last good "
-                 f"checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
+    def check(self, step: int, states: dict = None) -> None:
+        """Stop every rank with one line if a loss so far, or any tensor of `states` (name -> object with a
+        state_dict: networks with their BatchNorm buffers, optimiser, scaler), is NaN or inf."""
+        bad = [f"the loss by step {step}"] if self.nonfinite.item() else []
+        for name, obj in (states or {}).items():
+            bad += nonfinite_entries(obj.state_dict(), name)
+        if all_reduce_sum(torch.tensor([float(len(bad))], device=self.run.device)).item() > 0:
+            fail(f"non-finite values in {bad[0] if bad else 'the state of another rank'} at step {step}; lower "
+                 f"--lr or use --amp off (the last good checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
 
     def step_row(self, step: int, steps_per_epoch: int, out: "StepOut", schedule: dict, lr: float,
                  clock: TrainClock, batch_size: int, bar=None) -> None:
@@ -1605,8 +1707,8 @@ class Checkpointer:
     def due(self) -> bool:
         return self.args.checkpoint_every > 0 and time.time() - self.last_write > 60 * self.args.checkpoint_every
 
-    def save(self, step: int, metrics: MetricsLog, clock: TrainClock, net: nn.Module) -> None:
-        metrics.check(step, net)  # never write a poisoned state
+    def save(self, step: int, metrics: MetricsLog, clock: TrainClock) -> None:
+        metrics.check(step, self.states)  # never write a poisoned state: parameters, buffers, optimiser, scaler
         rngs = [None] * self.run.world
         if is_dist():
             dist.all_gather_object(rngs, rng_state())  # every rank joins
@@ -1644,7 +1746,12 @@ def ignore_stop_signals(worker_id: int) -> None:
 class StopFlag:
     """PLUMBING: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C) ask the
     loop to checkpoint and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun
-    --max-restarts and SLURM --requeue start it again, and the restarted run resumes."""
+    --max-restarts and SLURM --requeue start it again, and the restarted run resumes.
+
+    PITFALL: the same stop often arrives more than once (SLURM signals every process of the job and torchrun
+    forwards it to its workers again; an impatient Ctrl-C). Every later signal is the same request: re-arming
+    the default action after the first would let the second kill the run before its checkpoint is written.
+    `kill -9` still ends a run at once (it loses the work since the last checkpoint)."""
 
     def __init__(self):
         self.requested, self.signum = False, 0
@@ -1652,8 +1759,12 @@ class StopFlag:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        self.requested, self.signum = True, signum
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / SIGTERM kills at once
+        if not self.requested:
+            self.requested, self.signum = True, signum
+
+    def agreed(self, device) -> bool:
+        """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
+        return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
 
     def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
         """(stop now, write a checkpoint now), the same on every rank."""
@@ -1667,7 +1778,10 @@ class StopFlag:
         stop_now, write_now = (agreed > 0).tolist()
         return stop_now, write_now
 
-    def exit(self, step: int) -> None:
+    def exit(self, step: int, run: "Run", backbone: nn.Module, args) -> None:
+        """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
+        if run.rank == 0:
+            save_backbone(run.out_dir / "backbone.pt", backbone, args)
         log(f"stop requested (signal {self.signum or 'on another rank'}): checkpoint and backbone.pt written "
             f"at step {step}; run the same command to resume")
         barrier()
@@ -1695,17 +1809,27 @@ def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainCl
 
 
 def end_of_epoch(step: int, steps_per_epoch: int, last_step: int, args, nets, val_loader, knn, metrics: MetricsLog,
-                 clock: TrainClock) -> None:
-    """PLUMBING: every --knn-every epochs (every epoch with 0 or 1) and at the last step the online probes on
-    the validation set, at the same epoch ends the k-NN of the backbone that backbone.pt saves. Probing every
-    epoch of a 100-epoch low-data run would cost a third of its time (10k validation images per epoch)."""
-    epoch_end, every = step % steps_per_epoch == 0, max(args.knn_every, 1)
-    if (epoch_end and (step // steps_per_epoch) % every == 0) or step == last_step:
-        acc = nets.probe_accuracy(val_loader)
-        metrics.write({"step": step, "epoch": step / steps_per_epoch, **acc})
-        log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
-    if epoch_end and args.knn_every and (step // steps_per_epoch) % args.knn_every == 0:
-        metrics.knn_row(knn, nets.backbone, step, step / steps_per_epoch, clock)
+                 clock: TrainClock, ckpt: Checkpointer) -> None:
+    """PLUMBING: the checkpoint of the epoch's end (or of a stop), then every --knn-every epochs (every epoch with
+    0 or 1) and at the last step the online probes on the validation set, at the same epoch ends the k-NN of the
+    backbone that backbone.pt saves. Probing every epoch of a 100-epoch low-data run would cost a third of its
+    time (10k validation images per epoch). The checkpoint comes first, so a kill during the evaluation loses
+    only the evaluation; it is written again with the evaluation's rows. The evaluation draws nothing from the
+    training's random streams (fork_rng): a run resumed from either write trains on as if never stopped."""
+    ckpt.save(step, metrics, clock)
+    epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
+    probes = (epoch_end and epoch % max(args.knn_every, 1) == 0) or step == last_step
+    knn_now = epoch_end and args.knn_every and epoch % args.knn_every == 0
+    if not (probes or knn_now):
+        return
+    with torch.random.fork_rng(devices=[]):
+        if probes:
+            acc = nets.probe_accuracy(val_loader)
+            metrics.write({"step": step, "epoch": step / steps_per_epoch, **acc})
+            log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
+        if knn_now:
+            metrics.knn_row(knn, nets.backbone, step, step / steps_per_epoch, clock)
+    ckpt.save(step, metrics, clock)
 
 
 def finish_training(args, run: Run, nets, metrics: MetricsLog, clock: TrainClock, step: int, steps_per_epoch: int,
@@ -2043,16 +2167,13 @@ def main(args):
                 break
             if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
                 clock.pause()
-                ckpt.save(step, metrics, clock, nets.trained)
+                ckpt.save(step, metrics, clock)
                 clock.start(step)
         clock.pause()
-        # --- end of epoch (or of the run): the probes and match monitors, the k-NN, a checkpoint; on a signal, leave
-        end_of_epoch(step, steps_per_epoch, last_step, args, nets, val_loader, knn, metrics, clock)
-        ckpt.save(step, metrics, clock, nets.trained)
-        if stop_now:
-            if run.rank == 0:
-                save_backbone(run.out_dir / "backbone.pt", nets.backbone, args)
-            stop.exit(step)
+        # --- end of epoch (or of the run, or a stop): a checkpoint, the probes, the k-NN; on a signal, leave ---
+        end_of_epoch(step, steps_per_epoch, last_step, args, nets, val_loader, knn, metrics, clock, ckpt)
+        if stop_now or stop.agreed(run.device):  # also a signal that came during the evaluation
+            stop.exit(step, run, nets.backbone, args)
     bar.close()
 
     # --- outputs: backbone.pt (DINO evaluates the TEACHER), final k-NN, final_metrics.json, curves (+ matches) ---

@@ -30,6 +30,7 @@ PER_METHOD = {
     "ema_update": "the paper's notation: theta/xi (BYOL) or student/teacher (DINO)",
     "tau_at": "cites BYOL or DINO", "make_loaders": "geo_dino: --train-per-class subsets (paper Sec. 4.5.1)",
     "save_backbone": "geo_dino also saves Swin-T", "LAPTOP_RECIPE": "each method's laptop values",
+    "RECIPES": "each method's named recipes",
 }
 
 

@@ -1070,7 +1070,7 @@ def nonfinite_entries(state, name: str = "") -> list[str]:
 
 
 def lock_output_dir(out_dir: Path):
-    """One run per OUTPUT_DIR at a time: rank 0 holds a lock on OUTPUT_DIR/run.lock while its process lives.
+    """One run per OUTPUT_DIR at a time: a run (its rank 0) holds a lock on OUTPUT_DIR/run.lock while it lives.
 
     A POSIX record lock (fcntl.lockf; also over NFS): the kernel releases it when the process ends in any way,
     kill -9 and crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file

@@ -48,7 +48,10 @@ import json
 import math
 import os
 import random
+import signal
+import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -297,6 +300,16 @@ def load_cifar10(root: str, ev, download: bool):
     return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
 
 
+def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
+    """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
+    lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
+    if train != val:
+        lacks, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        fail(f"{val_dir} and {val_dir.parent / 'train'} must hold the same class folders (labels are their sorted "
+             f"names): {val_dir.name} " + "; ".join([f"lacks {', '.join(lacks)}"] * bool(lacks)
+                                                   + [f"has {', '.join(extra)} that train lacks"] * bool(extra)))
+
+
 def load_datasets(args):
     """(labelled train split, val split, number of classes), both without transform (PIL images)."""
     root, name, tv = args.data_dir, args.dataset, torchvision.datasets
@@ -313,7 +326,9 @@ def load_datasets(args):
             return tv.STL10(root, split="train", download=True), tv.STL10(root, split="test", download=True), 10
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
         train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
-        return train, tv.ImageFolder(str(val_dir), loader=read_image), len(train.classes)
+        val = tv.ImageFolder(str(val_dir), loader=read_image)
+        same_classes(train.classes, val.classes, val_dir)
+        return train, val, len(train.classes)
     except Exception as e:  # no network, corrupt archive: one line, no traceback
         fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
              f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset imagefolder.")
@@ -330,7 +345,8 @@ def subset(dataset, n: int, seed: int):
 def loader(dataset, args, shuffle: bool = False, seed: int = 0):
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, generator=gen,
-                                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=ignore_stop_signals)
 
 
 # ==== 4. Model: rebuilding a frozen backbone from backbone.pt ====
@@ -745,6 +761,80 @@ def prepare_output_dir(out_dir: Path) -> None:
         fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
 
 
+def lock_output_dir(out_dir: Path):
+    """One run per OUTPUT_DIR at a time: a run (its rank 0) holds a lock on OUTPUT_DIR/run.lock while it lives.
+
+    A POSIX record lock (fcntl.lockf; also over NFS): the kernel releases it when the process ends in any way,
+    kill -9 and crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file
+    stays and names the last holder. No lock where the OS has no fcntl (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(out_dir / "run.lock", "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
+             f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def file_sha256(path: str) -> str:
+    """The backbone's identity: an evaluation (its eval_checkpoint.pt, results.json) belongs to these bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """PLUMBING: worker_init_fn of every DataLoader. A scheduler's SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT
+    often reach the whole process group, loader workers included. torch's workers die of a SIGTERM that does
+    not come from their parent (and of SIGUSR1, SIGINT by default), and the main process then raises "DataLoader
+    worker ... is killed by signal" before StopFlag can checkpoint. So a worker ignores SIGUSR1 and SIGINT, and
+    a thread takes its SIGTERMs: one from the parent (torch's and multiprocessing's terminate()) ends the
+    worker as torch's own handler does, any other is dropped; the main process stops its workers itself."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's handler
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread, and the threads it starts
+
+    def take_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+            pass
+        os._exit(0)
+
+    threading.Thread(target=take_sigterm, daemon=True).start()
+
+
+def exit_on_stop_signals(out_dir: Path) -> None:
+    """SIGTERM (schedulers), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C): one line, exit 128 + the signal. The
+    probe's state after its last finished epoch is in eval_checkpoint.pt, so the same command resumes from there
+    (features and the k-NN are recomputed: they take minutes, not the probe's hours). A repeated signal (SLURM
+    and a launcher both forwarding it) is the same request."""
+    stopping = []
+
+    def handler(signum, frame):
+        if stopping:
+            return
+        stopping.append(signum)
+        print(f"{Path(__file__).name}: stopped by signal {signum}; {out_dir / 'eval_checkpoint.pt'} keeps the "
+              "probe's last finished epoch: run the same command to resume", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
     tmp = path.with_suffix(".tmp")
@@ -789,6 +879,24 @@ def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_c
     return 100 * correct / len(test_f)
 
 
+def read_eval_checkpoint(path: Path, backbone_sha256: str) -> dict | None:
+    """The probe state to resume from, or None (a fresh probe) when there is none, when it is damaged, or when it
+    was trained on other backbone bytes (training went on and rewrote backbone.pt): each said in one line."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt["backbone_sha256"] if isinstance(ckpt, dict) and "setup" in ckpt else None
+    except Exception as e:  # truncated, empty, not a torch file
+        log(f"note: {path} cannot be read ({type(e).__name__}): the linear probe starts again")
+        return None
+    if saved != backbone_sha256:
+        log(f"note: {path} was trained on another backbone ({'sha256 ' + saved[:12] if saved else 'unrecorded'}, "
+            f"now {backbone_sha256[:12]}): the linear probe starts again")
+        return None
+    return ckpt
+
+
 def train_probes(net: Normalized, train_set, cache, dims: dict, num_classes: int, args, device, out_dir: Path):
     """Linear classifiers on frozen features, one per representation in `dims` ({name: D}), trained together.
 
@@ -806,9 +914,8 @@ def train_probes(net: Normalized, train_set, cache, dims: dict, num_classes: int
     # What must not change for a resumed probe to continue the same training (--epochs may grow).
     setup = {k: getattr(args, k) for k in ("precompute", "layers", "lr", "momentum", "weight_decay", "min_crop",
                                            "batch_size", "limit_train", "seed", "dataset", "image_size")}
-    setup["checkpoint"] = str(Path(args.checkpoint).resolve())
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = read_eval_checkpoint(ckpt_path, args.backbone_sha256)
+    if ckpt is not None:
         changed = sorted(k for k in setup if ckpt["setup"].get(k) != setup[k])
         if changed:
             fail(f"{ckpt_path} belongs to another evaluation (different {', '.join(changed)}); remove it or choose "
@@ -843,7 +950,8 @@ def train_probes(net: Normalized, train_set, cache, dims: dict, num_classes: int
             total, n = total + loss.item() * len(y), n + len(y)
         history.append({"epoch": epoch + 1, "loss": total / max(n, 1) / len(dims), "lr": opt.param_groups[0]["lr"]})
         save_checkpoint(ckpt_path, {"probes": probes.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                                    "history": history, "rng": torch.get_rng_state(), "setup": setup})
+                                    "history": history, "rng": torch.get_rng_state(), "setup": setup,
+                                    "backbone_sha256": args.backbone_sha256})
     return probes, history
 
 
@@ -957,6 +1065,9 @@ def main(args) -> dict:
     net = Normalized(backbone).to(device).eval()
     out_dir = Path(args.output_dir)
     prepare_output_dir(out_dir)
+    lock = lock_output_dir(out_dir)  # noqa: F841 (held until this process ends)
+    exit_on_stop_signals(out_dir)
+    args.backbone_sha256 = file_sha256(args.checkpoint)  # what the probe, the k-NN and results.json belong to
 
     train_base, val_base, num_classes = load_datasets(args)
     train_set = subset(train_base, args.limit_train, args.seed)
@@ -981,7 +1092,8 @@ def main(args) -> dict:
         linear = {k: 100 * (probes[k](val_feats[k].to(device)).argmax(1).cpu() == val_y).float().mean().item()
                   for k in dims}
     names = {"h": "final (.h)", "pooled": "patch (.pooled = layer4)", "layer3": "layer3"}
-    res = {"checkpoint": args.checkpoint, "arch": state["arch"], "arch_kwargs": state.get("arch_kwargs"),
+    res = {"checkpoint": args.checkpoint, "backbone_sha256": args.backbone_sha256, "arch": state["arch"],
+           "arch_kwargs": state.get("arch_kwargs"),
            "trained_with": {k: (state.get("args") or {}).get(k) for k in ("dataset", "image_size", "epochs", "ws")},
            "args": vars(args), "linear": {names[k]: v for k, v in linear.items()}, "probe_history": history}
 

@@ -333,3 +333,256 @@ def test_probes_and_knn_follow_knn_every_and_the_last_step(name, tmp_path):
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "val_acc_h" in r] == [2.0, 3.0]
     assert [r["epoch"] for r in rows if "knn_top1" in r] == [0.0, 2.0]
+
+
+# ---- Reliability as a cluster user meets it (issue: repeated signals, class folders, stale evaluations,
+# ---- non-finite buffers, a clean metrics log, one run per folder, older checkpoints, impossible values) ----
+def _metrics_rows(out: Path) -> list[dict]:
+    import json
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]  # every line parses
+
+
+def _wait_for_rows(proc, metrics: Path, n: int = 3, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("name,sig", [("co_byol", signal.SIGTERM), ("co_dino", signal.SIGINT),
+                                      ("bag_ssl", signal.SIGUSR1), ("geo_dino", signal.SIGTERM)])
+def test_a_stop_signal_delivered_three_times_still_checkpoints_once_and_exits(name, sig, tmp_path):
+    """SLURM signals every process of a job and torchrun forwards the signal again: the worker gets it twice or
+    more. Before the fix the second one killed the run before checkpoint.pt or backbone.pt was written."""
+    out = tmp_path / "run"
+    argv = list(TINY[name])
+    argv[argv.index("--fake-size") + 1] = "4000"  # 1000 steps per epoch
+    proc = subprocess.Popen([sys.executable, f"{name}.py", *argv, "--output-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(proc, out / "metrics.jsonl")
+    for _ in range(3):
+        os.kill(proc.pid, sig)
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 2 and (out / "backbone.pt").exists()
+    assert [r["step"] for r in _metrics_rows(out) if "loss" in r] == list(range(1, step + 1))
+
+
+def _state_tensors(ckpt: dict) -> dict:
+    skip = {"step", "history", "rng", "args", "train_s", "script"}
+    return {f"{k}.{n}": t for k, v in ckpt.items() if k not in skip and isinstance(v, dict)
+            for n, t in v.items() if isinstance(t, torch.Tensor)}
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("how", ["signal", "crash"])
+def test_a_stop_or_a_crash_during_the_epochs_evaluation_loses_only_the_evaluation(name, how, tmp_path, monkeypatch):
+    """The epoch's checkpoint is written before its evaluation (probes, k-NN): a SIGUSR1 that arrives during the
+    evaluation stops the run at that epoch's end, and a crash there (kill, OOM) resumes from it; either way the
+    finished run equals an uninterrupted one, bit for bit. Before, the checkpoint came after the evaluation."""
+    m = module(name)
+    run(name, tmp_path, out="whole")
+    real_write = m.MetricsLog.write
+
+    def write(self, row):
+        if any(k.startswith("val_acc") for k in row) and row["step"] == 4:  # epoch 1's probe readout
+            if how == "signal":
+                os.kill(os.getpid(), signal.SIGUSR1)
+            else:
+                raise KeyboardInterrupt("killed during the evaluation")
+        return real_write(self, row)
+
+    monkeypatch.setattr(m.MetricsLog, "write", write)
+    with pytest.raises(SystemExit if how == "signal" else KeyboardInterrupt) as e:
+        run(name, tmp_path)
+    if how == "signal":
+        assert e.value.code == 128 + signal.SIGUSR1
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
+    monkeypatch.undo()
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    run(name, tmp_path)
+    whole = _state_tensors(torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True))
+    resumed = _state_tensors(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    steps = [r["step"] for r in _metrics_rows(tmp_path / "run") if "loss" in r]
+    assert steps == list(range(1, 9))  # every step once
+
+
+def _clean_image_folder(root: Path, train_classes, val_classes):
+    from PIL import Image
+
+    for split, classes in (("train", train_classes), ("val", val_classes)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (16, 16), (40 * i, 60 * len(c), 7)).save(root / split / c / f"{i}.png")
+
+
+@pytest.mark.parametrize("val_classes,expected", [(["a", "c"], "lacks b"), (["a", "b", "c", "d"], "has d that")])
+def test_train_and_val_class_folders_must_match(val_classes, expected, tmp_path):
+    """torchvision numbers each split's class folders on its own: a val split without 'b' (or with an extra
+    'd') was scored with shifted labels, exit 0. Now one line names the classes, in training and evaluation."""
+    _clean_image_folder(tmp_path / "data", ["a", "b", "c"], val_classes)
+    m = module("co_byol")
+    argv = [a if a != "fake" else "imagefolder" for a in TINY["co_byol"]]
+    with pytest.raises(SystemExit) as e:
+        m.main(m.parse_args(argv + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run")]))
+    assert expected in one_error_line(e.value)
+    backbone = tmp_path / "b" / "backbone.pt"
+    backbone.parent.mkdir()
+    run("co_byol", tmp_path, "--max-steps", "1", out="b")
+    ev = module("eval_linear")
+    with pytest.raises(SystemExit) as e:
+        ev.main(ev.parse_args(["--checkpoint", str(backbone), "--dataset", "imagefolder", "--data-dir",
+                               str(tmp_path / "data"), "--epochs", "1", "--num-workers", "0", "--precompute"]))
+    assert expected in one_error_line(e.value)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_no_checkpoint_or_backbone_ever_holds_a_non_finite_buffer(name, tmp_path, monkeypatch):
+    """A diverging run can blow up BatchNorm running variances while its loss and weights are still finite; the
+    guard looked only at those, so 'the last good checkpoint' (and a finished run's backbone.pt) held inf."""
+    m = module(name)
+    real_step = m.train_step
+
+    def step_then_poison(nets, *a, **kw):
+        out = real_step(nets, *a, **kw)
+        if step_then_poison.calls == 1:  # after step 2
+            bn = next(mod for mod in nets.backbone.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+        step_then_poison.calls += 1
+        return out
+
+    step_then_poison.calls = 0
+    monkeypatch.setattr(m, "train_step", step_then_poison)
+    with pytest.raises(SystemExit) as e:
+        run(name, tmp_path, "--checkpoint-every", "1e-9")  # a checkpoint after every step
+    line = one_error_line(e.value)
+    assert "non-finite" in line and "running_var" in line and "at step 2" in line
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1 and all(torch.isfinite(t).all() for t in _state_tensors(ckpt).values()
+                                     if t.is_floating_point())
+    assert not (tmp_path / "run" / "backbone.pt").exists()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_metrics_log_holds_each_step_once_after_a_kill_and_a_cut_row(name, tmp_path, monkeypatch):
+    """A run killed after logging steps its last checkpoint does not hold trains them again on resume: they were
+    logged twice; a row cut short by the kill was glued to the next one (the file no longer parsed)."""
+    m = module(name)
+    real_save = m.save_checkpoint
+
+    def save_then_die(path, state):
+        if state.get("step") == 3:
+            raise KeyboardInterrupt("killed before checkpoint 3")
+        return real_save(path, state)
+
+    monkeypatch.setattr(m, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(name, tmp_path, "--checkpoint-every", "1e-9")
+    monkeypatch.undo()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # half a row, as a kill during the write leaves it
+    run(name, tmp_path, "--checkpoint-every", "1e-9")
+    assert [r["step"] for r in _metrics_rows(tmp_path / "run") if "loss" in r] == list(range(1, 9))
+
+
+def test_a_full_disk_on_a_metrics_row_is_one_line(tmp_path, monkeypatch):
+    m = module("co_byol")
+
+    def full_disk_open(path, mode="r", *a, **kw):  # the kernel's ENOSPC, from /dev/full
+        return open("/dev/full", "w") if Path(path).name == "metrics.jsonl" else open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(m, "open", full_disk_open, raising=False)
+    with pytest.raises(SystemExit) as e:
+        run("co_byol", tmp_path)
+    line = one_error_line(e.value)
+    assert "cannot write" in line and "metrics.jsonl" in line
+
+
+def test_one_run_per_output_dir_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
+    """Two runs on one --output-dir used to both proceed and resume from each other's checkpoints."""
+    out = tmp_path / "run"
+    argv = list(TINY["co_byol"])
+    argv[argv.index("--fake-size") + 1] = "4000"
+    proc = subprocess.Popen([sys.executable, "co_byol.py", *argv, "--output-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_rows(proc, out / "metrics.jsonl", n=1)
+        with pytest.raises(SystemExit) as e:
+            run("co_byol", tmp_path, "--max-steps", "1")
+        line = one_error_line(e.value)
+        assert "another run is using --output-dir" in line and f"pid {proc.pid}" in line
+    finally:
+        proc.kill()  # kill -9: no clean-up of any kind
+        proc.wait()
+    run("co_byol", tmp_path, "--max-steps", "1", "--fake-size", "4000")  # the kernel released the lock
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_checkpoint_older_than_a_flag_resumes_with_its_default_and_says_so(name, tmp_path, capsys):
+    """A checkpoint written before --lars-eta existed ran with its default: the same command resumes (one
+    line says so); another value is refused naming the default, not 'None' as before."""
+    run(name, tmp_path, "--max-steps", "1")
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["args"]["lars_eta"]
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit) as e:
+        run(name, tmp_path, "--max-steps", "2", "--lars-eta", "0.05")
+    line = one_error_line(e.value)
+    assert "predates --lars-eta" in line and "--lars-eta 0.02" in line and "None" not in line
+    capsys.readouterr()
+    run(name, tmp_path, "--max-steps", "2")
+    assert "predates 1 flag(s)" in capsys.readouterr().out
+    assert torch.load(path, weights_only=True)["step"] == 2
+
+
+def _eval(tmp_path, backbone: Path, *extra):
+    ev = module("eval_linear")
+    return ev.main(ev.parse_args(["--checkpoint", str(backbone), "--dataset", "fake", "--fake-size", "16",
+                                  "--epochs", "2", "--precompute", "--num-workers", "0", "--batch-size", "8",
+                                  *extra]))
+
+
+def test_eval_linear_redoes_the_probe_when_backbone_pt_changed_or_its_checkpoint_is_damaged(tmp_path, capsys):
+    """eval_linear.py resumed its probe by path: after training went on and rewrote backbone.pt, the same
+    command 'resumed' the finished probe of the old backbone and reported it. Now the probe belongs to the
+    backbone's sha256, and a damaged eval_checkpoint.pt is one line and a fresh probe, not a traceback."""
+    run("co_byol", tmp_path, "--max-steps", "1")
+    backbone = tmp_path / "run" / "backbone.pt"
+    _eval(tmp_path, backbone)
+    run("co_byol", tmp_path, "--max-steps", "3")  # training goes on: a new backbone.pt
+    capsys.readouterr()
+    again = _eval(tmp_path, backbone)
+    assert "trained on another backbone" in capsys.readouterr().out
+    fresh = _eval(tmp_path, backbone, "--output-dir", str(tmp_path / "fresh"))
+    assert again["probe_history"] == fresh["probe_history"] and again["linear"] == fresh["linear"]
+    assert again["backbone_sha256"] == fresh["backbone_sha256"]
+    (tmp_path / "run" / "eval" / "eval_checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    damaged = _eval(tmp_path, backbone)
+    assert "cannot be read" in capsys.readouterr().out and damaged["probe_history"] == fresh["probe_history"]
+
+
+def test_eval_linear_stops_on_repeated_signals_with_one_line_and_resumes(tmp_path):
+    run("co_byol", tmp_path, "--max-steps", "1")
+    backbone, out = tmp_path / "run" / "backbone.pt", tmp_path / "run" / "eval"
+    argv = [sys.executable, "eval_linear.py", "--checkpoint", str(backbone), "--dataset", "fake", "--fake-size",
+            "64", "--precompute", "--num-workers", "0", "--batch-size", "8"]
+    proc = subprocess.Popen(argv + ["--epochs", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "eval_checkpoint.pt").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert len([ln for ln in err.replace("\r", "\n").splitlines() if "stopped by signal" in ln]) == 1
+    epoch = torch.load(out / "eval_checkpoint.pt", weights_only=True)["epoch"]
+    again = subprocess.run(argv + ["--epochs", str(epoch + 1)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and f"at epoch {epoch}" in again.stdout, again.stderr[-2000:]

@@ -200,6 +200,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
     args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
+    if args.min_crop is not None and args.small_crops:
+        parser.error("--min-crop applies without --small-crops only: with small crops the two large crops cover "
+                     "[MAX of --small-crop-scale, 1]")
     if args.min_crop is None:  # PAPER Sec. 3.3: c_min = 0.2 is CO-SSL's; the BYOL baseline keeps BYOL's 0.08
         args.min_crop = 0.2 if args.ws > 0 else 0.08
     if args.warmup_epochs is None:
@@ -227,8 +230,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max-steps, --num-workers, --knn-k, --knn-bank and --local-grid must be >= 0")
     if args.knn_every < 0 or not args.knn_temperature > 0:
         parser.error("need --knn-every >= 0 and --knn-temperature > 0")
+    if 0 < args.small_crop_size < 8:  # the views' blur kernel and the network need a few pixels
+        parser.error(f"--small-crop-size must be 0 (3/7 of --image-size) or >= 8, got {args.small_crop_size}")
     if args.image_size < 8 or args.fake_size < 1 or args.small_crop_size < 0:
         parser.error("need --image-size >= 8, --fake-size >= 1 and --small-crop-size >= 0")
+    if args.warmup_epochs > args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}: the lr would never "
+                     "reach --lr")
     if args.lr <= 0 or args.probe_lr <= 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
         parser.error("need --lr > 0, --probe-lr > 0, --warmup-epochs >= 0 and --weight-decay >= 0")
     if args.lars_eta <= 0 or args.checkpoint_every < 0:
@@ -271,7 +279,20 @@ def setup_distributed(args) -> tuple[int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("LOCAL_WORLD_SIZE") == str(world):
+            # PITFALL (measured, torch 2.14, gloo, 2 processes: 11 of 15 restarts failed or hung in init): torchrun
+            # keeps one key-value store over its restarts (--max-restarts), and a restarted rank can read the
+            # address its dead predecessor left there (pytorch/pytorch#135712). On one node all ranks share one
+            # agent and so one restart count: each attempt gets keys of its own. (Several nodes: docs/faults.md.)
+            from torch.distributed.rendezvous import rendezvous
+
+            store, _, _ = next(rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
+                                    world_size=world)
+        else:
+            dist.init_process_group(backend)
     return rank, world, device
 
 
@@ -1159,12 +1180,12 @@ class MetricsLog:
     def check(self, step: int, states: dict = None) -> None:
         """Stop every rank with one line if a loss so far, or any tensor of `states` (name -> object with a
         state_dict: networks with their BatchNorm buffers, optimiser, scaler), is NaN or inf."""
-        bad = [f"the loss by step {step}"] if self.nonfinite.item() else []
+        bad = ["a training loss"] if self.nonfinite.item() else []
         for name, obj in (states or {}).items():
             bad += nonfinite_entries(obj.state_dict(), name)
         if all_reduce_sum(torch.tensor([float(len(bad))], device=self.run.device)).item() > 0:
-            fail(f"non-finite values in {bad[0] if bad else 'the state of another rank'} at step {step}; lower "
-                 f"--lr or use --amp off (the last good checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
+            fail(f"non-finite loss or weights by step {step} ({bad[0] if bad else 'on another rank'}); lower --lr or "
+                 f"use --amp off (the last good checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
 
     def step_row(self, step: int, steps_per_epoch: int, out: "StepOut", schedule: dict, lr: float,
                  clock: TrainClock, batch_size: int, bar=None) -> None:
@@ -1325,7 +1346,8 @@ def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainCl
     if knn_rows:  # .get: rows written before the linear readout existed (a resumed older run) lack it
         for key in ("knn_top1", "linear_top1"):
             final[f"{key}_random_init"] = knn_rows[0].get(key) if knn_rows[0]["step"] == 0 else None
-            final[f"{key}_bank_subset"] = knn_rows[-1].get(key)
+            # the last k-NN of a trained network: none when the only row is the random one (--knn-every > epochs)
+            final[f"{key}_bank_subset"] = knn_rows[-1].get(key) if knn_rows[-1]["step"] > 0 else None
     return final
 
 
@@ -1427,7 +1449,9 @@ def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_c
         sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
         top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
         votes = torch.zeros(len(top_idx), num_classes)
-        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())  # (b, num_classes)
+        # exp((cos - 1) / T) = exp(cos / T) * exp(-1 / T): the same votes up to one constant factor (the same
+        # argmax), and no overflow to inf for small T (exp(cos / T) does below T = 1 / 88.7 in fp32)
+        votes.scatter_add_(1, train_y[top_idx], ((top_sim - 1) / temperature).exp())  # (b, num_classes)
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
     return 100 * correct / len(test_f)
 
@@ -1483,6 +1507,9 @@ class KNNMonitor:
         if labels is None:
             labels = [y for _, y in train_base]
         self.labels = list(labels)
+        if 0 < args.knn_bank < num_classes:  # balanced: --knn-bank // num_classes images of each class
+            fail(f"--knn-bank {args.knn_bank} cannot hold an image of each of the {num_classes} classes: use 0 (the "
+                 f"whole training set) or at least {num_classes}")
         self.bank = (balanced_subset(self.labels, args.knn_bank, num_classes)
                      if 0 < args.knn_bank < len(self.labels) else None)
         self.val, self.num_classes, self.device, self.autocast = val_set, num_classes, device, autocast

@@ -874,7 +874,9 @@ def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_c
         sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
         top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
         votes = torch.zeros(len(top_idx), num_classes)
-        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())  # (b, num_classes)
+        # exp((cos - 1) / T) = exp(cos / T) * exp(-1 / T): the same votes up to one constant factor (the same
+        # argmax), and no overflow to inf for small T (exp(cos / T) does below T = 1 / 88.7 in fp32)
+        votes.scatter_add_(1, train_y[top_idx], ((top_sim - 1) / temperature).exp())  # (b, num_classes)
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
     return 100 * correct / len(test_f)
 
@@ -964,6 +966,36 @@ def feature_batches(net, data, args, device, layers: bool):
 
 
 # ==== 9. Main: evaluate, write results.json, results.md and figures ====
+def refuse_what_cannot_be_measured(args, n_local: int, n_val: int) -> None:
+    """Before any work: a part of the suite that this backbone (its n x n local map) or data cannot measure
+    stops the run with one line, instead of a traceback after hours of probe training or a meaningless number."""
+    if args.analysis and min(args.analysis_images, n_val) < 3:
+        fail(f"--analysis compares pairs of images: it needs at least 3 validation images, has "
+             f"{min(args.analysis_images, n_val)} (--analysis-images, --limit-val, the data)")
+    if args.analysis and n_local < 2:
+        fail(f"--analysis compares local representations: this backbone has a {n_local}x{n_local} local map at "
+             f"{args.image_size} px")
+    if args.robustness and "masking" in args.robustness_parts:
+        kept = [max(1, round((1 - d) * n_local ** 2)) for d in MASK_DROPS]  # as masked_pool keeps them
+        if len(set(kept)) < len(kept):
+            fail(f"internal masking of {', '.join(f'{100 * d:.0f}' for d in MASK_DROPS)} % of a {n_local}x{n_local} "
+                 f"local map keeps {kept} representations: a count twice, the rows would not measure their labels; "
+                 "use a backbone with a larger map at this size, or --robustness-parts without masking")
+    if args.robustness and args.corruptions:
+        params = params_for(args.image_size) if args.corruption_params == "auto" else args.corruption_params
+        # Of the seven, only defocus_blur's disk kernel can be wider than a small image (its reflect padding fails:
+        # at 8 px every parameter set, at 9-10 px the ImageNet ones; all seven tried at 8-12 px). One tiny image.
+        for name in [c for c in args.corruptions if c == "defocus_blur"]:
+            for severity in range(1, 6):
+                try:
+                    corrupt(torch.zeros(1, 3, args.image_size, args.image_size), name, severity, params,
+                            torch.Generator().manual_seed(0))
+                except RuntimeError as e:
+                    fail(f"--robustness: {name} at severity {severity} ({params} parameters) cannot be applied to "
+                         f"{args.image_size} px images ({str(e).splitlines()[0]}); pass --corruptions without it")
+
+
+
 def markdown(res: dict) -> str:
     lines = ["| representation | linear top-1 |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in res["linear"].items()]
@@ -1081,6 +1113,8 @@ def main(args) -> dict:
     with torch.no_grad():
         dims = {k: v.shape[1] for k, v in net.features(torch.zeros(2, 3, args.image_size, args.image_size,
                                                                     device=device), args.layers).items()}
+        n_local = net(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).local.shape[-1]
+    refuse_what_cannot_be_measured(args, n_local, len(val_set))
     # Features of the un-augmented training images, computed once for --precompute and for the k-NN.
     cache = None
     if args.precompute or args.knn:

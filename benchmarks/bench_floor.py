@@ -41,7 +41,7 @@ def floor_fn(nets, batch):
     device = nets.run.device
     mod = sys.modules[type(nets).__module__]  # the method file: its normalize turns the uint8 views into input
     views = [mod.normalize(v.to(device)).contiguous(memory_format=torch.channels_last) for v in views]
-    backbone = nets.trained.encoder.backbone
+    backbone = (getattr(nets, "online", None) or getattr(nets, "student", None)).encoder.backbone  # the trained one
     ema = getattr(nets, "target", None) or getattr(nets, "teacher", None)
 
     def run():

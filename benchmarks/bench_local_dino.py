@@ -93,7 +93,8 @@ def whole_steps(method: str, backend: str = "inductor", reps: int = 15) -> dict:
         mod, args, _, nets, optimizer, batch, schedule = bench_floor.bench_step.build(
             method, "resnet18:32:64", 1, "cpu", "bf16", 16, out_dir, "laptop")
         loss_fn = {"co_dino": "co_dino_loss", "geo_dino": "geo_dino_loss"}[method]
-        nets_c, optimizer_c = copy.deepcopy((nets, optimizer))  # one call: the optimiser keeps the copy's parameters
+        # one call: the optimiser keeps the copy's parameters; the run (device, its output folder's lock) is shared
+        nets_c, optimizer_c = copy.deepcopy((nets, optimizer), memo={id(nets.run): nets.run})
         nets_c = dataclasses.replace(nets_c, loss_fn=torch.compile(getattr(mod, loss_fn), backend=backend))
         eager_loss = mod.train_step(nets, optimizer, batch, schedule, args).loss.item()
         t0 = time.time()  # the compiled step's first call starts from the same state as the eager one above

@@ -444,9 +444,12 @@ def test_tiny_run_outputs_and_eval_only(tmp_path):
     # A backbone.pt written before --width (no "width" in arch_kwargs) still loads: build_backbone's 64
     old = dict(backbone, arch_kwargs={"stem": "cifar", "mlp": None})
     torch.save(old, tmp_path / "old_backbone.pt")
-    args = bag_ssl.parse_args(["--eval-only", "--checkpoint", str(tmp_path / "old_backbone.pt"), "--dataset", "fake",
-                               "--width", "8", "--output-dir", str(tmp_path / "ev_old")])
-    assert args.width == 64  # the file's network, not the flag
+    argv = ["--eval-only", "--checkpoint", str(tmp_path / "old_backbone.pt"), "--dataset", "fake", "--output-dir",
+            str(tmp_path / "ev_old")]
+    assert bag_ssl.parse_args(argv).width == 64  # the file's network
+    with pytest.raises(SystemExit) as e:  # a flag that contradicts the file is refused, not silently replaced
+        bag_ssl.parse_args(argv + ["--width", "8"])
+    assert e.value.code == 2
     bag_ssl.rf_resnet.build_backbone(old["arch"], **old["arch_kwargs"]).load_state_dict(old["state_dict"])
 
 

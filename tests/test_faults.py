@@ -624,3 +624,67 @@ def test_eval_linear_stops_on_repeated_signals_with_one_line_and_resumes(tmp_pat
     again = subprocess.run(argv + ["--epochs", str(epoch + 1)], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0 and f"at epoch {epoch}" in again.stdout, again.stderr[-2000:]
+
+
+# Values that pass every check alone but cannot work together: refused by argparse (exit 2) before any work.
+IMPOSSIBLE = [(m, ["--warmup-epochs", "3"], "--warmup-epochs") for m in METHODS] + [  # TINY: --epochs 2
+    ("co_byol", ["--small-crops", "2", "--small-crop-size", "4"], "--small-crop-size"),  # blur kernel -1
+    ("co_dino", ["--small-crops", "2", "--small-crop-size", "1"], "--small-crop-size"),
+    ("co_byol", ["--small-crops", "2", "--min-crop", "0.3"], "--min-crop"),  # was silently ignored
+    ("co_dino", ["--small-crops", "2", "--min-crop", "0.3"], "--min-crop"),
+    ("bag_ssl", ["--eval-train-images", "1"], "--eval-train-images"),  # std of one image: NaN features
+]
+
+
+@pytest.mark.parametrize("name,extra,flag", IMPOSSIBLE)
+def test_combinations_that_cannot_work_are_one_argparse_line(name, extra, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        module(name).parse_args(TINY[name] + extra)
+    assert e.value.code == 2
+    assert flag in one_error_line([ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln][0])
+
+
+@pytest.mark.parametrize("name", ["co_byol", "geo_dino"])
+def test_a_knn_bank_smaller_than_the_class_count_is_one_line_before_training(name, tmp_path):
+    """A class-balanced bank of 5 images for 10 classes kept no image at all: a torch.cat traceback."""
+    with pytest.raises(SystemExit) as e:
+        run(name, tmp_path, "--knn-k", "5", "--knn-bank", "5")
+    assert "--knn-bank 5" in one_error_line(e.value) and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("name", METHODS + ["eval_linear"])
+def test_knn_votes_do_not_overflow_at_a_small_temperature(name):
+    """exp(cos / T) overflowed to inf below T = 1/88.7, every class tied and the first one won."""
+    e = torch.eye(3)
+    train_f = torch.stack([e[0], 0.9 * e[0] + 0.436 * e[1], 0.8 * e[0] + 0.6 * e[2]])  # cos 1, 0.9, 0.8 to e0
+    train_y, test_f, test_y = torch.tensor([7, 0, 1]), e[:1], torch.tensor([7])
+    for temperature in (0.07, 0.005):
+        assert module(name).knn_top1(train_f, train_y, test_f, test_y, 3, temperature, 10) == 100.0
+
+
+def test_a_knn_every_longer_than_the_run_reports_no_trained_bank_knn(tmp_path):
+    """--knn-every 5 in a 2-epoch run: the only online k-NN row is the random network's; final_metrics.json
+    labelled its numbers as the trained network's bank k-NN."""
+    _, _, final = run("co_byol", tmp_path, "--knn-every", "5", "--knn-k", "3")
+    assert final["knn_top1_random_init"] is not None and final["knn_top1_bank_subset"] is None
+
+
+@pytest.mark.parametrize("name", ["co_dino", "geo_dino"])
+def test_frozen_prototypes_for_the_whole_run_are_said(name, tmp_path, capsys):
+    run(name, tmp_path, "--freeze-last-layer", "2", "--max-steps", "1")
+    assert "--freeze-last-layer 2 >= --epochs 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--analysis", "--limit-val", "2"], "at least 3 validation images"),
+    (["--robustness", "--robustness-parts", "masking"], "a count twice"),  # a 3 x 3 map at 16 px
+    (["--robustness", "--robustness-parts", "corruptions", "--corruptions", "defocus_blur", "--image-size", "8"],
+     "defocus_blur at severity 1"),
+])
+def test_eval_linear_refuses_what_the_backbone_or_data_cannot_measure_before_any_work(extra, expected, tmp_path):
+    """These failed after the probe had trained (a traceback), or reported numbers that measured nothing."""
+    run("co_byol", tmp_path, "--max-steps", "1")
+    with pytest.raises(SystemExit) as e:
+        _eval(tmp_path, tmp_path / "run" / "backbone.pt", *extra)
+    assert expected in one_error_line(e.value)
+    assert not (tmp_path / "run" / "eval" / "eval_checkpoint.pt").exists()

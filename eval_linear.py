@@ -44,6 +44,7 @@ Sec. 6 (analysis) -> Sec. 4 (loading a backbone) -> Sec. 9 (main). Sections 2, 3
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -774,7 +775,10 @@ def lock_output_dir(out_dir: Path):
     f = open(out_dir / "run.lock", "a+")
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): run unguarded
+            log(f"note: {out_dir} cannot be locked ({e.strerror}): nothing stops a second run on this folder")
+            return None
         f.seek(0)
         fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
              f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")

@@ -892,7 +892,7 @@ def read_eval_checkpoint(path: Path, backbone_sha256: str) -> dict | None:
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ckpt["backbone_sha256"] if isinstance(ckpt, dict) and "setup" in ckpt else None
+        saved = ckpt.get("backbone_sha256") if isinstance(ckpt, dict) and "setup" in ckpt else None
     except Exception as e:  # truncated, empty, not a torch file
         log(f"note: {path} cannot be read ({type(e).__name__}): the linear probe starts again")
         return None

@@ -1478,8 +1478,9 @@ def lock_output_dir(out_dir: Path):
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH. A state
-    with a NaN or an inf anywhere is never written (the last good file stays the newest)."""
-    bad = nonfinite_entries(state)
+    with a NaN or an inf anywhere is never written (the last good file stays the newest); the metrics history
+    and the arguments are a record, not state, and are not checked."""
+    bad = nonfinite_entries({k: v for k, v in state.items() if k not in ("history", "args")})
     if bad:
         fail(f"not writing {path}: non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more" if bad[1:] else "")
              + "; lower --lr or use --amp off (the previous file, if any, is kept)")

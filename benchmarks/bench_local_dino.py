@@ -78,10 +78,11 @@ def conv_copy(head: co_dino.DINOHead) -> nn.Module:
     return ConvHead().to(memory_format=torch.channels_last)
 
 
-def whole_steps(method: str, backend: str = "inductor", reps: int = 15) -> dict:
+def whole_steps(method: str, backend: str = "inductor", reps: int = 15, amp: str = "bf16", warmup: int = 3) -> dict:
     """(4): median CPU seconds of the floor, of the eager laptop step and of the same step with its loss compiled
     (`Nets.loss_fn`, as --compile sets it; the network stays eager), interleaved, after the compile (printed), and
-    the two steps' losses on the same first batch (equal up to the compiler's rounding)."""
+    the two steps' losses on the same first batch (equal up to the compiler's rounding). `amp`: the laptop
+    recipe's bf16 (on a CPU without native bf16 a step is ~10x slower: the test passes "off")."""
     import copy
     import dataclasses
     import tempfile
@@ -91,7 +92,7 @@ def whole_steps(method: str, backend: str = "inductor", reps: int = 15) -> dict:
 
     with tempfile.TemporaryDirectory() as out_dir:
         mod, args, _, nets, optimizer, batch, schedule = bench_floor.bench_step.build(
-            method, "resnet18:32:64", 1, "cpu", "bf16", 16, out_dir, "laptop")
+            method, "resnet18:32:64", 1, "cpu", amp, 16, out_dir, "laptop")
         loss_fn = {"co_dino": "co_dino_loss", "geo_dino": "geo_dino_loss"}[method]
         # one call: the optimiser keeps the copy's parameters; the run (device, its output folder's lock) is shared
         nets_c, optimizer_c = copy.deepcopy((nets, optimizer), memo={id(nets.run): nets.run})
@@ -103,7 +104,7 @@ def whole_steps(method: str, backend: str = "inductor", reps: int = 15) -> dict:
         fns = {"floor": bench_floor.floor_fn(nets, batch),
                "step": lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item(),
                "step, loss compiled": lambda: mod.train_step(nets_c, optimizer_c, batch, schedule, args).loss.item()}
-        times = {k: v / 1e3 for k, v in interleaved(fns, reps, warmup=3).items()}
+        times = {k: v / 1e3 for k, v in interleaved(fns, reps, warmup=warmup).items()}
     return times | {"eager_loss": eager_loss, "compiled_loss": compiled_loss}
 
 

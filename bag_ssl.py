@@ -272,6 +272,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.recipe != "default":  # the recipe's values become the defaults; explicit flags still win
         parser.set_defaults(**RECIPES[args.recipe])
         args = parser.parse_args(argv)
+    args.given_flags = given_flags(parser, argv)  # resuming an older checkpoint needs them (load_checkpoint)
     for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -749,6 +750,9 @@ def load_datasets(args, rank: int):
     barrier()
     if rank != 0:
         out = make(download=False)
+    if args.knn_k and 0 < args.knn_bank < out[2]:  # KNNMonitor's bank keeps knn_bank // num_classes per class
+        fail(f"--knn-bank {args.knn_bank} cannot hold an image of each of the {out[2]} classes: use 0 (the whole "
+             f"training set) or at least {out[2]}")
     return out
 
 
@@ -1216,7 +1220,7 @@ def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
 # Arguments that may change when a run resumes: they do not change what is trained. Any other difference
 # between the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
 RESUME_MAY_CHANGE = {"output_dir", "recipe", "max_steps", "log_every", "checkpoint_every", "allow_epochs_change",
-                     "data_dir", "num_workers", "device", "compile", "knn_every"}
+                     "data_dir", "num_workers", "device", "compile", "knn_every", "given_flags"}
 
 
 def prepare_output_dir(out_dir: Path) -> None:
@@ -1232,7 +1236,8 @@ def prepare_output_dir(out_dir: Path) -> None:
 
 def nonfinite_entries(state, name: str = "") -> list[str]:
     """The names of the floating-point tensors (and floats) in a nested state dict that hold a NaN or an inf:
-    parameters, BatchNorm running statistics, optimiser moments, the grad scaler's scale. One host sync."""
+    parameters, BatchNorm running statistics, optimiser moments, the grad scaler's scale. The flags are gathered
+    on the first tensor's device and read at once."""
     found = []
 
     def walk(obj, key):
@@ -1256,11 +1261,12 @@ def nonfinite_entries(state, name: str = "") -> list[str]:
 
 
 def lock_output_dir(out_dir: Path):
-    """One run per OUTPUT_DIR at a time: a run (its rank 0) holds a lock on OUTPUT_DIR/run.lock while it lives.
+    """One run per OUTPUT_DIR at a time: the run (rank 0 of a multi-process one) locks OUTPUT_DIR/run.lock.
 
-    A POSIX record lock (fcntl.lockf; also over NFS): the kernel releases it when the process ends in any way,
-    kill -9 and crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file
-    stays and names the last holder. No lock where the OS has no fcntl (Windows)."""
+    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
+    crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file stays and names
+    the last holder. Across hosts only where the file system has cluster-wide POSIX locks (NFS with its lock
+    service; not NFS mounted `nolock` or Lustre with `localflock`: there, per host). None on Windows."""
     try:
         import fcntl
     except ImportError:
@@ -1299,18 +1305,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
              "file, if any, is kept: free space or choose another --output-dir, then rerun to resume")
 
 
-def flag_defaults(recipe: str) -> dict:
-    """dest -> the value each flag takes when a command omits it, under --recipe RECIPE."""
-    parser = build_parser()
-    parser.set_defaults(**RECIPES.get(recipe, {}))
-    return {a.dest: parser.get_default(a.dest) for a in parser._actions if a.option_strings and a.dest != "help"}
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> list[str]:
+    """The dests of the flags that a command line sets itself (argparse fills in a default only where the
+    namespace lacks the name: a namespace that holds a marker everywhere keeps the marker where nothing was
+    given)."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return sorted(k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not unset)
 
 
 def load_checkpoint(path: Path, args) -> dict:
     """Read OUTPUT_DIR/checkpoint.pt and check that it continues THIS run; every problem is one line.
 
-    A checkpoint written before a flag existed ran with that flag's default: it resumes when the command leaves
-    the flag at its default (one line says so), and is refused when the command sets another value."""
+    A checkpoint written before a flag existed ran as with that flag's default: it resumes when the command
+    leaves the flag out (one line says so), and is refused when the command sets another value."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, not a torch file, or a pickle with code in it
@@ -1321,14 +1329,15 @@ def load_checkpoint(path: Path, args) -> dict:
         fail(f"{path} was not written by {script} (found: "
              f"{ckpt.get('script', 'no script name') if isinstance(ckpt, dict) else type(ckpt).__name__}); "
              "use another --output-dir")
-    saved, now, defaults, predates = ckpt["args"], vars(args), flag_defaults(args.recipe), []
+    saved, now, predates = ckpt["args"], vars(args), []
+    defaults = {a.dest: a.default for a in build_parser()._actions if a.option_strings and a.dest != "help"}
     for key in sorted(set(saved) | set(now)):
         if key in RESUME_MAY_CHANGE or (key in ("epochs", "warmup_epochs") and args.allow_epochs_change):
             continue
         flag = "--" + key.replace("_", "-")
-        if key not in saved and key in defaults:  # a flag newer than the checkpoint
-            if defaults[key] is not None and now[key] != defaults[key]:
-                fail(f"{path} predates {flag} (it ran as with the default {flag} {defaults[key]}), this command has "
+        if key not in saved and key in defaults:  # a flag newer than the checkpoint: it ran as with its default
+            if key in now.get("given_flags", ()) and now[key] != defaults[key]:
+                fail(f"{path} predates {flag} (it ran as with the default {flag} {defaults[key]}), this command sets "
                      f"{flag} {now[key]}: resume without {flag}, or start a new run with another --output-dir")
             predates.append(f"{flag} {now[key]}")
         elif key not in saved:  # a value derived from the flags (e.g. the local map's side): follows them
@@ -1735,9 +1744,10 @@ def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_c
         sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
         top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
         votes = torch.zeros(len(top_idx), num_classes)
-        # exp((cos - 1) / T) = exp(cos / T) * exp(-1 / T): the same votes up to one constant factor (the same
-        # argmax), and no overflow to inf for small T (exp(cos / T) does below T = 1 / 88.7 in fp32)
-        votes.scatter_add_(1, train_y[top_idx], ((top_sim - 1) / temperature).exp())  # (b, num_classes)
+        # exp((cos - cos_1) / T), cos_1 the query's nearest neighbour (topk sorts): exp(cos / T) times one factor
+        # per query (the same argmax), but never inf (exp(cos / T) overflows below T = 1 / 88.7 in fp32) and
+        # never all 0: the nearest neighbour votes 1
+        votes.scatter_add_(1, train_y[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())  # (b, classes)
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
     return 100 * correct / len(test_f)
 
@@ -1793,9 +1803,6 @@ class KNNMonitor:
         if labels is None:
             labels = [y for _, y in train_base]
         self.labels = list(labels)
-        if 0 < args.knn_bank < num_classes:  # balanced: --knn-bank // num_classes images of each class
-            fail(f"--knn-bank {args.knn_bank} cannot hold an image of each of the {num_classes} classes: use 0 (the "
-                 f"whole training set) or at least {num_classes}")
         self.bank = (balanced_subset(self.labels, args.knn_bank, num_classes)
                      if 0 < args.knn_bank < len(self.labels) else None)
         self.val, self.num_classes, self.device, self.autocast = val_set, num_classes, device, autocast

@@ -416,15 +416,23 @@ class Normalized(nn.Module):
 
 
 def load_backbone(path: str) -> tuple[nn.Module, dict]:
-    """Rebuild the backbone of a backbone.pt in eval mode with frozen weights; returns (backbone, file dict)."""
+    """Rebuild the backbone of a backbone.pt in eval mode with frozen weights; returns (backbone, file dict).
+
+    The file dict gains "sha256", of the very bytes loaded (a training run may replace the file at any time):
+    an evaluation, its eval_checkpoint.pt and results.json belong to those bytes."""
+    import hashlib
+    import io
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = Path(path).read_bytes()
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"cannot read {path} as a torch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     if not isinstance(state, dict) or not {"arch", "state_dict"} <= set(state):
         keys = ", ".join(sorted(state)[:6]) if isinstance(state, dict) else type(state).__name__
         fail(f"{path} is not a backbone.pt ({{'arch', 'arch_kwargs', 'state_dict', 'args'}}), it has: {keys}. "
              "Pass OUTPUT_DIR/backbone.pt, not checkpoint.pt.")
+    state["sha256"] = hashlib.sha256(data).hexdigest()
     arch, kwargs = state["arch"], dict(state.get("arch_kwargs") or {})
     try:
         backbone = SwinBackbone() if arch == "swin_t" else rf_resnet.build_backbone(arch, **kwargs)
@@ -614,6 +622,11 @@ def corrupt(x: torch.Tensor, name: str, severity: int, params: str | None = None
     return (torch.floor(out.clamp(0, 1) * 255) / 255).to(device)
 
 
+def masking_kept(n: int) -> dict:
+    """drop rate -> how many of the n x n local representations masked_pool keeps."""
+    return {d: max(1, round((1 - d) * n * n)) for d in MASK_DROPS}
+
+
 def masked_pool(local: torch.Tensor, drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """PAPER Sec. 4.2 (Table 3, "Intern. Mask"): drop a random fraction `drop` of the n x n local
     representations of every image and average the rest: (B, C, n, n) -> (B, C). drop = 0 is average pooling.
@@ -763,11 +776,12 @@ def prepare_output_dir(out_dir: Path) -> None:
 
 
 def lock_output_dir(out_dir: Path):
-    """One run per OUTPUT_DIR at a time: a run (its rank 0) holds a lock on OUTPUT_DIR/run.lock while it lives.
+    """One evaluation per OUTPUT_DIR at a time: it locks OUTPUT_DIR/run.lock (the method files' function).
 
-    A POSIX record lock (fcntl.lockf; also over NFS): the kernel releases it when the process ends in any way,
-    kill -9 and crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file
-    stays and names the last holder. No lock where the OS has no fcntl (Windows)."""
+    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
+    crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file stays and names
+    the last holder. Across hosts only where the file system has cluster-wide POSIX locks (NFS with its lock
+    service; not NFS mounted `nolock` or Lustre with `localflock`: there, per host). None on Windows."""
     try:
         import fcntl
     except ImportError:
@@ -786,17 +800,6 @@ def lock_output_dir(out_dir: Path):
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     return f
-
-
-def file_sha256(path: str) -> str:
-    """The backbone's identity: an evaluation (its eval_checkpoint.pt, results.json) belongs to these bytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -831,8 +834,8 @@ def exit_on_stop_signals(out_dir: Path) -> None:
         if stopping:
             return
         stopping.append(signum)
-        print(f"{Path(__file__).name}: stopped by signal {signum}; {out_dir / 'eval_checkpoint.pt'} keeps the "
-              "probe's last finished epoch: run the same command to resume", file=sys.stderr)
+        print(f"{Path(__file__).name}: stopped by signal {signum}; the same command resumes the linear probe "
+              f"after its last finished epoch, if any ({out_dir / 'eval_checkpoint.pt'})", file=sys.stderr)
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
@@ -878,9 +881,10 @@ def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_c
         sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
         top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
         votes = torch.zeros(len(top_idx), num_classes)
-        # exp((cos - 1) / T) = exp(cos / T) * exp(-1 / T): the same votes up to one constant factor (the same
-        # argmax), and no overflow to inf for small T (exp(cos / T) does below T = 1 / 88.7 in fp32)
-        votes.scatter_add_(1, train_y[top_idx], ((top_sim - 1) / temperature).exp())  # (b, num_classes)
+        # exp((cos - cos_1) / T), cos_1 the query's nearest neighbour (topk sorts): exp(cos / T) times one factor
+        # per query (the same argmax), but never inf (exp(cos / T) overflows below T = 1 / 88.7 in fp32) and
+        # never all 0: the nearest neighbour votes 1
+        votes.scatter_add_(1, train_y[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())  # (b, classes)
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
     return 100 * correct / len(test_f)
 
@@ -980,11 +984,14 @@ def refuse_what_cannot_be_measured(args, n_local: int, n_val: int) -> None:
         fail(f"--analysis compares local representations: this backbone has a {n_local}x{n_local} local map at "
              f"{args.image_size} px")
     if args.robustness and "masking" in args.robustness_parts:
-        kept = [max(1, round((1 - d) * n_local ** 2)) for d in MASK_DROPS]  # as masked_pool keeps them
-        if len(set(kept)) < len(kept):
-            fail(f"internal masking of {', '.join(f'{100 * d:.0f}' for d in MASK_DROPS)} % of a {n_local}x{n_local} "
-                 f"local map keeps {kept} representations: a count twice, the rows would not measure their labels; "
-                 "use a backbone with a larger map at this size, or --robustness-parts without masking")
+        if n_local < 2:
+            fail(f"internal masking drops local representations: this backbone has a 1x1 local map at "
+                 f"{args.image_size} px (every rate would keep it); use --robustness-parts without masking")
+        kept = masking_kept(n_local)
+        if len(set(kept.values())) < len(kept):  # e.g. 3 x 3 (ResNet at 96 px): 50 % and 60 % both keep 4
+            log(f"note: on a {n_local}x{n_local} local map the masking rates keep "
+                f"{', '.join(f'{100 * d:.0f} %: {k}' for d, k in kept.items())} of {n_local ** 2} representations "
+                "(results.json: robustness.masking_kept)")
     if args.robustness and args.corruptions:
         params = params_for(args.image_size) if args.corruption_params == "auto" else args.corruption_params
         # Of the seven, only defocus_blur's disk kernel can be wider than a small image (its reflect padding fails:
@@ -997,7 +1004,6 @@ def refuse_what_cannot_be_measured(args, n_local: int, n_val: int) -> None:
                 except RuntimeError as e:
                     fail(f"--robustness: {name} at severity {severity} ({params} parameters) cannot be applied to "
                          f"{args.image_size} px images ({str(e).splitlines()[0]}); pass --corruptions without it")
-
 
 
 def markdown(res: dict) -> str:
@@ -1103,7 +1109,7 @@ def main(args) -> dict:
     prepare_output_dir(out_dir)
     lock = lock_output_dir(out_dir)  # noqa: F841 (held until this process ends)
     exit_on_stop_signals(out_dir)
-    args.backbone_sha256 = file_sha256(args.checkpoint)  # what the probe, the k-NN and results.json belong to
+    args.backbone_sha256 = state["sha256"]  # what the probe, the k-NN and results.json belong to
 
     train_base, val_base, num_classes = load_datasets(args)
     train_set = subset(train_base, args.limit_train, args.seed)
@@ -1142,6 +1148,8 @@ def main(args) -> dict:
                                        val_y, args.knn_k, args.knn_temperature, num_classes)}
     if args.robustness:
         res["robustness"] = robustness(net, probes["h"].float(), val_set, args, device)
+        res["robustness"]["masking_kept"] = ({str(d): k for d, k in masking_kept(n_local).items()}
+                                             if "masking" in args.robustness_parts else {})
         plot_robustness(res["robustness"], out_dir / "robustness.png")
     if args.analysis:
         m = min(args.analysis_images, len(val_set))

@@ -179,8 +179,7 @@ def test_swin_backbone_format_round_trips(tmp_path):
 
 def test_full_tiny_evaluation_of_a_co_byol_backbone(tmp_path):
     run = tmp_path / "byol"
-    # 32 px: a 4 x 4 local map, the smallest on which the five masking rates keep five different counts
-    proc = subprocess.run([sys.executable, "co_byol.py", "--dataset", "fake", "--image-size", "32", "--fake-size",
+    proc = subprocess.run([sys.executable, "co_byol.py", "--dataset", "fake", "--image-size", "16", "--fake-size",
                            "16", "--batch-size", "8", "--epochs", "1", "--proj-hidden", "16", "--pred-hidden", "16",
                            "--proj-dim", "8", "--num-workers", "0", "--knn-k", "0", "--width", "16",
                            "--output-dir", str(run)],
@@ -196,7 +195,7 @@ def test_full_tiny_evaluation_of_a_co_byol_backbone(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["arch_kwargs"]["width"] == 16  # the narrow network was rebuilt from backbone.pt
     assert set(res["linear"]) == {"final (.h)", "patch (.pooled = layer4)", "layer3"}
-    assert 0 <= res["knn"]["top1"] <= 100 and res["args"]["image_size"] == 32  # the checkpoint's size
+    assert 0 <= res["knn"]["top1"] <= 100 and res["args"]["image_size"] == 16  # the checkpoint's size
     rob = res["robustness"]
     assert set(rob["corruptions"]) == {"gaussian_noise", "zoom_blur"} and rob["images"] == 4
     assert len(rob["corruptions"]["zoom_blur"]["severity"]) == 5 and list(rob["masking"]) == ["0.5", "0.6", "0.7",
@@ -206,6 +205,8 @@ def test_full_tiny_evaluation_of_a_co_byol_backbone(tmp_path):
     for f in ("results.md", "robustness.png", "analysis.png", "eval_checkpoint.pt"):
         assert (out / f).stat().st_size > 0
     assert "| final (.h) |" in proc.stdout
+    # a 3 x 3 map: 50 % and 60 % masking keep the same 4 cells, which the run says and results.json records
+    assert rob["masking_kept"] == {"0.5": 4, "0.6": 4, "0.7": 3, "0.8": 2, "0.9": 1} and "note: on a 3x3" in proc.stdout
     # Masking alone (one forward pass per image): no corruptions, no PGD; a part that does not exist is refused.
     only = ["--epochs", "1", "--precompute", "--robustness", "--robustness-parts", "masking"]
     proc = run_eval([a if a != str(out) else str(tmp_path / "masking") for a in common] + only)

@@ -674,15 +674,17 @@ def test_frozen_prototypes_for_the_whole_run_are_said(name, tmp_path, capsys):
     assert "--freeze-last-layer 2 >= --epochs 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra,expected", [
-    (["--analysis", "--limit-val", "2"], "at least 3 validation images"),
-    (["--robustness", "--robustness-parts", "masking"], "a count twice"),  # a 3 x 3 map at 16 px
-    (["--robustness", "--robustness-parts", "corruptions", "--corruptions", "defocus_blur", "--image-size", "8"],
+@pytest.mark.parametrize("trained,extra,expected", [
+    ([], ["--analysis", "--limit-val", "2"], "at least 3 validation images"),
+    (["--stem", "imagenet", "--ws", "0"], ["--robustness", "--robustness-parts", "masking"], "1x1 local map"),
+    ([], ["--robustness", "--robustness-parts", "corruptions", "--corruptions", "defocus_blur", "--image-size", "8"],
      "defocus_blur at severity 1"),
 ])
-def test_eval_linear_refuses_what_the_backbone_or_data_cannot_measure_before_any_work(extra, expected, tmp_path):
-    """These failed after the probe had trained (a traceback), or reported numbers that measured nothing."""
-    run("co_byol", tmp_path, "--max-steps", "1")
+def test_eval_linear_refuses_what_the_backbone_or_data_cannot_measure_before_any_work(trained, extra, expected,
+                                                                                      tmp_path):
+    """These failed after the probe had trained (a traceback), or reported numbers that measured nothing (a
+    ResNet with the ImageNet stem has a 1x1 local map at 16 px: masking 'kept' the one cell at every rate)."""
+    run("co_byol", tmp_path, "--max-steps", "1", *trained)
     with pytest.raises(SystemExit) as e:
         _eval(tmp_path, tmp_path / "run" / "backbone.pt", *extra)
     assert expected in one_error_line(e.value)

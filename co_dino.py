@@ -1136,13 +1136,7 @@ def lock_output_dir(out_dir: Path):
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH. A state
-    with a NaN or an inf anywhere is never written (the last good file stays the newest); the metrics history
-    and the arguments are a record, not state, and are not checked."""
-    bad = nonfinite_entries({k: v for k, v in state.items() if k not in ("history", "args")})
-    if bad:
-        fail(f"not writing {path}: non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more" if bad[1:] else "")
-             + "; lower --lr or use --amp off (the previous file, if any, is kept)")
+    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
     tmp = path.with_suffix(".tmp")
     try:
         torch.save(state, tmp)
@@ -1323,12 +1317,12 @@ class MetricsLog:
     def check(self, step: int, states: dict = None) -> None:
         """Stop every rank with one line if a loss so far, or any tensor of `states` (name -> object with a
         state_dict: networks with their BatchNorm buffers, optimiser, scaler), is NaN or inf."""
-        bad = ["a training loss"] if self.nonfinite.item() else []
-        for name, obj in (states or {}).items():
-            bad += nonfinite_entries(obj.state_dict(), name)
-        if all_reduce_sum(torch.tensor([float(len(bad))], device=self.run.device)).item() > 0:
-            fail(f"non-finite loss or weights by step {step} ({bad[0] if bad else 'on another rank'}); lower --lr or "
-                 f"use --amp off (the last good checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
+        bad = [name for key, obj in (states or {}).items() for name in nonfinite_entries(obj.state_dict(), key)]
+        count = self.nonfinite.float().reshape(1) + len(bad)  # one sync below, for the loss flag and the states
+        if all_reduce_sum(count).item() > 0:
+            what = bad[0] if bad else "a training loss" if self.nonfinite.item() else "on another rank"
+            fail(f"non-finite loss or weights by step {step} ({what}); lower --lr or use --amp off (the last good "
+                 f"checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
 
     def step_row(self, step: int, steps_per_epoch: int, out: "StepOut", schedule: dict, lr: float,
                  clock: TrainClock, batch_size: int, bar=None) -> None:
@@ -1375,7 +1369,7 @@ class Checkpointer:
         self.path = run.out_dir / "checkpoint.pt"
         if run.rank == 0 and self.path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
             self.path.with_suffix(".tmp").unlink()
-        self.last_write = time.time()
+        self.last_write, self.written = time.time(), None
 
     def resume(self, steps_per_epoch: int) -> tuple[int, list, float]:
         """(step, history, training seconds): where the checkpoint stopped, or (0, [], 0.0) for a new run."""
@@ -1393,6 +1387,9 @@ class Checkpointer:
         return self.args.checkpoint_every > 0 and time.time() - self.last_write > 60 * self.args.checkpoint_every
 
     def save(self, step: int, metrics: MetricsLog, clock: TrainClock) -> None:
+        if self.written == (step, len(metrics.history)):  # e.g. a timed write on the epoch's last step: done
+            return
+        self.written = (step, len(metrics.history))
         metrics.check(step, self.states)  # never write a poisoned state: parameters, buffers, optimiser, scaler
         rngs = [None] * self.run.world
         if is_dist():

@@ -776,7 +776,7 @@ def prepare_output_dir(out_dir: Path) -> None:
 
 
 def lock_output_dir(out_dir: Path):
-    """One evaluation per OUTPUT_DIR at a time: it locks OUTPUT_DIR/run.lock (the method files' function).
+    """One run per OUTPUT_DIR at a time: the run (rank 0 of a multi-process one) locks OUTPUT_DIR/run.lock.
 
     A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
     crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file stays and names

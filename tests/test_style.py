@@ -1,8 +1,10 @@
 """The house rules that keep the four method files readable side by side (STYLE.md, docs/README reading guide).
 
-- plumbing that the files share is byte-identical (so a diff between two method files shows the algorithm);
-- the ten section banners, in order; the same step contract everywhere; main() short enough to read as the
-  paper's loop; every command-line flag documented; README a front door of at most 10 KB.
+- each method file is Part I (the method, in the order of its paper) and then one appendix of plumbing that is the
+  same text in every method file, so a diff between two method files shows the methods only;
+- names that Part I of several files shares (BYOL's views, DINO's pieces) are byte-identical too;
+- the same step contract everywhere; main() short enough to read as the paper's loop; every command-line flag
+  documented; README a front door of at most 10 KB.
 """
 import ast
 import importlib
@@ -13,25 +15,33 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["co_byol", "co_dino", "bag_ssl", "geo_dino"]
-BANNERS = ["Header: paper, what this file implements, how to run, reading order", "Arguments",
-           "Distributed, device, precision", "Data: datasets and views", "Model: backbone, heads, EMA teacher",
-           "Loss", "Schedules: lr, weight decay, EMA momentum, temperatures",
-           "Plumbing: checkpoint and resume, metrics log, stop flag, outputs", "Linear evaluation", "Training loop"]
-# Top-level names that several method files define on purpose differently (the method itself, or its notation);
-# every other name defined in two or more method files must be byte-identical there.
+PART_ONE = "# ==== PART I: the method ===="
+APPENDIX = "# ==== APPENDIX: plumbing, identical in every method file ===="
+# Part I's sections, in the order a reader of a paper meets them (a file may add its own before the last).
+SECTIONS = ["The method's flags", "Views", "Networks and heads", "Losses", "Schedules"]
+LAST_SECTION = "One training step, and the loop"
+# Part I names that several method files define on purpose differently (the method itself, or its notation);
+# every other name that Part I of two or more method files defines must be byte-identical there.
 PER_METHOD = {
-    "build_parser": "each method's flags", "parse_args": "each method's checks and defaults",
+    "add_method_flags": "each method's flags", "check_method_args": "each method's checks and defaults",
+    "METHOD_DEFAULTS": "each method's values of the shared flags", "OTHER_ARCHS": "geo_dino adds swin_t",
     "MultiView": "the method's views (two crops, patches, multi-crop with boxes)",
     "Encoder": "the method's heads", "OnlineNetwork": "BYOL's theta (predictor, local heads)",
-    "StudentNetwork": "DINO's student (geo_dino: local head on matched cells)",
-    "Nets": "the method's networks",
-    "build_training": "the method's networks and optimiser", "Schedule": "the method's schedules",
-    "train_step": "the algorithm", "main": "the method's names and outputs", "plot_curves": "the method's monitors",
+    "StudentNetwork": "DINO's student (geo_dino: crops batched per size)",
+    "Nets": "the method's networks", "build_training": "the method's networks",
+    "Schedule": "the method's schedules", "train_step": "the algorithm", "main": "the method's names and outputs",
     "ema_update": "the paper's notation: theta/xi (BYOL) or student/teacher (DINO)",
-    "tau_at": "cites BYOL or DINO", "make_loaders": "geo_dino: --train-per-class subsets (paper Sec. 4.5.1)",
-    "save_backbone": "geo_dino also saves Swin-T", "LAPTOP_RECIPE": "each method's laptop values",
-    "RECIPES": "each method's named recipes",
+    "tau_at": "cites BYOL or DINO", "LAPTOP_RECIPE": "each method's laptop values",
+    "RECIPES": "each method's named recipes", "Losses": "the method's loss terms", "ViewOut": "the method's outputs",
 }
+
+
+def parts(name: str) -> tuple[str, str]:
+    """(Part I, the appendix) of a method file; the appendix starts at its banner's rule line."""
+    text = (ROOT / f"{name}.py").read_text()
+    banner = text.index(APPENDIX)
+    cut = text.rindex("\n# =", 0, banner) + 1
+    return text[:cut], text[cut:]
 
 
 def top_level(path: Path) -> dict[str, str]:
@@ -51,7 +61,13 @@ def top_level(path: Path) -> dict[str, str]:
     return out
 
 
-DEFS = {m: top_level(ROOT / f"{m}.py") for m in METHODS}
+def top_level_of_part_one(name: str) -> dict[str, str]:
+    """top_level() of the definitions above the appendix."""
+    part_one = parts(name)[0]
+    return {n: text for n, text in top_level(ROOT / f"{name}.py").items() if text in part_one}
+
+
+DEFS = {m: top_level_of_part_one(m) for m in METHODS}
 
 
 def shared_names():
@@ -60,27 +76,36 @@ def shared_names():
 
 
 @pytest.mark.parametrize("name", shared_names())
-def test_duplicated_plumbing_is_byte_identical(name):
+def test_names_part_one_shares_are_byte_identical(name):
     texts = {m: d[name] for m, d in DEFS.items() if name in d}
     first = next(iter(texts.values()))
     differ = [m for m, t in texts.items() if t != first]
     assert not differ, f"{name} differs between {sorted(texts)}: copy one version into all (or list it in PER_METHOD)"
 
 
-def test_the_plumbing_that_every_loop_calls_is_in_every_file():
+def test_the_appendix_is_one_text_in_every_method_file():
+    """Everything from the appendix banner to the end of the file is the same text in all four files."""
+    appendices = {m: parts(m)[1] for m in METHODS}
+    first = appendices[METHODS[0]]
+    differ = [m for m, text in appendices.items() if text != first]
+    assert not differ, f"the appendix of {differ} differs from {METHODS[0]}'s: copy one into all"
     for name in ("Run", "TrainClock", "MetricsLog", "Checkpointer", "StopFlag", "ResumableSampler", "end_of_epoch",
-                 "finish_training", "write_final", "KNNMonitor", "StepOut", "keep_freed_memory"):
-        assert all(name in d for d in DEFS.values()), name
-
-
-def test_swin_backbone_is_the_same_in_geo_dino_and_eval_linear():
-    assert DEFS["geo_dino"]["SwinBackbone"] == top_level(ROOT / "eval_linear.py")["SwinBackbone"]
+                 "finish_training", "write_final", "KNNMonitor", "StepOut", "make_optimizer", "build_parser"):
+        assert re.search(rf"^(class|def) {name}\b", first, flags=re.M), name
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_ten_section_banners_in_order(name):
-    found = re.findall(r"^# ==== (\d+)\. (.+) ====$", (ROOT / f"{name}.py").read_text(), flags=re.M)
-    assert found == [(str(i), title) for i, title in enumerate(BANNERS)]
+def test_part_one_holds_the_method_in_the_papers_order(name):
+    part_one, appendix = parts(name)
+    assert part_one.count(PART_ONE) == 1 and PART_ONE not in appendix
+    found = re.findall(r"^# ---- \d+\. (.+?)(?::.*)? ----$", part_one, flags=re.M)
+    assert found[:len(SECTIONS)] == SECTIONS and found[-1] == LAST_SECTION, found
+    top = [n for n in top_level(ROOT / f"{name}.py") if n in ("train_step", "main")]
+    assert top == ["train_step", "main"] and "def main(" in part_one and "def main(" not in appendix
+
+
+def test_swin_backbone_is_the_same_in_geo_dino_and_eval_linear():
+    assert top_level(ROOT / "geo_dino.py")["SwinBackbone"] == top_level(ROOT / "eval_linear.py")["SwinBackbone"]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -88,7 +113,7 @@ def test_one_step_contract_and_a_short_main(name):
     tree = ast.parse((ROOT / f"{name}.py").read_text())
     funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     step = funcs["train_step"]
-    assert [a.arg for a in step.args.args] == ["nets", "optimizer", "batch", "schedule", "args"]
+    assert [a.arg for a in step.args.args] == ["nets", "optimizer", "batch", "schedule", "args", "run"]
     assert ast.unparse(step.returns) == "StepOut"
     main = funcs["main"]
     assert main.end_lineno - main.lineno + 1 <= 80, "main() must read as the paper's loop: move plumbing out"

@@ -19,7 +19,7 @@ N grows (Fig. 3a), and averaging locally then concatenating (Table 5) beats the 
 What this file implements: both sides of the paper's tables from one script (`--crop patch`, BagSSL, and
 `--crop multiscale`, the baseline), four losses (`--loss simclr|vicreg|tcr|byol`, with BYOL's EMA target and
 predictor), EMP-SSL's many-patch loss as an anchor (`--loss emp --num-patches 20`), the paper's projector (2
-layers, 4096 hidden), online linear probes, an online k-NN on whole images every epoch (epoch 0: the random
+layers, 4096 hidden), an online k-NN on whole images every epoch (epoch 0: the random
 network), LARS (or SGD) with warm-up + cosine, AMP, DDP (global-batch losses), auto-resume, SIGTERM
 checkpoints, a narrow `--width` for CPUs; and after training (or with `--eval-only --checkpoint
 backbone.pt`) the bag-of-patch evaluation: linear probe and k-NN on the mean embedding of N patches for N in
@@ -43,14 +43,18 @@ Run:
     torchrun --nproc_per_node=8 bag_ssl.py --dataset imagefolder --data-dir /data/imagenet100 --arch resnet50 \
         --image-size 224 --epochs 400 --batch-size 1024 --lr 0.1 --proj-hidden 8192 --proj-dim 8192 \
         --tcr-lambda 1920 --patch-size 100 --eval-patches 1,16,48 --output-dir runs/bag_ssl_in100
-Expected results: measured numbers, with their commands, machines and times, are in docs/bag_ssl.md (results:
-so far a 24-step CPU smoke run per arm on 5,000 CIFAR-10 images, ~15 min training + ~9 min evaluation each on
-one CPU core; the paper's CIFAR-10 numbers need the GPU recipe above).
+Measured results (with commands, machine and time, beside the same network at random initialisation):
+docs/bag_ssl.md. The paper's CIFAR-10 numbers need the GPU recipe above.
 
-Reading order: §3 (the two kinds of views, and the patch boxes of the evaluation) -> §5 (the four
-losses and how each avoids collapse) -> §8 (the bag-of-patch evaluation, the heart of the paper) ->
-§9 (the training loop) -> §4 (networks). §2, §6 and §7 are plumbing shared with co_byol.py
-(kept identical).
+Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by every
+method file):
+    patch_view, MultiView   the two kinds of views: fixed-scale patches (BagSSL, Sec. 4.1) or crops
+    Encoder, OnlineNetwork  f and the projector g (App. C.1); BYOL's predictor
+    nt_xent_loss, vicreg_loss, tcr_loss, byol_loss, emp_loss   the four losses (Sec. 2-3) and EMP-SSL's
+    bag_ssl_loss            the chosen loss on the global batch (gather_with_grad)
+    sample_boxes, bag_features, bag_of_patches_eval   Sec. 3's bag-of-patch evaluation (Tables 1, 3, 5;
+                            Fig. 3a), the heart of the paper
+    train_step, main        one step, then the training loop
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ L2-normalised, weight-normalised last layer with K prototypes, optionally frozen
 teacher centring (momentum 0.9, global batch) and sharpening with a temperature warm-up, student temperature
 0.1, optional multi-crop (`--small-crops`, DINO-mc), the local head with its own centre and the local loss
 (`--ws 0` is exactly DINO: no local head is even built), collapse monitors (teacher entropy, KL of the mean
-teacher distribution to uniform), online linear probes, LARS with warm-up + cosine, AMP, DDP, auto-resume,
+teacher distribution to uniform), LARS with warm-up + cosine, AMP, DDP, auto-resume,
 SIGTERM checkpoints. `backbone.pt` holds the TEACHER backbone, as DINO evaluates the teacher.
 
 Run:
@@ -32,11 +32,19 @@ Run:
     torchrun --nproc_per_node=8 co_dino.py --dataset imagefolder --data-dir /data/imagenet100 \
         --arch rf99_resnet50 --image-size 224 --epochs 400 --batch-size 256 --ws 0.2 --min-crop 0.2 \
         --output-dir runs/co_dino_in100
-Expected results: measured numbers, with their commands, machines and times, are in docs/co_dino.md.
+Measured results (k-NN of the laptop recipe beside the same network at random initialisation, with
+commands, machine and time): docs/co_dino.md.
 
-Reading order: §5 (the losses and the centre) -> §4 (the DINO head, local and global) -> §9 (the
-training loop) -> §6 (schedules, teacher temperature). §2, §3 and §7 are plumbing shared with
-co_byol.py (kept identical).
+Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by every
+method file):
+    MultiView               the two views and c_min (CO-SSL Sec. 3.3); small crops for DINO-mc
+    DINOHead, Encoder       DINO's head (Sec. 3.1 of DINO) on h, and a second one at every local position
+    dino_loss               DINO Eq. 1-3: H(P_t(x'), P_s(x)) over pairs of different views
+    local_dino_loss         CO-SSL Eq. 2 with DINO's cross-entropy: local <-> global of the other view
+    co_dino_loss            L = L_DINO + w_s L_local (CO-SSL Sec. 3.1)
+    update_center           DINO Eq. 4, over the global batch; collapse_monitors
+    tau_at, teacher_temp_at, ema_update, Schedule   the teacher's EMA and temperature
+    train_step, main        one step, then the training loop
 """
 from __future__ import annotations
 

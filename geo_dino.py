@@ -22,7 +22,7 @@ and the geometric / similarity matchings, the local loss (Eq. 4, 6, 9, 10) with 
 match monitors (fraction of valid geometric matches; how often the similarity match equals the geometric
 one), `--plot-matches` (the paper's Fig. 3), backbones `swin_t` (torchvision, the paper's) and every
 rf_resnet arch (any --width), LARS or AdamW, AMP (bf16 on CPUs with native bf16), DDP, auto-resume, SIGTERM
-checkpoints, batch-normalised online linear probes and a k-NN of the teacher every epoch (epoch 0 = the random
+checkpoints, and a k-NN of the teacher every epoch (epoch 0 = the random
 network; the final one on the whole training set). Not here: the paper's Sec. 4.7 correspondence benchmark and
 its dense downstream task.
 
@@ -42,13 +42,20 @@ Run:
         --out-dim 65536 --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 --tau-base 0.996 \
         --local-loss geo --output-dir runs/geo_dino_in1k
     # Multi-node: the same with torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT ...
-Expected results: measured numbers, with their commands, machines and times, are in docs/geo_dino.md;
-a fraction of an epoch of each setting on a 5k-image CIFAR-10 subset on a 2-core CPU is in results/geo_dino_cifar5k_*
-(far too short to rank them).
+Measured results (with commands, machine and time, beside the same network at random initialisation):
+docs/geo_dino.md.
 
-Reading order: §3 (`GeometricView`, `cell_centers`: where every cell comes from) -> §5 (the matchings
-and the losses, Eq. 4-10) -> §9 (the training loop) -> §4 (heads, Swin-T wrapper). §2, §7 and
-most of §3, §6 and §8 are plumbing shared with co_dino.py and co_byol.py (kept identical).
+Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by every
+method file):
+    GeometricView, MultiView, cell_centers   every crop with its box and flip (Sec. 3.2, App. A.1); where
+                            each cell of the final map lies in the original image
+    DINOHead, Encoder       the global head h-bar and the local head h (Sec. 3.4.1-3.4.2); SwinBackbone
+    dino_loss               the global loss (Eq. 2 / 8)
+    geometric_matching      Eq. 6 / 10: the nearest teacher cell, kept below the threshold s
+    similarity_matching     Eq. 4 / 9: EsViT's most similar teacher cell
+    local_pair_loss, geo_dino_loss   the local loss (Eq. 5, 7, 9, 10) and (1 - w) L_G + w L_L
+    tau_at, teacher_temp_at, wd_at, Schedule   the teacher's EMA and temperature, DINO's weight decay
+    train_step, main        one step (Algorithm 1), then the training loop
 """
 from __future__ import annotations
 

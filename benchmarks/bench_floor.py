@@ -6,7 +6,7 @@
 
 The floor is the work no implementation of the method can skip: forward + backward of the trained backbone on
 every view of the batch, plus (methods with an EMA network) the target / teacher backbone's forward on its two
-views. The full step is the method file's own `train_step` (heads, losses, probes, optimiser, EMA, centres),
+views. The full step is the method file's own `train_step` (heads, losses, optimiser, EMA, centres),
 on the same batch from the method's own loader, built by the same code as benchmarks/bench_step.py. Reported
 per method, configuration and variant (base and CO / local-loss variant): both times (median of --steps after
 --warmup), step / floor, both FLOP counts (torch.utils.flop_counter: matmuls and convolutions, forward and
@@ -33,12 +33,12 @@ import bench_step  # noqa: E402  (PAIRS, build, median_time: the same constructi
 DEFAULT = "resnet18:32:64,resnet50:224:8,rf99_resnet50:224:8"
 
 
-def floor_fn(nets, batch):
+def floor_fn(nets, batch, run_state):
     """Forward + backward of the trained backbone on every view, and the EMA backbone's forward on two."""
     import torch
 
     views = batch[0] if torch.is_tensor(batch[0][0]) else batch[0][0]  # geo_dino's batch: ((views, boxes, flips), y)
-    device = nets.run.device
+    device = run_state.device
     mod = sys.modules[type(nets).__module__]  # the method file: its normalize turns the uint8 views into input
     views = [mod.normalize(v.to(device)).contiguous(memory_format=torch.channels_last) for v in views]
     backbone = (getattr(nets, "online", None) or getattr(nets, "student", None)).encoder.backbone  # the trained one
@@ -46,7 +46,7 @@ def floor_fn(nets, batch):
 
     def run():
         backbone.zero_grad(set_to_none=True)
-        with nets.run.autocast:
+        with run_state.autocast:
             out = sum(backbone(v).h.float().mean() for v in views)
             if ema is not None:
                 with torch.no_grad():
@@ -88,8 +88,8 @@ def one(method: str, spec: str, variant: int, device: str, amp: str, steps: int,
     with tempfile.TemporaryDirectory() as out_dir:
         mod, args, run, nets, optimizer, batch, schedule = bench_step.build(method, spec, variant, device, amp, width,
                                                                             out_dir, recipe)
-        step = lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item()  # noqa: E731
-        floor = floor_fn(nets, batch)
+        step = lambda: mod.train_step(nets, optimizer, batch, schedule, args, run).loss.item()  # noqa: E731
+        floor = floor_fn(nets, batch, run)
         sync = (lambda: torch.cuda.synchronize()) if run.device.type == "cuda" else (lambda: None)
         (floor_s, step_s), (floor_cpu_s, step_cpu_s) = interleaved_medians([lambda: (floor(), sync()), step], steps,
                                                                             warmup)

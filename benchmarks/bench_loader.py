@@ -59,7 +59,7 @@ def one(method: str, setting: str, batches: int, data_dir: str, amp: str = "off"
         args = mod.parse_args(argv + ["--num-workers", "0", "--amp", amp, "--device", "cpu", "--output-dir",
                                       str(Path(tmp) / "out"), *flags])
         run = mod.Run(args)
-        _, _, loader, _, _, num_classes = mod.make_loaders(args, 0, 1)
+        _, _, loader, _, _ = mod.make_loaders(args, 0, 1)
         it = iter(loader)
         batch = next(it)  # warm-up (file cache, first decode)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -70,9 +70,9 @@ def one(method: str, setting: str, batches: int, data_dir: str, amp: str = "off"
                 it = iter(loader)
                 batch = next(it)
         load_s, load_cpu_s = (time.perf_counter() - t0) / batches, (time.process_time() - c0) / batches
-        nets, optimizer = mod.build_training(args, num_classes, run)
+        nets, optimizer = mod.build_training(args, run)
         schedule = bench_step.steady_schedule(mod, args)
-        step = lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item()  # noqa: E731
+        step = lambda: mod.train_step(nets, optimizer, batch, schedule, args, run).loss.item()  # noqa: E731
         step_s = bench_step.median_time(step, 3, 1)
         step_cpu_s = bench_step.median_time(step, 3, 0, clock=time.process_time)
     return {"method": method, "name": name, "setting": setting, "batch": args.batch_size, "amp": str(run.dtype),

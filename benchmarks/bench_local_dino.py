@@ -91,19 +91,19 @@ def whole_steps(method: str, backend: str = "inductor", reps: int = 15, amp: str
     import bench_floor  # noqa: E402  (floor_fn; it imports bench_step: build)
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mod, args, _, nets, optimizer, batch, schedule = bench_floor.bench_step.build(
+        mod, args, run, nets, optimizer, batch, schedule = bench_floor.bench_step.build(
             method, "resnet18:32:64", 1, "cpu", amp, 16, out_dir, "laptop")
         loss_fn = {"co_dino": "co_dino_loss", "geo_dino": "geo_dino_loss"}[method]
-        # one call: the optimiser keeps the copy's parameters; the run (device, its output folder's lock) is shared
-        nets_c, optimizer_c = copy.deepcopy((nets, optimizer), memo={id(nets.run): nets.run})
+        # one call: the optimiser keeps the copy's parameters
+        nets_c, optimizer_c = copy.deepcopy((nets, optimizer))
         nets_c = dataclasses.replace(nets_c, loss_fn=torch.compile(getattr(mod, loss_fn), backend=backend))
-        eager_loss = mod.train_step(nets, optimizer, batch, schedule, args).loss.item()
+        eager_loss = mod.train_step(nets, optimizer, batch, schedule, args, run).loss.item()
         t0 = time.time()  # the compiled step's first call starts from the same state as the eager one above
-        compiled_loss = mod.train_step(nets_c, optimizer_c, batch, schedule, args).loss.item()
+        compiled_loss = mod.train_step(nets_c, optimizer_c, batch, schedule, args, run).loss.item()
         print(f"{method} step, loss compiled: first step (the compile) {time.time() - t0:.1f} s")
-        fns = {"floor": bench_floor.floor_fn(nets, batch),
-               "step": lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item(),
-               "step, loss compiled": lambda: mod.train_step(nets_c, optimizer_c, batch, schedule, args).loss.item()}
+        fns = {"floor": bench_floor.floor_fn(nets, batch, run),
+               "step": lambda: mod.train_step(nets, optimizer, batch, schedule, args, run).loss.item(),
+               "step, loss compiled": lambda: mod.train_step(nets_c, optimizer_c, batch, schedule, args, run).loss.item()}
         times = {k: v / 1e3 for k, v in interleaved(fns, reps, warmup=warmup).items()}
     return times | {"eager_loss": eager_loss, "compiled_loss": compiled_loss}
 

@@ -10,7 +10,7 @@ Each configuration (arch:image_size:batch) runs twice (the method's base and its
 in a process of its own so that the peak memory is that configuration's (CPU: peak resident set size of the
 process; CUDA: torch.cuda.max_memory_allocated). The batch is one batch of the method's own loader on FakeData
 (so geo_dino's boxes and flips are real), built once and reused, so only the step itself is timed: the method
-file's `train_step(nets, optimizer, batch, schedule, args) -> StepOut`, the function its training loop calls,
+file's `train_step(nets, optimizer, batch, schedule, args, run) -> StepOut`, the function its training loop calls,
 with the networks and optimiser of its `build_training` and the schedules of its `Schedule`. One code path for
 every method. Reported: the median over --steps timed steps after --warmup untimed ones.
 """
@@ -48,8 +48,8 @@ def build(method: str, spec: str, variant: int, device: str, amp: str, width: in
                            "--width", str(width), "--output-dir", out_dir, *flags])
     args.recipe_used = recipe
     run = mod.Run(args)  # device, precision, flush-denormal on CPU: as main()
-    _, _, loader, _, _, num_classes = mod.make_loaders(args, 0, 1)
-    nets, optimizer = mod.build_training(args, num_classes, run)
+    _, _, loader, _, _ = mod.make_loaders(args, 0, 1)
+    nets, optimizer = mod.build_training(args, run)
     return mod, args, run, nets, optimizer, next(iter(loader)), steady_schedule(mod, args)
 
 
@@ -81,7 +81,7 @@ def one(method: str, spec: str, variant: int, device: str, amp: str, steps: int,
     with tempfile.TemporaryDirectory() as out_dir:
         mod, args, run, nets, optimizer, batch, schedule = build(method, spec, variant, device, amp, width, out_dir)
         # .item(): wait for the device
-        step_s = median_time(lambda: mod.train_step(nets, optimizer, batch, schedule, args).loss.item(), steps, warmup)
+        step_s = median_time(lambda: mod.train_step(nets, optimizer, batch, schedule, args, run).loss.item(), steps, warmup)
     arch, size, b = spec.split(":")
     return {"method": method, "name": name, "flags": " ".join(flags), "arch": arch, "width": width,
             "image_size": int(size), "batch": int(b), "step_s": step_s, "img_per_s": int(b) / step_s,

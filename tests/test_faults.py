@@ -363,14 +363,14 @@ print(default, faults_of_a_second_64mb_tensor())
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_probes_and_knn_follow_knn_every_and_the_last_step(name, tmp_path):
-    """--knn-every 2 over 3 epochs: probe rows at epoch 2 and at the end only (not every epoch), k-NN rows at
-    the random network (epoch 0) and at epoch 2; the final readout comes after training."""
+def test_knn_follows_knn_every_and_the_final_readout_comes_after_training(name, tmp_path):
+    """--knn-every 2 over 3 epochs: k-NN rows at the random network (epoch 0) and at epoch 2 only (not every
+    epoch); the final readout, on the whole training set, comes after training."""
     import json
     run(name, tmp_path, "--epochs", "3", "--knn-every", "2", "--knn-k", "3")
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows if "val_acc_h" in r] == [2.0, 3.0]
     assert [r["epoch"] for r in rows if "knn_top1" in r] == [0.0, 2.0]
+    assert [r["epoch"] for r in rows if "knn_top1_full" in r] == [3.0] and "knn_top1_full" in rows[-1]
 
 
 # ---- Reliability as a cluster user meets it (issue: repeated signals, class folders, stale evaluations,
@@ -416,15 +416,16 @@ def _state_tensors(ckpt: dict) -> dict:
 @pytest.mark.parametrize("name,how", [("co_byol", "signal"), ("co_dino", "crash"), ("bag_ssl", "crash"),
                                       ("geo_dino", "signal")])
 def test_a_stop_or_a_crash_during_the_epochs_evaluation_loses_only_the_evaluation(name, how, tmp_path, monkeypatch):
-    """The epoch's checkpoint is written before its evaluation (probes, k-NN): a SIGUSR1 that arrives during the
+    """The epoch's checkpoint is written before its evaluation (k-NN, linear readout): a SIGUSR1 that arrives during the
     evaluation stops the run at that epoch's end, and a crash there (kill, OOM) resumes from it; either way the
     finished run equals an uninterrupted one, bit for bit. Before, the checkpoint came after the evaluation."""
     m = module(name)
-    run(name, tmp_path, out="whole")
+    knn = ("--knn-k", "3")  # an evaluation at every epoch end
+    run(name, tmp_path, *knn, out="whole")
     real_write = m.MetricsLog.write
 
     def write(self, row):
-        if any(k.startswith("val_acc") for k in row) and row["step"] == 4:  # epoch 1's probe readout
+        if "knn_top1" in row and row["step"] == 4:  # epoch 1's k-NN and linear readout
             if how == "signal":
                 os.kill(os.getpid(), signal.SIGUSR1)
             else:
@@ -433,13 +434,13 @@ def test_a_stop_or_a_crash_during_the_epochs_evaluation_loses_only_the_evaluatio
 
     monkeypatch.setattr(m.MetricsLog, "write", write)
     with pytest.raises(SystemExit if how == "signal" else KeyboardInterrupt) as e:
-        run(name, tmp_path)
+        run(name, tmp_path, *knn)
     if how == "signal":
         assert e.value.code == 128 + signal.SIGUSR1
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
     monkeypatch.undo()
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-    run(name, tmp_path)
+    run(name, tmp_path, *knn)
     whole = _state_tensors(torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True))
     resumed = _state_tensors(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True))
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -1,31 +1,34 @@
-"""BagSSL: joint-embedding SSL on fixed-scale patches, images represented as a bag of patch embeddings.
+"""BagSSL: joint-embedding SSL on fixed-scale patches, images represented as a bag of patch
+embeddings.
 
-Paper: Yubei Chen, Adrien Bardes, Zengyi Li, Yann LeCun, "Bag of Image Patch Embedding Behind the Success of
-Self-Supervised Learning", arXiv 2206.08954 (v1 title: "Intra-Instance VICReg"). Sec. 3 (Prop. 3.1,
-bag-of-local-feature evaluation), Sec. 4 (Tables 1-5, Fig. 2-3), App. C (recipes).
+Paper: Yubei Chen, Adrien Bardes, Zengyi Li, Yann LeCun, "Bag of Image Patch Embedding Behind the
+Success of Self-Supervised Learning", arXiv 2206.08954 (v1 title: "Intra-Instance VICReg"). Sec. 3
+(Prop. 3.1, bag-of-local-feature evaluation), Sec. 4 (Tables 1-5, Fig. 2-3), App. C (recipes).
 
-Idea. Joint-embedding SSL (SimCLR, VICReg, TCR, BYOL) pulls together the embeddings of two views of one
-image. The paper argues that what these methods really learn is a representation of image *patches* that
-reflects how often patches co-occur in the same image (Prop. 3.1: the spectral contrastive loss is a
-factorisation of the patch co-occurrence matrix). To show it, BagSSL replaces the multi-scale crops
-(RandomResizedCrop(0.08, 1)) by two *fixed-scale* patches per image (14x14 on 32 px CIFAR, 100x100 on 224 px
-ImageNet-100), upsampled to the network input and colour-augmented as in BYOL; the loss is unchanged. After
-training, an image is represented by the MEAN of the backbone embeddings h of N patches at the training scale
-(a "bag of patch embeddings", Fig. 1). With N = 16-256 this matches or beats the multi-scale baselines
-(Tables 1-3), while the whole image ("central") works poorly for a patch-trained network that never saw one.
-Conversely, for a multi-scale model the mean of N patch embeddings converges to the whole-image embedding as
-N grows (Fig. 3a), and averaging locally then concatenating (Table 5) beats the global average.
+Idea. Joint-embedding SSL (SimCLR, VICReg, TCR, BYOL) pulls together the embeddings of two views of
+one image. The paper argues that what these methods really learn is a representation of image
+*patches* that reflects how often patches co-occur in the same image (Prop. 3.1: the spectral
+contrastive loss is a factorisation of the patch co-occurrence matrix). To show it, BagSSL replaces
+the multi-scale crops (RandomResizedCrop(0.08, 1)) by two *fixed-scale* patches per image (14x14 on
+32 px CIFAR, 100x100 on 224 px ImageNet-100), upsampled to the network input and colour-augmented as
+in BYOL; the loss is unchanged. After training, an image is represented by the MEAN of the backbone
+embeddings h of N patches at the training scale (a "bag of patch embeddings", Fig. 1). With N =
+16-256 this matches or beats the multi-scale baselines (Tables 1-3), while the whole image
+("central") works poorly for a patch-trained network that never saw one. Conversely, for a
+multi-scale model the mean of N patch embeddings converges to the whole-image embedding as N grows
+(Fig. 3a), and averaging locally then concatenating (Table 5) beats the global average.
 
-What this file implements: both sides of the paper's tables from one script (`--crop patch`, BagSSL, and
-`--crop multiscale`, the baseline), four losses (`--loss simclr|vicreg|tcr|byol`, with BYOL's EMA target and
-predictor), EMP-SSL's many-patch loss as an anchor (`--loss emp --num-patches 20`), the paper's projector (2
-layers, 4096 hidden), an online k-NN on whole images every epoch (epoch 0: the random
-network), LARS (or SGD) with warm-up + cosine, AMP, DDP (global-batch losses), auto-resume, SIGTERM
-checkpoints, a narrow `--width` for CPUs; and after training (or with `--eval-only --checkpoint
-backbone.pt`) the bag-of-patch evaluation: linear probe and k-NN on the mean embedding of N patches for N in
-`--eval-patches` and on the whole image, laid out as the paper's Table 1 (`table1.md`,
-`final_metrics.json`), the convergence study of Fig. 3a (`convergence.png`) and local aggregation (Table 5,
-`--local-agg`). Not here: the visualisations of Sec. 4.3 (Fig. 4-5), ImageNet-1K (Fig. 3b).
+What this file implements: both sides of the paper's tables from one script (`--crop patch`, BagSSL,
+and `--crop multiscale`, the baseline), four losses (`--loss simclr|vicreg|tcr|byol`, with BYOL's
+EMA target and predictor), EMP-SSL's many-patch loss as an anchor (`--loss emp --num-patches 20`),
+the paper's projector (2 layers, 4096 hidden), an online k-NN on whole images every epoch (epoch 0:
+the random network), LARS (or SGD) with warm-up + cosine, AMP, DDP (global-batch losses),
+auto-resume, SIGTERM checkpoints, a narrow `--width` for CPUs; and after training (or with
+`--eval-only --checkpoint backbone.pt`) the bag-of-patch evaluation: linear probe and k-NN on the
+mean embedding of N patches for N in `--eval-patches` and on the whole image, laid out as the
+paper's Table 1 (`table1.md`, `final_metrics.json`), the convergence study of Fig. 3a
+(`convergence.png`) and local aggregation (Table 5, `--local-agg`). Not here: the visualisations of
+Sec. 4.3 (Fig. 4-5), ImageNet-1K (Fig. 3b).
 
 Run:
     python bag_ssl.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --eval-patches 1,4   # CPU smoke
@@ -43,11 +46,11 @@ Run:
     torchrun --nproc_per_node=8 bag_ssl.py --dataset imagefolder --data-dir /data/imagenet100 --arch resnet50 \
         --image-size 224 --epochs 400 --batch-size 1024 --lr 0.1 --proj-hidden 8192 --proj-dim 8192 \
         --tcr-lambda 1920 --patch-size 100 --eval-patches 1,16,48 --output-dir runs/bag_ssl_in100
-Measured results (with commands, machine and time, beside the same network at random initialisation):
-docs/bag_ssl.md. The paper's CIFAR-10 numbers need the GPU recipe above.
+Measured results (with commands, machine and time, beside the same network at random
+initialisation): docs/bag_ssl.md. The paper's CIFAR-10 numbers need the GPU recipe above.
 
-Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by every
-method file):
+Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
+every method file):
     patch_view, MultiView   the two kinds of views: fixed-scale patches (BagSSL, Sec. 4.1) or crops
     Encoder, OnlineNetwork  f and the projector g (App. C.1); BYOL's predictor
     nt_xent_loss, vicreg_loss, tcr_loss, byol_loss, emp_loss   the four losses (Sec. 2-3) and EMP-SSL's
@@ -86,9 +89,9 @@ from tqdm import tqdm
 
 import rf_resnet
 
-# ======================================================================================================================
+# ==================================================================================================
 # ==== PART I: the method ====
-# ======================================================================================================================
+# ==================================================================================================
 
 # ---- 1. The method's flags ----
 LOSSES = ("vicreg", "simclr", "tcr", "byol", "emp")
@@ -101,74 +104,97 @@ LOSS_TERMS = {"vicreg": ("loss_inv", "loss_var", "loss_cov"), "simclr": ("loss_n
 
 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
-    """BagSSL's flags (views, losses, the bag-of-patch evaluation); the flags every method shares are in the
-    appendix (A.1)."""
+    """BagSSL's flags (views, losses, the bag-of-patch evaluation); the flags every method shares
+    are in the appendix (A.1)."""
     g = p.add_argument_group("method (BagSSL, Sec. 3-4 and App. C)")
-    g.add_argument("--crop", choices=["patch", "multiscale"], default="patch",
-                   help="training views: 'patch' = two fixed-scale patches at random positions (BagSSL, Sec. 4.1); "
-                   "'multiscale' = RandomResizedCrop(--min-scale, 1), the baseline of Tables 1-3")
-    g.add_argument("--patch-size", type=int, default=0, help="side of the fixed-scale patches in pixels, before "
-                   "upsampling to --image-size (0: 14/32 of --image-size, i.e. 14 on CIFAR, Table 1; the paper "
-                   "uses 100 at 224 px on ImageNet-100, Table 3)")
-    g.add_argument("--min-scale", type=float, default=0.08, help="lower area bound of RandomResizedCrop for "
-                   "--crop multiscale (paper: 0.08, i.e. 9x9 to 32x32 crops on CIFAR)")
-    g.add_argument("--loss", choices=LOSSES, default="vicreg", help="joint-embedding loss (Sec. 4: SimCLR, "
-                   "VICReg, TCR, BYOL; the paper's tables show all four behave alike); 'emp': EMP-SSL's many-patch "
-                   "loss (Tong et al. 2023), TCR on every patch + cosine of every patch to its image's mean")
-    g.add_argument("--num-patches", type=int, default=None, help="views per image: 2 for the two-view losses; "
-                   "with --loss emp any n >= 2 (default 20, the official EMP-SSL CIFAR-10 command's)")
-    g.add_argument("--emp-lambda", type=float, default=200.0, help="EMP-SSL: weight of the cosine-to-the-mean "
-                   "term against the coding rate (EMP-SSL: 200)")
-    g.add_argument("--temperature", type=float, default=0.1, help="SimCLR NT-Xent temperature (App. C: 0.1)")
-    g.add_argument("--sim-coeff", type=float, default=25.0, help="VICReg invariance weight lambda (App. C: 25)")
-    g.add_argument("--std-coeff", type=float, default=25.0, help="VICReg variance weight mu (App. C: 25)")
-    g.add_argument("--cov-coeff", type=float, default=1.0, help="VICReg covariance weight nu (App. C: 1)")
-    g.add_argument("--tcr-lambda", type=float, default=30.0, help="TCR weight lambda of the view-agreement term "
-                   "(App. C.1: 30 on CIFAR; C.2: 1920 on ImageNet-100 with 8192-d projections)")
-    g.add_argument("--tcr-eps", type=float, default=0.2, help="TCR distortion epsilon (App. C: 0.2)")
-    g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of the projector g (App. C.1: "
-                   "4096 on CIFAR; C.2: 8192)")
-    g.add_argument("--proj-hidden-layers", type=int, default=1, help="hidden layers of the projector g (App. C.1: "
-                   "1, i.e. 2 linear layers, on CIFAR; C.2: 2, i.e. 3 linear layers of 8192, on ImageNet-100)")
-    g.add_argument("--proj-dim", type=int, default=None, help="output width of the projector; default App. C.1's: "
-                   "128 on CIFAR-10, 512 on CIFAR-100 (C.2, ImageNet-100: 8192)")
-    g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of BYOL's predictor q (BYOL: 4096)")
-    g.add_argument("--tau-base", type=float, default=0.99, help="BYOL: EMA momentum of the target at step 0; "
-                   "it follows a cosine to --tau-final (BYOL: 0.99 -> 1)")
-    g.add_argument("--tau-final", type=float, default=1.0, help="BYOL: EMA momentum at the last step")
+    g.add_argument("--crop", choices=["patch", "multiscale"], default="patch", help="training "
+                   "views: 'patch' = two fixed-scale patches at random positions (BagSSL, Sec. "
+                   "4.1); 'multiscale' = RandomResizedCrop(--min-scale, 1), the baseline of "
+                   "Tables 1-3")
+    g.add_argument("--patch-size", type=int, default=0, help="side of the fixed-scale patches in "
+                   "pixels, before upsampling to --image-size (0: 14/32 of --image-size, i.e. 14 "
+                   "on CIFAR, Table 1; the paper uses 100 at 224 px on ImageNet-100, Table 3)")
+    g.add_argument("--min-scale", type=float, default=0.08, help="lower area bound of "
+                   "RandomResizedCrop for --crop multiscale (paper: 0.08, i.e. 9x9 to 32x32 crops "
+                   "on CIFAR)")
+    g.add_argument("--loss", choices=LOSSES, default="vicreg", help="joint-embedding loss (Sec. "
+                   "4: SimCLR, VICReg, TCR, BYOL; the paper's tables show all four behave alike); "
+                   "'emp': EMP-SSL's many-patch loss (Tong et al. 2023), TCR on every patch + "
+                   "cosine of every patch to its image's mean")
+    g.add_argument("--num-patches", type=int, default=None, help="views per image: 2 for the "
+                   "two-view losses; with --loss emp any n >= 2 (default 20, the official EMP-SSL "
+                   "CIFAR-10 command's)")
+    g.add_argument("--emp-lambda", type=float, default=200.0, help="EMP-SSL: weight of the "
+                   "cosine-to-the-mean term against the coding rate (EMP-SSL: 200)")
+    g.add_argument("--temperature", type=float, default=0.1, help="SimCLR NT-Xent temperature "
+                   "(App. C: 0.1)")
+    g.add_argument("--sim-coeff", type=float, default=25.0, help="VICReg invariance weight lambda "
+                   "(App. C: 25)")
+    g.add_argument("--std-coeff", type=float, default=25.0, help="VICReg variance weight mu (App. "
+                   "C: 25)")
+    g.add_argument("--cov-coeff", type=float, default=1.0, help="VICReg covariance weight nu "
+                   "(App. C: 1)")
+    g.add_argument("--tcr-lambda", type=float, default=30.0, help="TCR weight lambda of the "
+                   "view-agreement term (App. C.1: 30 on CIFAR; C.2: 1920 on ImageNet-100 with "
+                   "8192-d projections)")
+    g.add_argument("--tcr-eps", type=float, default=0.2, help="TCR distortion epsilon (App. C: "
+                   "0.2)")
+    g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of the projector g "
+                   "(App. C.1: 4096 on CIFAR; C.2: 8192)")
+    g.add_argument("--proj-hidden-layers", type=int, default=1, help="hidden layers of the "
+                   "projector g (App. C.1: 1, i.e. 2 linear layers, on CIFAR; C.2: 2, i.e. 3 "
+                   "linear layers of 8192, on ImageNet-100)")
+    g.add_argument("--proj-dim", type=int, default=None, help="output width of the projector; "
+                   "default App. C.1's: 128 on CIFAR-10, 512 on CIFAR-100 (C.2, ImageNet-100: "
+                   "8192)")
+    g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of BYOL's "
+                   "predictor q (BYOL: 4096)")
+    g.add_argument("--tau-base", type=float, default=0.99, help="BYOL: EMA momentum of the target "
+                   "at step 0; it follows a cosine to --tau-final (BYOL: 0.99 -> 1)")
+    g.add_argument("--tau-final", type=float, default=1.0, help="BYOL: EMA momentum at the last "
+                   "step")
 
     g = p.add_argument_group("evaluation (bag of patches, Sec. 3 and 4; after training, on rank 0)")
-    g.add_argument("--eval-only", action="store_true", help="skip training: evaluate --checkpoint (a backbone.pt) "
-                   "and write OUTPUT_DIR/final_metrics.json, table1.md and convergence.png")
+    g.add_argument("--eval-only", action="store_true", help="skip training: evaluate --checkpoint "
+                   "(a backbone.pt) and write OUTPUT_DIR/final_metrics.json, table1.md and "
+                   "convergence.png")
     g.add_argument("--checkpoint", default="", help="backbone.pt to evaluate with --eval-only "
                    "(default: OUTPUT_DIR/backbone.pt)")
-    g.add_argument("--eval-patches", default="1,16,256", help="comma-separated N: represent an image by the mean "
-                   "embedding h of N patches (Table 1: 1, 16, 256; Table 3: 1, 16, 48). Costs max(N) forward "
-                   "passes per image; smaller N reuse the first N of those patches")
-    g.add_argument("--eval-crop", choices=["train", "patch", "multiscale"], default="train",
-                   help="how the N evaluation views are sampled: as in training (Tables 1-3: 'patch' for BagSSL, "
-                   "'crop' at the training scales for the baseline) or forced; Fig. 3a uses 'patch' on a "
-                   "multi-scale model")
+    g.add_argument("--eval-patches", default="1,16,256", help="comma-separated N: represent an "
+                   "image by the mean embedding h of N patches (Table 1: 1, 16, 256; Table 3: 1, "
+                   "16, 48). Costs max(N) forward passes per image; smaller N reuse the first N "
+                   "of those patches")
+    g.add_argument("--eval-crop", choices=["train", "patch", "multiscale"], default="train", help="how "
+                   "the N evaluation views are sampled: as in training (Tables 1-3: 'patch' for "
+                   "BagSSL, 'crop' at the training scales for the baseline) or forced; Fig. 3a "
+                   "uses 'patch' on a multi-scale model")
     g.add_argument("--eval-patch-size", type=int, default=0, help="patch side for the evaluation "
                    "(0: the training --patch-size)")
-    g.add_argument("--local-agg", action="store_true", help="also evaluate local aggregation (Table 5, App. C.4): "
-                   "patches on a sliding grid, their embeddings average-pooled 3x3 / stride 2 on the grid and "
-                   "concatenated, and the plain mean of the same grid")
-    g.add_argument("--grid-patch-size", type=int, default=0, help="patch side of the --local-agg grid (0: half of "
-                   "--image-size; Table 5: 16 px on 32 px CIFAR images)")
-    g.add_argument("--grid-stride", type=int, default=4, help="stride of the sliding patch grid for --local-agg "
-                   "(Table 5: 4, i.e. 5x5 patches of 16 px on 32 px images, which tile the image exactly)")
-    g.add_argument("--eval-train-images", type=int, default=0, help="fit the classifiers on a seeded random "
-                   "subset of this many training images (0: all); limits the cost on CPU")
-    g.add_argument("--eval-test-images", type=int, default=0, help="evaluate on a seeded random subset of this many "
-                   "test images (0: all)")
-    g.add_argument("--eval-batch", type=int, default=512, help="patches per forward pass in the evaluation")
-    g.add_argument("--linear-epochs", type=int, default=100, help="epochs of the linear classifier fitted on frozen, "
-                   "standardised features (SGD, momentum 0.9, cosine lr, batch 256)")
+    g.add_argument("--local-agg", action="store_true", help="also evaluate local aggregation "
+                   "(Table 5, App. C.4): patches on a sliding grid, their embeddings "
+                   "average-pooled 3x3 / stride 2 on the grid and concatenated, and the plain "
+                   "mean of the same grid")
+    g.add_argument("--grid-patch-size", type=int, default=0, help="patch side of the --local-agg "
+                   "grid (0: half of --image-size; Table 5: 16 px on 32 px CIFAR images)")
+    g.add_argument("--grid-stride", type=int, default=4, help="stride of the sliding patch grid "
+                   "for --local-agg (Table 5: 4, i.e. 5x5 patches of 16 px on 32 px images, which "
+                   "tile the image exactly)")
+    g.add_argument("--eval-train-images", type=int, default=0, help="fit the classifiers on a "
+                   "seeded random subset of this many training images (0: all); limits the cost "
+                   "on CPU")
+    g.add_argument("--eval-test-images", type=int, default=0, help="evaluate on a seeded random "
+                   "subset of this many test images (0: all)")
+    g.add_argument("--eval-batch", type=int, default=512, help="patches per forward pass in the "
+                   "evaluation")
+    g.add_argument("--linear-epochs", type=int, default=100, help="epochs of the linear "
+                   "classifier fitted on frozen, standardised features (SGD, momentum 0.9, cosine "
+                   "lr, batch 256)")
     g.add_argument("--linear-lr", type=float, default=0.1, help="lr of that linear classifier")
-    g.add_argument("--linear-wd", type=float, default=5e-4, help="weight decay of that linear classifier")
-    g.add_argument("--eval-knn-k", type=int, default=20, help="k of the k-NN evaluation on the aggregated h "
-                   "(cosine, temperature-weighted votes as in DINO, --knn-temperature); 0 skips it")
+    g.add_argument("--linear-wd", type=float, default=5e-4, help="weight decay of that linear "
+                   "classifier")
+    g.add_argument("--eval-knn-k", type=int, default=20, help="k of the k-NN evaluation on the "
+                   "aggregated h (cosine, temperature-weighted votes as in DINO, "
+                   "--knn-temperature); 0 skips it")
 
 
 def parse_eval_patches(text: str) -> list[int]:
@@ -179,21 +205,24 @@ def parse_eval_patches(text: str) -> list[int]:
     return values
 
 
-# The method's values for flags every method shares (App. C: ResNet-34 on CIFAR, LARS lr 0.3, wd 1e-4).
+# The method's values for flags every method shares (App. C: ResNet-34 on CIFAR, LARS lr 0.3, wd
+# 1e-4).
 METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-4, arch="resnet34")
 OTHER_ARCHS = ()  # backbones besides rf_resnet's (geo_dino.py adds swin_t)
-# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. Loss, network, batch,
-# optimiser, lr, schedule, EMA and head sizes are co_byol.py's BYOL laptop recipe (chosen there by a lever search,
-# docs/co_byol.md; not re-tuned here), so `--crop multiscale` is BYOL with the same crops (0.08, 1) and `--crop
-# patch` changes only the views. The bag-of-patch evaluation runs on seeded subsets (5,000 train / 2,000 test
-# images, N up to 64: 455k forward passes); the online and final k-NN use whole images.
+# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. Loss,
+# network, batch, optimiser, lr, schedule, EMA and head sizes are co_byol.py's BYOL laptop recipe
+# (chosen there by a lever search, docs/co_byol.md; not re-tuned here), so `--crop multiscale` is
+# BYOL with the same crops (0.08, 1) and `--crop patch` changes only the views. The bag-of-patch
+# evaluation runs on seeded subsets (5,000 train / 2,000 test images, N up to 64: 455k forward
+# passes); the online and final k-NN use whole images.
 LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=3, optimizer="sgd",
                      lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, loss="byol", tau_base=0.99, proj_hidden=512,
                      proj_dim=256, pred_hidden=512, num_workers=2, eval_patches="1,16,64", eval_train_images=5000,
                      eval_test_images=2000, output_dir="runs/bag_ssl_laptop")
-# --recipe laptop-emp: the many-patch anchor, EMP-SSL (Tong, Chen, Ma, LeCun 2023) on the same network, data and
-# evaluation: 20 patches per image, one epoch, LARS lr 0.3 per 256 and weight decay 1e-4 (EMP-SSL's optimiser
-# family; SGD at the BYOL lr above stayed at the random level in the lever search, docs/bag_ssl.md).
+# --recipe laptop-emp: the many-patch anchor, EMP-SSL (Tong, Chen, Ma, LeCun 2023) on the same
+# network, data and evaluation: 20 patches per image, one epoch, LARS lr 0.3 per 256 and weight
+# decay 1e-4 (EMP-SSL's optimiser family; SGD at the BYOL lr above stayed at the random level in the
+# lever search, docs/bag_ssl.md).
 LAPTOP_EMP_RECIPE = dict(LAPTOP_RECIPE, loss="emp", num_patches=20, epochs=1, optimizer="lars", lr=0.3,
                          weight_decay=1e-4, warmup_epochs=0.05, output_dir="runs/bag_ssl_laptop_emp")
 RECIPES = {"laptop": LAPTOP_RECIPE, "laptop-emp": LAPTOP_EMP_RECIPE}
@@ -203,7 +232,8 @@ def check_method_args(args, error) -> None:
     """The method's checks and the one place where its defaults depend on other flags."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.eval_only:
-        # The backbone and the geometry it was trained with (image size, crop, patch size) come from the file.
+        # The backbone and the geometry it was trained with (image size, crop, patch size) come from
+        # the file.
         path = Path(args.checkpoint or Path(args.output_dir) / "backbone.pt")
         if not path.is_file():
             error(f"--eval-only needs an existing backbone.pt: {path} not found (pass --checkpoint)")
@@ -214,12 +244,15 @@ def check_method_args(args, error) -> None:
             trained = saved["args"]
             args.arch, args.stem = saved["arch"], saved["arch_kwargs"]["stem"]
             args.no_mlp = saved["arch_kwargs"]["mlp"] is False
-            args.width = saved["arch_kwargs"].get("width", 64)  # files written before --width: build_backbone's 64
+            # files written before --width: build_backbone's 64
+            args.width = saved["arch_kwargs"].get("width", 64)
             args.image_size = trained["image_size"]
-            args.crop = trained.get("crop", "multiscale")  # co_byol / co_dino backbones were trained on crops
+            # co_byol / co_dino backbones were trained on crops
+            args.crop = trained.get("crop", "multiscale")
             args.patch_size = trained.get("patch_size", 0)
             args.min_scale = trained.get("min_scale", trained.get("min_crop", args.min_scale))
-            # The method's name in table1.md: this script's --loss, else the folder of a co_byol / co_dino run.
+            # The method's name in table1.md: this script's --loss, else the folder of a co_byol /
+            # co_dino run.
             args.method_label = METHOD_NAMES[trained["loss"]] if "loss" in trained else path.parent.name
         except Exception as e:  # not a backbone.pt
             error(f"{path} is not a backbone.pt written by these scripts ({type(e).__name__}: {e})")
@@ -255,7 +288,8 @@ def check_method_args(args, error) -> None:
             error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.eval_knn_k, args.eval_train_images, args.eval_test_images) < 0:
         error("--eval-knn-k, --eval-train-images and --eval-test-images must be >= 0")
-    if args.eval_train_images == 1:  # the classifier standardises features by their std over these images
+    # the classifier standardises features by their std over these images
+    if args.eval_train_images == 1:
         error("--eval-train-images must be 0 (all) or >= 2 (one image has no feature std)")
     if min(args.temperature, args.tcr_eps, args.linear_lr) <= 0 or min(args.sim_coeff, args.std_coeff,
                                                                         args.cov_coeff, args.tcr_lambda,
@@ -266,7 +300,8 @@ def check_method_args(args, error) -> None:
     args.grid_patch_size = args.grid_patch_size or args.image_size // 2
     if not 0 < args.grid_patch_size <= args.image_size or args.grid_stride < 1:
         error(f"need 0 < --grid-patch-size <= --image-size ({args.image_size}) and --grid-stride >= 1")
-    args.grid = (args.image_size - args.grid_patch_size) // args.grid_stride + 1  # sliding grid, g x g patches
+    # sliding grid, g x g patches
+    args.grid = (args.image_size - args.grid_patch_size) // args.grid_stride + 1
     if args.local_agg and args.grid < 3:
         error(f"--local-agg needs a sliding grid of at least 3x3 patches for its 3x3 pooling; "
               f"{args.grid_patch_size} px patches with --grid-stride {args.grid_stride} on {args.image_size} "
@@ -274,13 +309,14 @@ def check_method_args(args, error) -> None:
 
 
 # ---- 2. Views ----
-# PAPER Sec. 4.1 and App. C: "the only difference between BagSSL and the baselines during training is that we
-# replace multi-scale cropping augmentation with fixed-scale image patches"; two views per image, and "the data
-# augmentations used are identical to those described in BYOL" (flip, colour jitter, grayscale, blur,
-# solarisation; blur and solarisation probabilities differ between the two views: 1.0 / 0.1 and 0.0 / 0.2; on
-# CIFAR's 32 px images there is no blur, as in solo-learn; larger images, Tiny-ImageNet's 64 px too, keep it).
+# PAPER Sec. 4.1 and App. C: "the only difference between BagSSL and the baselines during training
+# is that we replace multi-scale cropping augmentation with fixed-scale image patches"; two views
+# per image, and "the data augmentations used are identical to those described in BYOL" (flip,
+# colour jitter, grayscale, blur, solarisation; blur and solarisation probabilities differ between
+# the two views: 1.0 / 0.1 and 0.0 / 0.2; on CIFAR's 32 px images there is no blur, as in
+# solo-learn; larger images, Tiny-ImageNet's 64 px too, keep it).
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
-    """One of BYOL's augmentations, PIL image -> (3, S, S) uint8 (normalised on the device later)."""
+    """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -294,39 +330,45 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
 
 
 def patch_view(size: int, patch: int, blur_p: float, solarize_p: float) -> T.Compose:
-    """PAPER Sec. 4.1: a fixed-scale `patch` x `patch` square at a uniformly random position inside the image,
-    upsampled to `size` x `size` and colour-augmented as in BYOL.
+    """PAPER Sec. 4.1: a fixed-scale `patch` x `patch` square at a uniformly random position inside
+    the image, upsampled to `size` x `size` and colour-augmented as in BYOL.
 
-    IMPL: byol_view's RandomResizedCrop with scale (1, 1) applied to a square patch always returns the whole
-    patch, only resized (bicubic) to `size`: a smaller crop would need w * h < area, which rounding cannot give
-    (tested). Reusing byol_view keeps the colour augmentations of the two arms identical to the letter.
-    """
-    # One scale for training and evaluation: the image is first resized as eval_transform resizes it (short side
-    # `size`, or 256/224 x `size` above 64 px; a no-op on CIFAR), so that a training patch and an evaluation patch
-    # of the same side cover the same part of an object. Without it, ImageNet's native images (short side ~400
-    # px) gave training patches 1.46x smaller in object terms than the evaluation's (fixed 2026-12-01).
+    IMPL: byol_view's RandomResizedCrop with scale (1, 1) applied to a square patch always returns
+    the whole patch, only resized (bicubic) to `size`: a smaller crop would need w * h < area, which
+    rounding cannot give (tested). Reusing byol_view keeps the colour augmentations of the two arms
+    identical to the letter."""
+    # One scale for training and evaluation: the image is first resized as eval_transform resizes it
+    # (short side `size`, or 256/224 x `size` above 64 px; a no-op on CIFAR), so that a training
+    # patch and an evaluation patch of the same side cover the same part of an object. Without it,
+    # ImageNet's native images (short side ~400 px) gave training patches 1.46x smaller in object
+    # terms than the evaluation's (fixed 2026-12-01).
     short_side = size if size <= 64 else int(size * 256 / 224)
     return T.Compose([T.Resize(short_side), T.RandomCrop(patch),
                       byol_view(size, (1.0, 1.0), blur_p, solarize_p)])
 
 
 class MultiView:
-    """image -> [view t, view t']: two fixed-scale patches (BagSSL) or two multi-scale crops (the baseline).
+    """image -> [view t, view t']: two fixed-scale patches (BagSSL) or two multi-scale crops (the
+    baseline).
 
     --loss emp: --num-patches n views, t, t', t, t', ... (EMP-SSL, Tong et al. 2023: n fixed-size patches per
     image). IMPL: the n views alternate BYOL's two augmentation pipelines, so n = 2 is exactly the
-    two-view pair above and only the number of patches and the loss separate EMP-SSL from BagSSL here; the
-    official EMP-SSL code uses one symmetric pipeline (blur and solarisation with p = 0.1 each) on 16x16
-    patches (a quarter of the area) and one BatchNorm batch for all n patches (here: one per view).
-    """
+    two-view pair above and only the number of patches and the loss separate EMP-SSL from BagSSL
+    here; the official EMP-SSL code uses one symmetric pipeline (blur and solarisation with p = 0.1
+    each) on 16x16 patches (a quarter of the area) and one BatchNorm batch for all n patches (here:
+    one per view)."""
 
     def __init__(self, args):
-        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's (Tiny-ImageNet's 64 px too)
+        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's
+        # (Tiny-ImageNet's 64 px too)
         blur = 0.0 if args.image_size <= 32 else 1.0
-        if args.crop == "patch":  # PAPER Sec. 4.1: "two image patches are randomly selected from each image"
+        # PAPER Sec. 4.1: "two image patches are randomly selected from each image"
+        if args.crop == "patch":
             self.views = [patch_view(args.image_size, args.patch_size, 1.0 * blur, 0.0),
                           patch_view(args.image_size, args.patch_size, 0.1 * blur, 0.2)]
-        else:  # the baseline: RandomResizedCrop(0.08, 1), i.e. 9x9 to 32x32 crops on CIFAR (Table 1 caption)
+        # the baseline: RandomResizedCrop(0.08, 1), i.e. 9x9 to 32x32 crops on CIFAR (Table 1
+        # caption)
+        else:
             self.views = [byol_view(args.image_size, (args.min_scale, 1.0), 1.0 * blur, 0.0),
                           byol_view(args.image_size, (args.min_scale, 1.0), 0.1 * blur, 0.2)]
         self.n = args.num_patches
@@ -336,26 +378,32 @@ class MultiView:
 
 
 # ---- 3. Networks and heads ----
-def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1) -> nn.Sequential:
+def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1,
+        conv: bool = False) -> nn.Sequential:
     """BYOL's projector / predictor: (Linear -> BN -> ReLU) x hidden_layers -> Linear (Grill et al.
-    2020, Sec. 3.3: one hidden layer; CO-SSL Sec. 3.3 uses two for BYOL on ImageNet-1k)."""
+    2020, Sec. 3.3: one hidden layer; CO-SSL Sec. 3.3: two for BYOL on ImageNet-1k). conv=True: the
+    same MLP at every position of a (B, C, n, n) map, as 1x1 convolutions (PAPER Sec. 3.1, "to
+    parallelize"); its BatchNorm then normalises over batch and positions together."""
+    linear = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
+    norm = nn.BatchNorm2d if conv else nn.BatchNorm1d
     layers = []
     for i in range(hidden_layers):
-        layers += [nn.Linear(dim_in if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden),
-                   nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.Linear(hidden, dim_out))
+        layers += [linear(dim_in if i == 0 else hidden, hidden), norm(hidden), nn.ReLU(True)]
+    return nn.Sequential(*layers, linear(hidden, dim_out))
 
 
 class Encoder(nn.Module):
-    """f (backbone) + g (projector): PAPER Sec. 3, h = f(x; theta) is the *embedding*, z = g(h; psi) the
+    """f (backbone) + g (projector): PAPER Sec. 3, h = f(x; theta) is the *embedding*, z = g(h; psi)
+    the
     *projection*. The loss sees z; the bag-of-patch evaluation uses h ("slightly better accuracy", Sec. 3)."""
 
     def __init__(self, args):
         super().__init__()
         self.backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, mlp=False if args.no_mlp else None,
                                                  width=args.width)
-        # PAPER App. C.1: "2 linear layers with 4096 hidden units and 128 output units ... separated with a
-        # ReLU and a BatchNorm layer" = Linear -> BN -> ReLU -> Linear, the same MLP as BYOL's projector.
+        # PAPER App. C.1: "2 linear layers with 4096 hidden units and 128 output units ... separated
+        # with a ReLU and a BatchNorm layer" = Linear -> BN -> ReLU -> Linear, the same MLP as
+        # BYOL's projector.
         self.projector = mlp(self.backbone.out_dim, args.proj_hidden, args.proj_dim, args.proj_hidden_layers)
 
     def forward(self, x: torch.Tensor) -> dict:
@@ -366,17 +414,19 @@ class Encoder(nn.Module):
 class OnlineNetwork(nn.Module):
     """The trained network: encoder + BYOL's predictor q (only with --loss byol).
 
-    Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all gradients.
-    """
+    Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all
+    gradients."""
 
     def __init__(self, args):
         super().__init__()
         self.encoder = Encoder(args)
-        # BYOL only: the predictor q makes the online branch asymmetric to the EMA target (Grill et al. 2020).
+        # BYOL only: the predictor q makes the online branch asymmetric to the EMA target (Grill et
+        # al. 2020).
         self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim) if args.loss == "byol" else None
 
     def forward(self, views: list[torch.Tensor]) -> list[dict]:
-        """One call for all views (DDP expects one forward per backward); BN statistics stay per view."""
+        """One call for all views (DDP expects one forward per backward); BN statistics stay per
+        view."""
         outs = []
         for x in views:
             o = self.encoder(x)
@@ -388,9 +438,9 @@ class OnlineNetwork(nn.Module):
 
 @dataclass
 class Nets:
-    """The networks of one run: the online network, BYOL's EMA target (None for the other losses) and `model`,
-    the module the forward pass goes through (online itself, in DDP with several processes). backbone.pt saves,
-    and the k-NN reads, the ONLINE backbone (also for BYOL)."""
+    """The networks of one run: the online network, BYOL's EMA target (None for the other losses)
+    and `model`, the module the forward pass goes through (online itself, in DDP with several
+    processes). backbone.pt saves, and the k-NN reads, the ONLINE backbone (also for BYOL)."""
     online: OnlineNetwork
     target: Encoder | None
     model: nn.Module
@@ -401,8 +451,8 @@ class Nets:
 
 
 def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
-    """The online network; BYOL only: its EMA target (a copy of f and g; no predictor), equal to the online
-    encoder at step 0. The same initial weights on every rank; the optimiser (A.4)."""
+    """The online network; BYOL only: its EMA target (a copy of f and g; no predictor), equal to the
+    online encoder at step 0. The same initial weights on every rank; the optimiser (A.4)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     online = run.place(OnlineNetwork(args))
     target = copy.deepcopy(online.encoder).requires_grad_(False) if args.loss == "byol" else None
@@ -411,28 +461,27 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
 
 
 # ---- 4. Losses ----
-# PAPER Sec. 3, Prop. 3.1: every joint-embedding loss has an attractive term (projections of co-occurring
-# patches, i.e. two views of one image, are pulled together) and an anti-collapse term; the four methods differ
-# only in the second (Sec. 2, "Invariance without collapse"):
-#   SimCLR: negatives. Every other image of the (global) batch is pushed away through the softmax denominator.
-#   VICReg: statistics. The per-dimension std is kept >= 1 (variance) and dimensions are decorrelated
-#           (covariance), over the global batch; no negatives, no asymmetry.
+# PAPER Sec. 3, Prop. 3.1: every joint-embedding loss has an attractive term (projections of
+# co-occurring patches, i.e. two views of one image, are pulled together) and an anti-collapse term;
+# the four methods differ only in the second (Sec. 2, "Invariance without collapse"): SimCLR:
+# negatives. Every other image of the (global) batch is pushed away through the softmax denominator.
+# VICReg: statistics. The per-dimension std is kept >= 1 (variance) and dimensions are decorrelated
+# (covariance), over the global batch; no negatives, no asymmetry.
 #   TCR:    volume. The coding rate log det(I + c Z^T Z) of the batch's projections is maximised, i.e. they
 #           must span all directions (a smooth version of VICReg's covariance term).
 #   BYOL:   asymmetry. No explicit repulsion at all: a predictor on the online side and a stop-gradient EMA
-#           target avoid the trivial solution (Grill et al. 2020).
-# EMP-SSL (--loss emp, same group, 2023) is TCR with n patches per image instead of two views: every patch is
-# pulled towards the mean projection of its image's patches, i.e. towards its bag, already during training.
-# All losses run in fp32 (PITFALL: logdet, softmax with T = 0.1 and std/cov statistics are unreliable in bf16).
+# target avoid the trivial solution (Grill et al. 2020). EMP-SSL (--loss emp, same group, 2023) is
+# TCR with n patches per image instead of two views: every patch is pulled towards the mean
+# projection of its image's patches, i.e. towards its bag, already during training. All losses run
+# in fp32 (PITFALL: logdet, softmax with T = 0.1 and std/cov statistics are unreliable in bf16).
 
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather that keeps the gradient (the official VICReg code's FullGatherLayer).
 
-    Every rank computes the same loss on the gathered global batch, so the gradient reaching each rank's slice
-    is summed over ranks (all_reduce); DDP then averages the parameter gradients over the ranks, which gives
-    exactly the gradient of the global-batch loss.
-    """
+    Every rank computes the same loss on the gathered global batch, so the gradient reaching each
+    rank's slice is summed over ranks (all_reduce); DDP then averages the parameter gradients over
+    the ranks, which gives exactly the gradient of the global-batch loss."""
 
     @staticmethod
     def forward(ctx, x):
@@ -448,7 +497,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) on every rank -> (world * B, D), the global batch, differentiable; the identity in one process."""
+    """(B, D) on every rank -> (world * B, D), the global batch, differentiable; the identity in one
+    process."""
     if not is_dist():
         return x
     return torch.cat(_GatherWithGrad.apply(x))
@@ -457,24 +507,27 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent (Chen et al. 2020, Eq. 1), mean over the 2N anchors.
 
-    z1, z2: (N, D) projections of the two views (N: the global batch under DDP). For anchor i the positive is
-    its other view; the 2N - 2 other projections are the negatives:
+    z1, z2: (N, D) projections of the two views (N: the global batch under DDP). For anchor i the
+    positive is its other view; the 2N - 2 other projections are the negatives:
         l_i = -log( exp(cos(z_i, z_i+) / T) / sum_{k != i} exp(cos(z_i, z_k) / T) ).
     """
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # 2 x (N, D) -> (2N, D), unit rows
     logits = z @ z.T / temperature  # (2N, 2N) cosine similarities / T
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))  # k != i: an anchor is not its own negative
+    # k != i: an anchor is not its own negative
+    logits = logits.masked_fill(self_mask, float("-inf"))
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # i <-> i + N
     return F.cross_entropy(logits, positives)
 
 
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
                 cov_coeff: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """VICReg (Bardes et al. 2022, Eq. 1-6), exactly the official code's formula (facebookresearch/vicreg).
+    """VICReg (Bardes et al. 2022, Eq. 1-6), exactly the official code's formula
+    (facebookresearch/vicreg).
 
-    z1, z2: (N, D) projections of the two views (the global batch under DDP, as the official FullGatherLayer).
+    z1, z2: (N, D) projections of the two views (the global batch under DDP, as the official
+    FullGatherLayer).
         invariance s  = mean squared error between z1 and z2 (F.mse_loss: mean over N and D)
         variance   v  = mean_d relu(1 - sqrt(Var(z_d) + 1e-4)), averaged over the two views (unbiased Var)
         covariance c  = sum of squared off-diagonal entries of Cov(z) / D, summed over the two views
@@ -498,26 +551,27 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
 
 
 def coding_rate(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """Total coding rate (Ma et al. 2007; MCR^2, NMCE): R(Z) = 1/2 log det(I_D + D / (N eps) Z^T Z), Z (N, D).
+    """Total coding rate (Ma et al. 2007; MCR^2, NMCE): R(Z) = 1/2 log det(I_D + D / (N eps) Z^T Z),
+    Z (N, D).
 
-    IMPL: eps enters as D / (N eps), not D / (N eps^2), as in the authors' TCR code (NMCE / EMP-SSL, whose
-    eps = 0.2 is the paper's). Z^T Z is D x D and symmetric positive semi-definite, so the matrix is positive
-    definite and its log-determinant is finite.
-    """
+    IMPL: eps enters as D / (N eps), not D / (N eps^2), as in the authors' TCR code (NMCE / EMP-SSL,
+    whose eps = 0.2 is the paper's). Z^T Z is D x D and symmetric positive semi-definite, so the
+    matrix is positive definite and its log-determinant is finite."""
     n, d = z.shape
     gram = z.T @ z  # (D, D)
     return 0.5 * torch.logdet(torch.eye(d, device=z.device) + d / (n * eps) * gram)
 
 
 def tcr_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float = 30.0, eps: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """TCR (Li, Chen, LeCun, Sommer 2022, NMCE's self-supervised objective), paper App. C: lambda 30, eps 0.2.
+    """TCR (Li, Chen, LeCun, Sommer 2022, NMCE's self-supervised objective), paper App. C: lambda
+    30, eps 0.2.
 
     z1, z2: (N, D) projections (the global batch under DDP); rows are L2-normalised first.
         loss = -1/2 [R(z1) + R(z2)] - lambda * mean_i cos(z1_i, z2_i)
-    The rate term spreads the batch over all D directions (anti-collapse); the cosine term is the invariance.
-    IMPL: the paper gives only lambda and eps; the form (mean cosine as the agreement term) is the authors' code
-    (NMCE / EMP-SSL). Returns (loss, {"coding_rate": mean R, "cos_views": mean cosine}).
-    """
+    The rate term spreads the batch over all D directions (anti-collapse); the cosine term is the
+    invariance. IMPL: the paper gives only lambda and eps; the form (mean cosine as the agreement
+    term) is the authors' code (NMCE / EMP-SSL). Returns (loss, {"coding_rate": mean R, "cos_views":
+    mean cosine})."""
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
     rate = 0.5 * (coding_rate(z1, eps) + coding_rate(z2, eps))
     cos = (z1 * z2).sum(1).mean()
@@ -527,27 +581,28 @@ def tcr_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float = 30.0, eps: float =
 def emp_loss(zs: list[torch.Tensor], lam: float = 200.0, eps: float = 0.2) -> tuple[torch.Tensor, dict]:
     """EMP-SSL (Tong, Chen, Ma, LeCun 2023, arXiv 2304.03977): TCR generalised to n patches.
 
-    zs: n x (N, D), the projections of patch i of every image (N: the global batch under DDP); rows are
-    L2-normalised first. With zbar_b = 1/n sum_i z_i,b, the mean projection of image b's patches:
+    zs: n x (N, D), the projections of patch i of every image (N: the global batch under DDP); rows
+    are L2-normalised first. With zbar_b = 1/n sum_i z_i,b, the mean projection of image b's
+    patches:
         loss = -1/n sum_i R(z_i) - lambda * 1/n sum_i mean_b cos(z_i,b, zbar_b)          (EMP-SSL: lambda 200)
-    Every patch is pulled towards its image's bag (the mean), not towards one other view; the coding rate of each
-    patch set keeps the batch spread over all D directions. IMPL (the authors' code): zbar is not detached.
-    With n = 2 this is not tcr_loss: cos(z_1, zbar) = sqrt((1 + cos(z_1, z_2)) / 2) for unit z_1, z_2.
-    Returns (loss, {"coding_rate": mean R, "cos_mean": mean cosine to the bag}).
-    """
+    Every patch is pulled towards its image's bag (the mean), not towards one other view; the coding
+    rate of each patch set keeps the batch spread over all D directions. IMPL (the authors' code):
+    zbar is not detached. With n = 2 this is not tcr_loss: cos(z_1, zbar) = sqrt((1 + cos(z_1, z_2))
+    / 2) for unit z_1, z_2. Returns (loss, {"coding_rate": mean R, "cos_mean": mean cosine to the
+    bag})."""
     z = F.normalize(torch.stack(zs).float(), dim=-1)  # n x (N, D) -> (n, N, D), unit rows
     rate = torch.stack([coding_rate(zi, eps) for zi in z]).mean()
-    cos = F.cosine_similarity(z, z.mean(0, keepdim=True), dim=-1).mean()  # (n, N, D) vs (1, N, D) -> (n, N)
+    # (n, N, D) vs (1, N, D) -> (n, N)
+    cos = F.cosine_similarity(z, z.mean(0, keepdim=True), dim=-1).mean()
     return -rate - lam * cos, {"coding_rate": rate, "cos_mean": cos}
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """PAPER Eq. 1 (BYOL): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
 
-    p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The paper
-    writes -2 cos; the constant 2 (BYOL's ||p/|p| - z/|z|||^2) changes no gradient and keeps the loss
-    >= 0. PITFALL: in fp32; normalisation in bf16 loses the small differences that matter late.
-    """
+    p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The
+    paper writes -2 cos; the constant 2 (BYOL's ||p/|p| - z/|z|||^2) changes no gradient and keeps
+    the loss >= 0. PITFALL: fp32, as normalisation in bf16 loses the small late differences."""
     p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)  # sg(z)
     return (2 - 2 * (p * z).sum(dim=-1)).mean()
 
@@ -555,19 +610,21 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def bag_ssl_loss(online: list[dict], target: list[dict] | None, args) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss: (total, stacked unweighted terms in LOSS_TERMS[args.loss] order).
 
-    online: the online outputs of views 0 and 1 (--loss emp: of all n views); target: the EMA target's (BYOL
-    only, else None).
-    PAPER: BagSSL changes the views, not the loss: this is each method's own loss.
-    """
+    online: the online outputs of views 0 and 1 (--loss emp: of all n views); target: the EMA
+    target's (BYOL only, else None). PAPER: BagSSL changes the views, not the loss: this is each
+    method's own loss."""
     if args.loss == "byol":
-        # BYOL Eq. 2: symmetrised, the prediction of each view regresses the target projection of the other.
+        # BYOL Eq. 2: symmetrised, the prediction of each view regresses the target projection of
+        # the other.
         loss = byol_loss(online[0]["p"], target[1]["z"]) + byol_loss(online[1]["p"], target[0]["z"])
         return loss, loss.detach()[None]
-    # Global batch: SimCLR's negatives, VICReg's and TCR's statistics are over ALL images of all processes.
+    # Global batch: SimCLR's negatives, VICReg's and TCR's statistics are over ALL images of all
+    # processes.
     if args.loss == "emp":
         loss, terms = emp_loss([gather_with_grad(o["z"]) for o in online], args.emp_lambda, args.tcr_eps)
         return loss, torch.stack([terms[k] for k in LOSS_TERMS[args.loss]]).detach()
-    z1, z2 = gather_with_grad(online[0]["z"]), gather_with_grad(online[1]["z"])  # (B, D) -> (world * B, D)
+    # (B, D) -> (world * B, D)
+    z1, z2 = gather_with_grad(online[0]["z"]), gather_with_grad(online[1]["z"])
     if args.loss == "simclr":
         loss = nt_xent_loss(z1, z2, args.temperature)
         return loss, loss.detach()[None]
@@ -586,20 +643,22 @@ def tau_at(step: int, total: int, base: float, final: float) -> float:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f and g.
+    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f and
+    g.
 
-    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode, so its BN
-    normalises with the statistics of the current batch (as in BYOL and solo-learn) and keeps running
-    statistics of its own, which are used only if someone evaluates the target in eval mode.
-    """
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode,
+    so its BN normalises with the statistics of the current batch (as in BYOL and solo-learn) and
+    keeps running statistics of its own, which are used only if someone evaluates the target in eval
+    mode."""
     t_params, o_params = list(target.parameters()), list(online.parameters())
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - tau)
 
 
 class Schedule:
-    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every group's base lr)
-    and, for BYOL only, `tau`, the EMA momentum (BYOL Sec. 3.2). Every float but lr_scale is logged."""
+    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every
+    group's base lr) and, for BYOL only, `tau`, the EMA momentum (BYOL Sec. 3.2). Every float but
+    lr_scale is logged."""
 
     def __init__(self, args, steps_per_epoch: int):
         self.total = args.epochs * steps_per_epoch
@@ -615,10 +674,11 @@ class Schedule:
 
 # ---- 6. The bag-of-patch evaluation (Sec. 3) ----
 # --- Evaluation views: N boxes per image, deterministic given (seed, split, image index) ---
-# PAPER Sec. 3 ("Bag-of-Local-Feature Evaluation") and Sec. 4.1: "an image embedding is generated by inputting
-# a certain number of patches (same scale as training time and upsampled) into the neural network and
-# aggregating the patch embeddings by averaging". The boxes are drawn from a generator seeded by the image's
-# index, so every run, batch size and number of workers sees the same patches (reproducible evaluation).
+# PAPER Sec. 3 ("Bag-of-Local-Feature Evaluation") and Sec. 4.1: "an image embedding is generated by
+# inputting a certain number of patches (same scale as training time and upsampled) into the neural
+# network and aggregating the patch embeddings by averaging". The boxes are drawn from a generator
+# seeded by the image's index, so every run, batch size and number of workers sees the same patches
+# (reproducible evaluation).
 
 
 def box_generator(seed: int, split: int, index: int) -> torch.Generator:
@@ -630,17 +690,19 @@ def sample_boxes(n: int, height: int, width: int, crop: str, patch: int, min_sca
                  gen: torch.Generator) -> torch.Tensor:
     """n boxes (top, left, h, w) inside a height x width image, as a (n, 4) long tensor.
 
-    crop 'patch': fixed patch x patch squares at uniform positions (BagSSL's "patches"). crop 'multiscale':
-    RandomResizedCrop's sampling with area scale U(min_scale, 1) and aspect ratio log-U(3/4, 4/3) (the
-    baseline's "crops"), with torchvision's fallback to the whole image after 10 failed tries.
-    """
+    crop 'patch': fixed patch x patch squares at uniform positions (BagSSL's "patches"). crop
+    'multiscale': RandomResizedCrop's sampling with area scale U(min_scale, 1) and aspect ratio
+    log-U(3/4, 4/3) (the baseline's "crops"), with torchvision's fallback to the whole image after
+    10 failed tries."""
     if crop == "patch":
         top = torch.randint(0, height - patch + 1, (n,), generator=gen)
         left = torch.randint(0, width - patch + 1, (n,), generator=gen)
-        return torch.stack([top, left, torch.full((n,), patch), torch.full((n,), patch)], dim=1)  # (n, 4)
+        # (n, 4)
+        return torch.stack([top, left, torch.full((n,), patch), torch.full((n,), patch)], dim=1)
     boxes = []
     for _ in range(n):
-        box = [0, 0, height, width]  # fallback: the whole image (torchvision, ratio 1 is inside [3/4, 4/3])
+        # fallback: the whole image (torchvision, ratio 1 is inside [3/4, 4/3])
+        box = [0, 0, height, width]
         for _ in range(10):
             area = height * width * (min_scale + (1 - min_scale) * torch.rand(1, generator=gen).item())
             log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(1, generator=gen).item()
@@ -656,7 +718,8 @@ def sample_boxes(n: int, height: int, width: int, crop: str, patch: int, min_sca
 
 
 def grid_boxes(height: int, width: int, patch: int, stride: int) -> torch.Tensor:
-    """Sliding-window patch boxes, row-major, as (g*g, 4): Table 5's 5x5 grid of 16 px patches, stride 4."""
+    """Sliding-window patch boxes, row-major, as (g*g, 4): Table 5's 5x5 grid of 16 px patches,
+    stride 4."""
     tops = range(0, height - patch + 1, stride)
     lefts = range(0, width - patch + 1, stride)
     return torch.tensor([[t, l, patch, patch] for t in tops for l in lefts], dtype=torch.long)
@@ -665,12 +728,11 @@ def grid_boxes(height: int, width: int, patch: int, stride: int) -> torch.Tensor
 def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Cut boxes out of already normalised images and upsample each to size x size.
 
-    images (B, 3, H, W); image_idx (K,) which image each box belongs to; boxes (K, 4) (top, left, h, w).
-    Returns (K, 3, size, size).
-    IMPL: bicubic on the normalised tensor, with PIL's kernel as in training (which resizes the PIL patch).
-    PITFALL: F.interpolate's plain bicubic uses a = -0.75, PIL's a = -0.5; antialias=True selects PIL's
-    algorithm (tested against PIL to one grey level). Crops are never larger than the image: only upsampling.
-    """
+    images (B, 3, H, W); image_idx (K,) which image each box belongs to; boxes (K, 4) (top, left, h,
+    w). Returns (K, 3, size, size). IMPL: bicubic on the normalised tensor, with PIL's kernel as in
+    training (which resizes the PIL patch). PITFALL: F.interpolate's plain bicubic uses a = -0.75,
+    PIL's a = -0.5; antialias=True selects PIL's algorithm (tested against PIL to one grey level).
+    Crops are never larger than the image: only upsampling."""
     crops = [images[b, :, t:t + h, l:l + w] for b, (t, l, h, w) in zip(image_idx.tolist(), boxes.tolist())]
 
     def resize(x):
@@ -682,25 +744,28 @@ def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Te
 
 
 # --- Bag-of-patch evaluation (PAPER Sec. 3 "Bag-of-Local-Feature Evaluation", Sec. 4.1-4.4) ---
-# R_img = mean_{patches} h(patch): every image gets the mean embedding of N patches at the training scale.
-# One pass embeds max(N) patches per image; the representation for a smaller N is the mean of the FIRST N of
-# them (nested sets, so the curve over N is not noisier than it must be). The same per-patch embeddings give
-# the convergence study of Fig. 3a for free: cos(mean of the first n, whole-image embedding) for n = 1, 2, 4...
+# R_img = mean_{patches} h(patch): every image gets the mean embedding of N patches at the training
+# scale. One pass embeds max(N) patches per image; the representation for a smaller N is the mean of
+# the FIRST N of them (nested sets, so the curve over N is not noisier than it must be). The same
+# per-patch embeddings give the convergence study of Fig. 3a for free: cos(mean of the first n,
+# whole-image embedding) for n = 1, 2, 4...
 
 
 @torch.no_grad()
 def embed_boxes(backbone, images: torch.Tensor, boxes: torch.Tensor, size: int, chunk: int, autocast) -> torch.Tensor:
-    """Embeddings h of every box of every image: images (B, 3, H, W), boxes (B, N, 4) -> (B, N, C) in fp32.
+    """Embeddings h of every box of every image: images (B, 3, H, W), boxes (B, N, 4) -> (B, N, C)
+    in fp32.
 
-    The B * N crops are embedded in chunks of `chunk`. The backbone must be in eval mode (BatchNorm with running
-    statistics), so an embedding does not depend on which other patches share its forward pass (tested).
-    """
+    The B * N crops are embedded in chunks of `chunk`. The backbone must be in eval mode (BatchNorm
+    with running statistics), so an embedding does not depend on which other patches share its
+    forward pass (tested)."""
     b, n = boxes.shape[:2]
     flat_boxes = boxes.reshape(b * n, 4)  # (B, N, 4) -> (B*N, 4), image-major
     image_idx = torch.arange(b).repeat_interleave(n)  # (B*N,): the image of every box
     feats = []
     for i in range(0, b * n, chunk):
-        crops = extract_crops(images, image_idx[i:i + chunk], flat_boxes[i:i + chunk], size)  # (k, 3, S, S)
+        # (k, 3, S, S)
+        crops = extract_crops(images, image_idx[i:i + chunk], flat_boxes[i:i + chunk], size)
         with autocast:
             feats.append(backbone(crops).h.float())  # (k, C)
     return torch.cat(feats).reshape(b, n, -1)  # (B*N, C) -> (B, N, C)
@@ -716,14 +781,16 @@ def convergence_ns(n_max: int) -> list[int]:
 def bag_features(backbone, dataset, indices: list[int], split: int, args, device, autocast) -> dict:
     """Features of the images dataset[indices] (eval transform: the whole image, normalised).
 
-    Returns {"labels": (M,), "features": {name: (M, C')}, "cos_sum": (len(ns),), "grid_cos_sum": float} with
-    names "central" (the whole image, the standard protocol), "patches_N" (mean h of N boxes) and, with
+    Returns {"labels": (M,), "features": {name: (M, C')}, "cos_sum": (len(ns),), "grid_cos_sum":
+    float} with names "central" (the whole image, the standard protocol), "patches_N" (mean h of N
+    boxes) and, with
     --local-agg, "grid_mean" / "grid_local" (Table 5). cos_sum[j]: sum over images of cos(mean of the first
     ns[j] patch embeddings, central embedding), for Fig. 3a.
     """
     crop = args.crop if args.eval_crop == "train" else args.eval_crop
     n_max, ns = max(args.eval_patch_list), convergence_ns(max(args.eval_patch_list))
-    per_batch = max(1, args.eval_batch // n_max)  # images per batch: about eval_batch patches per chunk
+    # images per batch: about eval_batch patches per chunk
+    per_batch = max(1, args.eval_batch // n_max)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=per_batch,
                                          num_workers=args.num_workers,
                                              worker_init_fn=ignore_stop_signals)
@@ -740,20 +807,25 @@ def bag_features(backbone, dataset, indices: list[int], split: int, args, device
         boxes = torch.stack([sample_boxes(n_max, height, width, crop, args.eval_patch_size, args.min_scale,
                                           box_generator(args.seed, split, indices[done + j]))
                              for j in range(len(x))])  # (B, n_max, 4)
-        h = embed_boxes(backbone, x, boxes, args.image_size, args.eval_batch, autocast)  # (B, n_max, C)
+        # (B, n_max, C)
+        h = embed_boxes(backbone, x, boxes, args.image_size, args.eval_batch, autocast)
         feats["central"].append(central.cpu())
         for n in args.eval_patch_list:
-            feats[f"patches_{n}"].append(h[:, :n].mean(1).cpu())  # PAPER: R_img = mean of N patch embeddings
+            # PAPER: R_img = mean of N patch embeddings
+            feats[f"patches_{n}"].append(h[:, :n].mean(1).cpu())
         for j, n in enumerate(ns):  # Fig. 3a: aggregated patches vs the whole image
             cos_sum[j] += F.cosine_similarity(h[:, :n].mean(1), central, dim=1).sum().cpu()
         if args.local_agg:
-            # PAPER Table 5 / App. C.4: a g x g sliding grid of patches; their embeddings form a (C, g, g) map that
-            # is average-pooled 3x3 / stride 2 and flattened ("local average pooling, concatenated").
+            # PAPER Table 5 / App. C.4: a g x g sliding grid of patches; their embeddings form a (C,
+            # g, g) map that is average-pooled 3x3 / stride 2 and flattened ("local average pooling,
+            # concatenated").
             grid = grid_boxes(height, width, args.grid_patch_size, args.grid_stride)  # (g*g, 4)
             hg = embed_boxes(backbone, x, grid.expand(len(x), -1, -1), args.image_size, args.eval_batch,
                              autocast)  # (B, g*g, C)
-            grid_map = hg.transpose(1, 2).reshape(len(x), -1, args.grid, args.grid)  # (B, g*g, C) -> (B, C, g, g)
-            local = F.avg_pool2d(grid_map, kernel_size=3, stride=2)  # (B, C, g', g'), g' = (g - 3) // 2 + 1
+            # (B, g*g, C) -> (B, C, g, g)
+            grid_map = hg.transpose(1, 2).reshape(len(x), -1, args.grid, args.grid)
+            # (B, C, g', g'), g' = (g - 3) // 2 + 1
+            local = F.avg_pool2d(grid_map, kernel_size=3, stride=2)
             feats["grid_local"].append(local.flatten(1).cpu())  # (B, C, g', g') -> (B, C * g' * g')
             feats["grid_mean"].append(hg.mean(1).cpu())  # the global average of the same grid
             grid_cos_sum += F.cosine_similarity(hg.mean(1), central, dim=1).sum().item()
@@ -767,12 +839,12 @@ def fit_linear_classifier(train_f, train_y, test_f, test_y, num_classes: int, ep
                           weight_decay: float, seed: int) -> float:
     """Top-1 (%) of a linear classifier fitted on frozen features (multinomial logistic regression).
 
-    DEVIATION: the paper trains its linear classifier with the usual protocol (augmented images through the frozen
-    network, every epoch). With N patches per image that costs N forward passes per image per epoch, so we embed
-    every image once (fixed patches, no augmentation) and fit on those features: standardised with the training
-    mean/std, SGD with momentum 0.9, batch 256, cosine lr, `epochs` epochs. Absolute numbers are therefore a few
-    points below the paper's protocol; the comparison between evaluations (central, 1, 16, 256 patches) holds.
-    """
+    DEVIATION: the paper trains its linear classifier with the usual protocol (augmented images
+    through the frozen network, every epoch). With N patches per image that costs N forward passes
+    per image per epoch, so we embed every image once (fixed patches, no augmentation) and fit on
+    those features: standardised with the training mean/std, SGD with momentum 0.9, batch 256,
+    cosine lr, `epochs` epochs. Absolute numbers are therefore a few points below the paper's
+    protocol; the comparison between evaluations (central, 1, 16, 256 patches) holds."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     x_tr, x_te = (train_f - mean) / std, (test_f - mean) / std
     with torch.random.fork_rng(devices=[]):  # deterministic and without touching the training RNG
@@ -797,22 +869,24 @@ def fit_linear_classifier(train_f, train_y, test_f, test_y, num_classes: int, ep
 
 
 def subset_indices(n: int, k: int, seed: int) -> list[int]:
-    """A seeded random subset of k of n indices, sorted (k = 0 or k >= n: all). Random, not the first k:
-    image folders are sorted by class."""
+    """A seeded random subset of k of n indices, sorted (k = 0 or k >= n: all). Random, not the
+    first k: image folders are sorted by class."""
     if k == 0 or k >= n:
         return list(range(n))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
 def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, device, autocast) -> dict:
-    """The paper's evaluation, on one process: Table 1 (linear and k-NN on central / N-patch features), Fig. 3a
-    (convergence to the whole image), Table 5 (local aggregation). Returns the dict stored in final_metrics.json.
-    train_set / val_set must yield eval-transformed (whole, normalised) images."""
+    """The paper's evaluation, on one process: Table 1 (linear and k-NN on central / N-patch
+    features), Fig. 3a (convergence to the whole image), Table 5 (local aggregation). Returns the
+    dict stored in final_metrics.json. train_set / val_set must yield eval-transformed (whole,
+    normalised) images."""
     start = time.time()
     backbone = backbone.eval()
     tr_idx = subset_indices(len(train_set), args.eval_train_images, args.seed)
     te_idx = subset_indices(len(val_set), args.eval_test_images, args.seed + 1)
-    per_image = 1 + max(args.eval_patch_list) + (args.grid ** 2 if args.local_agg else 0)  # forward passes
+    # forward passes
+    per_image = 1 + max(args.eval_patch_list) + (args.grid ** 2 if args.local_agg else 0)
     n_forward = (len(tr_idx) + len(te_idx)) * per_image
     log(f"bag-of-patch evaluation: {len(tr_idx)} train / {len(te_idx)} test images, N in {args.eval_patch_list}, "
         f"{n_forward} forward passes")
@@ -834,7 +908,8 @@ def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, de
         log(f"  {name:>14}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in res.items()))
     convergence = {"n": te["ns"], "cosine": (te["cos_sum"] / len(te_idx)).tolist()}
-    # Reference level: h is post-ReLU (non-negative), so even DIFFERENT images have a clearly positive cosine.
+    # Reference level: h is post-ReLU (non-negative), so even DIFFERENT images have a clearly
+    # positive cosine.
     central = F.normalize(te["features"]["central"], dim=1)  # (M, C)
     m = len(central)
     convergence["cosine_between_images"] = ((central @ central.T).sum().item() - m) / max(m * (m - 1), 1)
@@ -849,7 +924,8 @@ def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, de
 
 
 def table1_markdown(evaluation: dict, args) -> str:
-    """The paper's Table 1 layout for this run: one row per classifier, one column per evaluation."""
+    """The paper's Table 1 layout for this run: one row per classifier, one column per evaluation.
+    """
     res, cfg = evaluation["results"], evaluation["config"]
     unit = "patch" if cfg["eval_crop"] == "patch" else "crop"
     cols = [("central", "Central crop")] + [(f"patches_{n}", f"{n} {unit}{'es' if unit == 'patch' else 's'}"
@@ -869,7 +945,8 @@ def table1_markdown(evaluation: dict, args) -> str:
 
 
 def plot_convergence(convergence: dict, path: Path, title: str) -> None:
-    """convergence.png, as the paper's Fig. 3a: cos(aggregated N-patch embedding, whole-image embedding)."""
+    """convergence.png, as the paper's Fig. 3a: cos(aggregated N-patch embedding, whole-image
+    embedding)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -891,14 +968,16 @@ def plot_convergence(convergence: dict, path: Path, title: str) -> None:
 
 
 def eval_datasets(train_base, val_set, image_size: int):
-    """The train split with the evaluation transform (whole image, normalised), and the val split as is."""
+    """The train split with the evaluation transform (whole image, normalised), and the val split as
+    is."""
     train_eval = copy.copy(train_base)
     train_eval.transform = eval_transform(image_size)
     return train_eval, val_set
 
 
 def write_evaluation(out_dir: Path, final: dict, evaluation: dict, args) -> None:
-    """final_metrics.json's Table 1 entries (write_final writes the file), table1.md and convergence.png."""
+    """final_metrics.json's Table 1 entries (write_final writes the file), table1.md and
+    convergence.png."""
     final["eval"] = evaluation["results"]
     final["convergence"] = evaluation["convergence"]
     final["eval_config"] = evaluation["config"]
@@ -920,7 +999,8 @@ def evaluate_saved_backbone(args, run: Run) -> dict:
         saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         backbone = rf_resnet.build_backbone(saved["arch"], **saved["arch_kwargs"])  # no "width": 64
         backbone.load_state_dict(saved["state_dict"])
-        # channels_last, as the trained network after training: the same kernels, so the same numbers
+        # channels_last, as the trained network after training: the same kernels, so the same
+        # numbers
         backbone = backbone.to(memory_format=torch.channels_last)
         log(f"bag_ssl.py --eval-only: {args.checkpoint} ({args.arch}, trained with --crop {args.crop}, "
             f"patch {args.patch_size}, {args.image_size} px)")
@@ -937,8 +1017,10 @@ def evaluate_saved_backbone(args, run: Run) -> dict:
 
 # ---- 7. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
-    """One optimisation step: embed both views (patches or crops), the method's loss, update; BYOL: then EMA."""
-    views, _ = batch  # views: 2 (emp: n) x (B, 3, S, S), patches or crops of each image; labels are not used
+    """One optimisation step: embed both views (patches or crops), the method's loss, update; BYOL:
+    then EMA."""
+    # views: 2 (emp: n) x (B, 3, S, S), patches or crops of each image; labels are not used
+    views, _ = batch
     set_lr(optimizer, schedule["lr_scale"])
     views = [normalize(v.to(run.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
              for v in views]  # uint8 from the loader -> normalised float32 (A.3)
@@ -960,20 +1042,23 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     if nets.target is not None:
         ema_update(nets.target, nets.online.encoder, schedule["tau"])
 
-    # Collapse monitor: std of the L2-normalised projections per dimension, x sqrt(D): ~1 healthy, -> 0 collapsed.
+    # Collapse monitor: std of the L2-normalised projections per dimension, x sqrt(D): ~1 healthy,
+    # -> 0 collapsed.
     z_std = F.normalize(online_out[0]["z"].detach().float(), dim=1).std(0).mean() * math.sqrt(args.proj_dim)
     return StepOut(loss.detach(), {**dict(zip(LOSS_TERMS[args.loss], terms)), "z_std": z_std})
 
 
 def main(args):
-    """Train (or only evaluate); returns (online network, target encoder, final metrics) for the tests."""
+    """Train (or only evaluate); returns (online network, target encoder, final metrics) for the
+    tests."""
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
     if args.eval_only:
         return None, None, evaluate_saved_backbone(args, run)
-    # Data: MultiView (§3) makes the two views of every image: two fixed-scale patches (--crop patch) or two
-    # multi-scale crops (--crop multiscale), or n patches (--loss emp); everything else in this function is the
-    # same for every arm.
-    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)  # A.3
+    # Data: MultiView (§3) makes the two views of every image: two fixed-scale patches (--crop
+    # patch) or two multi-scale crops (--crop multiscale), or n patches (--loss emp); everything
+    # else in this function is the same for every arm.
+    # A.3
+    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
@@ -990,19 +1075,21 @@ def main(args):
     log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, loss {args.loss}, views: {views_text}, "
         f"width {args.width}")
-    # The online k-NN sees the backbone's .h of WHOLE un-augmented images (the standard protocol, "central" in
-    # Table 1), whatever the training views; the bag-of-patch k-NN after training is bag_of_patches_eval's.
-    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run) \
-        if run.rank == 0 and args.knn_k else None
+    # The online k-NN sees the backbone's .h of WHOLE un-augmented images (the standard protocol,
+    # "central" in Table 1), whatever the training views; the bag-of-patch k-NN after training is
+    # bag_of_patches_eval's.
+    knn = make_knn(args, run, train_set, val_set, num_classes)  # A.7: k-NN, linear readout
     if step == 0 and args.knn_every:
-        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)  # epoch 0: the random network, every curve's reference
+        # epoch 0: the random network, every curve's reference
+        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)
     bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True, desc="bag_ssl")
 
     stop_now = False
     while step < last_step and not stop_now:
         epoch, skip = divmod(step, steps_per_epoch)
         train_set.epoch = epoch  # the views of this epoch (see SeededViews)
-        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))  # resume mid-epoch where it stopped
+        # resume mid-epoch where it stopped
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))
         clock.start(step)
         for batch in loader:
             # --- one step at this step's lr (and BYOL's tau, §5) ---
@@ -1011,17 +1098,13 @@ def main(args):
             metrics.watch(out)
             step += 1
             bar.update(1)
-            # --- log (the only host-device syncs), stop on a signal, timed checkpoints ---
+            # --- log (the only host-device syncs), timed checkpoints, stop on a signal ---
             if step % args.log_every == 0 or step == last_step:
                 metrics.step_row(step, steps_per_epoch, out, sched, optimizer.param_groups[0]["lr"], clock,
                                  args.batch_size, bar)
-            stop_now, write_now = stop.poll(step, last_step, ckpt.due(), run.device)
+            stop_now = stop.poll(step, last_step, ckpt, metrics, clock, run.device)
             if stop_now or step == last_step:
                 break
-            if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
-                clock.pause()
-                ckpt.save(step, metrics, clock)
-                clock.start(step)
         clock.pause()
         # --- end of epoch (or of the run, or a stop): a checkpoint, the k-NN; on a signal, leave ---
         end_of_epoch(step, steps_per_epoch, args, nets.backbone, knn, metrics, clock, ckpt)
@@ -1030,8 +1113,9 @@ def main(args):
     bar.close()
 
     # --- outputs: backbone.pt, the final k-NN, the bag-of-patch evaluation, final_metrics.json, figures ---
-    # PAPER Sec. 3: after training, only f matters: the projector g (and BYOL's predictor and target) are dropped
-    # and every image is represented by the mean embedding h of N patches (bag_of_patches_eval, §6).
+    # PAPER Sec. 3: after training, only f matters: the projector g (and BYOL's predictor and
+    # target) are dropped and every image is represented by the mean embedding h of N patches
+    # (bag_of_patches_eval, §6).
     final = finish_training(args, run, nets.backbone, metrics, clock, step, steps_per_epoch, knn)
     if run.rank == 0:
         plot_curves(metrics.history, run.out_dir / "curves.png", f"BagSSL ({args.crop}, {args.loss})")
@@ -1044,9 +1128,9 @@ def main(args):
     return nets.online, nets.target, final
 
 
-# ======================================================================================================================
+# ==================================================================================================
 # ==== APPENDIX: plumbing, identical in every method file ====
-# ======================================================================================================================
+# ==================================================================================================
 # PLUMBING: everything below is the same text in co_byol.py, co_dino.py, bag_ssl.py and geo_dino.py
 # (tests/test_style.py checks it), so `diff co_byol.py co_dino.py` shows the methods only. A first reading may
 # stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES, add_method_flags, check_method_args and
@@ -1378,35 +1462,16 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-class CIFAR10Batches(torch.utils.data.Dataset):
-    """CIFAR-10 in torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline, by
-    `prepare_cifar10.py` (same images and labels, not the same pickle bytes: no md5 check). The split lives in
-    memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images, as torchvision's CIFAR10."""
+class CIFAR10Batches(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR10 without its md5 checks: `prepare_cifar10.py` writes the same images and labels
+    (offline), not the same pickle bytes. Items are PIL images, as torchvision's."""
 
-    def __init__(self, root: str, train: bool, transform=None):
-        import pickle
+    def _check_integrity(self) -> bool:
+        return True  # load_cifar10 downloads when the files are missing
 
-        import numpy as np
-        from PIL import Image
-
-        folder = Path(root) / "cifar-10-batches-py"
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        data, labels = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
-            labels += entry["labels"]
-        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
-        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
+    def _load_meta(self) -> None:
         self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        img = self._to_image(self.data[i])
-        return (self.transform(img) if self.transform else img), self.targets[i]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
 class UnreadableImage(Exception):
@@ -1838,17 +1903,23 @@ class StopFlag:
         """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
         return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
 
-    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
-        """(stop now, write a checkpoint now), the same on every rank."""
-        if not is_dist():
-            return self.requested, checkpoint_due
-        # Ranks must decide at the same step (else one waits forever in the next collective). They agree every
-        # 10 steps: an all-reduce per step would add a GPU sync to every step.
-        if step % 10 and step != last_step:
-            return False, False
-        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
-        stop_now, write_now = (agreed > 0).tolist()
-        return stop_now, write_now
+    def poll(self, step: int, last_step: int, ckpt: "Checkpointer", metrics: "MetricsLog", clock: "TrainClock",
+             device) -> bool:
+        """Whether to stop now, the same on every rank; writes the timed checkpoint (--checkpoint-every) when
+        one is due, so a killed run loses at most that many minutes."""
+        stop_now, write_now = self.requested, ckpt.due()
+        if is_dist():
+            # Ranks must decide at the same step (else one waits forever in the next collective). They agree
+            # every 10 steps: an all-reduce per step would add a GPU sync to every step.
+            if step % 10 and step != last_step:
+                return False
+            agreed = all_reduce_sum(torch.tensor([float(stop_now), float(write_now)], device=device))
+            stop_now, write_now = (agreed > 0).tolist()
+        if write_now and not stop_now and step != last_step:  # a stop or the last step: end_of_epoch writes it
+            clock.pause()
+            ckpt.save(step, metrics, clock)
+            clock.start(step)
+        return stop_now
 
     def exit(self, step: int, run: Run, backbone: nn.Module, args) -> None:
         """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
@@ -2076,6 +2147,13 @@ class KNNMonitor:
 
 
 # ---- A.8 The end of an epoch, of the run; outputs ----
+def make_knn(args, run: Run, train_set: SeededViews, val_set, num_classes: int):
+    """The online k-NN and linear readout: on rank 0, and not with --knn-k 0 (then None)."""
+    if args.knn_k and run.rank == 0:
+        return KNNMonitor(args, train_set.base, val_set, num_classes, run)
+    return None
+
+
 def end_of_epoch(step: int, steps_per_epoch: int, args, backbone: nn.Module, knn, metrics: MetricsLog,
                  clock: TrainClock, ckpt: Checkpointer) -> None:
     """The checkpoint of the epoch's end (or of a stop), then, every --knn-every epochs, the k-NN and linear

@@ -1,7 +1,8 @@
 """CO-BYOL: BYOL plus a loss between local and global representations (BYOL itself with --ws 0).
 
 Paper: Arthur Aubret, Celine Teuliere, Jochen Triesch, "Seeing the Whole in the Parts in
-Self-Supervised Representation Learning", arXiv 2501.02860 (CO-SSL). Sec. 3.1 (Eq. 1-3), Sec. 4, App. A.
+Self-Supervised Representation Learning", arXiv 2501.02860 (CO-SSL). Sec. 3.1 (Eq. 1-3), Sec. 4,
+App. A.
 
 Idea. BYOL pulls the prediction of one augmented view towards the target projection of another view
 of the same image (Eq. 1). CO-BYOL adds a second use of the same loss, between *local*
@@ -12,29 +13,29 @@ projection of v'. Parts that co-occur in an image (trunk, tusk) are attracted to
 (elephant). With a bounded receptive field (RF-ResNet, rf_resnet.py) the local representations
 really are local.
 
-This file: the online network theta (encoder f, global projector g1 and predictor q1, local projector
-g2 and predictor q2) and its EMA target xi; the loss of Eq. 1-3 (`--ws 0` is exactly BYOL: no local
-head is even built); the local map's downsampling (`--local-grid`, Table 5); one head for global and
-local (`--shared-head`, Table 6); the minimum crop ratio c_min (`--min-crop`, Fig. 3); multi-crop for
-the BYOL-mc baseline (`--small-crops`). Not here: CO-MoCoV3 (App. A.1); the offline evaluation and
-robustness suite (eval_linear.py).
+This file: the online network theta (encoder f, global projector g1 and predictor q1, local
+projector g2 and predictor q2) and its EMA target xi; the loss of Eq. 1-3 (`--ws 0` is exactly BYOL:
+no local head is even built); the local map's downsampling (`--local-grid`, Table 5); one head for
+global and local (`--shared-head`, Table 6); the minimum crop ratio c_min (`--min-crop`, Fig. 3);
+multi-crop for the BYOL-mc baseline (`--small-crops`). Not here: CO-MoCoV3 (App. A.1); the offline
+evaluation and robustness suite (eval_linear.py).
 
 Run:
     python prepare_cifar10.py data                    # the real CIFAR-10, offline
-    python co_byol.py --recipe laptop --ws 0          # BYOL on a 2-core CPU (width-16 ResNet-18, 3 epochs)
+    python co_byol.py --recipe laptop --ws 0          # BYOL, 2 CPU cores, width-16 ResNet-18
     python co_byol.py --recipe laptop                 # CO-BYOL, the same recipe
-    python co_byol.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32    # a smoke run, seconds
+    python co_byol.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32   # smoke run, seconds
     python co_byol.py                                 # CIFAR-10, ResNet-18, ws 0.2, one GPU
     torchrun --nproc_per_node=8 co_byol.py --ws 0.2   # 8 GPUs; --batch-size stays the global batch
-    # Paper scale (ImageNet-100, 400 epochs, RF99-ResNet50; the paper's Table 2: 87.6 % linear top-1):
+    # Paper scale (ImageNet-100, 400 epochs, RF99-ResNet50; paper's Table 2: 87.6 % linear top-1):
     torchrun --nproc_per_node=8 co_byol.py --dataset imagefolder --data-dir /data/imagenet100 \
         --arch rf99_resnet50 --image-size 224 --epochs 400 --lr 0.5 --weight-decay 1e-6 \
         --pred-hidden 8192 --ws 0.2 --output-dir runs/co_byol_in100
 Measured results (k-NN of the laptop recipe beside the same network at random initialisation, with
 commands, machine and time): docs/co_byol.md.
 
-Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by every
-method file):
+Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
+every method file):
     MultiView               the two views v = t(x), v' = t'(x) (Fig. 1) and c_min (Sec. 3.3)
     Encoder, OnlineNetwork  f, g1, g2 and q1, q2 (Sec. 3.1, App. A.4); local_subset (Table 5)
     byol_loss               Eq. 1   L_g = 2 - 2 cos(q1(g1(h)), sg(g1_xi(h')))
@@ -74,9 +75,9 @@ from tqdm import tqdm
 
 import rf_resnet
 
-# ======================================================================================================================
+# ==================================================================================================
 # ==== PART I: the method ====
-# ======================================================================================================================
+# ==================================================================================================
 
 
 # ---- 1. The method's flags ----
@@ -86,45 +87,47 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ws", type=float, default=0.2, help="w_s in Eq. 3: weight of the local-to-"
                    "global loss (paper: 0.2-0.5 work best, Table 5); 0 gives BYOL")
     g.add_argument("--local-grid", type=int, default=0, help="keep k x k of the n x n local "
-                   "representations before the local heads (Table 5: n^2 = 1, 4, 16, 64, 196); 0: all")
+                   "representations before the local heads (Table 5: n^2 = 1, 4, 16, 64, 196); 0: "
+                   "all")
     g.add_argument("--local-grid-mode", choices=["subset", "pool"], default="subset", help="how "
-                   "--local-grid downsamples: 'subset' keeps the representations at the centres of a "
-                   "k x k partition (paper: 'a subset'); 'pool' averages each cell")
+                   "--local-grid downsamples: 'subset' keeps the representations at the centres "
+                   "of a k x k partition (paper: 'a subset'); 'pool' averages each cell")
     g.add_argument("--shared-head", action="store_true", help="one head for global and local "
                    "representations (Table 6, '1 head'): g1 and q1 at every position")
     g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of "
-                   "RandomResizedCrop; default: 0.2 for CO-BYOL (Sec. 3.3, swept in Fig. 3), BYOL's "
-                   "0.08 with --ws 0 (see check_method_args)")
+                   "RandomResizedCrop; default: 0.2 for CO-BYOL (Sec. 3.3, swept in Fig. 3), "
+                   "BYOL's 0.08 with --ws 0 (see check_method_args)")
     g.add_argument("--small-crops", type=int, default=0, help="extra small crops per image for the "
                    "multi-crop baseline BYOL-mc (paper: 4); they enter the global loss only")
     g.add_argument("--small-crop-scale", type=float, nargs=2, default=[0.05, 0.14],
-                   metavar=("MIN", "MAX"), help="area range of the small crops; the two large crops "
-                   "then use [MAX, 1] (paper: [0.05, 0.14] or [0.14, 0.4])")
-    g.add_argument("--small-crop-size", type=int, default=0, help="side of the small crops in pixels "
-                   "(0: 3/7 of --image-size, i.e. 96 at 224)")
-    g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of g1, g2 (BYOL: 4096)")
-    g.add_argument("--proj-hidden-layers", type=int, default=1, help="hidden layers of g1, g2 (BYOL: "
-                   "1; Sec. 3.3: 2 for BYOL-based methods on ImageNet-1k)")
+                   metavar=("MIN", "MAX"), help="area range of the small crops; the two large "
+                   "crops then use [MAX, 1] (paper: [0.05, 0.14] or [0.14, 0.4])")
+    g.add_argument("--small-crop-size", type=int, default=0, help="side of the small crops in "
+                   "pixels (0: 3/7 of --image-size, i.e. 96 at 224)")
+    g.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of g1, g2 (BYOL: "
+                   "4096)")
+    g.add_argument("--proj-hidden-layers", type=int, default=1, help="hidden layers of g1, g2 "
+                   "(BYOL: 1; Sec. 3.3: 2 for BYOL-based methods on ImageNet-1k)")
     g.add_argument("--proj-dim", type=int, default=256, help="output width D of the projectors and "
                    "predictors (BYOL: 256)")
     g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of q1 (BYOL: 4096; "
                    "solo-learn ImageNet-100: 8192)")
-    g.add_argument("--local-pred-hidden", type=int, default=4096, help="hidden width of q2 (App. A.4: "
-                   "4096, also where q1 is wider)")
-    g.add_argument("--tau-base", type=float, default=0.99, help="EMA momentum of the target at step "
-                   "0, then a cosine to --tau-final (BYOL: 0.99 -> 1)")
+    g.add_argument("--local-pred-hidden", type=int, default=4096, help="hidden width of q2 (App. "
+                   "A.4: 4096, also where q1 is wider)")
+    g.add_argument("--tau-base", type=float, default=0.99, help="EMA momentum of the target at "
+                   "step 0, then a cosine to --tau-final (BYOL: 0.99 -> 1)")
     g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
 
 
-# The method's values for flags every method shares (solo-learn's BYOL on CIFAR: LARS, lr 1.0, wd 1e-5).
+# The method's values of flags every method shares (solo-learn's BYOL on CIFAR: LARS, lr 1, wd 1e-5)
 METHOD_DEFAULTS = dict(lr=1.0, weight_decay=1e-5, arch="resnet18")
 OTHER_ARCHS = ()  # backbones besides rf_resnet's (geo_dino.py adds swin_t)
-# --recipe laptop: CIFAR-10 at 32 px on 2 CPU cores in under an hour, k-NN every epoch. Batch and lr
-# were chosen by measurement, the rest from BYOL / lightly's CIFAR recipe (docs/co_byol.md says why).
+# --recipe laptop: CIFAR-10 at 32 px on 2 CPU cores in under an hour, k-NN every epoch. Batch, lr:
+# chosen by measurement; the rest from BYOL / lightly's CIFAR recipe (docs/co_byol.md says why).
 RECIPES = {"laptop": dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=3,
-                          optimizer="sgd", lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99,
-                          proj_hidden=512, pred_hidden=512, local_pred_hidden=512, num_workers=2,
-                          output_dir="runs/co_byol_laptop")}
+                          optimizer="sgd", lr=0.5, weight_decay=5e-4, warmup_epochs=0.2,
+                          tau_base=0.99, proj_hidden=512, pred_hidden=512, local_pred_hidden=512,
+                          num_workers=2, output_dir="runs/co_byol_laptop")}
 
 
 def check_method_args(args, error) -> None:
@@ -135,33 +138,34 @@ def check_method_args(args, error) -> None:
     if args.min_crop is None:  # PAPER Sec. 3.3: c_min = 0.2 is CO-SSL's; BYOL keeps its own 0.08
         args.min_crop = 0.2 if args.ws > 0 else 0.08
     if args.ws < 0 or not 0 < args.min_crop <= 1 or not 0 <= args.tau_base <= args.tau_final <= 1:
-        error("need --ws >= 0 (0 trains BYOL), 0 < --min-crop <= 1, 0 <= --tau-base <= --tau-final <= 1")
+        error("need --ws >= 0 (0 trains BYOL), 0 < --min-crop <= 1 and "
+              "0 <= --tau-base <= --tau-final <= 1")
     if min(args.proj_hidden, args.proj_dim, args.pred_hidden, args.local_pred_hidden,
            args.proj_hidden_layers) < 1 or args.local_grid < 0:
         error("the head widths and --proj-hidden-layers must be >= 1, --local-grid >= 0")
-    if args.small_crops < 0 or not 0 < args.small_crop_scale[0] < args.small_crop_scale[1] < 1:
-        error("--small-crops must be >= 0 and --small-crop-scale MIN MAX must satisfy 0 < MIN < MAX < 1")
-    if args.small_crop_size < 0 or 0 < args.small_crop_size < 8:  # the blur and the network need pixels
-        error(f"--small-crop-size must be 0 (3/7 of --image-size) or >= 8, got {args.small_crop_size}")
+    small_min, small_max = args.small_crop_scale
+    if args.small_crops < 0 or not 0 < small_min < small_max < 1 or 0 < args.small_crop_size < 8:
+        error("need --small-crops >= 0, --small-crop-scale MIN MAX with 0 < MIN < MAX < 1 and "
+              "--small-crop-size 0 (3/7 of --image-size) or >= 8 (the blur needs pixels)")
     with torch.device("meta"):  # shapes only, no weights: the n x n local map of this backbone
-        n = rf_resnet.local_grid(rf_resnet.build_backbone(args.arch, stem=args.stem, width=args.width),
-                                 args.image_size)
+        backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, width=args.width)
+        n = rf_resnet.local_grid(backbone, args.image_size)
     if args.local_grid > n:
-        error(f"--local-grid {args.local_grid} is larger than the {n}x{n} local map of {args.arch} at "
-              f"{args.image_size} px")
+        error(f"--local-grid {args.local_grid} is larger than the {n}x{n} local map of "
+              f"{args.arch} at {args.image_size} px")
     if args.ws > 0 and n * n < 2:
-        error(f"{args.arch} gives a 1x1 local map at {args.image_size} px: nothing local to align; use "
-              "a larger --image-size, --stem cifar or an RF-ResNet")
+        error(f"{args.arch} gives a 1x1 local map at {args.image_size} px: nothing local to "
+              "align; use a larger --image-size, --stem cifar or an RF-ResNet")
     args.local_map = n
 
 
 # ---- 2. Views ----
 # PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image; CO-SSL changes
-# only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation probabilities
-# differ between the two views (1.0 / 0.1 and 0.0 / 0.2). IMPL: no blur on CIFAR's 32 px images
-# (solo-learn); larger images (Tiny-ImageNet's 64 px too) keep it.
+# only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation
+# probabilities differ between the views (1.0 / 0.1 and 0.0 / 0.2). IMPL: no blur on CIFAR's
+# 32-px images (solo-learn); larger images (Tiny-ImageNet's 64 px too) keep it.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
-    """One of BYOL's augmentations, PIL image -> (3, S, S) uint8 (normalised on the device later)."""
+    """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -175,62 +179,57 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
 
 
 class MultiView:
-    """image -> [large view t(x), large view t'(x), small crops...] (PAPER Fig. 1: v = t(x), v' = t'(x))."""
+    """image -> [large view v = t(x), large view v' = t'(x), small crops...] (PAPER Fig. 1)."""
 
     def __init__(self, args):
-        large_scale = (args.min_crop, 1.0) if args.small_crops == 0 else (args.small_crop_scale[1], 1.0)
+        # with small crops, the two large ones cover [MAX of the small crops' scale, 1]
+        large_scale = (args.small_crop_scale[1] if args.small_crops else args.min_crop, 1.0)
         small = args.small_crop_size or max(8, round(args.image_size * 3 / 7))
         blur = 0.0 if args.image_size <= 32 else 1.0
         self.views = [byol_view(args.image_size, large_scale, 1.0 * blur, 0.0),
                       byol_view(args.image_size, large_scale, 0.1 * blur, 0.2)]
         # IMPL: small crops get blur p=0.5 and no solarisation (DINO's multi-crop local views).
-        self.views += [byol_view(small, tuple(args.small_crop_scale), 0.5 * blur, 0.0)] * args.small_crops
+        small_view = byol_view(small, tuple(args.small_crop_scale), 0.5 * blur, 0.0)
+        self.views += [small_view] * args.small_crops
 
     def __call__(self, img):
         return [v(img) for v in self.views]
 
 
 # ---- 3. Networks and heads ----
-def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1) -> nn.Sequential:
+def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1,
+        conv: bool = False) -> nn.Sequential:
     """BYOL's projector / predictor: (Linear -> BN -> ReLU) x hidden_layers -> Linear (Grill et al.
-    2020, Sec. 3.3: one hidden layer; CO-SSL Sec. 3.3 uses two for BYOL on ImageNet-1k)."""
+    2020, Sec. 3.3: one hidden layer; CO-SSL Sec. 3.3: two for BYOL on ImageNet-1k). conv=True: the
+    same MLP at every position of a (B, C, n, n) map, as 1x1 convolutions (PAPER Sec. 3.1, "to
+    parallelize"); its BatchNorm then normalises over batch and positions together."""
+    linear = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
+    norm = nn.BatchNorm2d if conv else nn.BatchNorm1d
     layers = []
     for i in range(hidden_layers):
-        layers += [nn.Linear(dim_in if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden),
-                   nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.Linear(hidden, dim_out))
-
-
-def conv_mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1) -> nn.Sequential:
-    """PAPER Sec. 3.1: the same MLP applied at every position with 1x1 convolutions ("to parallelize").
-
-    On a (B, C, n, n) map it equals `mlp` applied to each of the B*n*n local vectors, except that
-    BatchNorm statistics are taken over batch and positions together (BatchNorm2d).
-    """
-    layers = []
-    for i in range(hidden_layers):
-        layers += [nn.Conv2d(dim_in if i == 0 else hidden, hidden, 1), nn.BatchNorm2d(hidden),
-                   nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.Conv2d(hidden, dim_out, 1))
+        layers += [linear(dim_in if i == 0 else hidden, hidden), norm(hidden), nn.ReLU(True)]
+    return nn.Sequential(*layers, linear(hidden, dim_out))
 
 
 def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
     """PAPER Table 5 / Sec. 4.5: the local loss "only on a subset of local representations", by
-    "spatially downsampling the feature maps". IMPL: the representation at the centre of each cell of
-    a k x k partition: (B, C, n, n) -> (B, C, k, k). Each kept vector keeps its own receptive field
-    (k = 1: the centre one), which average pooling (--local-grid-mode pool) does not."""
+    "spatially downsampling the feature maps". IMPL: the representation at the centre of each cell
+    of a k x k partition: (B, C, n, n) -> (B, C, k, k). Each kept vector keeps its own receptive
+    field (k = 1: the centre one), which average pooling (--local-grid-mode pool) does not."""
     n = local.shape[-1]
     idx = ((torch.arange(k, device=local.device) + 0.5) * n / k).long()  # n=14, k=2: 3, 10
     return local[:, :, idx][:, :, :, idx]
 
 
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
-    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n, n):
-    the same MLP at every position (as 1x1 convolutions), computed as one matrix product over the B*n*n
-    vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would). The output is a
-    view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for free."""
+    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n,
+    n): the same MLP at every position (as 1x1 convolutions), computed as one matrix product over
+    the B*n*n vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would).
+    The output is a view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for
+    free."""
     b, c, n, m = local.shape
-    out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
+    # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
+    out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
 
 
@@ -245,17 +244,18 @@ class ViewOut(NamedTuple):
 
 
 class Encoder(nn.Module):
-    """f (backbone) + g1 (global projector) + g2 (local projector): the part online and target share."""
+    """f (backbone), g1 (global projector), g2 (local projector): what online and target share."""
 
     def __init__(self, args):
         super().__init__()
         self.backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, width=args.width,
                                                  mlp=False if args.no_mlp else None)
-        c, hidden, d, layers = self.backbone.out_dim, args.proj_hidden, args.proj_dim, args.proj_hidden_layers
+        c, d = self.backbone.out_dim, args.proj_dim
+        hidden, layers = args.proj_hidden, args.proj_hidden_layers
         self.projector = mlp(c, hidden, d, layers)  # g1
         # --ws 0 is BYOL: no local head exists, so nothing of CO-BYOL is computed or trained.
         self.local = args.ws > 0
-        self.local_projector = (conv_mlp(c, hidden, d, layers)  # g2 (--shared-head: g1 instead)
+        self.local_projector = (mlp(c, hidden, d, layers, conv=True)  # g2 (--shared-head: g1)
                                 if self.local and not args.shared_head else None)
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
@@ -273,19 +273,19 @@ class Encoder(nn.Module):
 
 
 class OnlineNetwork(nn.Module):
-    """theta: the encoder and the predictors q1, q2: everything the optimiser trains, in one module so
-    that one DDP wrapper syncs every gradient."""
+    """theta: the encoder and the predictors q1, q2: everything the optimiser trains, in one module
+    so that one DDP wrapper syncs every gradient."""
 
     def __init__(self, args):
         super().__init__()
         self.encoder = Encoder(args)
         d = args.proj_dim
         self.predictor = mlp(d, args.pred_hidden, d)  # q1
-        self.local_predictor = (conv_mlp(d, args.local_pred_hidden, d)  # q2 (--shared-head: q1)
+        self.local_predictor = (mlp(d, args.local_pred_hidden, d, conv=True)  # q2 (or q1: shared)
                                 if args.ws > 0 and not args.shared_head else None)
 
     def forward(self, views: list[torch.Tensor]) -> list[ViewOut]:
-        """One call for all views (DDP expects one forward per backward); BN statistics stay per view."""
+        """All views in one call (DDP wants one forward per backward); BN statistics per view."""
         outs = []
         for x in views:
             o = self.encoder(x)
@@ -300,8 +300,8 @@ class OnlineNetwork(nn.Module):
 @dataclass
 class Nets:
     """The networks of one run: theta (`online`), xi (`target`), and `model`, the module the forward
-    pass goes through (online itself, in DDP with several processes). backbone.pt saves, and the k-NN
-    reads, the online backbone (BYOL evaluates the online network)."""
+    pass goes through (online itself, in DDP with several processes). backbone.pt saves, and the
+    k-NN reads, the online backbone (BYOL evaluates the online network)."""
     online: OnlineNetwork
     target: Encoder
     model: nn.Module
@@ -324,17 +324,17 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """PAPER Eq. 1 (BYOL): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
 
-    p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The paper
-    writes -2 cos; the constant 2 (BYOL's ||p/|p| - z/|z|||^2) changes no gradient and keeps the loss
-    >= 0. PITFALL: in fp32; normalisation in bf16 loses the small differences that matter late.
-    """
+    p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The
+    paper writes -2 cos; the constant 2 (BYOL's ||p/|p| - z/|z|||^2) changes no gradient and keeps
+    the loss >= 0. PITFALL: fp32, as normalisation in bf16 loses the small late differences."""
     p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)  # sg(z)
     return (2 - 2 * (p * z).sum(dim=-1)).mean()
 
 
 def local_global_loss(p_local: torch.Tensor, z_local: torch.Tensor, p_global: torch.Tensor,
                       z_global: torch.Tensor) -> torch.Tensor:
-    """PAPER Eq. 2: L_l = 1/n^2 sum_i [ (2 - 2 cos(p_l^i, sg(z'_g))) + (2 - 2 cos(p_g, sg(z'_l^i))) ].
+    """PAPER Eq. 2: L_l = 1/n^2 sum_i [ (2 - 2 cos(p_l^i, sg(z'_g))) + (2 - 2 cos(p_g, sg(z'_l^i)))
+    ].
 
     p_local  (B, D, n, n): online local predictions q2(g2(l_i)) of view v
     z_local  (B, D, n, n): target local projections g2_xi(l'_i) of view v'
@@ -343,7 +343,8 @@ def local_global_loss(p_local: torch.Tensor, z_local: torch.Tensor, p_global: to
     Every local prediction of v is pulled to the global target of v', and the global prediction of v
     to every local target of v'. Mean over the batch and the n^2 positions.
     """
-    p_l = F.normalize(p_local.float().flatten(2), dim=1)  # (B, D, n, n) -> (B, D, n*n), unit along D
+    # (B, D, n, n) -> (B, D, n*n), unit along D
+    p_l = F.normalize(p_local.float().flatten(2), dim=1)
     z_l = F.normalize(z_local.detach().float().flatten(2), dim=1)  # sg: no gradient into the target
     p_g = F.normalize(p_global.float(), dim=1)  # (B, D)
     z_g = F.normalize(z_global.detach().float(), dim=1)
@@ -362,10 +363,9 @@ def co_byol_loss(online: list[ViewOut], target: list[ViewOut], ws: float) -> Los
     """PAPER Eq. 3: L = L_g(v -> v') + L_g(v' -> v) + w_s [ L_l(v, v') + L_l(v', v) ].
 
     online: outputs for all crops (the 2 large first, then the small ones); target: the 2 large.
-    IMPL (solo-learn's multi-crop BYOL): with small crops the global loss sums over every pair (online
-    crop i, target crop j != i); with two views these are exactly the two terms of Eq. 3. The local loss
-    uses the two large views only, as the paper (CO-SSL itself uses two views).
-    """
+    IMPL (solo-learn's multi-crop BYOL): with small crops the global loss sums over every pair
+    (online crop i, target crop j != i); with two views these are exactly the two terms of Eq. 3.
+    The local loss uses the two large views only, as the paper (CO-SSL itself uses two views)."""
     loss_g = sum(byol_loss(online[i].p_g, target[j].z_g)
                  for j in range(len(target)) for i in range(len(online)) if i != j)
     loss_l = torch.zeros((), device=loss_g.device)
@@ -383,20 +383,19 @@ def tau_at(step: int, total: int, base: float, final: float) -> float:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f, g1, g2.
+    """PAPER Sec. 3.1 / BYOL: xi <- tau * xi + (1 - tau) * theta, every parameter of f, g1, g2.
 
-    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode, so
-    its BN normalises with the current batch's statistics (as BYOL and solo-learn); its running
-    statistics matter only to someone who evaluates the target in eval mode.
-    """
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode,
+    so its BN normalises with the current batch's statistics (as BYOL and solo-learn); its running
+    statistics matter only to someone who evaluates the target in eval mode."""
     t_params, o_params = list(target.parameters()), list(online.parameters())
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - tau)
 
 
 class Schedule:
-    """The schedules at step k of K, as a dict: `lr_scale`, the lr's factor (warm-up + cosine, A.4), and
-    `tau`, the EMA momentum. Every float but lr_scale is logged (the lr is logged as set)."""
+    """The schedules at step k of K, as a dict: `lr_scale`, the lr's factor (warm-up + cosine, A.4),
+    and `tau`, the EMA momentum. Every float but lr_scale is logged (the lr is logged as set)."""
 
     def __init__(self, args, steps_per_epoch: int):
         self.total = args.epochs * steps_per_epoch
@@ -410,11 +409,12 @@ class Schedule:
 
 # ---- 6. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
-    """One optimisation step of Eq. 3: forward both networks, update theta, then xi <- EMA(theta)."""
+    """One optimisation step of Eq. 3: both networks forward, theta updated, xi <- EMA(theta)."""
     views, _ = batch  # [(B, 3, S, S) uint8] * (2 + --small-crops); labels are not used
     set_lr(optimizer, schedule["lr_scale"])
-    views = [normalize(v.to(run.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-             for v in views]  # uint8 -> normalised float32 (A.3)
+    # uint8 -> normalised float32 (A.3), channels_last (faster convolutions)
+    views = [normalize(v.to(run.device, non_blocking=True)).contiguous(
+        memory_format=torch.channels_last) for v in views]
 
     # --- forward: online on all crops, target on the two large views (Fig. 1) ---
     with run.autocast:
@@ -430,18 +430,19 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     run.scaler.update()
     ema_update(nets.target, nets.online.encoder, schedule["tau"])
 
-    # Collapse monitor: std of the L2-normalised projections per dimension x sqrt(D): ~1 healthy, -> 0
-    # collapsed.
+    # Collapse monitor: per-dimension std of the L2-normalised projections x sqrt(D): about 1
+    # when healthy, towards 0 when the representation collapses.
     z = F.normalize(online_out[0].z_g.detach().float(), dim=1)
     z_std = z.std(0).mean() * math.sqrt(args.proj_dim)
-    return StepOut(losses.total.detach(), {"loss_global": losses.global_term.detach(),
-                                           "loss_local": losses.local_term.detach(), "z_std": z_std})
+    logs = {"loss_global": losses.global_term.detach(), "loss_local": losses.local_term.detach(),
+            "z_std": z_std}
+    return StepOut(losses.total.detach(), logs)
 
 
 def main(args):
-    """Train; returns (online network, target encoder, final metrics) so that tests can inspect them."""
+    """Train; returns (online network, target encoder, final metrics) for the tests to inspect."""
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
-    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)  # A.3
+    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
@@ -455,11 +456,11 @@ def main(args):
     log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x "
         f"{args.batch_size}/256), {steps_per_epoch} steps/epoch, {total_steps} steps; CO-BYOL: "
         f"w_s {args.ws}, c_min {args.min_crop}, local map {args.local_map}x{args.local_map}")
-    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run) if args.knn_k and run.rank == 0 \
-        else None  # A.7: the k-NN and linear readout, on rank 0
+    knn = make_knn(args, run, train_set, val_set, num_classes)  # A.7: k-NN, linear readout
     if step == 0 and args.knn_every:  # epoch 0: the random network, every curve's reference
         metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)
-    bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True, desc="co_byol")
+    bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True,
+               desc="co_byol")
 
     stop_now = False
     while step < last_step and not stop_now:
@@ -474,19 +475,15 @@ def main(args):
             metrics.watch(out)
             step += 1
             bar.update(1)
-            # --- log (the only host-device syncs), stop on a signal, timed checkpoints ---
+            # --- log (the only host-device syncs), timed checkpoints, stop on a signal ---
             if step % args.log_every == 0 or step == last_step:
                 metrics.step_row(step, steps_per_epoch, out, sched, optimizer.param_groups[0]["lr"],
                                  clock, args.batch_size, bar)
-            stop_now, write_now = stop.poll(step, last_step, ckpt.due(), run.device)
+            stop_now = stop.poll(step, last_step, ckpt, metrics, clock, run.device)
             if stop_now or step == last_step:
                 break
-            if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
-                clock.pause()
-                ckpt.save(step, metrics, clock)
-                clock.start(step)
         clock.pause()
-        # --- end of epoch (or of the run, or a stop): a checkpoint, the k-NN; on a signal, leave ---
+        # --- end of epoch (or of the run, or a stop): checkpoint, k-NN; on a signal, leave ---
         end_of_epoch(step, steps_per_epoch, args, nets.backbone, knn, metrics, clock, ckpt)
         if stop_now or stop.agreed(run.device):  # also a signal that came during the evaluation
             stop.exit(step, run, nets.backbone, args)
@@ -500,9 +497,9 @@ def main(args):
     return nets.online, nets.target, final
 
 
-# ======================================================================================================================
+# ==================================================================================================
 # ==== APPENDIX: plumbing, identical in every method file ====
-# ======================================================================================================================
+# ==================================================================================================
 # PLUMBING: everything below is the same text in co_byol.py, co_dino.py, bag_ssl.py and geo_dino.py
 # (tests/test_style.py checks it), so `diff co_byol.py co_dino.py` shows the methods only. A first reading may
 # stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES, add_method_flags, check_method_args and
@@ -834,35 +831,16 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-class CIFAR10Batches(torch.utils.data.Dataset):
-    """CIFAR-10 in torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline, by
-    `prepare_cifar10.py` (same images and labels, not the same pickle bytes: no md5 check). The split lives in
-    memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images, as torchvision's CIFAR10."""
+class CIFAR10Batches(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR10 without its md5 checks: `prepare_cifar10.py` writes the same images and labels
+    (offline), not the same pickle bytes. Items are PIL images, as torchvision's."""
 
-    def __init__(self, root: str, train: bool, transform=None):
-        import pickle
+    def _check_integrity(self) -> bool:
+        return True  # load_cifar10 downloads when the files are missing
 
-        import numpy as np
-        from PIL import Image
-
-        folder = Path(root) / "cifar-10-batches-py"
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        data, labels = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
-            labels += entry["labels"]
-        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
-        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
+    def _load_meta(self) -> None:
         self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        img = self._to_image(self.data[i])
-        return (self.transform(img) if self.transform else img), self.targets[i]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
 class UnreadableImage(Exception):
@@ -1294,17 +1272,23 @@ class StopFlag:
         """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
         return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
 
-    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
-        """(stop now, write a checkpoint now), the same on every rank."""
-        if not is_dist():
-            return self.requested, checkpoint_due
-        # Ranks must decide at the same step (else one waits forever in the next collective). They agree every
-        # 10 steps: an all-reduce per step would add a GPU sync to every step.
-        if step % 10 and step != last_step:
-            return False, False
-        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
-        stop_now, write_now = (agreed > 0).tolist()
-        return stop_now, write_now
+    def poll(self, step: int, last_step: int, ckpt: "Checkpointer", metrics: "MetricsLog", clock: "TrainClock",
+             device) -> bool:
+        """Whether to stop now, the same on every rank; writes the timed checkpoint (--checkpoint-every) when
+        one is due, so a killed run loses at most that many minutes."""
+        stop_now, write_now = self.requested, ckpt.due()
+        if is_dist():
+            # Ranks must decide at the same step (else one waits forever in the next collective). They agree
+            # every 10 steps: an all-reduce per step would add a GPU sync to every step.
+            if step % 10 and step != last_step:
+                return False
+            agreed = all_reduce_sum(torch.tensor([float(stop_now), float(write_now)], device=device))
+            stop_now, write_now = (agreed > 0).tolist()
+        if write_now and not stop_now and step != last_step:  # a stop or the last step: end_of_epoch writes it
+            clock.pause()
+            ckpt.save(step, metrics, clock)
+            clock.start(step)
+        return stop_now
 
     def exit(self, step: int, run: Run, backbone: nn.Module, args) -> None:
         """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
@@ -1532,6 +1516,13 @@ class KNNMonitor:
 
 
 # ---- A.8 The end of an epoch, of the run; outputs ----
+def make_knn(args, run: Run, train_set: SeededViews, val_set, num_classes: int):
+    """The online k-NN and linear readout: on rank 0, and not with --knn-k 0 (then None)."""
+    if args.knn_k and run.rank == 0:
+        return KNNMonitor(args, train_set.base, val_set, num_classes, run)
+    return None
+
+
 def end_of_epoch(step: int, steps_per_epoch: int, args, backbone: nn.Module, knn, metrics: MetricsLog,
                  clock: TrainClock, ckpt: Checkpointer) -> None:
     """The checkpoint of the epoch's end (or of a stop), then, every --knn-every epochs, the k-NN and linear

@@ -1,22 +1,26 @@
 """CO-DINO: DINO plus a loss between local and global outputs (and DINO itself with --ws 0).
 
-Paper: Arthur Aubret, Celine Teuliere, Jochen Triesch, "Seeing the Whole in the Parts in Self-Supervised
-Representation Learning", arXiv 2501.02860. Sec. 3.1 ("CO-SSL in general"), Table 2, App. A.7. DINO: Mathilde
-Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", arXiv 2104.14294.
+Paper: Arthur Aubret, Celine Teuliere, Jochen Triesch, "Seeing the Whole in the Parts in
+Self-Supervised Representation Learning", arXiv 2501.02860. Sec. 3.1 ("CO-SSL in general"), Table 2,
+App. A.7. DINO: Mathilde Caron et al., "Emerging Properties in Self-Supervised Vision Transformers",
+arXiv 2104.14294.
 
-Idea. DINO trains a student to match, with a cross-entropy, the centred and sharpened softmax output of an
-EMA teacher on another view of the same image. CO-DINO applies the same cross-entropy a second time, between
+Idea. DINO trains a student to match, with a cross-entropy, the centred and sharpened softmax output
+of an EMA teacher on another view of the same image. CO-DINO applies the same cross-entropy a second
+time, between
 *local* outputs (a DINO head run at every position of the n x n map before the final pooling) and the
 *global* output of the other view: the teacher's global distribution of v' is a target for every student
-local output of v, and every teacher local distribution of v' is a target for the student global output of v.
-The paper describes only CO-BYOL in detail; where it is silent we say what we chose (`# IMPL:`).
+local output of v, and every teacher local distribution of v' is a target for the student global
+output of v. The paper describes only CO-BYOL in detail; where it is silent we say what we chose (`#
+IMPL:`).
 
 What this file implements: DINO student/teacher with the DINO head (3-layer MLP, bottleneck 256,
-L2-normalised, weight-normalised last layer with K prototypes, optionally frozen in the first epoch),
-teacher centring (momentum 0.9, global batch) and sharpening with a temperature warm-up, student temperature
+L2-normalised, weight-normalised last layer with K prototypes, optionally frozen in the first
+epoch), teacher centring (momentum 0.9, global batch) and sharpening with a temperature warm-up,
+student temperature
 0.1, optional multi-crop (`--small-crops`, DINO-mc), the local head with its own centre and the local loss
-(`--ws 0` is exactly DINO: no local head is even built), collapse monitors (teacher entropy, KL of the mean
-teacher distribution to uniform), LARS with warm-up + cosine, AMP, DDP, auto-resume,
+(`--ws 0` is exactly DINO: no local head is even built), collapse monitors (teacher entropy, KL of
+the mean teacher distribution to uniform), LARS with warm-up + cosine, AMP, DDP, auto-resume,
 SIGTERM checkpoints. `backbone.pt` holds the TEACHER backbone, as DINO evaluates the teacher.
 
 Run:
@@ -35,8 +39,8 @@ Run:
 Measured results (k-NN of the laptop recipe beside the same network at random initialisation, with
 commands, machine and time): docs/co_dino.md.
 
-Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by every
-method file):
+Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
+every method file):
     MultiView               the two views and c_min (CO-SSL Sec. 3.3); small crops for DINO-mc
     DINOHead, Encoder       DINO's head (Sec. 3.1 of DINO) on h, and a second one at every local position
     dino_loss               DINO Eq. 1-3: H(P_t(x'), P_s(x)) over pairs of different views
@@ -77,69 +81,82 @@ from tqdm import tqdm
 
 import rf_resnet
 
-# ======================================================================================================================
+# ==================================================================================================
 # ==== PART I: the method ====
-# ======================================================================================================================
+# ==================================================================================================
 
 # ---- 1. The method's flags ----
 def add_method_flags(p: argparse.ArgumentParser) -> None:
     """CO-DINO's flags (and DINO's); the flags every method shares are in the appendix (A.1)."""
     g = p.add_argument_group("method (CO-DINO, Sec. 3.1 and DINO)")
-    g.add_argument("--ws", type=float, default=0.2, help="w_s: total loss = L_DINO + w_s L_local (the paper gives "
-                   "no value for CO-DINO; 0.2 as CO-BYOL, whose best range is 0.2-0.5, Table 5); 0 gives DINO")
-    g.add_argument("--local-grid", type=int, default=0, help="keep k x k of the n x n local representations "
-                   "before the local head (Table 5); 0 keeps the full map")
-    g.add_argument("--local-grid-mode", choices=["subset", "pool"], default="subset", help="how --local-grid "
-                   "downsamples: 'subset' keeps the representations at the centres of a k x k partition (paper: "
-                   "'a subset of local representations'); 'pool' averages each cell (new, wider vectors)")
-    g.add_argument("--shared-head", action="store_true", help="one head for global and local representations "
-                   "(paper Table 6, '1 head'): the local loss applies the global DINO head at every "
-                   "position")
-    g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of the two large "
-                   "crops; default: the method's own, 0.2 for CO-DINO (CO-SSL Sec. 3.3, App. A) and 0.08 with --ws 0 "
-                   "(solo-learn's CIFAR / ImageNet-100 crops; DINO itself uses 0.4 with multi-crop)")
-    g.add_argument("--small-crops", type=int, default=0, help="extra small crops per image for the multi-crop "
-                   "baseline DINO-mc (paper: 4, or 6 on Tiny-ImageNet); they enter only the global loss")
-    g.add_argument("--small-crop-scale", type=float, nargs=2, default=[0.05, 0.14], metavar=("MIN", "MAX"),
-                   help="area range of the small crops; the two large crops then use [MAX, 1] (paper: "
-                   "[0.05, 0.14] / [0.14, 1] or [0.14, 0.4] / [0.4, 1])")
-    g.add_argument("--small-crop-size", type=int, default=0, help="side of the small crops in pixels "
-                   "(0: 3/7 of --image-size, i.e. 96 at 224)")
-    g.add_argument("--out-dim", type=int, default=4096, help="K, prototypes of the DINO heads (DINO: 65536; "
-                   "solo-learn CIFAR / ImageNet-100: 4096)")
-    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer head MLP (DINO: 2048)")
-    g.add_argument("--bottleneck", type=int, default=256, help="bottleneck width before the L2-normalisation "
-                   "(DINO: 256)")
-    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the prototypes (last "
-                   "layer) are not trained (DINO: 1)")
-    g.add_argument("--head-bn", action="store_true", help="BatchNorm after the hidden layers of the DINO heads "
-                   "(the official code's --use_bn_in_head; lightly's ResNet DINO recipe for CIFAR-10 uses it)")
-    g.add_argument("--norm-last-layer", choices=["true", "false"], default="true", help="fix the norm of every "
-                   "prototype to 1 (DINO's --norm_last_layer: false trains the norms, which DINO found better "
-                   "but less stable and uses for ViT-S, true for ViT-B)")
-    g.add_argument("--student-temp", type=float, default=0.1, help="student softmax temperature T_s (DINO: 0.1)")
-    g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature T_t after warm-up "
-                   "(DINO: 0.04-0.07)")
-    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0 "
-                   "(DINO: 0.04)")
-    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="epochs of linear teacher "
-                   "temperature warm-up; default: solo-learn's, whose DINO recipes the CO-SSL authors used: 0 on "
-                   "CIFAR (T_t = 0.07 throughout), 50 on ImageNet-100 (image folders, STL-10); DINO: 30")
-    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher centres (DINO: 0.9)")
-    g.add_argument("--tau-base", type=float, default=0.9995, help="EMA momentum of the teacher at step 0; it "
-                   "follows a cosine to --tau-final (solo-learn's DINO on CIFAR and ImageNet-100: 0.9995 -> 1; "
-                   "DINO's ViTs: 0.996)")
+    g.add_argument("--ws", type=float, default=0.2, help="w_s: total loss = L_DINO + w_s L_local "
+                   "(the paper gives no value for CO-DINO; 0.2 as CO-BYOL, whose best range is "
+                   "0.2-0.5, Table 5); 0 gives DINO")
+    g.add_argument("--local-grid", type=int, default=0, help="keep k x k of the n x n local "
+                   "representations before the local head (Table 5); 0 keeps the full map")
+    g.add_argument("--local-grid-mode", choices=["subset", "pool"], default="subset", help="how "
+                   "--local-grid downsamples: 'subset' keeps the representations at the centres "
+                   "of a k x k partition (paper: 'a subset of local representations'); 'pool' "
+                   "averages each cell (new, wider vectors)")
+    g.add_argument("--shared-head", action="store_true", help="one head for global and local "
+                   "representations (paper Table 6, '1 head'): the local loss applies the global "
+                   "DINO head at every position")
+    g.add_argument("--min-crop", type=float, default=None, help="c_min, the minimum area ratio of "
+                   "the two large crops; default: the method's own, 0.2 for CO-DINO (CO-SSL Sec. "
+                   "3.3, App. A) and 0.08 with --ws 0 (solo-learn's CIFAR / ImageNet-100 crops; "
+                   "DINO itself uses 0.4 with multi-crop)")
+    g.add_argument("--small-crops", type=int, default=0, help="extra small crops per image for "
+                   "the multi-crop baseline DINO-mc (paper: 4, or 6 on Tiny-ImageNet); they enter "
+                   "only the global loss")
+    g.add_argument("--small-crop-scale", type=float, nargs=2, default=[0.05, 0.14],
+                   metavar=("MIN", "MAX"), help="area range of the small crops; the two large "
+                   "crops then use [MAX, 1] (paper: [0.05, 0.14] / [0.14, 1] or [0.14, 0.4] / "
+                   "[0.4, 1])")
+    g.add_argument("--small-crop-size", type=int, default=0, help="side of the small crops in "
+                   "pixels (0: 3/7 of --image-size, i.e. 96 at 224)")
+    g.add_argument("--out-dim", type=int, default=4096, help="K, prototypes of the DINO heads "
+                   "(DINO: 65536; solo-learn CIFAR / ImageNet-100: 4096)")
+    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer "
+                   "head MLP (DINO: 2048)")
+    g.add_argument("--bottleneck", type=int, default=256, help="bottleneck width before the "
+                   "L2-normalisation (DINO: 256)")
+    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the "
+                   "prototypes (last layer) are not trained (DINO: 1)")
+    g.add_argument("--head-bn", action="store_true", help="BatchNorm after the hidden layers of "
+                   "the DINO heads (the official code's --use_bn_in_head; lightly's ResNet DINO "
+                   "recipe for CIFAR-10 uses it)")
+    g.add_argument("--norm-last-layer", choices=["true", "false"], default="true", help="fix the "
+                   "norm of every prototype to 1 (DINO's --norm_last_layer: false trains the "
+                   "norms, which DINO found better but less stable and uses for ViT-S, true for "
+                   "ViT-B)")
+    g.add_argument("--student-temp", type=float, default=0.1, help="student softmax temperature "
+                   "T_s (DINO: 0.1)")
+    g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature T_t "
+                   "after warm-up (DINO: 0.04-0.07)")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature "
+                   "at epoch 0 (DINO: 0.04)")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="epochs of linear "
+                   "teacher temperature warm-up; default: solo-learn's, whose DINO recipes the "
+                   "CO-SSL authors used: 0 on CIFAR (T_t = 0.07 throughout), 50 on ImageNet-100 "
+                   "(image folders, STL-10); DINO: 30")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher "
+                   "centres (DINO: 0.9)")
+    g.add_argument("--tau-base", type=float, default=0.9995, help="EMA momentum of the teacher at "
+                   "step 0; it follows a cosine to --tau-final (solo-learn's DINO on CIFAR and "
+                   "ImageNet-100: 0.9995 -> 1; DINO's ViTs: 0.996)")
     g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
 
 
-# The method's values for flags every method shares (solo-learn's DINO for ResNets: LARS, lr 0.3, wd 1e-6).
+# The method's values for flags every method shares (solo-learn's DINO for ResNets: LARS, lr 0.3, wd
+# 1e-6).
 METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-6, arch="resnet18")
 OTHER_ARCHS = ()  # backbones besides rf_resnet's (geo_dino.py adds swin_t)
-# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. The network, batch,
-# optimiser and lr are co_byol.py's laptop recipe (not re-tuned); the DINO values (BatchNorm in the head,
-# teacher temperature, EMA tau, head sizes, no frozen prototypes) were chosen by a lever search
-# (docs/co_dino.md): without --head-bn every setting tried collapsed to uniform outputs or was unstable.
-# 12 epochs, not co_byol's 3: measured on DINO, 3 seeds each, k-NN 42 % after 3 epochs, 56 % after 12.
+# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. The
+# network, batch, optimiser and lr are co_byol.py's laptop recipe (not re-tuned); the DINO values
+# (BatchNorm in the head, teacher temperature, EMA tau, head sizes, no frozen prototypes) were
+# chosen by a lever search (docs/co_dino.md): without --head-bn every setting tried collapsed to
+# uniform outputs or was unstable. 12 epochs, not co_byol's 3: measured on DINO, 3 seeds each, k-NN
+# 42 % after 3 epochs, 56 % after 12.
 LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=12, optimizer="sgd",
                      lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99, head_hidden=512, bottleneck=128,
                      out_dim=4096, head_bn=True, freeze_last_layer=0, teacher_temp=0.04, num_workers=2,
@@ -153,9 +170,11 @@ def check_method_args(args, error) -> None:
     if args.min_crop is not None and args.small_crops:
         error("--min-crop applies without --small-crops only: with small crops the two large crops cover "
               "[MAX of --small-crop-scale, 1]")
-    if args.min_crop is None:  # CO-SSL Sec. 3.3: c_min = 0.2 is CO-SSL's; the DINO baseline keeps 0.08
+    # CO-SSL Sec. 3.3: c_min = 0.2 is CO-SSL's; the DINO baseline keeps 0.08
+    if args.min_crop is None:
         args.min_crop = 0.2 if args.ws > 0 else 0.08
-    if args.warmup_teacher_temp_epochs is None:  # solo-learn scripts/pretrain/{cifar,imagenet-100}/dino.yaml
+    # solo-learn scripts/pretrain/{cifar,imagenet-100}/dino.yaml
+    if args.warmup_teacher_temp_epochs is None:
         args.warmup_teacher_temp_epochs = 0 if args.dataset in ("cifar10", "cifar100", "fake") else 50
     if args.ws < 0:
         error(f"--ws must be >= 0 (0 trains DINO), got {args.ws}")
@@ -168,7 +187,8 @@ def check_method_args(args, error) -> None:
             error(f"--{name.replace('_', '-')} must be >= 1")
     if args.local_grid < 0:
         error("--local-grid must be >= 0")
-    if args.small_crop_size < 0 or 0 < args.small_crop_size < 8:  # the blur kernel and the network need pixels
+    # the blur kernel and the network need pixels
+    if args.small_crop_size < 0 or 0 < args.small_crop_size < 8:
         error(f"--small-crop-size must be 0 (3/7 of --image-size, at least 8) or >= 8, got {args.small_crop_size}")
     if not 0 <= args.tau_base <= args.tau_final <= 1:
         error("need 0 <= --tau-base <= --tau-final <= 1")
@@ -189,12 +209,13 @@ def check_method_args(args, error) -> None:
 
 
 # ---- 2. Views ----
-# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image. CO-SSL (CO-BYOL and
-# CO-DINO) changes only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation
-# probabilities differ between the two views (1.0 / 0.1 and 0.0 / 0.2); on CIFAR's 32 px images there is no
-# blur (solo-learn); larger images (Tiny-ImageNet's 64 px included) keep it.
+# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image. CO-SSL
+# (CO-BYOL and CO-DINO) changes only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur
+# and solarisation probabilities differ between the two views (1.0 / 0.1 and 0.0 / 0.2); on CIFAR's
+# 32 px images there is no blur (solo-learn); larger images (Tiny-ImageNet's 64 px included) keep
+# it.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
-    """One of BYOL's augmentations, PIL image -> (3, S, S) uint8 (normalised on the device later)."""
+    """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -208,12 +229,14 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
 
 
 class MultiView:
-    """image -> [large view t, large view t', small crops...] (PAPER Fig. 1: v = t(x), v' = t'(x))."""
+    """image -> [large view t, large view t', small crops...] (PAPER Fig. 1: v = t(x), v' = t'(x)).
+    """
 
     def __init__(self, args):
         large_scale = (args.min_crop, 1.0) if args.small_crops == 0 else (args.small_crop_scale[1], 1.0)
         small = args.small_crop_size or max(8, round(args.image_size * 3 / 7))
-        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's (Tiny-ImageNet's 64 px too)
+        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's
+        # (Tiny-ImageNet's 64 px too)
         blur = 0.0 if args.image_size <= 32 else 1.0
         self.views = [byol_view(args.image_size, large_scale, 1.0 * blur, 0.0),
                       byol_view(args.image_size, large_scale, 0.1 * blur, 0.2)]
@@ -226,16 +249,17 @@ class MultiView:
 
 # ---- 3. Networks and heads ----
 class DINOHead(nn.Module):
-    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm only with --head-bn) to a
-    bottleneck, L2-normalisation, then a weight-normalised linear layer (no bias) onto K prototypes whose
-    norm is fixed to 1 (`norm_last_layer=True`). Maps (N, C) -> (N, K). The local head is a second DINOHead that
-    `per_position` runs on every local representation of the (B, C, n, n) map.
-    """
+    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm
+    only with --head-bn) to a bottleneck, L2-normalisation, then a weight-normalised linear layer
+    (no bias) onto K prototypes whose norm is fixed to 1 (`norm_last_layer=True`). Maps (N, C) ->
+    (N, K). The local head is a second DINOHead that `per_position` runs on every local
+    representation of the (B, C, n, n) map."""
 
     def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, norm_last_layer: bool = True,
                  use_bn: bool = False):
         super().__init__()
-        layer, norm = nn.Linear, nn.BatchNorm1d  # norm: --head-bn (DINO's use_bn_in_head), after each hidden layer
+        # norm: --head-bn (DINO's use_bn_in_head), after each hidden layer
+        layer, norm = nn.Linear, nn.BatchNorm1d
 
         def hidden_layer(i: int, o: int) -> list[nn.Module]:
             return [layer(i, o), *([norm(o)] if use_bn else []), nn.GELU()]
@@ -244,11 +268,13 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):  # IMPL (official code): truncated normal, std 0.02, bias 0
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        # Weight normalisation: weight = g * v / |v| per prototype; g is fixed to 1, so every prototype is a unit
-        # vector and the logits are cosine similarities between the bottleneck vector and the prototypes.
+        # Weight normalisation: weight = g * v / |v| per prototype; g is fixed to 1, so every
+        # prototype is a unit vector and the logits are cosine similarities between the bottleneck
+        # vector and the prototypes.
         self.last_layer = nn.utils.parametrizations.weight_norm(layer(bottleneck, out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        # --norm-last-layer false (official DINO flag): the norms g are trained too (the teacher follows by EMA)
+        # --norm-last-layer false (official DINO flag): the norms g are trained too (the teacher
+        # follows by EMA)
         self.last_layer.parametrizations.weight.original0.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,26 +284,29 @@ class DINOHead(nn.Module):
 
 def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
     """PAPER Table 5 / Sec. 4.5: the local loss "only on a subset of local representations", by
-    "spatially downsampling the feature maps". IMPL: the representation at the centre of each cell of
-    a k x k partition: (B, C, n, n) -> (B, C, k, k). Each kept vector keeps its own receptive field
-    (k = 1: the centre one), which average pooling (--local-grid-mode pool) does not."""
+    "spatially downsampling the feature maps". IMPL: the representation at the centre of each cell
+    of a k x k partition: (B, C, n, n) -> (B, C, k, k). Each kept vector keeps its own receptive
+    field (k = 1: the centre one), which average pooling (--local-grid-mode pool) does not."""
     n = local.shape[-1]
     idx = ((torch.arange(k, device=local.device) + 0.5) * n / k).long()  # n=14, k=2: 3, 10
     return local[:, :, idx][:, :, :, idx]
 
 
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
-    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n, n):
-    the same MLP at every position (as 1x1 convolutions), computed as one matrix product over the B*n*n
-    vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would). The output is a
-    view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for free."""
+    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n,
+    n): the same MLP at every position (as 1x1 convolutions), computed as one matrix product over
+    the B*n*n vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would).
+    The output is a view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for
+    free."""
     b, c, n, m = local.shape
-    out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
+    # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
+    out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
 
 
 class Encoder(nn.Module):
-    """f (backbone) + the global DINO head + the local DINO head: the part shared by student and teacher."""
+    """f (backbone) + the global DINO head + the local DINO head: the part shared by student and
+    teacher."""
 
     def __init__(self, args):
         super().__init__()
@@ -286,16 +315,19 @@ class Encoder(nn.Module):
         c = self.backbone.out_dim
         self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                              norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
-        # --ws 0 is DINO: no local head exists, so nothing of CO-DINO is computed or trained.
-        # IMPL: a separate local head (as CO-BYOL's g2) by default; --shared-head is Table 6's "1 head" ablation.
+        # --ws 0 is DINO: no local head exists, so nothing of CO-DINO is computed or trained. IMPL:
+        # a separate local head (as CO-BYOL's g2) by default; --shared-head is Table 6's "1 head"
+        # ablation.
         self.local = args.ws > 0
         self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                                     norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
-                           if self.local and not args.shared_head else None)  # --shared-head: self.head instead
+                           # --shared-head: self.head instead
+                           if self.local and not args.shared_head else None)
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
     def forward(self, x: torch.Tensor, with_local: bool = True) -> dict:
-        """with_local=False skips the local head (small crops: the local loss uses only the two large views)."""
+        """with_local=False skips the local head (small crops: the local loss uses only the two
+        large views)."""
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
         res = {"h": out.h, "pooled": out.pooled, "logits_g": self.head(out.h)}  # logits_g: (B, K)
         if self.local and with_local:
@@ -303,27 +335,31 @@ class Encoder(nn.Module):
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local head
                 local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
                          else F.adaptive_avg_pool2d(local, self.local_grid))
-            head = self.local_head if self.local_head is not None else self.head  # --shared-head: the global one
+            # --shared-head: the global one
+            head = self.local_head if self.local_head is not None else self.head
             res["logits_l"] = per_position(head, local)  # (B, C, k, k) -> (B, K, k, k)
         return res
 
 
 class StudentNetwork(nn.Module):
-    """The student: everything the optimiser trains sits in this one module, so one DDP wrapper syncs all
-    gradients. backbone.pt and the k-NN read the TEACHER (DINO evaluates the teacher)."""
+    """The student: everything the optimiser trains sits in this one module, so one DDP wrapper
+    syncs all gradients. backbone.pt and the k-NN read the TEACHER (DINO evaluates the teacher)."""
 
     def __init__(self, args):
         super().__init__()
         self.encoder = Encoder(args)
 
     def forward(self, views: list[torch.Tensor]) -> list[dict]:
-        """One call for all views (DDP expects one forward per backward); BN statistics stay per view."""
-        return [self.encoder(x, with_local=i < 2) for i, x in enumerate(views)]  # small crops: L_DINO only
+        """One call for all views (DDP expects one forward per backward); BN statistics stay per
+        view."""
+        # small crops: L_DINO only
+        return [self.encoder(x, with_local=i < 2) for i, x in enumerate(views)]
 
 
 class Centers(nn.Module):
-    """DINO's two centres (DINO Eq. 4): of the global teacher outputs and of the local ones (the local loss's
-    own centre); (1, K) buffers, so that they move with the device and live in the checkpoint."""
+    """DINO's two centres (DINO Eq. 4): of the global teacher outputs and of the local ones (the
+    local loss's own centre); (1, K) buffers, so that they move with the device and live in the
+    checkpoint."""
 
     def __init__(self, out_dim: int):
         super().__init__()
@@ -333,9 +369,10 @@ class Centers(nn.Module):
 
 @dataclass
 class Nets:
-    """The networks of one run: the student, its EMA teacher, the centres, `model` (the module the forward pass
-    goes through: the student, in DDP with several processes) and the loss function (`co_dino_loss`, compiled
-    with --compile). backbone.pt saves, and the k-NN reads, the TEACHER's backbone (DINO evaluates the teacher)."""
+    """The networks of one run: the student, its EMA teacher, the centres, `model` (the module the
+    forward pass goes through: the student, in DDP with several processes) and the loss function
+    (`co_dino_loss`, compiled with --compile). backbone.pt saves, and the k-NN reads, the TEACHER's
+    backbone (DINO evaluates the teacher)."""
     student: StudentNetwork
     teacher: Encoder
     centers: Centers
@@ -348,15 +385,17 @@ class Nets:
 
 
 def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
-    """The student and its teacher (= the student at step 0, the same initial weights on every rank), the
-    centres (zero), the optimiser (A.4)."""
+    """The student and its teacher (= the student at step 0, the same initial weights on every
+    rank), the centres (zero), the optimiser (A.4)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     student = run.place(StudentNetwork(args))
-    teacher = copy.deepcopy(student.encoder).requires_grad_(False)  # DINO: the teacher starts equal to the student
+    # DINO: the teacher starts equal to the student
+    teacher = copy.deepcopy(student.encoder).requires_grad_(False)
     torch.manual_seed(args.seed + run.rank)  # each rank its own random stream again (Run)
     model = run.wrap(student)
-    # PERF: --compile compiles the loss too: its softmaxes over K prototypes at every position are chains of
-    # memory-bound elementwise ops, which the compiler fuses (benchmarks/bench_local_dino.py, docs/co_dino.md).
+    # PERF: --compile compiles the loss too: its softmaxes over K prototypes at every position are
+    # chains of memory-bound elementwise ops, which the compiler fuses
+    # (benchmarks/bench_local_dino.py, docs/co_dino.md).
     loss_fn = torch.compile(co_dino_loss) if args.compile else co_dino_loss
     return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, loss_fn), make_optimizer(student, args)
 
@@ -364,17 +403,18 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
 # ---- 4. Losses ----
 def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor], center: torch.Tensor,
               student_temp: float, teacher_temp: float) -> torch.Tensor:
-    """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different views of
-    H(P_t(x'), P_s(x)) = - sum_k P_t(x')_k log P_s(x)_k, averaged over the batch.
+    """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different
+    views of H(P_t(x'), P_s(x)) = - sum_k P_t(x')_k log P_s(x)_k, averaged over the batch.
 
-    student_logits: list of (B, K), one per crop (2 large, then small ones); teacher_logits: list of (B, K) for
-    the 2 large crops; center: (1, K). P_t = softmax((t - c) / T_t) (centring and sharpening, no gradient),
-    P_s = softmax(s / T_s). Pairs of the same view are skipped. Softmaxes in fp32 (PITFALL: in bf16 a
-    temperature of 0.04 turns small logit differences into large probability errors).
-    """
+    student_logits: list of (B, K), one per crop (2 large, then small ones); teacher_logits: list of
+    (B, K) for the 2 large crops; center: (1, K). P_t = softmax((t - c) / T_t) (centring and
+    sharpening, no gradient), P_s = softmax(s / T_s). Pairs of the same view are skipped. Softmaxes
+    in fp32 (PITFALL: in bf16 a temperature of 0.04 turns small logit differences into large
+    probability errors)."""
     total, n_terms = 0.0, 0
     for iq, t in enumerate(teacher_logits):
-        q = F.softmax((t.float() - center) / teacher_temp, dim=-1).detach()  # sg: no gradient into the teacher
+        # sg: no gradient into the teacher
+        q = F.softmax((t.float() - center) / teacher_temp, dim=-1).detach()
         for v, s in enumerate(student_logits):
             if v == iq:
                 continue  # DINO: the student never predicts the teacher's output of the same view
@@ -386,24 +426,27 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Ten
 def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor, student_global: torch.Tensor,
                     teacher_global: torch.Tensor, center: torch.Tensor, local_center: torch.Tensor,
                     student_temp: float, teacher_temp: float) -> torch.Tensor:
-    """PAPER Sec. 3.1 (CO-SSL in general; Eq. 2 with DINO's loss): for student view v and teacher view v',
-    1/n^2 sum_i [ H(P_t(z'_g), P_s(s_l^i)) + H(P_t(z'_l^i), P_s(s_g)) ], averaged over the batch.
+    """PAPER Sec. 3.1 (CO-SSL in general; Eq. 2 with DINO's loss): for student view v and teacher
+    view v', 1/n^2 sum_i [ H(P_t(z'_g), P_s(s_l^i)) + H(P_t(z'_l^i), P_s(s_g)) ], averaged over the
+    batch.
 
     student_local (B, K, n, n) and student_global (B, K): student logits of view v;
-    teacher_local (B, K, n, n) and teacher_global (B, K): teacher logits of view v'.
-    The teacher's global distribution is centred with the global centre (1, K), its local distributions with
-    the separate local centre (1, K). The teacher temperature is the same for both.
-    PERF: the local logits are read cell-major, (B, K, n, n) -> (B, n*n, K), so that every softmax and product
-    runs along K, the contiguous dimension of the head's output (per_position) (K-major, they ran 3-20x slower
-    per op on a CPU: strided, and in mixed layouts). Each cross-entropy is linear in its log-probabilities (or
-    its targets), so the mean over the n*n cells is taken before the product with the other view's
-    distribution: the same value, and no (B, n*n, K) product in the forward or the backward pass (these
-    tensors, 64 x 25 x 4,096 floats in the laptop recipe, are what the loss's time goes to on a CPU).
-    """
-    s_l = F.log_softmax(student_local.float().flatten(2).transpose(1, 2) / student_temp, dim=-1)  # (B, n*n, K)
+    teacher_local (B, K, n, n) and teacher_global (B, K): teacher logits of view v'. The teacher's
+    global distribution is centred with the global centre (1, K), its local distributions with the
+    separate local centre (1, K). The teacher temperature is the same for both. PERF: the local
+    logits are read cell-major, (B, K, n, n) -> (B, n*n, K), so that every softmax and product runs
+    along K, the contiguous dimension of the head's output (per_position) (K-major, they ran 3-20x
+    slower per op on a CPU: strided, and in mixed layouts). Each cross-entropy is linear in its
+    log-probabilities (or its targets), so the mean over the n*n cells is taken before the product
+    with the other view's distribution: the same value, and no (B, n*n, K) product in the forward or
+    the backward pass (these tensors, 64 x 25 x 4,096 floats in the laptop recipe, are what the
+    loss's time goes to on a CPU)."""
+    # (B, n*n, K)
+    s_l = F.log_softmax(student_local.float().flatten(2).transpose(1, 2) / student_temp, dim=-1)
     t_g = F.softmax((teacher_global.float() - center) / teacher_temp, dim=-1).detach()  # (B, K)
     local_to_global = -(t_g * s_l.mean(1)).sum(-1)  # 1/n^2 sum_i H(P_t(z'_g), P_s(s_l^i)): (B,)
-    # (bf16 logits - fp32 centre) is fp32 in one pass: no separate .float() copy of the (B, n*n, K) logits
+    # (bf16 logits - fp32 centre) is fp32 in one pass: no separate .float() copy of the (B, n*n, K)
+    # logits
     t_l = F.softmax((teacher_local.flatten(2).transpose(1, 2) - local_center) / teacher_temp,
                     dim=-1).detach()  # (B, K, n, n) -> (B, n*n, K)
     s_g = F.log_softmax(student_global.float() / student_temp, dim=-1)  # (B, K)
@@ -413,12 +456,12 @@ def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor, st
 
 def co_dino_loss(student: list[dict], teacher: list[dict], center: torch.Tensor, local_center: torch.Tensor,
                  student_temp: float, teacher_temp: float, ws: float):
-    """Total = L_DINO + w_s L_local (PAPER Sec. 3.1). Returns (total, global part, local part before weighting).
+    """Total = L_DINO + w_s L_local (PAPER Sec. 3.1). Returns (total, global part, local part before
+    weighting).
 
-    IMPL: L_local averages the two view orders (v, v') and (v', v), as L_DINO averages its pairs, so that both
-    terms have the scale of one cross-entropy (CO-BYOL's Eq. 3 sums them instead; the paper does not say).
-    The local loss uses only the two large views.
-    """
+    IMPL: L_local averages the two view orders (v, v') and (v', v), as L_DINO averages its pairs, so
+    that both terms have the scale of one cross-entropy (CO-BYOL's Eq. 3 sums them instead; the
+    paper does not say). The local loss uses only the two large views."""
     loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,
                        student_temp, teacher_temp)
     loss_l = torch.zeros((), device=loss_g.device)
@@ -434,9 +477,8 @@ def co_dino_loss(student: list[dict], teacher: list[dict], center: torch.Tensor,
 def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
     """DINO Eq. 4: c <- m c + (1 - m) mean of the teacher logits over the GLOBAL batch.
 
-    teacher_logits: (N, K) (both large views stacked; for the local centre also every position). Under DDP
-    the sum and the count are all-reduced, so every rank gets the same centre.
-    """
+    teacher_logits: (N, K) (both large views stacked; for the local centre also every position).
+    Under DDP the sum and the count are all-reduced, so every rank gets the same centre."""
     batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (N, K) -> (1, K)
     count = torch.tensor([float(teacher_logits.shape[0])], device=teacher_logits.device)
     batch_sum, count = all_reduce_sum(batch_sum), all_reduce_sum(count)  # global batch
@@ -445,16 +487,18 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
 
 @torch.no_grad()
 def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-    """Two ways DINO can collapse (Caron et al. 2021, Sec. 5.3): every output uniform, or one prototype
-    dominating. Returns [mean entropy of P_t (-> log K when uniform), KL(mean P_t || uniform) (-> log K when
-    one prototype wins)], both in nats, for (N, K) teacher logits. Healthy training keeps both well below log K.
-    """
-    return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))  # P_t (N, K)
+    """Two ways DINO can collapse (Caron et al. 2021, Sec. 5.3): every output uniform, or one
+    prototype dominating. Returns [mean entropy of P_t (-> log K when uniform), KL(mean P_t ||
+    uniform) (-> log K when one prototype wins)], both in nats, for (N, K) teacher logits. Healthy
+    training keeps both well below log K."""
+    # P_t (N, K)
+    return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))
 
 
 @torch.no_grad()
 def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
-    """`collapse_monitors` of teacher distributions already computed: p (N, K), rows summing to 1."""
+    """`collapse_monitors` of teacher distributions already computed: p (N, K), rows summing to 1.
+    """
     entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
     mean_p = p.mean(0)  # (K,)
     kl_uniform = (mean_p * torch.log(mean_p * mean_p.numel() + 1e-12)).sum()
@@ -463,13 +507,15 @@ def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
 
 # ---- 5. Schedules: the teacher's EMA and temperature ----
 def tau_at(step: int, total: int, base: float, final: float) -> float:
-    """DINO Sec. 3.1 (after BYOL): tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
+    """DINO Sec. 3.1 (after BYOL): tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step
+    k of K."""
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
 def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
-    """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then stays there
-    (the official np.linspace schedule, per epoch). A low T_t early sharpens the teacher against collapse."""
+    """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then
+    stays there (the official np.linspace schedule, per epoch). A low T_t early sharpens the teacher
+    against collapse."""
     if epoch >= warmup_epochs:
         return temp
     return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
@@ -477,30 +523,33 @@ def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
-    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and the heads.
+    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and
+    the heads.
 
-    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode, so its BN
-    normalises with the statistics of the current batch (as in solo-learn's DINO for ResNets) and keeps
-    running statistics of its own, used when the teacher backbone is evaluated (backbone.pt, k-NN).
-    """
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode,
+    so its BN normalises with the statistics of the current batch (as in solo-learn's DINO for
+    ResNets) and keeps running statistics of its own, used when the teacher backbone is evaluated
+    (backbone.pt, k-NN)."""
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
 
 
 class Schedule:
-    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every group's base lr),
-    `tau` (the teacher's EMA momentum), `teacher_temp` (T_t, warmed up per epoch) and `freeze_last_layer`
-    (DINO keeps the prototypes fixed in the first epoch(s)). Every float but lr_scale is logged."""
+    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every
+    group's base lr), `tau` (the teacher's EMA momentum), `teacher_temp` (T_t, warmed up per epoch)
+    and `freeze_last_layer` (DINO keeps the prototypes fixed in the first epoch(s)). Every float but
+    lr_scale is logged."""
 
     def __init__(self, args, steps_per_epoch: int):
         self.args, self.steps_per_epoch = args, steps_per_epoch
         self.total = args.epochs * steps_per_epoch
         self.warmup = round(args.warmup_epochs * steps_per_epoch)
         if args.epochs < args.warmup_teacher_temp_epochs:
-            # A run shorter than DINO's teacher-temperature warm-up works (teacher_temp_at only interpolates; the
-            # official np.linspace schedule would fail): T_t stops short of --teacher-temp. Unlike the lr warm-up
-            # it is not scaled to --epochs: DINO's recipe fixes it in epochs.
+            # A run shorter than DINO's teacher-temperature warm-up works (teacher_temp_at only
+            # interpolates; the official np.linspace schedule would fail): T_t stops short of
+            # --teacher-temp. Unlike the lr warm-up it is not scaled to --epochs: DINO's recipe
+            # fixes it in epochs.
             last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp, args.teacher_temp,
                                         args.warmup_teacher_temp_epochs)
             log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs {args.warmup_teacher_temp_epochs}: "
@@ -520,8 +569,8 @@ class Schedule:
 
 # ---- 6. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
-    """One optimisation step: forward both networks, L_DINO + w_s L_local, update the student, then the
-    teacher (EMA) and the centres."""
+    """One optimisation step: forward both networks, L_DINO + w_s L_local, update the student, then
+    the teacher (EMA) and the centres."""
     views, _ = batch  # views: 2 global crops (B, 3, S, S), then the small ones; labels are not used
     set_lr(optimizer, schedule["lr_scale"])
     teacher_temp = schedule["teacher_temp"]
@@ -540,7 +589,8 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     # --- update the student, then the teacher <- EMA(student) ---
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    if schedule["freeze_last_layer"]:  # DINO: the prototypes stay fixed in the first epoch(s): stabler start
+    # DINO: the prototypes stay fixed in the first epoch(s): stabler start
+    if schedule["freeze_last_layer"]:
         for head in (nets.student.encoder.head, nets.student.encoder.local_head):
             if head is not None:
                 for p in head.last_layer.parameters():
@@ -554,17 +604,21 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
     nets.centers.center = update_center(center, t_global, args.center_momentum)
     if args.ws > 0:
-        # 2 x (B, K, n, n) -> (2B * n * n, K): every position of every image is one sample of the local centre
+        # 2 x (B, K, n, n) -> (2B * n * n, K): every position of every image is one sample of the
+        # local centre
         t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
     return StepOut(loss.detach(), {"loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
-                                   "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform})  # collapse: -> log K
+                                   # collapse: -> log K
+                                   "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform})
 
 
 def main(args):
-    """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect them."""
+    """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect
+    them."""
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
-    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)  # A.3
+    # A.3
+    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
@@ -578,17 +632,18 @@ def main(args):
     log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, local map {args.local_map}x{args.local_map}, "
         f"width {args.width}")
-    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run) \
-        if run.rank == 0 and args.knn_k else None
+    knn = make_knn(args, run, train_set, val_set, num_classes)  # A.7: k-NN, linear readout
     if step == 0 and args.knn_every:
-        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)  # epoch 0: the random network, every curve's reference
+        # epoch 0: the random network, every curve's reference
+        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)
     bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True, desc="co_dino")
 
     stop_now = False
     while step < last_step and not stop_now:
         epoch, skip = divmod(step, steps_per_epoch)
         train_set.epoch = epoch  # the views of this epoch (see SeededViews)
-        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))  # resume mid-epoch where it stopped
+        # resume mid-epoch where it stopped
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))
         clock.start(step)
         for batch in loader:
             # --- one step at this step's lr, tau and teacher temperature (§5) ---
@@ -597,17 +652,13 @@ def main(args):
             metrics.watch(out)
             step += 1
             bar.update(1)
-            # --- log (the only host-device syncs), stop on a signal, timed checkpoints ---
+            # --- log (the only host-device syncs), timed checkpoints, stop on a signal ---
             if step % args.log_every == 0 or step == last_step:
                 metrics.step_row(step, steps_per_epoch, out, sched, optimizer.param_groups[0]["lr"], clock,
                                  args.batch_size, bar)
-            stop_now, write_now = stop.poll(step, last_step, ckpt.due(), run.device)
+            stop_now = stop.poll(step, last_step, ckpt, metrics, clock, run.device)
             if stop_now or step == last_step:
                 break
-            if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
-                clock.pause()
-                ckpt.save(step, metrics, clock)
-                clock.start(step)
         clock.pause()
         # --- end of epoch (or of the run, or a stop): a checkpoint, the k-NN; on a signal, leave ---
         end_of_epoch(step, steps_per_epoch, args, nets.backbone, knn, metrics, clock, ckpt)
@@ -623,9 +674,9 @@ def main(args):
     return nets.student, nets.teacher, final
 
 
-# ======================================================================================================================
+# ==================================================================================================
 # ==== APPENDIX: plumbing, identical in every method file ====
-# ======================================================================================================================
+# ==================================================================================================
 # PLUMBING: everything below is the same text in co_byol.py, co_dino.py, bag_ssl.py and geo_dino.py
 # (tests/test_style.py checks it), so `diff co_byol.py co_dino.py` shows the methods only. A first reading may
 # stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES, add_method_flags, check_method_args and
@@ -957,35 +1008,16 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-class CIFAR10Batches(torch.utils.data.Dataset):
-    """CIFAR-10 in torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline, by
-    `prepare_cifar10.py` (same images and labels, not the same pickle bytes: no md5 check). The split lives in
-    memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images, as torchvision's CIFAR10."""
+class CIFAR10Batches(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR10 without its md5 checks: `prepare_cifar10.py` writes the same images and labels
+    (offline), not the same pickle bytes. Items are PIL images, as torchvision's."""
 
-    def __init__(self, root: str, train: bool, transform=None):
-        import pickle
+    def _check_integrity(self) -> bool:
+        return True  # load_cifar10 downloads when the files are missing
 
-        import numpy as np
-        from PIL import Image
-
-        folder = Path(root) / "cifar-10-batches-py"
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        data, labels = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
-            labels += entry["labels"]
-        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
-        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
+    def _load_meta(self) -> None:
         self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        img = self._to_image(self.data[i])
-        return (self.transform(img) if self.transform else img), self.targets[i]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
 class UnreadableImage(Exception):
@@ -1417,17 +1449,23 @@ class StopFlag:
         """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
         return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
 
-    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
-        """(stop now, write a checkpoint now), the same on every rank."""
-        if not is_dist():
-            return self.requested, checkpoint_due
-        # Ranks must decide at the same step (else one waits forever in the next collective). They agree every
-        # 10 steps: an all-reduce per step would add a GPU sync to every step.
-        if step % 10 and step != last_step:
-            return False, False
-        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
-        stop_now, write_now = (agreed > 0).tolist()
-        return stop_now, write_now
+    def poll(self, step: int, last_step: int, ckpt: "Checkpointer", metrics: "MetricsLog", clock: "TrainClock",
+             device) -> bool:
+        """Whether to stop now, the same on every rank; writes the timed checkpoint (--checkpoint-every) when
+        one is due, so a killed run loses at most that many minutes."""
+        stop_now, write_now = self.requested, ckpt.due()
+        if is_dist():
+            # Ranks must decide at the same step (else one waits forever in the next collective). They agree
+            # every 10 steps: an all-reduce per step would add a GPU sync to every step.
+            if step % 10 and step != last_step:
+                return False
+            agreed = all_reduce_sum(torch.tensor([float(stop_now), float(write_now)], device=device))
+            stop_now, write_now = (agreed > 0).tolist()
+        if write_now and not stop_now and step != last_step:  # a stop or the last step: end_of_epoch writes it
+            clock.pause()
+            ckpt.save(step, metrics, clock)
+            clock.start(step)
+        return stop_now
 
     def exit(self, step: int, run: Run, backbone: nn.Module, args) -> None:
         """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
@@ -1655,6 +1693,13 @@ class KNNMonitor:
 
 
 # ---- A.8 The end of an epoch, of the run; outputs ----
+def make_knn(args, run: Run, train_set: SeededViews, val_set, num_classes: int):
+    """The online k-NN and linear readout: on rank 0, and not with --knn-k 0 (then None)."""
+    if args.knn_k and run.rank == 0:
+        return KNNMonitor(args, train_set.base, val_set, num_classes, run)
+    return None
+
+
 def end_of_epoch(step: int, steps_per_epoch: int, args, backbone: nn.Module, knn, metrics: MetricsLog,
                  clock: TrainClock, ckpt: Checkpointer) -> None:
     """The checkpoint of the epoch's end (or of a stop), then, every --knn-every epochs, the k-NN and linear

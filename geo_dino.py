@@ -1,30 +1,34 @@
-"""Global-local self-distillation: DINO plus a loss between matched LOCAL representations of different views.
+"""Global-local self-distillation: DINO plus a loss between matched LOCAL representations of
+different views.
 
-Paper: Tim Lebailly, Tinne Tuytelaars, "Global-Local Self-Distillation for Visual Representation Learning",
-arXiv 2207.14676 (WACV 2023). Sec. 3 (Eq. 2-10), App. A; official code: github.com/tilebl/global-local-self-distillation.
-Baselines: DINO (Caron et al., arXiv 2104.14294) and EsViT (Li et al., arXiv 2106.09785).
+Paper: Tim Lebailly, Tinne Tuytelaars, "Global-Local Self-Distillation for Visual Representation
+Learning", arXiv 2207.14676 (WACV 2023). Sec. 3 (Eq. 2-10), App. A; official code:
+github.com/tilebl/global-local-self-distillation. Baselines: DINO (Caron et al., arXiv 2104.14294)
+and EsViT (Li et al., arXiv 2106.09785).
 
-Idea. DINO makes the student's output on one crop match the (centred, sharpened) teacher output on another
-crop of the same image: a *global* loss on pooled representations. A backbone with a feature map also gives
+Idea. DINO makes the student's output on one crop match the (centred, sharpened) teacher output on
+another crop of the same image: a *global* loss on pooled representations. A backbone with a feature
+map also gives
 *local* representations z_k (one per cell k of the final map), and one may ask the same consistency of them:
-student cell k of view x' should predict the teacher distribution of "its" cell k* in view x. Which cell is
-its partner? EsViT (`--local-loss sim`) takes the teacher cell with the most similar backbone feature. This
-paper (`--local-loss geo`) tracks where every crop came from: the centre of each cell is known in ORIGINAL
-image coordinates, k* is the nearest teacher cell, and the pair is kept only if it is closer than half a
-cell diagonal (i.e. both cells lie in the region where the two crops overlap). Geometry does not depend on
-the network, so it cannot collapse; similarity can, and does on small data sets (paper Table 3, Sec. 4.6).
+student cell k of view x' should predict the teacher distribution of "its" cell k* in view x. Which
+cell is its partner? EsViT (`--local-loss sim`) takes the teacher cell with the most similar
+backbone feature. This paper (`--local-loss geo`) tracks where every crop came from: the centre of
+each cell is known in ORIGINAL image coordinates, k* is the nearest teacher cell, and the pair is
+kept only if it is closer than half a cell diagonal (i.e. both cells lie in the region where the two
+crops overlap). Geometry does not depend on the network, so it cannot collapse; similarity can, and
+does on small data sets (paper Table 3, Sec. 4.6).
 
-What this file implements: DINO with multi-crop (2 global + `--local-crops` small crops; the teacher sees
-the 2 global crops), DINO heads (bottleneck, L2-normalised, weight-normalised prototypes, frozen in the first
-epoch), centring with momentum from the global batch, teacher temperature warm-up, EMA teacher; a box-tracking
-augmentation pipeline (every crop comes with its box in the original image and its flip flag), cell centres
-and the geometric / similarity matchings, the local loss (Eq. 4, 6, 9, 10) with its own head and centre,
-match monitors (fraction of valid geometric matches; how often the similarity match equals the geometric
-one), `--plot-matches` (the paper's Fig. 3), backbones `swin_t` (torchvision, the paper's) and every
-rf_resnet arch (any --width), LARS or AdamW, AMP (bf16 on CPUs with native bf16), DDP, auto-resume, SIGTERM
-checkpoints, and a k-NN of the teacher every epoch (epoch 0 = the random
-network; the final one on the whole training set). Not here: the paper's Sec. 4.7 correspondence benchmark and
-its dense downstream task.
+What this file implements: DINO with multi-crop (2 global + `--local-crops` small crops; the teacher
+sees the 2 global crops), DINO heads (bottleneck, L2-normalised, weight-normalised prototypes,
+frozen in the first epoch), centring with momentum from the global batch, teacher temperature
+warm-up, EMA teacher; a box-tracking augmentation pipeline (every crop comes with its box in the
+original image and its flip flag), cell centres and the geometric / similarity matchings, the local
+loss (Eq. 4, 6, 9, 10) with its own head and centre, match monitors (fraction of valid geometric
+matches; how often the similarity match equals the geometric one), `--plot-matches` (the paper's
+Fig. 3), backbones `swin_t` (torchvision, the paper's) and every rf_resnet arch (any --width), LARS
+or AdamW, AMP (bf16 on CPUs with native bf16), DDP, auto-resume, SIGTERM checkpoints, and a k-NN of
+the teacher every epoch (epoch 0 = the random network; the final one on the whole training set). Not
+here: the paper's Sec. 4.7 correspondence benchmark and its dense downstream task.
 
 Run:
     python geo_dino.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --local-crops 2     # CPU smoke
@@ -42,11 +46,11 @@ Run:
         --out-dim 65536 --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 --tau-base 0.996 \
         --local-loss geo --output-dir runs/geo_dino_in1k
     # Multi-node: the same with torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT ...
-Measured results (with commands, machine and time, beside the same network at random initialisation):
-docs/geo_dino.md.
+Measured results (with commands, machine and time, beside the same network at random
+initialisation): docs/geo_dino.md.
 
-Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by every
-method file):
+Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
+every method file):
     GeometricView, MultiView, cell_centers   every crop with its box and flip (Sec. 3.2, App. A.1); where
                             each cell of the final map lies in the original image
     DINOHead, Encoder       the global head h-bar and the local head h (Sec. 3.4.1-3.4.2); SwinBackbone
@@ -89,79 +93,91 @@ from tqdm import tqdm
 
 import rf_resnet
 
-# ======================================================================================================================
+# ==================================================================================================
 # ==== PART I: the method ====
-# ======================================================================================================================
+# ==================================================================================================
 
 # ---- 1. The method's flags ----
 LOCAL_LOSSES = ("none", "sim", "geo")
 
 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of DINO and of its local loss; the flags every method shares are in the appendix (A.1)."""
+    """The flags of DINO and of its local loss; the flags every method shares are in the appendix
+    (A.1)."""
     g = p.add_argument_group("method (global-local self-distillation, Sec. 3.4 and App. A)")
-    g.add_argument("--local-loss", choices=LOCAL_LOSSES, default="geo", help="matching of the local loss: "
-                   "'geo' (this paper, Eq. 6/10: nearest cell centre in original-image coordinates, kept below the "
-                   "threshold s), 'sim' (EsViT, Eq. 4/9: highest cosine similarity of backbone features), 'none' "
-                   "(vanilla DINO: no local head is built)")
-    g.add_argument("--local-weight", type=float, default=0.5, help="w: total = (1 - w) L_G + w L_L (official "
-                   "code: 0.5 / 0.5; Algorithm 1 writes L_G + L_L, i.e. twice this loss); ignored with none")
-    g.add_argument("--local-crops", type=int, default=8, help="N_L, small crops per image (App. A.1: 8); the "
-                   "student sees 2 + N_L crops, the teacher the 2 global ones")
-    g.add_argument("--global-crop-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
-                   help="area range of the 2 global crops (DINO / EsViT: 0.4 1)")
-    g.add_argument("--local-crop-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
-                   help="area range of the small crops (DINO / EsViT: 0.05 0.4)")
-    g.add_argument("--local-crop-size", type=int, default=0, help="side of the small crops in pixels "
-                   "(0: 3/7 of --image-size, i.e. 96 at 224 as in App. A.1, 14 at 32)")
-    g.add_argument("--out-dim", type=int, default=4096, help="K, prototypes of both DINO heads (DINO / paper: "
-                   "65536; solo-learn CIFAR: 4096)")
-    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer head MLP (DINO: 2048)")
-    g.add_argument("--bottleneck", type=int, default=256, help="bottleneck width before the L2-normalisation "
-                   "(DINO: 256)")
-    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the prototypes (last "
-                   "layer) are not trained (DINO: 1)")
-    g.add_argument("--head-bn", action="store_true", help="BatchNorm after the hidden layers of the DINO heads "
-                   "(the official code's --use_bn_in_head; lightly's ResNet DINO recipe for CIFAR-10 uses it)")
-    g.add_argument("--norm-last-layer", choices=["true", "false"], default="true", help="fix the norm of every "
-                   "prototype to 1 (DINO's --norm_last_layer: false trains the norms, which DINO found better "
-                   "but less stable and uses for ViT-S, true for ViT-B)")
-    g.add_argument("--student-temp", type=float, default=0.1, help="student softmax temperature (DINO: 0.1)")
-    g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after warm-up "
-                   "(DINO / EsViT: 0.04-0.07)")
-    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0 "
-                   "(DINO: 0.04)")
-    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="epochs of linear teacher "
-                   "temperature warm-up (DINO: 30)")
-    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of both teacher centres "
-                   "(DINO: 0.9)")
-    g.add_argument("--tau-base", type=float, default=0.996, help="EMA momentum of the teacher at step 0; it "
-                   "follows a cosine to --tau-final (DINO: 0.996 -> 1)")
+    g.add_argument("--local-loss", choices=LOCAL_LOSSES, default="geo", help="matching of the "
+                   "local loss: 'geo' (this paper, Eq. 6/10: nearest cell centre in "
+                   "original-image coordinates, kept below the threshold s), 'sim' (EsViT, Eq. "
+                   "4/9: highest cosine similarity of backbone features), 'none' (vanilla DINO: "
+                   "no local head is built)")
+    g.add_argument("--local-weight", type=float, default=0.5, help="w: total = (1 - w) L_G + w "
+                   "L_L (official code: 0.5 / 0.5; Algorithm 1 writes L_G + L_L, i.e. twice this "
+                   "loss); ignored with none")
+    g.add_argument("--local-crops", type=int, default=8, help="N_L, small crops per image (App. "
+                   "A.1: 8); the student sees 2 + N_L crops, the teacher the 2 global ones")
+    g.add_argument("--global-crop-scale", type=float, nargs=2, default=[0.4, 1.0],
+                   metavar=("MIN", "MAX"), help="area range of the 2 global crops (DINO / EsViT: "
+                   "0.4 1)")
+    g.add_argument("--local-crop-scale", type=float, nargs=2, default=[0.05, 0.4],
+                   metavar=("MIN", "MAX"), help="area range of the small crops (DINO / EsViT: "
+                   "0.05 0.4)")
+    g.add_argument("--local-crop-size", type=int, default=0, help="side of the small crops in "
+                   "pixels (0: 3/7 of --image-size, i.e. 96 at 224 as in App. A.1, 14 at 32)")
+    g.add_argument("--out-dim", type=int, default=4096, help="K, prototypes of both DINO heads "
+                   "(DINO / paper: 65536; solo-learn CIFAR: 4096)")
+    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer "
+                   "head MLP (DINO: 2048)")
+    g.add_argument("--bottleneck", type=int, default=256, help="bottleneck width before the "
+                   "L2-normalisation (DINO: 256)")
+    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the "
+                   "prototypes (last layer) are not trained (DINO: 1)")
+    g.add_argument("--head-bn", action="store_true", help="BatchNorm after the hidden layers of "
+                   "the DINO heads (the official code's --use_bn_in_head; lightly's ResNet DINO "
+                   "recipe for CIFAR-10 uses it)")
+    g.add_argument("--norm-last-layer", choices=["true", "false"], default="true", help="fix the "
+                   "norm of every prototype to 1 (DINO's --norm_last_layer: false trains the "
+                   "norms, which DINO found better but less stable and uses for ViT-S, true for "
+                   "ViT-B)")
+    g.add_argument("--student-temp", type=float, default=0.1, help="student softmax temperature "
+                   "(DINO: 0.1)")
+    g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after "
+                   "warm-up (DINO / EsViT: 0.04-0.07)")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature "
+                   "at epoch 0 (DINO: 0.04)")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="epochs of linear "
+                   "teacher temperature warm-up (DINO: 30)")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of both teacher "
+                   "centres (DINO: 0.9)")
+    g.add_argument("--tau-base", type=float, default=0.996, help="EMA momentum of the teacher at "
+                   "step 0; it follows a cosine to --tau-final (DINO: 0.996 -> 1)")
     g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
 
     g = p.add_argument_group("optimisation (DINO's, with --optimizer adamw)")
-    g.add_argument("--weight-decay-end", type=float, default=-1.0, help="weight decay at the last step, cosine "
-                   "schedule (DINO AdamW: 0.4); -1 keeps --weight-decay constant")
-    g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm of every tensor of the "
-                   "student to this value on its own, as DINO's clip_gradients (the paper's Swin recipe: 3.0); "
-                   "0 disables")
+    g.add_argument("--weight-decay-end", type=float, default=-1.0, help="weight decay at the last "
+                   "step, cosine schedule (DINO AdamW: 0.4); -1 keeps --weight-decay constant")
+    g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm of every "
+                   "tensor of the student to this value on its own, as DINO's clip_gradients (the "
+                   "paper's Swin recipe: 3.0); 0 disables")
 
     g = p.add_argument_group("figures")
-    g.add_argument("--plot-matches", default="", metavar="FILE", help="at the end, draw two global views of "
-                   "one training image with their geometric and similarity matchings linked (paper Fig. 3)")
+    g.add_argument("--plot-matches", default="", metavar="FILE", help="at the end, draw two "
+                   "global views of one training image with their geometric and similarity "
+                   "matchings linked (paper Fig. 3)")
 
 
-# The method's values for flags every method shares (solo-learn's DINO for ResNets: LARS, lr 0.3, wd 1e-6;
-# the paper's AdamW recipe: --optimizer adamw --lr 5e-4 --weight-decay 0.04 --weight-decay-end 0.4).
+# The method's values for flags every method shares (solo-learn's DINO for ResNets: LARS, lr 0.3, wd
+# 1e-6; the paper's AdamW recipe: --optimizer adamw --lr 5e-4 --weight-decay 0.04 --weight-decay-end
+# 0.4).
 METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-6, arch="resnet18")
 OTHER_ARCHS = ("swin_t",)  # besides rf_resnet's backbones: the paper's Swin-T (SwinBackbone)
-# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. Network, batch,
-# optimiser, lr, schedule and the DINO values (BatchNorm in the head, teacher temperature, EMA tau, head sizes,
-# prototypes not frozen) are co_dino.py's laptop recipe, chosen there by a lever search (docs/co_dino.md; not
-# re-tuned here); the three --local-loss settings share all of them. Multi-crop: 2 global crops of 32 px (a 5x5
-# map) and 2 small crops of 14 px (a 2x2 map), instead of the paper's 8. Counted with torch.utils.flop_counter,
-# a step is 53.7 GFLOP with --local-loss none and 80.0 with sim or geo (the local head at all 58 student and 50
-# teacher cells), against 46.2 for co_dino.py's DINO and 69.7 for its CO-DINO (75.8 min for 3 epochs on one
+# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch.
+# Network, batch, optimiser, lr, schedule and the DINO values (BatchNorm in the head, teacher
+# temperature, EMA tau, head sizes, prototypes not frozen) are co_dino.py's laptop recipe, chosen
+# there by a lever search (docs/co_dino.md; not re-tuned here); the three --local-loss settings
+# share all of them. Multi-crop: 2 global crops of 32 px (a 5x5 map) and 2 small crops of 14 px (a
+# 2x2 map), instead of the paper's 8. Counted with torch.utils.flop_counter, a step is 53.7 GFLOP
+# with --local-loss none and 80.0 with sim or geo (the local head at all 58 student and 50 teacher
+# cells), against 46.2 for co_dino.py's DINO and 69.7 for its CO-DINO (75.8 min for 3 epochs on one
 # core): hence 2 epochs, not 3, to keep a run near an hour on one core.
 LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=2, optimizer="sgd",
                      lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99, head_hidden=512, bottleneck=128,
@@ -171,7 +187,8 @@ RECIPES = {"laptop": LAPTOP_RECIPE}
 
 
 def feature_grid(args, size: int) -> int:
-    """Side n of the backbone's final map for a square crop of `size` px (shape inference, no computation)."""
+    """Side n of the backbone's final map for a square crop of `size` px (shape inference, no
+    computation)."""
     if args.arch == "swin_t":
         return size // 32  # patch 4, then three 2x patch merges: stride 32 (7x7 at 224, 3x3 at 96)
     with torch.device("meta"):  # shapes only
@@ -214,23 +231,24 @@ def check_method_args(args, error) -> None:
             if n < 2:
                 error(f"{flag} {size} gives a {n}x{n} feature map with {args.arch} (stem {args.stem}); "
                       "need at least 2x2: use larger crops, --stem cifar or an RF-ResNet")
-    # the figure may go into --output-dir (created by the run) or into any folder that exists already
+    # the figure may go into --output-dir (created by the run) or into any folder that exists
+    # already
     plot_folder = Path(args.plot_matches).parent
     if args.plot_matches and not (plot_folder.is_dir() or plot_folder.resolve() == Path(args.output_dir).resolve()):
         error(f"--plot-matches {args.plot_matches}: folder {plot_folder} does not exist")
 
 
 # ---- 2. Views ----
-# PAPER Sec. 3.2 and App. A.1: every crop is x~ = P(G(x, w_geo), w_pho): a geometric part G (crop, resize,
-# horizontal flip) with parameters w_geo = [ul_x, ul_y, lr_x, lr_y, h, w, f], then a photometric part P
-# (colour jitter, grayscale, blur, solarisation). The local loss needs w_geo, so we apply G ourselves and keep
-# the box (ul_x, ul_y, lr_x, lr_y) in original-image pixels and the flip flag f; P is BYOL's/DINO's pipeline
-# without its first two (geometric) operations. Multi-crop (App. A.1): 2 global crops (blur 1.0 / 0.1,
-# solarisation 0 / 0.2, as DINO) and N_L small crops (blur 0.5).
-# DEVIATION: no Gaussian blur on images of 32 px or less (solo-learn's CIFAR practice), on any crop; above
-# 32 px (the paper's 224 / 96 px included) the blur probabilities are DINO's.
+# PAPER Sec. 3.2 and App. A.1: every crop is x~ = P(G(x, w_geo), w_pho): a geometric part G (crop,
+# resize, horizontal flip) with parameters w_geo = [ul_x, ul_y, lr_x, lr_y, h, w, f], then a
+# photometric part P (colour jitter, grayscale, blur, solarisation). The local loss needs w_geo, so
+# we apply G ourselves and keep the box (ul_x, ul_y, lr_x, lr_y) in original-image pixels and the
+# flip flag f; P is BYOL's/DINO's pipeline without its first two (geometric) operations. Multi-crop
+# (App. A.1): 2 global crops (blur 1.0 / 0.1, solarisation 0 / 0.2, as DINO) and N_L small crops
+# (blur 0.5). DEVIATION: no Gaussian blur on images of 32 px or less (solo-learn's CIFAR practice),
+# on any crop; above 32 px (the paper's 224 / 96 px included) the blur probabilities are DINO's.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
-    """One of BYOL's augmentations, PIL image -> (3, S, S) uint8 (normalised on the device later)."""
+    """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -244,17 +262,19 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
 
 
 class GeometricView:
-    """G(x, w_geo) of PAPER Sec. 3.2 that also returns w_geo: RandomResizedCrop, then a flip with p = 0.5.
+    """G(x, w_geo) of PAPER Sec. 3.2 that also returns w_geo: RandomResizedCrop, then a flip with p
+    = 0.5.
 
-    Returns (crop as a PIL image of size x size, box, flipped): box = (x0, y0, x1, y1) float tensor, the crop's
-    region in continuous original-image coordinates (pixel p covers [p, p + 1)), flipped = bool.
-    """
+    Returns (crop as a PIL image of size x size, box, flipped): box = (x0, y0, x1, y1) float tensor,
+    the crop's region in continuous original-image coordinates (pixel p covers [p, p + 1)), flipped
+    = bool."""
 
     def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def __call__(self, img):
-        # torchvision's own sampling of (top, left, height, width), so crops have the usual distribution.
+        # torchvision's own sampling of (top, left, height, width), so crops have the usual
+        # distribution.
         top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
                               interpolation=T.InterpolationMode.BICUBIC)
@@ -265,23 +285,24 @@ class GeometricView:
 
 
 def photometric(view: T.Compose) -> T.Compose:
-    """P(., w_pho): a `byol_view` pipeline without its RandomResizedCrop and flip (G is done by GeometricView)."""
+    """P(., w_pho): a `byol_view` pipeline without its RandomResizedCrop and flip (G is done by
+    GeometricView)."""
     return T.Compose(view.transforms[2:])
 
 
 class MultiView:
     """image -> (crops, boxes, flips) (PAPER App. A.1, Algorithm 2).
 
-    crops: [global 1, global 2, small 1, ..., small N_L] tensors; boxes: (2 + N_L, 4) float tensor of
-    (x0, y0, x1, y1) in original pixels; flips: (2 + N_L,) bool tensor. After collation a batch gives a list
-    of (B, 3, S, S) crops, boxes (B, V, 4) and flips (B, V).
-    """
+    crops: [global 1, global 2, small 1, ..., small N_L] tensors; boxes: (2 + N_L, 4) float tensor
+    of (x0, y0, x1, y1) in original pixels; flips: (2 + N_L,) bool tensor. After collation a batch
+    gives a list of (B, 3, S, S) crops, boxes (B, V, 4) and flips (B, V)."""
 
     def __init__(self, args):
         gs, ls = tuple(args.global_crop_scale), tuple(args.local_crop_scale)
         size, small = args.image_size, args.local_crop_size
         self.geometric = [GeometricView(size, gs)] * 2 + [GeometricView(small, ls)] * args.local_crops
-        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's (Tiny-ImageNet's 64 px too)
+        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's
+        # (Tiny-ImageNet's 64 px too)
         blur = 0.0 if args.image_size <= 32 else 1.0
         self.photometric = [photometric(byol_view(size, gs, 1.0 * blur, 0.0)),
                             photometric(byol_view(size, gs, 0.1 * blur, 0.2))]
@@ -299,47 +320,53 @@ class MultiView:
 
 
 def cell_centers(box: torch.Tensor, flipped: torch.Tensor, grid: int) -> torch.Tensor:
-    """PAPER Sec. 3.4.3: the positional encoding e, i.e. the (x, y) centre in ORIGINAL-image pixels of every
-    cell of the crop's grid x grid feature map, row-major (k = row * grid + col).
+    """PAPER Sec. 3.4.3: the positional encoding e, i.e. the (x, y) centre in ORIGINAL-image pixels
+    of every cell of the crop's grid x grid feature map, row-major (k = row * grid + col).
 
-    box: (..., 4) = (x0, y0, x1, y1); flipped: (...) bool; returns (..., grid * grid, 2).
-    The crop [x0, x1) x [y0, y1) is resized to the network input, so cell (row, col) covers the box's
-    (row, col) tile of size (w / grid, h / grid): its centre is (x0 + (col + 0.5) w / grid, y0 + (row + 0.5)
-    h / grid). PITFALL: a flipped crop shows the box mirrored, so its column col sits at the box's column
-    grid - 1 - col (x = x1 - (col + 0.5) w / grid).
-    IMPL: an even grid, as the official code's average pooling of a cropped (x, y) coordinate map; the true
-    receptive-field centres of a padded convolutional map differ by a fraction of a cell.
-    """
+    box: (..., 4) = (x0, y0, x1, y1); flipped: (...) bool; returns (..., grid * grid, 2). The crop
+    [x0, x1) x [y0, y1) is resized to the network input, so cell (row, col) covers the box's (row,
+    col) tile of size (w / grid, h / grid): its centre is (x0 + (col + 0.5) w / grid, y0 + (row +
+    0.5) h / grid). PITFALL: a flipped crop shows the box mirrored, so its column col sits at the
+    box's column grid - 1 - col (x = x1 - (col + 0.5) w / grid). IMPL: an even grid, as the official
+    code's average pooling of a cropped (x, y) coordinate map; the true receptive-field centres of a
+    padded convolutional map differ by a fraction of a cell."""
     box, flipped = torch.as_tensor(box, dtype=torch.float32), torch.as_tensor(flipped, dtype=torch.bool)
     x0, y0, x1, y1 = box.unbind(-1)  # each (...)
-    frac = (torch.arange(grid, dtype=torch.float32, device=box.device) + 0.5) / grid  # (grid,) tile centres in [0, 1]
-    col_frac = torch.where(flipped.unsqueeze(-1), 1 - frac, frac)  # (..., grid): flip mirrors the columns
+    # (grid,) tile centres in [0, 1]
+    frac = (torch.arange(grid, dtype=torch.float32, device=box.device) + 0.5) / grid
+    # (..., grid): flip mirrors the columns
+    col_frac = torch.where(flipped.unsqueeze(-1), 1 - frac, frac)
     xs = x0.unsqueeze(-1) + col_frac * (x1 - x0).unsqueeze(-1)  # (..., grid) x of each column
     ys = y0.unsqueeze(-1) + frac * (y1 - y0).unsqueeze(-1)  # (..., grid) y of each row
-    xx = xs.unsqueeze(-2).expand(*xs.shape[:-1], grid, grid)  # (..., grid, grid): [row, col] -> x of col
-    yy = ys.unsqueeze(-1).expand(*ys.shape[:-1], grid, grid)  # (..., grid, grid): [row, col] -> y of row
-    return torch.stack([xx, yy], dim=-1).flatten(-3, -2)  # (..., grid, grid, 2) -> (..., grid * grid, 2)
+    # (..., grid, grid): [row, col] -> x of col
+    xx = xs.unsqueeze(-2).expand(*xs.shape[:-1], grid, grid)
+    # (..., grid, grid): [row, col] -> y of row
+    yy = ys.unsqueeze(-1).expand(*ys.shape[:-1], grid, grid)
+    # (..., grid, grid, 2) -> (..., grid * grid, 2)
+    return torch.stack([xx, yy], dim=-1).flatten(-3, -2)
 
 
 def cell_diagonal(box: torch.Tensor, grid: int) -> torch.Tensor:
-    """PAPER Sec. 3.4.3: the length of a cell's diagonal, i.e. the distance between e_k and a diagonal
-    neighbour: sqrt((w / grid)^2 + (h / grid)^2) in original pixels. box: (..., 4) -> (...)."""
+    """PAPER Sec. 3.4.3: the length of a cell's diagonal, i.e. the distance between e_k and a
+    diagonal neighbour: sqrt((w / grid)^2 + (h / grid)^2) in original pixels. box: (..., 4) ->
+    (...)."""
     wh = box[..., 2:] - box[..., :2]  # (..., 2) = (w, h)
     return (wh / grid).norm(dim=-1)
 
 
 # ---- 3. Networks and heads ----
 class DINOHead(nn.Module):
-    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm only with --head-bn) to a
-    bottleneck, L2-normalisation, then a weight-normalised linear layer (no bias) onto K prototypes whose
-    norm is fixed to 1 (`norm_last_layer=True`). Maps (N, C) -> (N, K). The local head is a second DINOHead that
-    `per_position` runs on every local representation of the (B, C, n, n) map.
-    """
+    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm
+    only with --head-bn) to a bottleneck, L2-normalisation, then a weight-normalised linear layer
+    (no bias) onto K prototypes whose norm is fixed to 1 (`norm_last_layer=True`). Maps (N, C) ->
+    (N, K). The local head is a second DINOHead that `per_position` runs on every local
+    representation of the (B, C, n, n) map."""
 
     def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, norm_last_layer: bool = True,
                  use_bn: bool = False):
         super().__init__()
-        layer, norm = nn.Linear, nn.BatchNorm1d  # norm: --head-bn (DINO's use_bn_in_head), after each hidden layer
+        # norm: --head-bn (DINO's use_bn_in_head), after each hidden layer
+        layer, norm = nn.Linear, nn.BatchNorm1d
 
         def hidden_layer(i: int, o: int) -> list[nn.Module]:
             return [layer(i, o), *([norm(o)] if use_bn else []), nn.GELU()]
@@ -348,11 +375,13 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):  # IMPL (official code): truncated normal, std 0.02, bias 0
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        # Weight normalisation: weight = g * v / |v| per prototype; g is fixed to 1, so every prototype is a unit
-        # vector and the logits are cosine similarities between the bottleneck vector and the prototypes.
+        # Weight normalisation: weight = g * v / |v| per prototype; g is fixed to 1, so every
+        # prototype is a unit vector and the logits are cosine similarities between the bottleneck
+        # vector and the prototypes.
         self.last_layer = nn.utils.parametrizations.weight_norm(layer(bottleneck, out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        # --norm-last-layer false (official DINO flag): the norms g are trained too (the teacher follows by EMA)
+        # --norm-last-layer false (official DINO flag): the norms g are trained too (the teacher
+        # follows by EMA)
         self.last_layer.parametrizations.weight.original0.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -361,28 +390,32 @@ class DINOHead(nn.Module):
 
 
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
-    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n, n):
-    the same MLP at every position (as 1x1 convolutions), computed as one matrix product over the B*n*n
-    vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would). The output is a
-    view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for free."""
+    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n,
+    n): the same MLP at every position (as 1x1 convolutions), computed as one matrix product over
+    the B*n*n vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would).
+    The output is a view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for
+    free."""
     b, c, n, m = local.shape
-    out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))  # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
+    # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
+    out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
 
 
 class SwinBackbone(nn.Module):
-    """torchvision's Swin-T (the paper's Swin-T/7, Sec. 4.2) with rf_resnet's outputs (.local, .pooled, .h).
+    """torchvision's Swin-T (the paper's Swin-T/7, Sec. 4.2) with rf_resnet's outputs (.local,
+    .pooled, .h).
 
-    features -> norm gives the dense representation (B, H, W, 768), 7x7 at 224 px and 3x3 at 96 px (App. B).
-    Only `features` and `norm` are kept, so state_dict() has exactly the keys of
-    `torchvision.models.swin_t(weights=None)` with `head = nn.Identity()` (eval_linear.py loads it that way).
-    The global representation is the average of the local ones (h = pooled), as Swin's own classifier input.
-    """
+    features -> norm gives the dense representation (B, H, W, 768), 7x7 at 224 px and 3x3 at 96 px
+    (App. B). Only `features` and `norm` are kept, so state_dict() has exactly the keys of
+    `torchvision.models.swin_t(weights=None)` with `head = nn.Identity()` (eval_linear.py loads it
+    that way). The global representation is the average of the local ones (h = pooled), as Swin's
+    own classifier input."""
 
     def __init__(self):
         super().__init__()
-        # torchvision's swin_t() configuration, random initialisation (never downloads), with Swin's ImageNet-1k
-        # stochastic depth for Swin-T, 0.1 (swin_t() fixes it at 0.2, so the class is built directly).
+        # torchvision's swin_t() configuration, random initialisation (never downloads), with Swin's
+        # ImageNet-1k stochastic depth for Swin-T, 0.1 (swin_t() fixes it at 0.2, so the class is
+        # built directly).
         net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
                                                  num_heads=[3, 6, 12, 24], window_size=[7, 7],
                                                  stochastic_depth_prob=0.1)
@@ -393,9 +426,11 @@ class SwinBackbone(nn.Module):
         return self.norm(self.features(x)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
     def head(self, local: torch.Tensor) -> rf_resnet.BackboneOutput:
-        """The dense map -> rf_resnet's outputs (eval_linear.py's internal masking calls it on a masked map)."""
+        """The dense map -> rf_resnet's outputs (eval_linear.py's internal masking calls it on a
+        masked map)."""
         pooled = local.mean(dim=(2, 3))  # (B, C, n, n) -> (B, C)
-        # the same fields as rf_resnet's backbones, so the probes, KNNMonitor (.h) and eval_linear.py need no case
+        # the same fields as rf_resnet's backbones, so the probes, KNNMonitor (.h) and
+        # eval_linear.py need no case
         return rf_resnet.BackboneOutput(local=local, pooled=pooled, h=pooled)
 
     def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:
@@ -410,11 +445,12 @@ def build_backbone(args) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """f (backbone) + the global DINO head h-bar + the local DINO head h: the part shared by student and teacher.
+    """f (backbone) + the global DINO head h-bar + the local DINO head h: the part shared by student
+    and teacher.
 
-    PAPER Sec. 3.4.1-3.4.2: h-bar maps the global representation to K logits; a second head h, with its own
-    parameters, maps every local representation z_k to K logits (the same MLP at each cell: `per_position`).
-    """
+    PAPER Sec. 3.4.1-3.4.2: h-bar maps the global representation to K logits; a second head h, with
+    its own parameters, maps every local representation z_k to K logits (the same MLP at each cell:
+    `per_position`)."""
 
     def __init__(self, args):
         super().__init__()
@@ -422,25 +458,28 @@ class Encoder(nn.Module):
         c = self.backbone.out_dim
         self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                              norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
-        # --local-loss none is vanilla DINO: no local head exists, so nothing local is computed or trained.
+        # --local-loss none is vanilla DINO: no local head exists, so nothing local is computed or
+        # trained.
         self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                                     norm_last_layer=args.norm_last_layer, use_bn=args.head_bn) if args.local_loss != "none" else None)
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
         # "local" (the backbone's dense representation z) is what the similarity matching compares.
-        res = {"h": out.h, "pooled": out.pooled, "local": out.local, "logits_g": self.head(out.h)}  # (B, K)
+        # (B, K)
+        res = {"h": out.h, "pooled": out.pooled, "local": out.local, "logits_g": self.head(out.h)}
         if self.local_head is not None:
-            res["logits_l"] = per_position(self.local_head, out.local)  # (B, C, n, n) -> (B, K, n, n)
+            # (B, C, n, n) -> (B, K, n, n)
+            res["logits_l"] = per_position(self.local_head, out.local)
         return res
 
 
 def forward_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[dict]:
-    """Run the encoder on a list of crops, one forward per run of equal-size crops, and split the outputs back.
+    """Run the encoder on a list of crops, one forward per run of equal-size crops, and split the
+    outputs back.
 
-    IMPL (DINO's MultiCropWrapper): the 2 global crops go through the network together, the small crops too;
-    BatchNorm statistics are then taken over each group. Returns one dict per crop.
-    """
+    IMPL (DINO's MultiCropWrapper): the 2 global crops go through the network together, the small
+    crops too; BatchNorm statistics are then taken over each group. Returns one dict per crop."""
     outs, start = [], 0
     while start < len(views):
         end = start + 1
@@ -448,14 +487,15 @@ def forward_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[dict]:
             end += 1
         n = end - start
         o = encoder(torch.cat(views[start:end]))  # n x (B, 3, S, S) -> (n B, 3, S, S)
-        outs += [{k: v.chunk(n)[i] for k, v in o.items()} for i in range(n)]  # (n B, ...) -> n x (B, ...)
+        # (n B, ...) -> n x (B, ...)
+        outs += [{k: v.chunk(n)[i] for k, v in o.items()} for i in range(n)]
         start = end
     return outs
 
 
 class StudentNetwork(nn.Module):
-    """The student: everything the optimiser trains sits in this one module, so one DDP wrapper syncs all
-    gradients. backbone.pt and the k-NN read the TEACHER (DINO evaluates the teacher)."""
+    """The student: everything the optimiser trains sits in this one module, so one DDP wrapper
+    syncs all gradients. backbone.pt and the k-NN read the TEACHER (DINO evaluates the teacher)."""
 
     def __init__(self, args):
         super().__init__()
@@ -466,11 +506,12 @@ class StudentNetwork(nn.Module):
 
 
 def make_teacher(student: StudentNetwork) -> nn.Module:
-    """DINO: the teacher starts as a copy of the student's encoder and is never trained by gradients.
+    """DINO: the teacher starts as a copy of the student's encoder and is never trained by
+    gradients.
 
-    IMPL (DINO's code builds the teacher without drop-path): Swin-T's stochastic depth is switched off in the
-    teacher, which runs in train mode (for the BatchNorm of ResNets) and would otherwise drop blocks.
-    """
+    IMPL (DINO's code builds the teacher without drop-path): Swin-T's stochastic depth is switched
+    off in the teacher, which runs in train mode (for the BatchNorm of ResNets) and would otherwise
+    drop blocks."""
     teacher = copy.deepcopy(student.encoder).requires_grad_(False)
     for m in teacher.modules():
         if isinstance(m, torchvision.ops.StochasticDepth):
@@ -479,8 +520,9 @@ def make_teacher(student: StudentNetwork) -> nn.Module:
 
 
 class Centers(nn.Module):
-    """DINO's two centres (DINO Eq. 4): of the global teacher outputs and of the local ones (the local loss's
-    own centre); (1, K) buffers, so that they move with the device and live in the checkpoint."""
+    """DINO's two centres (DINO Eq. 4): of the global teacher outputs and of the local ones (the
+    local loss's own centre); (1, K) buffers, so that they move with the device and live in the
+    checkpoint."""
 
     def __init__(self, out_dim: int):
         super().__init__()
@@ -490,10 +532,11 @@ class Centers(nn.Module):
 
 @dataclass
 class Nets:
-    """The networks of one run: the student, its EMA teacher, the centres, `model` (the module the forward pass
-    goes through: the student, in DDP with several processes), the epoch's sums of the match monitors ([valid
-    fraction, sim == geo fraction, steps], from the resume point on) and the loss function (`geo_dino_loss`,
-    compiled with --compile). backbone.pt saves, and the k-NN reads, the TEACHER's backbone."""
+    """The networks of one run: the student, its EMA teacher, the centres, `model` (the module the
+    forward pass goes through: the student, in DDP with several processes), the epoch's sums of the
+    match monitors ([valid fraction, sim == geo fraction, steps], from the resume point on) and the
+    loss function (`geo_dino_loss`, compiled with --compile). backbone.pt saves, and the k-NN reads,
+    the TEACHER's backbone."""
     student: StudentNetwork
     teacher: nn.Module
     centers: Centers
@@ -506,7 +549,8 @@ class Nets:
         return self.teacher.backbone
 
     def epoch_match_row(self, step: int, steps_per_epoch: int, world: int) -> dict:
-        """The epoch's mean match monitors (Sec. 4.6-4.7) over every rank; then reset for the next epoch."""
+        """The epoch's mean match monitors (Sec. 4.6-4.7) over every rank; then reset for the next
+        epoch."""
         m = all_reduce_sum(self.epoch_match) / world
         self.epoch_match = torch.zeros_like(self.epoch_match)
         return {"step": step, "epoch": step / steps_per_epoch,
@@ -515,40 +559,44 @@ class Nets:
 
 
 def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
-    """The student and its teacher (= the student at step 0, the same initial weights on every rank), the
-    centres (zero), the optimiser (A.4: LARS, or the paper's AdamW with --optimizer adamw)."""
+    """The student and its teacher (= the student at step 0, the same initial weights on every
+    rank), the centres (zero), the optimiser (A.4: LARS, or the paper's AdamW with --optimizer
+    adamw)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     student = run.place(StudentNetwork(args))  # (Swin-T has no BatchNorm to synchronise)
     teacher = make_teacher(student)  # DINO: the teacher starts equal to the student
     torch.manual_seed(args.seed + run.rank)  # each rank its own random stream again (Run)
     model = run.wrap(student)
-    # PERF: --compile compiles the loss too: its softmaxes over K prototypes at every cell are chains of
-    # memory-bound elementwise ops, which the compiler fuses (benchmarks/bench_local_dino.py, docs/geo_dino.md).
+    # PERF: --compile compiles the loss too: its softmaxes over K prototypes at every cell are
+    # chains of memory-bound elementwise ops, which the compiler fuses
+    # (benchmarks/bench_local_dino.py, docs/geo_dino.md).
     loss_fn = torch.compile(geo_dino_loss) if args.compile else geo_dino_loss
     return (Nets(student, teacher, Centers(args.out_dim).to(run.device), model, torch.zeros(3, device=run.device),
                  loss_fn), make_optimizer(student, args))
 
 
 # ---- 4. Losses ----
-# PAPER Sec. 3.4 and App. A.2. Global loss (Eq. 2 / 8): DINO's cross-entropy over every pair (teacher global
-# crop, student crop of another view). Local loss (Eq. 5 / 9 and 7 / 10): for the same pairs, every student
-# cell k is matched to a teacher cell k* and H(P_t(z'_{k*}), P_s(z_k)) is averaged over the K student cells
-# (geo: only matches closer than s count, Eq. 6), then over the 2 (N_L + 1) pairs.
-# IMPL (EsViT's and the official code): k runs over the STUDENT cells and k* over the teacher's, so that a
-# small crop (3x3) is matched into a global crop (7x7); Eq. 4-6 write the pair from the teacher's side.
+# PAPER Sec. 3.4 and App. A.2. Global loss (Eq. 2 / 8): DINO's cross-entropy over every pair
+# (teacher global crop, student crop of another view). Local loss (Eq. 5 / 9 and 7 / 10): for the
+# same pairs, every student cell k is matched to a teacher cell k* and H(P_t(z'_{k*}), P_s(z_k)) is
+# averaged over the K student cells (geo: only matches closer than s count, Eq. 6), then over the 2
+# (N_L + 1) pairs. IMPL (EsViT's and the official code): k runs over the STUDENT cells and k* over
+# the teacher's, so that a small crop (3x3) is matched into a global crop (7x7); Eq. 4-6 write the
+# pair from the teacher's side.
 def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor], center: torch.Tensor,
               student_temp: float, teacher_temp: float) -> torch.Tensor:
-    """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different views of
-    H(P_t(x'), P_s(x)) = - sum_k P_t(x')_k log P_s(x)_k, averaged over the batch.
+    """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different
+    views of H(P_t(x'), P_s(x)) = - sum_k P_t(x')_k log P_s(x)_k, averaged over the batch.
 
-    student_logits: list of (B, K), one per crop (2 large, then small ones); teacher_logits: list of (B, K) for
-    the 2 large crops; center: (1, K). P_t = softmax((t - c) / T_t) (centring and sharpening, no gradient),
-    P_s = softmax(s / T_s). Pairs of the same view are skipped. Softmaxes in fp32 (PITFALL: in bf16 a
-    temperature of 0.04 turns small logit differences into large probability errors).
-    """
+    student_logits: list of (B, K), one per crop (2 large, then small ones); teacher_logits: list of
+    (B, K) for the 2 large crops; center: (1, K). P_t = softmax((t - c) / T_t) (centring and
+    sharpening, no gradient), P_s = softmax(s / T_s). Pairs of the same view are skipped. Softmaxes
+    in fp32 (PITFALL: in bf16 a temperature of 0.04 turns small logit differences into large
+    probability errors)."""
     total, n_terms = 0.0, 0
     for iq, t in enumerate(teacher_logits):
-        q = F.softmax((t.float() - center) / teacher_temp, dim=-1).detach()  # sg: no gradient into the teacher
+        # sg: no gradient into the teacher
+        q = F.softmax((t.float() - center) / teacher_temp, dim=-1).detach()
         for v, s in enumerate(student_logits):
             if v == iq:
                 continue  # DINO: the student never predicts the teacher's output of the same view
@@ -562,11 +610,12 @@ def geometric_matching(pos_student: torch.Tensor, pos_teacher: torch.Tensor, dia
     """PAPER Eq. 6: k* = argmin_j ||e_k - e'_j||^2, kept iff d(k) = min_j ||e_k - e'_j|| < s, where
     s = max(diag, diag') / 2 (half of the larger of the two crops' cell diagonals, Sec. 3.4.3).
 
-    pos_student (..., Ns, 2), pos_teacher (..., Nt, 2): cell centres in original pixels (`cell_centers`);
-    diag_student, diag_teacher (...): cell diagonals (`cell_diagonal`). Returns (index (..., Ns) long into
-    the teacher cells, valid (..., Ns) bool). Crops that do not overlap give no valid match.
-    """
-    diff = pos_student.unsqueeze(-2) - pos_teacher.unsqueeze(-3)  # (..., Ns, 1, 2) - (..., 1, Nt, 2) -> (..., Ns, Nt, 2)
+    pos_student (..., Ns, 2), pos_teacher (..., Nt, 2): cell centres in original pixels
+    (`cell_centers`); diag_student, diag_teacher (...): cell diagonals (`cell_diagonal`). Returns
+    (index (..., Ns) long into the teacher cells, valid (..., Ns) bool). Crops that do not overlap
+    give no valid match."""
+    # (..., Ns, 1, 2) - (..., 1, Nt, 2) -> (..., Ns, Nt, 2)
+    diff = pos_student.unsqueeze(-2) - pos_teacher.unsqueeze(-3)
     dist2 = (diff ** 2).sum(-1)  # (..., Ns, Nt); exact (torch.cdist may use a matmul shortcut)
     d2_min, index = dist2.min(dim=-1)  # (..., Ns)
     threshold = torch.maximum(diag_student, diag_teacher) / 2  # (...): s
@@ -577,50 +626,57 @@ def geometric_matching(pos_student: torch.Tensor, pos_teacher: torch.Tensor, dia
 def similarity_matching(feat_student: torch.Tensor, feat_teacher: torch.Tensor) -> torch.Tensor:
     """PAPER Eq. 4 (EsViT): k* = argmax_j cos(z_k, z'_j) over the backbone's local representations.
 
-    feat_student (..., Ns, C), feat_teacher (..., Nt, C) -> index (..., Ns) long. No threshold: every cell is
-    matched, even when the crops do not overlap (the failure mode the paper discusses in Sec. 1 and 4.6).
-    """
+    feat_student (..., Ns, C), feat_teacher (..., Nt, C) -> index (..., Ns) long. No threshold:
+    every cell is matched, even when the crops do not overlap (the failure mode the paper discusses
+    in Sec. 1 and 4.6)."""
     s = F.normalize(feat_student.float(), dim=-1)
     t = F.normalize(feat_teacher.float(), dim=-1)
-    return (s @ t.transpose(-1, -2)).argmax(dim=-1)  # (..., Ns, C) @ (..., C, Nt) -> (..., Ns, Nt) -> (..., Ns)
+    # (..., Ns, C) @ (..., C, Nt) -> (..., Ns, Nt) -> (..., Ns)
+    return (s @ t.transpose(-1, -2)).argmax(dim=-1)
 
 
 def local_distributions(student: list[dict], teacher: list[dict], local_center: torch.Tensor,
                         student_temp: float, teacher_temp: float) -> tuple[list, list]:
     """The local heads' distributions of every crop, once per crop (each enters 2-3 pairs), in fp32.
 
-    student: dicts with "logits_l" (B, K_p, n, n); teacher: the same for the 2 global crops. Returns (log P_s
-    per student crop, P_t per teacher crop), each cell-major (B, n*n, K_p): log_softmax(s / T_s), and
-    softmax((t - c) / T_t) with the LOCAL centre (1, K_p) and no gradient.
-    PERF (measured, CPU): once per crop, not once per pair (which repeated four of the six teacher softmaxes
-    over (B, 4096, 25)); and cell-major, so that every op runs along K_p, the contiguous dimension of the
+    student: dicts with "logits_l" (B, K_p, n, n); teacher: the same for the 2 global crops. Returns
+    (log P_s per student crop, P_t per teacher crop), each cell-major (B, n*n, K_p): log_softmax(s /
+    T_s), and softmax((t - c) / T_t) with the LOCAL centre (1, K_p) and no gradient. PERF (measured,
+    CPU): once per crop, not once per pair (which repeated four of the six teacher softmaxes over
+    (B, 4096, 25)); and cell-major, so that every op runs along K_p, the contiguous dimension of the
     head's output (per_position) (K-major, each op ran 3-20x slower: strided, and in mixed layouts).
     """
     log_p_s = [F.log_softmax(o["logits_l"].float().flatten(2).transpose(1, 2) / student_temp, dim=-1)
                for o in student]  # (B, Kp, n, n) -> (B, n*n, Kp)
-    # (bf16 logits - fp32 centre) is fp32 in one pass: no separate .float() copy of the (B, m*m, K_p) logits
+    # (bf16 logits - fp32 centre) is fp32 in one pass: no separate .float() copy of the (B, m*m,
+    # K_p) logits
     p_t = [F.softmax((o["logits_l"].flatten(2).transpose(1, 2) - local_center) / teacher_temp,
-                     dim=-1).detach() for o in teacher]  # (B, Kp, m, m) -> (B, m*m, Kp); sg: no gradient into the teacher
+                     # (B, Kp, m, m) -> (B, m*m, Kp); sg: no gradient into the teacher
+                     dim=-1).detach() for o in teacher]
     return log_p_s, p_t
 
 
 def local_pair_loss(log_p_student: torch.Tensor, p_teacher: torch.Tensor, index: torch.Tensor,
                     valid: torch.Tensor) -> torch.Tensor:
-    """PAPER Eq. 4 / Eq. 6 for one pair of crops: 1/K sum_k 1{valid_k} H(P_t(z'_{k*}), P_s(z_k)), batch mean.
+    """PAPER Eq. 4 / Eq. 6 for one pair of crops: 1/K sum_k 1{valid_k} H(P_t(z'_{k*}), P_s(z_k)),
+    batch mean.
 
-    log_p_student (B, n*n, K_p) and p_teacher (B, m*m, K_p): `local_distributions` of the two crops (K_p
-    prototypes); index (B, n*n): the matched teacher cell of every student cell; valid (B, n*n) bool (all True
-    for sim). PAPER Eq. 6: the sum over valid cells is divided by K = n*n, the number of all student cells (not
-    only the valid ones).
-    PERF: the targets are copied as whole rows (index_select); torch.gather with the index expanded to
-    (B, n*n, K_p) reads an int64 index per element: the laptop local loss (six pairs, forward + backward) took
+    log_p_student (B, n*n, K_p) and p_teacher (B, m*m, K_p): `local_distributions` of the two crops
+    (K_p prototypes); index (B, n*n): the matched teacher cell of every student cell; valid (B, n*n)
+    bool (all True for sim). PAPER Eq. 6: the sum over valid cells is divided by K = n*n, the number
+    of all student cells (not only the valid ones). PERF: the targets are copied as whole rows
+    (index_select); torch.gather with the index expanded to (B, n*n, K_p) reads an int64 index per
+    element: the laptop local loss (six pairs, forward + backward) took
     150.5 ms that way and 131.2 ms this way, same values and gradients (benchmarks/bench_local_dino.py, one
     thread, idle 2-core Intel Xeon with AMX-BF16, 2026-12-06).
     """
     b, m2, k_p = p_teacher.shape
-    # the matched teacher cell k* of every student cell, as a row of the (B * m*m, K_p) table of teacher cells
-    rows = (index + m2 * torch.arange(b, device=index.device).unsqueeze(1)).flatten()  # (B, n*n) -> (B * n*n,)
-    t = p_teacher.reshape(b * m2, k_p).index_select(0, rows).view(b, -1, k_p)  # (B, n*n, Kp): P_t(z'_{k*})
+    # the matched teacher cell k* of every student cell, as a row of the (B * m*m, K_p) table of
+    # teacher cells
+    # (B, n*n) -> (B * n*n,)
+    rows = (index + m2 * torch.arange(b, device=index.device).unsqueeze(1)).flatten()
+    # (B, n*n, Kp): P_t(z'_{k*})
+    t = p_teacher.reshape(b * m2, k_p).index_select(0, rows).view(b, -1, k_p)
     ce = -(t * log_p_student).sum(-1)  # (B, n*n, Kp) -> (B, n*n): H(P_t(z'_{k*}), P_s(z_k))
     return ((ce * valid).sum(1) / ce.shape[1]).mean()  # 1/K sum_k 1{d(k) < s} H, then batch mean
 
@@ -628,9 +684,9 @@ def local_pair_loss(log_p_student: torch.Tensor, p_teacher: torch.Tensor, index:
 def pair_matchings(student: list[dict], teacher: list[dict], boxes: torch.Tensor, flips: torch.Tensor) -> dict:
     """Both matchings for every pair (teacher global crop iq, student crop v != iq) of App. A.2.
 
-    boxes (B, V, 4), flips (B, V) from MultiView. Returns {(iq, v): (geo index, geo valid, sim index)}, each
-    (B, n_v * n_v). The grids are read off the feature maps, so any crop size and backbone works.
-    """
+    boxes (B, V, 4), flips (B, V) from MultiView. Returns {(iq, v): (geo index, geo valid, sim
+    index)}, each (B, n_v * n_v). The grids are read off the feature maps, so any crop size and
+    backbone works."""
     pos, diag = [], []
     for v, o in enumerate(student):
         n = o["local"].shape[-1]  # the crop's grid side
@@ -651,16 +707,17 @@ def pair_matchings(student: list[dict], teacher: list[dict], boxes: torch.Tensor
 def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor, flips: torch.Tensor,
                   center: torch.Tensor, local_center: torch.Tensor, student_temp: float, teacher_temp: float,
                   local_loss: str, local_weight: float, local_collapse_monitors: bool = True):
-    """Total = (1 - w) L_G + w L_L (App. A.2, Eq. 8-10); with local_loss 'none' it is L_G, i.e. DINO.
+    """Total = (1 - w) L_G + w L_L (App. A.2, Eq. 8-10); with local_loss 'none' it is L_G, i.e.
+    DINO.
 
-    student: one dict per crop (2 global, then small ones) with "logits_g" (B, K), "local" (B, C, n, n) and,
-    unless 'none', "logits_l" (B, K, n, n); teacher: the same for the 2 global crops.
-    Returns (total, L_G, L_L before weighting, monitors [valid fraction, sim == geo fraction, and the local
-    teacher's entropy and KL to uniform (`collapse_monitors`; zeros with 'none' or local_collapse_monitors=False)]).
-    PERF: the local collapse monitors read every cell of both global crops ((2B * m * m, K_p) probabilities, a
-    copy and a log over the step's largest tensors) and are logged once every --log-every steps, so
-    `train_step` asks for them on the steps the loop logs only.
-    """
+    student: one dict per crop (2 global, then small ones) with "logits_g" (B, K), "local" (B, C, n,
+    n) and, unless 'none', "logits_l" (B, K, n, n); teacher: the same for the 2 global crops.
+    Returns (total, L_G, L_L before weighting, monitors [valid fraction, sim == geo fraction, and
+    the local teacher's entropy and KL to uniform (`collapse_monitors`; zeros with 'none' or
+    local_collapse_monitors=False)]). PERF: the local collapse monitors read every cell of both
+    global crops ((2B * m * m, K_p) probabilities, a copy and a log over the step's largest tensors)
+    and are logged once every --log-every steps, so `train_step` asks for them on the steps the loop
+    logs only."""
     loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,
                        student_temp, teacher_temp)  # PAPER Eq. 8
     matchings = pair_matchings(student, teacher, boxes, flips)
@@ -675,11 +732,13 @@ def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
                 index, valid = sim_index, torch.ones_like(geo_valid)
             loss_l = loss_l + local_pair_loss(log_p_s[v], p_t[iq], index, valid)
         loss_l = loss_l / len(matchings)  # PAPER Eq. 9 / 10: 1 / (2 (N_L + 1)) sum over the pairs
-        if local_collapse_monitors:  # local collapse (Sec. 4.6), from the P_t just computed: every cell of both
+        # local collapse (Sec. 4.6), from the P_t just computed: every cell of both
+        if local_collapse_monitors:
             # global crops, 2 x (B, m * m, K_p) -> (2B * m * m, K_p)
             local_collapse = collapse_monitors_of(torch.cat([p.reshape(-1, p.shape[-1]) for p in p_t]))
-    # Match monitors (PAPER Sec. 4.6-4.7), computed in every mode: how many student cells have a geometric
-    # partner, and among those, how often the similarity matching picks that same teacher cell.
+    # Match monitors (PAPER Sec. 4.6-4.7), computed in every mode: how many student cells have a
+    # geometric partner, and among those, how often the similarity matching picks that same teacher
+    # cell.
     with torch.no_grad():
         n_valid = sum(m[1].sum() for m in matchings.values())
         n_cells = sum(m[1].numel() for m in matchings.values())
@@ -694,9 +753,8 @@ def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
 def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
     """DINO Eq. 4: c <- m c + (1 - m) mean of the teacher logits over the GLOBAL batch.
 
-    teacher_logits: (N, K) (both large views stacked; for the local centre also every position). Under DDP
-    the sum and the count are all-reduced, so every rank gets the same centre.
-    """
+    teacher_logits: (N, K) (both large views stacked; for the local centre also every position).
+    Under DDP the sum and the count are all-reduced, so every rank gets the same centre."""
     batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (N, K) -> (1, K)
     count = torch.tensor([float(teacher_logits.shape[0])], device=teacher_logits.device)
     batch_sum, count = all_reduce_sum(batch_sum), all_reduce_sum(count)  # global batch
@@ -705,16 +763,18 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
 
 @torch.no_grad()
 def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-    """Two ways DINO can collapse (Caron et al. 2021, Sec. 5.3): every output uniform, or one prototype
-    dominating. Returns [mean entropy of P_t (-> log K when uniform), KL(mean P_t || uniform) (-> log K when
-    one prototype wins)], both in nats, for (N, K) teacher logits. Healthy training keeps both well below log K.
-    """
-    return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))  # P_t (N, K)
+    """Two ways DINO can collapse (Caron et al. 2021, Sec. 5.3): every output uniform, or one
+    prototype dominating. Returns [mean entropy of P_t (-> log K when uniform), KL(mean P_t ||
+    uniform) (-> log K when one prototype wins)], both in nats, for (N, K) teacher logits. Healthy
+    training keeps both well below log K."""
+    # P_t (N, K)
+    return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))
 
 
 @torch.no_grad()
 def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
-    """`collapse_monitors` of teacher distributions already computed: p (N, K), rows summing to 1."""
+    """`collapse_monitors` of teacher distributions already computed: p (N, K), rows summing to 1.
+    """
     entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
     mean_p = p.mean(0)  # (K,)
     kl_uniform = (mean_p * torch.log(mean_p * mean_p.numel() + 1e-12)).sum()
@@ -723,20 +783,23 @@ def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
 
 # ---- 5. Schedules: the teacher's EMA and temperature, DINO's weight decay ----
 def tau_at(step: int, total: int, base: float, final: float) -> float:
-    """DINO Sec. 3.1 (after BYOL): tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
+    """DINO Sec. 3.1 (after BYOL): tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step
+    k of K."""
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
 def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
-    """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then stays there
-    (the official np.linspace schedule, per epoch). A low T_t early sharpens the teacher against collapse."""
+    """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then
+    stays there (the official np.linspace schedule, per epoch). A low T_t early sharpens the teacher
+    against collapse."""
     if epoch >= warmup_epochs:
         return temp
     return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
 
 
 def wd_at(step: int, total: int, base: float, final: float) -> float:
-    """DINO: weight decay follows a cosine from `base` (step 0) to `final` (last step); final < 0: constant."""
+    """DINO: weight decay follows a cosine from `base` (step 0) to `final` (last step); final < 0:
+    constant."""
     if final < 0:
         return base
     return final + (base - final) * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0))) / 2
@@ -744,12 +807,13 @@ def wd_at(step: int, total: int, base: float, final: float) -> float:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
-    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and the heads.
+    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and
+    the heads.
 
-    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode, so its BN
-    normalises with the statistics of the current batch (as in solo-learn's DINO for ResNets) and keeps
-    running statistics of its own, used when the teacher backbone is evaluated (backbone.pt, k-NN).
-    """
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode,
+    so its BN normalises with the statistics of the current batch (as in solo-learn's DINO for
+    ResNets) and keeps running statistics of its own, used when the teacher backbone is evaluated
+    (backbone.pt, k-NN)."""
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
@@ -757,30 +821,34 @@ def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
 
 @torch.no_grad()
 def clip_gradients(params, clip: float) -> None:
-    """DINO's clip_gradients (official utils.py): the gradient of EACH tensor is scaled down to norm `clip` when
-    larger, g <- g * min(1, clip / (|g| + 1e-6)). PITFALL: not nn.utils.clip_grad_norm_, which clips the norm
-    of all gradients together. The min() runs on the device: no host sync per tensor."""
+    """DINO's clip_gradients (official utils.py): the gradient of EACH tensor is scaled down to norm
+    `clip` when larger, g <- g * min(1, clip / (|g| + 1e-6)). PITFALL: not nn.utils.clip_grad_norm_,
+    which clips the norm of all gradients together. The min() runs on the device: no host sync per
+    tensor."""
     for p in params:
         if p.grad is not None:
             p.grad.mul_(torch.clamp(clip / (p.grad.norm(2) + 1e-6), max=1.0))
 
 
 class Schedule:
-    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every group's base lr),
-    `weight_decay` (DINO's cosine), `tau` (the teacher's EMA momentum), `teacher_temp` (T_t, warmed up per
-    epoch), `freeze_last_layer` (the prototypes stay fixed in the first epoch(s)) and `log_step` (the loop writes
-    this step's row to metrics.jsonl: after it, the step count is a multiple of --log-every or the last step).
-    Every float but lr_scale is logged."""
+    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every
+    group's base lr), `weight_decay` (DINO's cosine), `tau` (the teacher's EMA momentum),
+    `teacher_temp` (T_t, warmed up per epoch), `freeze_last_layer` (the prototypes stay fixed in the
+    first epoch(s)) and `log_step` (the loop writes this step's row to metrics.jsonl: after it, the
+    step count is a multiple of --log-every or the last step). Every float but lr_scale is logged.
+    """
 
     def __init__(self, args, steps_per_epoch: int):
         self.args, self.steps_per_epoch = args, steps_per_epoch
         self.total = args.epochs * steps_per_epoch
-        self.last = min(self.total, args.max_steps) if args.max_steps else self.total  # as the loop's last_step
+        # as the loop's last_step
+        self.last = min(self.total, args.max_steps) if args.max_steps else self.total
         self.warmup = round(args.warmup_epochs * steps_per_epoch)
         if args.epochs < args.warmup_teacher_temp_epochs:
-            # A run shorter than DINO's teacher-temperature warm-up works (teacher_temp_at only interpolates; the
-            # official np.linspace schedule would fail): T_t stops short of --teacher-temp. Unlike the lr warm-up
-            # it is not scaled to --epochs: DINO's recipe fixes it in epochs.
+            # A run shorter than DINO's teacher-temperature warm-up works (teacher_temp_at only
+            # interpolates; the official np.linspace schedule would fail): T_t stops short of
+            # --teacher-temp. Unlike the lr warm-up it is not scaled to --epochs: DINO's recipe
+            # fixes it in epochs.
             last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp, args.teacher_temp,
                                         args.warmup_teacher_temp_epochs)
             log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs {args.warmup_teacher_temp_epochs}: "
@@ -797,18 +865,19 @@ class Schedule:
                 "teacher_temp": teacher_temp_at(epoch, a.warmup_teacher_temp, a.teacher_temp,
                                                 a.warmup_teacher_temp_epochs),
                 "freeze_last_layer": epoch < a.freeze_last_layer,
-                "log_step": (step + 1) % a.log_every == 0 or step + 1 == self.last}  # the loop's test, after step += 1
+                # the loop's test, after step += 1
+                "log_step": (step + 1) % a.log_every == 0 or step + 1 == self.last}
 
 
 # ---- 6. Figures: the matchings (Fig. 3) and the match monitors ----
 @torch.no_grad()
 def plot_matches(path: str, encoder: nn.Module, dataset, args, device, autocast, index: int = 0) -> None:
-    """PAPER Fig. 3: two global crops of one training image, each student cell of crop A linked to its
-    geometric match (top: invalid cells marked x) and to its similarity match (bottom) in crop B.
+    """PAPER Fig. 3: two global crops of one training image, each student cell of crop A linked to
+    its geometric match (top: invalid cells marked x) and to its similarity match (bottom) in crop
+    B.
 
-    The crops are geometric only (no colour changes), so the picture shows positions; the features come from
-    `encoder` (the teacher backbone, in eval mode) on the normalised crops.
-    """
+    The crops are geometric only (no colour changes), so the picture shows positions; the features
+    come from `encoder` (the teacher backbone, in eval mode) on the normalised crops."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -837,13 +906,15 @@ def plot_matches(path: str, encoder: nn.Module, dataset, args, device, autocast,
     canvas = torch.ones(3, size, 2 * size + gap)  # [crop A | gap | crop B] in [0, 1]
     canvas[:, :, :size], canvas[:, :, size + gap:] = TF.to_tensor(crops[0]), TF.to_tensor(crops[1])
     cell = size / n
-    centre = [((k % n + 0.5) * cell, (k // n + 0.5) * cell) for k in range(n * n)]  # (x, y) in crop pixels
+    # (x, y) in crop pixels
+    centre = [((k % n + 0.5) * cell, (k // n + 0.5) * cell) for k in range(n * n)]
     fig, axes = plt.subplots(2, 1, figsize=(8, 8.5))
     agree = (sim_index == geo_index)[geo_valid].float().mean().item() if geo_valid.any() else float("nan")
     titles = [f"geometric matching: {int(geo_valid.sum())}/{n * n} cells valid (d < s)",
               f"similarity matching (EsViT): {100 * agree:.0f}% of valid cells land on the geometric match"]
     for ax, title, idx, ok in zip(axes, titles, (geo_index, sim_index), (geo_valid, torch.ones_like(geo_valid))):
-        ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")  # (3, H, W) -> (H, W, 3)
+        # (3, H, W) -> (H, W, 3)
+        ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
         for offset in (0, size + gap):  # the feature-map cells of both crops
             for t in range(1, n):
                 ax.plot([offset + t * cell - 0.5] * 2, [-0.5, size - 0.5], color="k", lw=0.8, alpha=0.7)
@@ -853,7 +924,8 @@ def plot_matches(path: str, encoder: nn.Module, dataset, args, device, autocast,
             (xa, ya), (xb, yb) = centre[k], centre[int(idx[k])]
             color = plt.cm.hsv(k / (n * n))
             if ok[k]:
-                # an arc (bulge by the student column) so that links of one row do not hide each other
+                # an arc (bulge by the student column) so that links of one row do not hide each
+                # other
                 bulge = (k % n - (n - 1) / 2 + 0.5) * cell * 0.5
                 xs = xa - 0.5 + (size + gap + xb - xa) * arc
                 ys = ya - 0.5 + (yb - ya) * arc - bulge * torch.sin(math.pi * arc)
@@ -893,9 +965,10 @@ def plot_match_curves(history: list[dict], path: Path) -> None:
 
 # ---- 7. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
-    """One optimisation step (PAPER Algorithm 1, lines 10-18): forward, (1 - w) L_G + w L_L, update the
-    student, then the teacher (EMA) and the two centres."""
-    # views: 2 + N_L crops (B, 3, S, S); boxes (B, V, 4) and flips (B, V): where they came from; labels unused
+    """One optimisation step (PAPER Algorithm 1, lines 10-18): forward, (1 - w) L_G + w L_L, update
+    the student, then the teacher (EMA) and the two centres."""
+    # views: 2 + N_L crops (B, 3, S, S); boxes (B, V, 4) and flips (B, V): where they came from;
+    # labels unused
     (views, boxes, flips), _ = batch
     set_lr(optimizer, schedule["lr_scale"])
     device, teacher_temp = run.device, schedule["teacher_temp"]
@@ -912,13 +985,16 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
             teacher_out = forward_views(nets.teacher, views[:2])
     loss, loss_g, loss_l, monitors = nets.loss_fn(student_out, teacher_out, boxes, flips, center, local_center,
                                                   args.student_temp, teacher_temp, args.local_loss,
-                                                  args.local_weight, schedule["log_step"])  # in fp32
+                                                  # in fp32
+                                                  args.local_weight, schedule["log_step"])
 
     # --- update the student, then the teacher <- EMA(student) ---
-    optimizer.param_groups[0]["weight_decay"] = schedule["weight_decay"]  # group 0: the decayed weights
+    # group 0: the decayed weights
+    optimizer.param_groups[0]["weight_decay"] = schedule["weight_decay"]
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    if schedule["freeze_last_layer"]:  # DINO: the prototypes stay fixed in the first epoch(s): stabler start
+    # DINO: the prototypes stay fixed in the first epoch(s): stabler start
+    if schedule["freeze_last_layer"]:
         for head in (nets.student.encoder.head, nets.student.encoder.local_head):
             if head is not None:
                 for p in head.last_layer.parameters():
@@ -934,13 +1010,15 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
     entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
     nets.centers.center = update_center(center, t_global, args.center_momentum)
-    match, local_monitors = monitors[:2], monitors[2:]  # local collapse (Sec. 4.6): computed with the loss
+    # local collapse (Sec. 4.6): computed with the loss
+    match, local_monitors = monitors[:2], monitors[2:]
     if args.local_loss != "none":
-        # PAPER Sec. 3.4.2 / EsViT: the local head has its own centre, a mean over every cell of every image:
-        # 2 x (B, K, n, n) -> (2B * n * n, K)
+        # PAPER Sec. 3.4.2 / EsViT: the local head has its own centre, a mean over every cell of
+        # every image: 2 x (B, K, n, n) -> (2B * n * n, K)
         t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
-    nets.epoch_match += torch.cat([match, match.new_ones(1)])  # the epoch's match monitors (Sec. 4.6-4.7)
+    # the epoch's match monitors (Sec. 4.6-4.7)
+    nets.epoch_match += torch.cat([match, match.new_ones(1)])
     return StepOut(loss.detach(), {
         "loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
         "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform,  # collapse: -> log K
@@ -949,9 +1027,11 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
 
 
 def main(args):
-    """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect them."""
+    """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect
+    them."""
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
-    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)  # A.3
+    # A.3
+    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
@@ -965,17 +1045,18 @@ def main(args):
     log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, grids {args.grid_global}x{args.grid_global} (global) "
         f"/ {args.grid_local}x{args.grid_local} (small), local loss {args.local_loss}, width {args.width}")
-    knn = KNNMonitor(args, train_set.base, val_set, num_classes, run) \
-        if run.rank == 0 and args.knn_k else None
+    knn = make_knn(args, run, train_set, val_set, num_classes)  # A.7: k-NN, linear readout
     if step == 0 and args.knn_every:
-        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)  # epoch 0: the random network, every curve's reference
+        # epoch 0: the random network, every curve's reference
+        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)
     bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True, desc="geo_dino")
 
     stop_now = False
     while step < last_step and not stop_now:
         epoch, skip = divmod(step, steps_per_epoch)
         train_set.epoch = epoch  # the views of this epoch (see SeededViews)
-        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))  # resume mid-epoch where it stopped
+        # resume mid-epoch where it stopped
+        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))
         clock.start(step)
         for batch in loader:
             # --- one step (Algorithm 1) at this step's lr, weight decay, tau and teacher temperature (§5) ---
@@ -984,19 +1065,16 @@ def main(args):
             metrics.watch(out)
             step += 1
             bar.update(1)
-            # --- log (the only host-device syncs), stop on a signal, timed checkpoints ---
+            # --- log (the only host-device syncs), timed checkpoints, stop on a signal ---
             if step % args.log_every == 0 or step == last_step:
                 metrics.step_row(step, steps_per_epoch, out, sched, optimizer.param_groups[0]["lr"], clock,
                                  args.batch_size, bar)
-            stop_now, write_now = stop.poll(step, last_step, ckpt.due(), run.device)
+            stop_now = stop.poll(step, last_step, ckpt, metrics, clock, run.device)
             if stop_now or step == last_step:
                 break
-            if write_now:  # within the epoch: a killed run loses at most --checkpoint-every minutes
-                clock.pause()
-                ckpt.save(step, metrics, clock)
-                clock.start(step)
         clock.pause()
-        if step % steps_per_epoch == 0 or step == last_step:  # the epoch's mean match monitors (Sec. 4.6)
+        # the epoch's mean match monitors (Sec. 4.6)
+        if step % steps_per_epoch == 0 or step == last_step:
             metrics.write(nets.epoch_match_row(step, steps_per_epoch, run.world))
         # --- end of epoch (or of the run, or a stop): a checkpoint, the k-NN; on a signal, leave ---
         end_of_epoch(step, steps_per_epoch, args, nets.backbone, knn, metrics, clock, ckpt)
@@ -1006,7 +1084,8 @@ def main(args):
 
     # --- outputs: backbone.pt (DINO evaluates the TEACHER), final k-NN, final_metrics.json, curves (+ matches) ---
     final = finish_training(args, run, nets.backbone, metrics, clock, step, steps_per_epoch, knn)
-    final.update({k: v for r in metrics.history for k, v in r.items() if k.endswith("_epoch")})  # the last
+    # the last
+    final.update({k: v for r in metrics.history for k, v in r.items() if k.endswith("_epoch")})
     if run.rank == 0:
         if args.plot_matches:
             plot_matches(args.plot_matches, nets.teacher, train_set.base, args, run.device, run.autocast)
@@ -1017,9 +1096,9 @@ def main(args):
     return nets.student, nets.teacher, final
 
 
-# ======================================================================================================================
+# ==================================================================================================
 # ==== APPENDIX: plumbing, identical in every method file ====
-# ======================================================================================================================
+# ==================================================================================================
 # PLUMBING: everything below is the same text in co_byol.py, co_dino.py, bag_ssl.py and geo_dino.py
 # (tests/test_style.py checks it), so `diff co_byol.py co_dino.py` shows the methods only. A first reading may
 # stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES, add_method_flags, check_method_args and
@@ -1351,35 +1430,16 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-class CIFAR10Batches(torch.utils.data.Dataset):
-    """CIFAR-10 in torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline, by
-    `prepare_cifar10.py` (same images and labels, not the same pickle bytes: no md5 check). The split lives in
-    memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images, as torchvision's CIFAR10."""
+class CIFAR10Batches(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR10 without its md5 checks: `prepare_cifar10.py` writes the same images and labels
+    (offline), not the same pickle bytes. Items are PIL images, as torchvision's."""
 
-    def __init__(self, root: str, train: bool, transform=None):
-        import pickle
+    def _check_integrity(self) -> bool:
+        return True  # load_cifar10 downloads when the files are missing
 
-        import numpy as np
-        from PIL import Image
-
-        folder = Path(root) / "cifar-10-batches-py"
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        data, labels = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
-            labels += entry["labels"]
-        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
-        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
+    def _load_meta(self) -> None:
         self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        img = self._to_image(self.data[i])
-        return (self.transform(img) if self.transform else img), self.targets[i]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
 class UnreadableImage(Exception):
@@ -1811,17 +1871,23 @@ class StopFlag:
         """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
         return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
 
-    def poll(self, step: int, last_step: int, checkpoint_due: bool, device) -> tuple[bool, bool]:
-        """(stop now, write a checkpoint now), the same on every rank."""
-        if not is_dist():
-            return self.requested, checkpoint_due
-        # Ranks must decide at the same step (else one waits forever in the next collective). They agree every
-        # 10 steps: an all-reduce per step would add a GPU sync to every step.
-        if step % 10 and step != last_step:
-            return False, False
-        agreed = all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
-        stop_now, write_now = (agreed > 0).tolist()
-        return stop_now, write_now
+    def poll(self, step: int, last_step: int, ckpt: "Checkpointer", metrics: "MetricsLog", clock: "TrainClock",
+             device) -> bool:
+        """Whether to stop now, the same on every rank; writes the timed checkpoint (--checkpoint-every) when
+        one is due, so a killed run loses at most that many minutes."""
+        stop_now, write_now = self.requested, ckpt.due()
+        if is_dist():
+            # Ranks must decide at the same step (else one waits forever in the next collective). They agree
+            # every 10 steps: an all-reduce per step would add a GPU sync to every step.
+            if step % 10 and step != last_step:
+                return False
+            agreed = all_reduce_sum(torch.tensor([float(stop_now), float(write_now)], device=device))
+            stop_now, write_now = (agreed > 0).tolist()
+        if write_now and not stop_now and step != last_step:  # a stop or the last step: end_of_epoch writes it
+            clock.pause()
+            ckpt.save(step, metrics, clock)
+            clock.start(step)
+        return stop_now
 
     def exit(self, step: int, run: Run, backbone: nn.Module, args) -> None:
         """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
@@ -2049,6 +2115,13 @@ class KNNMonitor:
 
 
 # ---- A.8 The end of an epoch, of the run; outputs ----
+def make_knn(args, run: Run, train_set: SeededViews, val_set, num_classes: int):
+    """The online k-NN and linear readout: on rank 0, and not with --knn-k 0 (then None)."""
+    if args.knn_k and run.rank == 0:
+        return KNNMonitor(args, train_set.base, val_set, num_classes, run)
+    return None
+
+
 def end_of_epoch(step: int, steps_per_epoch: int, args, backbone: nn.Module, knn, metrics: MetricsLog,
                  clock: TrainClock, ckpt: Checkpointer) -> None:
     """The checkpoint of the epoch's end (or of a stop), then, every --knn-every epochs, the k-NN and linear

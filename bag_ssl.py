@@ -351,12 +351,12 @@ class MultiView:
     """image -> [view t, view t']: two fixed-scale patches (BagSSL) or two multi-scale crops (the
     baseline).
 
-    --loss emp: --num-patches n views, t, t', t, t', ... (EMP-SSL, Tong et al. 2023: n fixed-size patches per
-    image). IMPL: the n views alternate BYOL's two augmentation pipelines, so n = 2 is exactly the
-    two-view pair above and only the number of patches and the loss separate EMP-SSL from BagSSL
-    here; the official EMP-SSL code uses one symmetric pipeline (blur and solarisation with p = 0.1
-    each) on 16x16 patches (a quarter of the area) and one BatchNorm batch for all n patches (here:
-    one per view)."""
+    --loss emp: --num-patches n views, t, t', t, t', ... (EMP-SSL, Tong et al. 2023: n fixed-size
+    patches per image). IMPL: the n views alternate BYOL's two augmentation pipelines, so n = 2 is
+    exactly the two-view pair above and only the number of patches and the loss separate EMP-SSL
+    from BagSSL here; the official EMP-SSL code uses one symmetric pipeline (blur and solarisation
+    with p = 0.1 each) on 16x16 patches (a quarter of the area) and one BatchNorm batch for all n
+    patches (here: one per view)."""
 
     def __init__(self, args):
         # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's
@@ -394,8 +394,8 @@ def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1,
 
 class Encoder(nn.Module):
     """f (backbone) + g (projector): PAPER Sec. 3, h = f(x; theta) is the *embedding*, z = g(h; psi)
-    the
-    *projection*. The loss sees z; the bag-of-patch evaluation uses h ("slightly better accuracy", Sec. 3)."""
+    the *projection*. The loss sees z; the bag-of-patch evaluation uses h ("slightly better
+    accuracy", Sec. 3)."""
 
     def __init__(self, args):
         super().__init__()
@@ -783,10 +783,8 @@ def bag_features(backbone, dataset, indices: list[int], split: int, args, device
 
     Returns {"labels": (M,), "features": {name: (M, C')}, "cos_sum": (len(ns),), "grid_cos_sum":
     float} with names "central" (the whole image, the standard protocol), "patches_N" (mean h of N
-    boxes) and, with
-    --local-agg, "grid_mean" / "grid_local" (Table 5). cos_sum[j]: sum over images of cos(mean of the first
-    ns[j] patch embeddings, central embedding), for Fig. 3a.
-    """
+    boxes) and, with --local-agg, "grid_mean" / "grid_local" (Table 5). cos_sum[j]: sum over images
+    of cos(mean of the first ns[j] patch embeddings, central embedding), for Fig. 3a."""
     crop = args.crop if args.eval_crop == "train" else args.eval_crop
     n_max, ns = max(args.eval_patch_list), convergence_ns(max(args.eval_patch_list))
     # images per batch: about eval_batch patches per chunk
@@ -992,8 +990,8 @@ def write_evaluation(out_dir: Path, final: dict, evaluation: dict, args) -> None
 
 
 def evaluate_saved_backbone(args, run: Run) -> dict:
-    """--eval-only: the bag-of-patch evaluation of a saved backbone.pt (this script's, or co_byol's / co_dino's
-    at their crop scales), on rank 0."""
+    """--eval-only: the bag-of-patch evaluation of a saved backbone.pt (this script's, or co_byol's
+    / co_dino's at their crop scales), on rank 0."""
     final = {}
     if run.rank == 0:
         saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -1321,7 +1319,7 @@ def log(msg: str) -> None:
 def keep_freed_memory() -> None:
     """PERF (CPU): keep freed memory in the process. glibc returns each large block to the kernel when it is
     freed, so every step's big temporaries arrive as fresh pages to fault in and zero (measured in
-    docs/faults.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
+    docs/geo_dino.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
     import ctypes
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

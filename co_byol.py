@@ -690,7 +690,7 @@ def log(msg: str) -> None:
 def keep_freed_memory() -> None:
     """PERF (CPU): keep freed memory in the process. glibc returns each large block to the kernel when it is
     freed, so every step's big temporaries arrive as fresh pages to fault in and zero (measured in
-    docs/faults.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
+    docs/geo_dino.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
     import ctypes
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

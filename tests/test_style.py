@@ -135,3 +135,34 @@ def test_readme_is_a_front_door():
     for name in METHODS:
         assert (ROOT / "docs" / f"{name}.md").is_file() and f"docs/{name}.md" in readme
     assert (ROOT / "results" / "README.md").is_file()
+
+
+def prose_fraction(source: str) -> float:
+    """The fraction of non-blank lines that are comments or docstrings."""
+    import io
+    import tokenize
+
+    prose, previous = set(), None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            prose.add(tok.start[0])
+        elif tok.type == tokenize.STRING and previous in (tokenize.INDENT, tokenize.NEWLINE, tokenize.NL,
+                                                          tokenize.DEDENT, None):
+            prose.update(range(tok.start[0], tok.end[0] + 1))  # a docstring (a string standing alone)
+        if tok.type not in (tokenize.NL, tokenize.COMMENT):
+            previous = tok.type
+    lines = [i + 1 for i, line in enumerate(source.splitlines()) if line.strip()]
+    return sum(i in prose for i in lines) / len(lines)
+
+
+# Part I's budgets (STYLE.md section 1): lines (wc -l) and width. The files not listed here are on their way.
+PART_ONE_LINES = {"co_byol": 500}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_part_one_is_taught_prose_within_its_budget(name):
+    part_one = parts(name)[0]
+    assert prose_fraction(part_one) >= 0.30, "Part I is read in courses: trim machinery, never explanation"
+    if name in PART_ONE_LINES:
+        assert part_one.count("\n") <= PART_ONE_LINES[name]
+        assert max(len(line) for line in part_one.splitlines()) <= 100, "Part I fits beside a PDF"

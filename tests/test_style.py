@@ -134,6 +134,8 @@ def test_readme_is_a_front_door():
     assert len(readme.encode()) <= 10 * 1024
     for name in METHODS:
         assert (ROOT / "docs" / f"{name}.md").is_file() and f"docs/{name}.md" in readme
+        # a CleanRL-style page; lever searches, per-run tables and machine notes live in results/*/README.md
+        assert len((ROOT / "docs" / f"{name}.md").read_bytes()) <= 15 * 1024, name
     assert (ROOT / "results" / "README.md").is_file()
 
 

@@ -1387,9 +1387,8 @@ def normalize(views: torch.Tensor) -> torch.Tensor:
 
 
 class SeededViews(torch.utils.data.Dataset):
-    """Each sample's random views are seeded by (seed, epoch, index): they depend neither on the number of
-    loader workers nor on where a run was interrupted, so a resumed run sees exactly the views an uninterrupted
-    run would have seen (tested: 2 + 2 steps == 4)."""
+    """Each sample's views are seeded by (seed, epoch, index), whatever the number of workers: a resumed run
+    sees exactly the views an uninterrupted one would (tested: 2 + 2 steps == 4)."""
 
     def __init__(self, base, transform, seed: int):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
@@ -1553,13 +1552,9 @@ def make_loaders(args, rank: int, world: int):
 
 # ---- A.4 Optimiser: LARS, SGD or AdamW; the lr schedule ----
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
-
-    For every tensor of a group with `lars=True`: g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w|) / lr, 1)
-    ("lr clipping"), then momentum. Groups with `lars=False` (biases, norms) are plain SGD + momentum.
-    PERF: each line updates all tensors of a group at once (torch._foreach_*); the trust ratios stay on the
-    device (no host sync).
-    """
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn: for every
+    tensor of a group with `lars=True`, g <- (g + wd w) min(eta |w| / (|g| + wd |w|) / lr, 1), then momentum;
+    `lars=False` groups (biases, norms) are plain SGD + momentum. All tensors of a group at once (_foreach)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
@@ -1644,11 +1639,8 @@ def prepare_output_dir(out_dir: Path) -> None:
 
 
 def lock_output_dir(out_dir: Path):
-    """One run per OUTPUT_DIR at a time: the run (rank 0 of a multi-process one) locks OUTPUT_DIR/run.lock.
-
-    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
-    crashes included, so a killed run never leaves it stuck. Across hosts only where the file system has
-    cluster-wide POSIX locks (not NFS mounted `nolock`, not Lustre with `localflock`). None on Windows."""
+    """One run per OUTPUT_DIR: rank 0 holds a POSIX record lock on OUTPUT_DIR/run.lock, which the kernel
+    releases however the process ends (kill -9 included). Per host on `nolock` NFS or `localflock` Lustre."""
     try:
         import fcntl
     except ImportError:
@@ -1679,18 +1671,14 @@ def nonfinite_entries(state, name: str = "") -> list[str]:
             found.append((key, obj))
         elif isinstance(obj, float):
             found.append((key, torch.tensor(obj)))
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
+        elif isinstance(obj, (dict, list, tuple)):
+            for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
                 walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, f"{key}.{i}" if key else str(i))
 
     walk(state, name)
     if not found:
         return []
-    device = found[0][1].device  # flags gathered on one device, read at once
-    bad = torch.stack([(~torch.isfinite(t.detach()).all()).to(device) for _, t in found]).tolist()
+    bad = torch.stack([(~torch.isfinite(t.detach()).all()).to(found[0][1].device) for _, t in found]).tolist()
     return [key for (key, _), b in zip(found, bad) if b]
 
 
@@ -1707,10 +1695,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path, args) -> dict:
-    """Read OUTPUT_DIR/checkpoint.pt and check that it continues THIS run; every problem is one line.
-
-    A checkpoint written before a flag existed ran as with that flag's default: it resumes when the command
-    leaves the flag out (one line says so), and is refused when the command sets another value."""
+    """Read OUTPUT_DIR/checkpoint.pt and check that it continues THIS run; every problem is one line. A flag
+    newer than the checkpoint resumes at its default, and is refused only if the command sets another value."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, not a torch file, or a pickle with code in it
@@ -1768,13 +1754,9 @@ def save_backbone(path: Path, backbone: nn.Module, args) -> None:
 
 
 class Checkpointer:
-    """OUTPUT_DIR/checkpoint.pt, written at every epoch end, every --checkpoint-every minutes and when a stop
-    signal arrives; a run started with the same command resumes from it (bit-exact on CPU).
-
-    `states`: name -> every object with state_dict() / load_state_dict() that the run changes (networks,
-    optimiser, grad scaler, centres); besides them the checkpoint holds the step, the metrics history, the
-    training seconds and the RNG state of every rank.
-    """
+    """OUTPUT_DIR/checkpoint.pt, written at every epoch end, every --checkpoint-every minutes and on a stop
+    signal; the same command resumes from it (bit-exact on CPU). `states`: name -> everything the run changes
+    (networks, optimiser, scaler, centres); besides them: step, metrics history, seconds, every rank's RNG."""
 
     def __init__(self, args, run: Run, states: dict):
         self.args, self.run, self.states = args, run, states
@@ -1824,11 +1806,9 @@ class Checkpointer:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn of every DataLoader. A scheduler's SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT often reach
-    the whole process group, loader workers included, and torch's workers die of them: the main process would
-    raise "DataLoader worker ... is killed by signal" before StopFlag could checkpoint. So a worker ignores
-    SIGUSR1 and SIGINT, and a thread takes its SIGTERMs: one from the parent (torch's terminate()) ends the
-    worker as torch's own handler does, any other is dropped; the main process stops its workers itself."""
+    """worker_init_fn of every DataLoader: stop signals reach the whole process group, and a worker killed by
+    one makes the main process raise before StopFlag can checkpoint. So a worker ignores SIGUSR1 and SIGINT,
+    and a thread takes its SIGTERMs: only one from the parent (torch's terminate()) ends the worker."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's handler
@@ -1844,13 +1824,10 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 class StopFlag:
-    """SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C) ask the loop to checkpoint
-    and exit with 128 + the signal number (143, 138, 130): non-zero, so that torchrun --max-restarts and SLURM
-    --requeue start it again, and the restarted run resumes.
-
-    PITFALL: the same stop often arrives more than once (SLURM signals every process of the job and torchrun
-    forwards it again; an impatient Ctrl-C). Every later signal is the same request: re-arming the default
-    action would let the second kill the run before its checkpoint is written. `kill -9` still ends a run."""
+    """SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit
+    with 128 + the signal (non-zero: torchrun --max-restarts and SLURM --requeue restart it, and it resumes).
+    PITFALL: a stop often arrives twice or more (SLURM and torchrun both forward it): every later signal is
+    the same request, since re-arming the default would kill the run before its checkpoint (docs/faults.md)."""
 
     def __init__(self):
         self.requested, self.signum = False, 0
@@ -1935,14 +1912,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl (written by rank 0), the history kept in checkpoints, and the non-finite guard.
-
-    metrics.jsonl is rewritten from the checkpoint's history when a run starts or resumes, so after any kill it
-    holds every row once and no row cut short; each row is then appended with one write. A failed write (full
-    disk) stops the run with one line. The guard sees every step without a host sync: a flag on the device
-    collects any NaN/inf loss; it is read at log steps, and before every checkpoint write together with every
-    tensor the checkpoint would hold, so a poisoned state is never written.
-    """
+    """metrics.jsonl (rank 0) and the history kept in checkpoints: rewritten from the history when a run
+    starts, so after any kill it holds every row once, then appended row by row. The non-finite guard: a flag
+    on the device collects NaN/inf losses without a host sync; it is read at log steps and, with every tensor
+    of the state, before every checkpoint write, so a poisoned state is never written (docs/faults.md)."""
 
     def __init__(self, run: Run, history: list):
         self.run, self.history, self.file = run, history, None
@@ -2042,13 +2015,9 @@ def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_c
 
 
 def linear_top1(train_f, train_y, test_f, test_y, num_classes: int, iters: int = 100) -> float:
-    """A linear classifier on frozen features, fitted to convergence; returns top-1 in %.
-
-    Multinomial logistic regression on the features standardised with the training mean and std, by full-batch
-    L-BFGS from zero weights (deterministic, no lr to tune). Measured (docs/co_byol.md): on the whole training set
-    it reads what eval_linear.py --precompute reads after 100 epochs of SGD; on a 10,000-image bank 1.3 points
-    less.
-    """
+    """Top-1 (%) of a logistic regression on the standardised frozen features, fitted to convergence by
+    full-batch L-BFGS from zero weights (deterministic, no lr): it reads what eval_linear.py's linear probe
+    reads after 100 epochs of SGD (results/laptop/README.md)."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     x_tr, x_te = (train_f - mean) / std, (test_f - mean) / std
     linear = nn.Linear(x_tr.shape[1], num_classes)
@@ -2079,10 +2048,9 @@ def balanced_subset(labels: list[int], size: int, num_classes: int) -> list[int]
 
 
 class KNNMonitor:
-    """The online evaluation (solo-learn and DINO report a k-NN every epoch): cosine k-NN with exp(cos / T) votes
-    of the backbone's .h on un-augmented images, and `linear_top1`, the linear readout of the same frozen
-    features. The memory bank is the training set or a fixed class-balanced subset of it, the queries the whole
-    validation set. Runs on rank 0 only."""
+    """The online evaluation, on rank 0: cosine k-NN with exp(cos / T) votes of the backbone's .h on
+    un-augmented images (as solo-learn and DINO, every epoch) and `linear_top1` on the same features; the bank
+    is the training set or a fixed class-balanced subset of it, the queries the whole validation set."""
 
     def __init__(self, args, train_base, val_set, num_classes: int, run: Run):
         train_base = getattr(train_base, "dataset", train_base)  # --train-per-class: the bank draws from all
@@ -2118,10 +2086,9 @@ def make_knn(args, run: Run, train_set: SeededViews, val_set, num_classes: int):
 
 def end_of_epoch(step: int, steps_per_epoch: int, args, backbone: nn.Module, knn, metrics: MetricsLog,
                  clock: TrainClock, ckpt: Checkpointer) -> None:
-    """The checkpoint of the epoch's end (or of a stop), then, every --knn-every epochs, the k-NN and linear
-    readout of the backbone that backbone.pt saves. The checkpoint comes first, so a kill during the evaluation
-    loses only the evaluation; it is written again with the evaluation's row. The evaluation draws nothing from
-    the training's random streams (fork_rng): a run resumed from either write trains on as if never stopped."""
+    """The epoch's checkpoint, then every --knn-every epochs the k-NN and linear readout, then the checkpoint
+    again with its row: a kill during the evaluation loses only the evaluation, and the evaluation draws
+    nothing from the training's random streams (fork_rng), so a resumed run trains on as if never stopped."""
     ckpt.save(step, metrics, clock)
     epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
     if epoch_end and args.knn_every and epoch % args.knn_every == 0:
@@ -2145,9 +2112,8 @@ def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainCl
 
 def finish_training(args, run: Run, backbone: nn.Module, metrics: MetricsLog, clock: TrainClock, step: int,
                     steps_per_epoch: int, knn) -> dict:
-    """backbone.pt, then (rank 0 alone, the process group closed first so that no rank waits at a barrier
-    during a long evaluation) the final k-NN and linear readout on the whole training set. Returns
-    final_metrics.json's content so far; write_final writes it."""
+    """backbone.pt, then (rank 0 alone, after the process group is closed: no rank waits at a barrier) the
+    final k-NN and linear readout on the whole training set; returns final_metrics.json's content so far."""
     final = final_metrics(metrics.history, step, steps_per_epoch, clock, run)
     if run.rank == 0:
         save_backbone(run.out_dir / "backbone.pt", backbone, args)

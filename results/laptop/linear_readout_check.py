@@ -7,6 +7,7 @@ the whole training set and on the 10,000-image class-balanced bank the runs use 
 `python eval_linear.py --checkpoint BACKBONE --precompute` (100 epochs of SGD on the same frozen features).
 """
 import contextlib
+import types
 import json
 import sys
 import time
@@ -21,7 +22,8 @@ import eval_linear  # noqa: E402
 backbone, _ = eval_linear.load_backbone(sys.argv[1])
 args = co_byol.parse_args(["--recipe", "laptop", "--num-workers", "0"] + sys.argv[2:])
 train_base, val, num_classes = co_byol.load_datasets(args, 0)
-monitor = co_byol.KNNMonitor(args, train_base, val, num_classes, torch.device("cpu"), contextlib.nullcontext())
+cpu = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext())  # a Run's fields
+monitor = co_byol.KNNMonitor(args, train_base, val, num_classes, cpu)
 backbone.eval()
 with torch.no_grad():
     tr_f, tr_y = co_byol.embed(backbone, monitor.train, torch.device("cpu"), contextlib.nullcontext(), 256, 0)

@@ -9,6 +9,7 @@ same frozen features) are co_byol.py's KNNMonitor with `full_bank=True`, i.e. wh
 (`torch.manual_seed(S)`, then co_byol.OnlineNetwork of the laptop recipe: what main() builds before its first step).
 """
 import contextlib
+import types
 import json
 import sys
 import time
@@ -24,12 +25,13 @@ source, out_path = sys.argv[1], Path(sys.argv[2])
 args = co_byol.parse_args(["--recipe", "laptop", "--ws", "0", "--num-workers", "0"] + sys.argv[3:])
 if source.startswith("random:"):
     torch.manual_seed(int(source.split(":")[1]))
-    backbone = co_byol.OnlineNetwork(args, 10).encoder.backbone
+    backbone = co_byol.OnlineNetwork(args).encoder.backbone
 else:
     backbone, _ = eval_linear.load_backbone(source)
 backbone = backbone.to(memory_format=torch.channels_last)
 train_base, val, num_classes = co_byol.load_datasets(args, 0)
-monitor = co_byol.KNNMonitor(args, train_base, val, num_classes, torch.device("cpu"), contextlib.nullcontext())
+cpu = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext())  # a Run's fields
+monitor = co_byol.KNNMonitor(args, train_base, val, num_classes, cpu)
 start = time.time()
 result = monitor(backbone, full_bank=True)
 out = {"backbone": source, **result, "readout_s": round(time.time() - start, 1),

@@ -15,7 +15,7 @@ usage (from the repository root, lightly in its own environment or target folder
     PYTHONPATH=/tmp/lightly_pkgs OMP_NUM_THREADS=1 python results/laptop/lightly/lightly_byol.py SEED OUTDIR [DATA]
 DATA: where prepare_cifar10.py wrote CIFAR-10 (default: data).
 """
-import contextlib, copy, json, sys, time
+import contextlib, copy, json, sys, time, types
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ torch.set_flush_denormal(True)
 a = co_byol.parse_args(["--recipe", "laptop", "--ws", "0", "--seed", str(seed), "--num-workers", "1",
                         "--data-dir", data])
 torch.manual_seed(a.seed)  # as co_byol.main(): the same starting network as results/laptop/byol_s{seed}
-backbone = co_byol.OnlineNetwork(a, 10).encoder.backbone
+backbone = co_byol.OnlineNetwork(a).encoder.backbone
 feat = 8 * a.width  # .h of a ResNet-18 of base width w
 proj, pred = BYOLProjectionHead(feat, 1024, 256), BYOLPredictionHead(256, 1024, 256)
 backbone_m, proj_m = copy.deepcopy(backbone), copy.deepcopy(proj)
@@ -53,7 +53,8 @@ opt = torch.optim.SGD(params, lr=6e-2 * a.batch_size / 128, momentum=0.9, weight
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.epochs)
 
 train_base, val, n = co_byol.load_datasets(a, 0)
-knn = co_byol.KNNMonitor(a, train_base, val, n, torch.device("cpu"), contextlib.nullcontext())
+cpu = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext())  # a Run's fields
+knn = co_byol.KNNMonitor(a, train_base, val, n, cpu)
 log = open(out / "metrics.jsonl", "a")
 
 

@@ -1,4 +1,7 @@
-"""Lever of the laptop search (not a flag of co_byol.py): co_byol.py with the predictor lr x PRED_LR_MULT."""
+"""Lever of the laptop search (not a flag of co_byol.py): co_byol.py with the predictor lr x PRED_LR_MULT.
+
+Ran at commit 355d675 (2026-12-01); co_byol.py has no param_groups since 2026-12-07 (make_optimizer sets the
+lr): `git checkout 355d675` to rerun it as it ran."""
 import os, sys
 sys.path.insert(0, ".")  # run from the repository root:
 # PRED_LR_MULT=10 python results/laptop/search/bs64_lr0.5_predlr10/pred_lr.py --recipe laptop --ws 0 ...

@@ -144,7 +144,8 @@ def check_method_args(args, error) -> None:
            args.proj_hidden_layers) < 1 or args.local_grid < 0:
         error("the head widths and --proj-hidden-layers must be >= 1, --local-grid >= 0")
     small_min, small_max = args.small_crop_scale
-    if args.small_crops < 0 or not 0 < small_min < small_max < 1 or 0 < args.small_crop_size < 8:
+    if args.small_crops < 0 or not 0 < small_min < small_max < 1 or args.small_crop_size < 0 \
+            or 0 < args.small_crop_size < 8:
         error("need --small-crops >= 0, --small-crop-scale MIN MAX with 0 < MIN < MAX < 1 and "
               "--small-crop-size 0 (3/7 of --image-size) or >= 8 (the blur needs pixels)")
     with torch.device("meta"):  # shapes only, no weights: the n x n local map of this backbone

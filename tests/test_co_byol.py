@@ -301,6 +301,8 @@ def test_each_method_keeps_its_own_crop_and_the_laptop_recipe_defaults():
     (["--min-crop", "0"], "0 < --min-crop <= 1"),
     (["--width", "30"], "--width must be a positive multiple of 4"),
     (["--knn-temperature", "0"], "--knn-temperature > 0"),
+    (["--small-crop-size", "-1"], "--small-crop-size 0 (3/7 of --image-size) or >= 8"),
+    (["--small-crop-size", "5"], "--small-crop-size 0 (3/7 of --image-size) or >= 8"),
 ])
 def test_bad_values_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

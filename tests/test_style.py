@@ -89,8 +89,8 @@ def test_the_appendix_is_one_text_in_every_method_file():
     first = appendices[METHODS[0]]
     differ = [m for m, text in appendices.items() if text != first]
     assert not differ, f"the appendix of {differ} differs from {METHODS[0]}'s: copy one into all"
-    for name in ("Run", "TrainClock", "MetricsLog", "Checkpointer", "StopFlag", "ResumableSampler", "end_of_epoch",
-                 "finish_training", "write_final", "KNNMonitor", "StepOut", "make_optimizer", "build_parser"):
+    for name in ("Run", "Bookkeeper", "ResumableSampler", "write_final", "KNNMonitor", "StepOut", "make_optimizer",
+                 "build_parser"):
         assert re.search(rf"^(class|def) {name}\b", first, flags=re.M), name
 
 

@@ -968,7 +968,8 @@ def plot_convergence(convergence: dict, path: Path, title: str) -> None:
 
 def eval_datasets(train_base, val_set, image_size: int):
     """The train split with the evaluation transform (whole image, normalised), and the val split as
-    is."""
+    is. After --train-per-class the classifiers still train on the whole labelled training set."""
+    train_base = getattr(train_base, "dataset", train_base)  # a Subset: its underlying data set
     train_eval = copy.copy(train_base)
     train_eval.transform = eval_transform(image_size)
     return train_eval, val_set
@@ -1977,8 +1978,8 @@ def write_final(run: Run, final: dict, args, shown=None) -> None:
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """curves.png: the loss and its terms; the lr and the other schedules; the k-NN and linear readout against
-    training minutes (epoch 0 = the random network)."""
+    """curves.png: the loss and its terms; the lr and the other schedules; the monitors the method logs (collapse,
+    matches); the k-NN and linear readout against training minutes (epoch 0 = the random network)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1986,19 +1987,22 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
     train = [r for r in history if "lr" in r]
     knn = [r for r in history if "knn_top1" in r and "train_s" in r]
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4))
-    for i, keys in enumerate(([k for k in (train[0] if train else {}) if k.startswith("loss")],
-                              [k for k in (train[0] if train else {}) if k in ("lr", "weight_decay", "tau",
-                                                                               "teacher_temp")])):
+    columns = list(train[0]) if train else []
+    schedules = ("lr", "weight_decay", "tau", "teacher_temp")
+    not_monitors = ("step", "epoch", "loss", "img_per_s", "peak_mem_mb", "train_s", *schedules)
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4))
+    for i, keys in enumerate(([k for k in columns if k.startswith("loss")], [k for k in columns if k in schedules],
+                              [k for k in columns if k not in not_monitors and not k.startswith("loss")])):
         for key in keys:
             ax[i].plot([r["step"] for r in train], [r[key] for r in train], label=key)
     ax[0].set_title(f"{title}: loss and its terms"), ax[1].set_title("schedules"), ax[1].set_yscale("log")
+    ax[2].set_title("monitors")
     for key, marker, label in (("knn_top1", "o", "k-NN"), ("linear_top1", "s", "linear (frozen)")):
-        ax[2].plot([r["train_s"] / 60 for r in knn if key in r], [r[key] for r in knn if key in r], marker=marker,
+        ax[3].plot([r["train_s"] / 60 for r in knn if key in r], [r[key] for r in knn if key in r], marker=marker,
                    label=label)
-    ax[2].set_title("k-NN and linear readout top-1 (%), val")
-    for a, x in zip(ax, ("step", "step", "training minutes")):
-        a.set_xlabel(x), a.legend()
+    ax[3].set_title("k-NN and linear readout top-1 (%), val")
+    for a, x in zip(ax, ("step", "step", "step", "training minutes")):
+        a.set_xlabel(x), a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

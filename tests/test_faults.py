@@ -7,6 +7,8 @@ SIGTERM through a real process is in test_co_byol.py and test_co_dino.py, the Na
 test file.
 """
 import importlib
+import json
+import math
 import os
 import signal
 import subprocess
@@ -690,3 +692,24 @@ def test_eval_linear_refuses_what_the_backbone_or_data_cannot_measure_before_any
         _eval(tmp_path, tmp_path / "run" / "backbone.pt", *extra)
     assert expected in one_error_line(e.value)
     assert not (tmp_path / "run" / "eval" / "eval_checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_common_flags_adamw_and_train_per_class_work_in_every_file(name, tmp_path, capsys):
+    """--optimizer adamw and --train-per-class are common flags (the appendix): every method trains with them.
+    AdamW is torch's, at the linearly scaled lr, decaying the weights only; the subset holds N images per class and
+    says so at start, while the k-NN bank still reads the whole training set."""
+    m = module(name)
+    args = m.parse_args(TINY[name] + ["--optimizer", "adamw", "--lr", "1e-3", "--train-per-class", "2",
+                                      "--fake-size", "64", "--output-dir", str(tmp_path / "run")])
+    data = m.make_loaders(args, 0, 1)
+    labels = [data.train.base.dataset[i][1] for i in data.train.base.indices]
+    assert len(data.train) == 20 and sorted(labels) == sorted(list(range(10)) * 2)
+    assert "pre-training on 20 images (2 per class, seed 0)" in capsys.readouterr().out
+    nets, optimizer = m.build_training(args, m.Run(args))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [args.weight_decay, 0.0]
+    assert optimizer.param_groups[0]["base_lr"] == pytest.approx(1e-3 * 4 / 256)
+    final = m.main(args)[2]  # 20 images, batch 4, 2 epochs
+    losses = [r["loss"] for r in _metrics_rows(tmp_path / "run") if "loss" in r]
+    assert final["step"] == 10 and len(losses) == 10 and all(math.isfinite(v) for v in losses)

@@ -158,7 +158,7 @@ def prose_fraction(source: str) -> float:
 
 
 # Part I's budgets (STYLE.md section 1): lines (wc -l) and width. The files not listed here are on their way.
-PART_ONE_LINES = {"co_byol": 500}
+PART_ONE_LINES = {"co_byol": 500, "co_dino": 600}
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -1105,11 +1105,10 @@ def main(args):
 # ==================================================================================================
 # ==== APPENDIX: plumbing, identical in every method file ====
 # ==================================================================================================
-# PLUMBING: everything below is the same text in co_byol.py, co_dino.py, bag_ssl.py and geo_dino.py
-# (tests/test_style.py checks it), so `diff co_byol.py co_dino.py` shows the methods only. A first reading may
-# stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES, add_method_flags, check_method_args and
-# MultiView. Sections: A.1 flags, A.2 processes and precision, A.3 data, A.4 optimiser, A.5 the loop's
-# bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
+# PLUMBING: the same text in every method file (tests/test_style.py), so `diff co_byol.py co_dino.py` shows the
+# methods only; a first reading may stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES,
+# add_method_flags, check_method_args, MultiView. A.1 flags, A.2 processes and precision, A.3 data, A.4 optimiser,
+# A.5 the loop's bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
 
 # ---- A.1 Common flags and their checks ----
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
@@ -1342,17 +1341,15 @@ class Run:
             keep_freed_memory()
 
     def place(self, net: nn.Module) -> nn.Module:
-        """A network on this run's device. Several GPUs: BatchNorm over the global batch (SyncBatchNorm, as the
-        papers' runs); it works with CUDA modules only, so CPU/gloo runs keep per-process BatchNorm statistics.
-        channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on 2-core CPUs too."""
+        """A network on this run's device, channels_last (faster convolutions on GPUs, and on CPUs: measured). Several
+        GPUs: SyncBatchNorm over the global batch, as the papers' runs (CPU/gloo keeps per-process statistics)."""
         net = net.to(self.device)
         if self.device.type == "cuda" and self.world > 1:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         return net.to(memory_format=torch.channels_last)
 
     def wrap(self, net: nn.Module) -> nn.Module:
-        """What the forward pass goes through: `net`, in DDP when there are several processes (the gradients are
-        averaged over ranks in backward), compiled with --compile."""
+        """What the forward pass goes through: `net`, in DDP with several processes, compiled with --compile."""
         if self.world > 1:
             net = nn.parallel.DistributedDataParallel(net, device_ids=None if self.device.type == "cpu"
                                                       else [self.device.index])
@@ -1584,9 +1581,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def make_optimizer(net: nn.Module, args) -> torch.optim.Optimizer:
-    """The one place the learning rate is set: --lr for batch 256, scaled linearly to --batch-size, is each
-    group's `base_lr`, which `set_lr` multiplies by the schedule. Weight decay and LARS adaptation apply to
-    weights only (group 0), not to biases and norms (ndim <= 1, group 1)."""
+    """The one place the lr is set: --lr x batch / 256 is each group's `base_lr`, which `set_lr` multiplies by the
+    schedule. Weight decay and LARS adapt the weights only (group 0), not biases and norms (ndim <= 1, group 1)."""
     base_lr = args.lr * (args.batch_size / 256)
     decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
@@ -1614,8 +1610,6 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 
 # ---- A.5 The loop's bookkeeping: checkpoints and resume, stop signals, metrics, outputs ----
-# OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; rank 0 writes it through a
-# temporary file and os.replace (a crash never leaves half a file); it is read with weights_only=True.
 # Arguments that may change when a run resumes (they do not change what is trained); any other difference between
 # the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
 RESUME_MAY_CHANGE = {"output_dir", "recipe", "max_steps", "log_every", "checkpoint_every", "allow_epochs_change",
@@ -1758,9 +1752,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Bookkeeper:
     """Everything the training loop does besides training, the same for every method.
-    - checkpoint.pt at every epoch end, every --checkpoint-every minutes and on a stop signal: `states` (name ->
-      what the run changes: networks, optimiser, scaler, centres), the step, the metrics history, the training
-      seconds and every rank's RNG state; `resume` continues from it, bit-exact on CPU.
+    - checkpoint.pt at every epoch end, every --checkpoint-every minutes and on a stop signal (written atomically,
+      read with weights_only=True): `states` (name -> what the run changes: networks, optimiser, scaler, centres),
+      the step, the metrics history, the training seconds, every rank's RNG; `resume` continues bit-exact on CPU.
     - metrics.jsonl (rank 0): rewritten from the checkpoint's history at start, so after any kill it holds every
       row once. The non-finite guard: a device flag collects NaN/inf losses without a host sync; it is read at
       log steps and, with every tensor of `states`, before each checkpoint: a poisoned state is never written.

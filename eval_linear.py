@@ -991,22 +991,18 @@ def loader(dataset, args, shuffle: bool = False, seed: int = 0):
 # ==== A.4 Model: rebuilding a frozen backbone from backbone.pt ====
 class SwinBackbone(nn.Module):
     """torchvision's Swin-T (the paper's Swin-T/7, Sec. 4.2) with rf_resnet's outputs (.local,
-    .pooled, .h).
-
-    features -> norm gives the dense representation (B, H, W, 768), 7x7 at 224 px and 3x3 at 96 px
+    .pooled, .h). features -> norm gives the dense map (B, H, W, 768): 7x7 at 224 px, 3x3 at 96 px
     (App. B). Only `features` and `norm` are kept, so state_dict() has exactly the keys of
     `torchvision.models.swin_t(weights=None)` with `head = nn.Identity()` (eval_linear.py loads it
-    that way). The global representation is the average of the local ones (h = pooled), as Swin's
-    own classifier input."""
+    that way). h = pooled, the mean of the local representations (as Swin's classifier input)."""
 
     def __init__(self):
         super().__init__()
-        # torchvision's swin_t() configuration, random initialisation (never downloads), with Swin's
-        # ImageNet-1k stochastic depth for Swin-T, 0.1 (swin_t() fixes it at 0.2, so the class is
-        # built directly).
-        net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
-                                                 num_heads=[3, 6, 12, 24], window_size=[7, 7],
-                                                 stochastic_depth_prob=0.1)
+        # torchvision's swin_t() configuration, random init (never downloads), with the stochastic
+        # depth of Swin's ImageNet-1k Swin-T, 0.1 (swin_t() fixes 0.2, so the class is built here)
+        net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96,
+                                                 depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                                                 window_size=[7, 7], stochastic_depth_prob=0.1)
         self.features, self.norm = net.features, net.norm
         self.out_dim, self.mlp = net.head.in_features, None  # 768; no RF-ResNet MLP
 
@@ -1014,11 +1010,9 @@ class SwinBackbone(nn.Module):
         return self.norm(self.features(x)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
     def head(self, local: torch.Tensor) -> rf_resnet.BackboneOutput:
-        """The dense map -> rf_resnet's outputs (eval_linear.py's internal masking calls it on a
-        masked map)."""
+        """The dense map -> rf_resnet's outputs (eval_linear.py also calls it on masked maps)."""
         pooled = local.mean(dim=(2, 3))  # (B, C, n, n) -> (B, C)
-        # the same fields as rf_resnet's backbones, so the probes, KNNMonitor (.h) and
-        # eval_linear.py need no case
+        # rf_resnet's fields, so the probes, KNNMonitor (.h) and eval_linear.py need no case
         return rf_resnet.BackboneOutput(local=local, pooled=pooled, h=pooled)
 
     def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:

@@ -17,47 +17,41 @@ cell, and the pair is kept only if it is closer than half a cell diagonal (i.e. 
 the region where the two crops overlap). Geometry does not depend on the network, so it cannot
 collapse; similarity can, and does on small data sets (paper Table 3, Sec. 4.6).
 
-What this file implements: DINO with multi-crop (2 global + `--local-crops` small crops; the teacher
-sees the 2 global crops), DINO heads (bottleneck, L2-normalised, weight-normalised prototypes,
-frozen in the first epoch), centring with momentum from the global batch, teacher temperature
-warm-up, EMA teacher; a box-tracking augmentation pipeline (every crop comes with its box in the
-original image and its flip flag), cell centres and the geometric / similarity matchings, the local
-loss (Eq. 4, 6, 9, 10) with its own head and centre, match monitors (fraction of valid geometric
-matches; how often the similarity match equals the geometric one; results/geo_dino_laptop/
-plot_matches.py draws the paper's Fig. 3 from a run's backbone.pt), backbones `swin_t` (torchvision,
-the paper's) and every rf_resnet arch (any --width), LARS or AdamW, AMP (bf16 on CPUs with native bf16), DDP, auto-resume, SIGTERM checkpoints, and a k-NN of
-the teacher every epoch (epoch 0 = the random network; the final one on the whole training set). Not
-here: the paper's Sec. 4.7 correspondence benchmark and its dense downstream task.
+Besides the reading route below: match monitors (fraction of valid geometric matches; how often
+the similarity match equals the geometric one; results/geo_dino_laptop/plot_matches.py draws the
+paper's Fig. 3 from a run's backbone.pt); backbones `swin_t` (torchvision, the paper's) and every
+rf_resnet arch (any --width). Not here: the paper's Sec. 4.7 correspondence benchmark and its
+dense downstream task.
 
 Run:
-    python geo_dino.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --local-crops 2     # CPU smoke
-    python geo_dino.py                                   # CIFAR-10, ResNet-18 (cifar stem), geo, one GPU
-    python geo_dino.py --local-loss sim                  # EsViT's similarity matching, same recipe
-    python geo_dino.py --local-loss none                 # vanilla DINO (multi-crop), same recipe
-    python geo_dino.py --recipe laptop                   # 2-core CPU: co_dino's DINO laptop values, 2 epochs
-    python geo_dino.py --recipe laptop --train-per-class 100 --epochs 100 --knn-every 10   # low-data (Fig. 4)
-    torchrun --nproc_per_node=8 geo_dino.py              # 8 GPUs, --batch-size stays the global batch
-    # Paper scale (ImageNet-1k, Swin-T/7, 300 epochs, batch 512, 8 x A100 for 7 days; Table 2 in the paper:
-    # linear top-1 vanilla 77.0, sim 77.9, geo 77.8 %):
-    torchrun --nproc_per_node=8 geo_dino.py --dataset imagefolder --data-dir /data/imagenet --arch swin_t \
-        --image-size 224 --local-crop-size 96 --local-crops 8 --epochs 300 --batch-size 512 \
-        --optimizer adamw --lr 5e-4 --weight-decay 0.04 --weight-decay-end 0.4 --clip-grad 3.0 \
-        --out-dim 65536 --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 --tau-base 0.996 \
-        --local-loss geo --output-dir runs/geo_dino_in1k
+    # CPU smoke test
+    python geo_dino.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --local-crops 2
+    python geo_dino.py                    # CIFAR-10, ResNet-18 (cifar stem), geo, one GPU
+    python geo_dino.py --local-loss sim   # EsViT's similarity matching, same recipe
+    python geo_dino.py --local-loss none  # vanilla DINO (multi-crop), same recipe
+    python geo_dino.py --recipe laptop    # 2-core CPU: co_dino's DINO laptop values, 2 epochs
+    python geo_dino.py --recipe laptop --train-per-class 100 --epochs 100 --knn-every 10  # Fig. 4
+    torchrun --nproc_per_node=8 geo_dino.py  # 8 GPUs, --batch-size stays the global batch
+    # Paper scale (ImageNet-1k, Swin-T/7, 300 epochs, batch 512, 8 x A100 for 7 days; Table 2 in
+    # the paper: linear top-1 vanilla 77.0, sim 77.9, geo 77.8 %):
+    torchrun --nproc_per_node=8 geo_dino.py --dataset imagefolder --data-dir /data/imagenet \
+        --arch swin_t --image-size 224 --local-crop-size 96 --local-crops 8 --epochs 300 \
+        --batch-size 512 --optimizer adamw --lr 5e-4 --weight-decay 0.04 --weight-decay-end 0.4 \
+        --clip-grad 3.0 --out-dim 65536 --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 \
+        --tau-base 0.996 --local-loss geo --output-dir runs/geo_dino_in1k
     # Multi-node: the same with torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT ...
-Measured results (with commands, machine and time, beside the same network at random
-initialisation): docs/geo_dino.md.
+Measured results (commands, machine, time; beside the same network at random init): docs/geo_dino.md
 
 Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
-every method file):
-    GeometricView, MultiView, cell_centers   every crop with its box and flip (Sec. 3.2, App. A.1); where
-                            each cell of the final map lies in the original image
-    DINOHead, Encoder       the global head h-bar and the local head h (Sec. 3.4.1-3.4.2); SwinBackbone
+every method file: LARS / AdamW, AMP, DDP, auto-resume, SIGTERM checkpoints, the k-NN per epoch):
+    GeometricView, MultiView, cell_centers   every crop with its box and flip (Sec. 3.2, App.
+                            A.1); where each cell of the final map lies in the original image
+    DINOHead, Encoder, SwinBackbone   the global head h-bar and the local head h (Sec. 3.4.1-3.4.2)
     dino_loss               the global loss (Eq. 2 / 8)
     geometric_matching      Eq. 6 / 10: the nearest teacher cell, kept below the threshold s
     similarity_matching     Eq. 4 / 9: EsViT's most similar teacher cell
     local_pair_loss, geo_dino_loss   the local loss (Eq. 5, 7, 9, 10) and (1 - w) L_G + w L_L
-    tau_at, teacher_temp_at, wd_at, Schedule   the teacher's EMA and temperature, DINO's weight decay
+    tau_at, teacher_temp_at, wd_at, Schedule   the teacher's EMA and temperature, DINO's wd
     train_step, main        one step (Algorithm 1), then the training loop
 """
 from __future__ import annotations
@@ -101,16 +95,15 @@ LOCAL_LOSSES = ("none", "sim", "geo")
 
 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of DINO and of its local loss; the flags every method shares are in the appendix
-    (A.1)."""
+    """The flags of DINO and of its local loss; the flags all methods share are in appendix A.1."""
     g = p.add_argument_group("method (global-local self-distillation, Sec. 3.4 and App. A)")
     g.add_argument("--local-loss", choices=LOCAL_LOSSES, default="geo", help="matching of the "
-                   "local loss: 'geo' (this paper, Eq. 6/10: nearest cell centre in "
-                   "original-image coordinates, kept below the threshold s), 'sim' (EsViT, Eq. "
-                   "4/9: highest cosine similarity of backbone features), 'none' (vanilla DINO: "
-                   "no local head is built)")
-    g.add_argument("--local-weight", type=float, default=0.5, help="w: total = (1 - w) L_G + w "
-                   "L_L (official code: 0.5 / 0.5; Algorithm 1 writes L_G + L_L, i.e. twice this "
+                   "local loss: 'geo' (this paper, Eq. 6/10: nearest cell centre in original-image "
+                   "coordinates, kept below the threshold s), 'sim' (EsViT, Eq. 4/9: highest "
+                   "cosine similarity of backbone features), 'none' (vanilla DINO: no local head "
+                   "is built)")
+    g.add_argument("--local-weight", type=float, default=0.5, help="w: total = (1 - w) L_G + w L_L "
+                   "(official code: 0.5 / 0.5; Algorithm 1 writes L_G + L_L, i.e. twice this "
                    "loss); ignored with none")
     g.add_argument("--local-crops", type=int, default=8, help="N_L, small crops per image (App. "
                    "A.1: 8); the student sees 2 + N_L crops, the teacher the 2 global ones")
@@ -118,14 +111,14 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    metavar=("MIN", "MAX"), help="area range of the 2 global crops (DINO / EsViT: "
                    "0.4 1)")
     g.add_argument("--local-crop-scale", type=float, nargs=2, default=[0.05, 0.4],
-                   metavar=("MIN", "MAX"), help="area range of the small crops (DINO / EsViT: "
-                   "0.05 0.4)")
+                   metavar=("MIN", "MAX"), help="area range of the small crops (DINO / EsViT: 0.05 "
+                   "0.4)")
     g.add_argument("--local-crop-size", type=int, default=0, help="side of the small crops in "
                    "pixels (0: 3/7 of --image-size, i.e. 96 at 224 as in App. A.1, 14 at 32)")
     g.add_argument("--out-dim", type=int, default=4096, help="K, prototypes of both DINO heads "
                    "(DINO / paper: 65536; solo-learn CIFAR: 4096)")
-    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer "
-                   "head MLP (DINO: 2048)")
+    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer head "
+                   "MLP (DINO: 2048)")
     g.add_argument("--bottleneck", type=int, default=256, help="bottleneck width before the "
                    "L2-normalisation (DINO: 256)")
     g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the "
@@ -141,8 +134,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "(DINO: 0.1)")
     g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after "
                    "warm-up (DINO / EsViT: 0.04-0.07)")
-    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature "
-                   "at epoch 0 (DINO: 0.04)")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at "
+                   "epoch 0 (DINO: 0.04)")
     g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="epochs of linear "
                    "teacher temperature warm-up (DINO: 30)")
     g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of both teacher "
@@ -159,48 +152,47 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "paper's Swin recipe: 3.0); 0 disables")
 
 
-
-# The method's values for flags every method shares (solo-learn's DINO for ResNets: LARS, lr 0.3, wd
-# 1e-6; the paper's AdamW recipe: --optimizer adamw --lr 5e-4 --weight-decay 0.04 --weight-decay-end
-# 0.4).
+# The method's values for flags all methods share (solo-learn's DINO for ResNets: LARS, lr 0.3, wd
+# 1e-6; the paper's AdamW: --optimizer adamw --lr 5e-4 --weight-decay 0.04 --weight-decay-end 0.4).
 METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-6, arch="resnet18")
 OTHER_ARCHS = ("swin_t",)  # besides rf_resnet's backbones: the paper's Swin-T (SwinBackbone)
-# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch.
-# Network, batch, optimiser, lr, schedule and the DINO values (BatchNorm in the head, teacher
-# temperature, EMA tau, head sizes, prototypes not frozen) are co_dino.py's laptop recipe, chosen
-# there by a lever search (docs/co_dino.md; not re-tuned here); the three --local-loss settings
-# share all of them. Multi-crop: 2 global crops of 32 px (a 5x5 map) and 2 small crops of 14 px (a
-# 2x2 map), instead of the paper's 8. Counted with torch.utils.flop_counter, a step is 53.7 GFLOP
-# with --local-loss none and 80.0 with sim or geo (the local head at all 58 student and 50 teacher
-# cells), against 46.2 for co_dino.py's DINO and 69.7 for its CO-DINO (75.8 min for 3 epochs on one
-# core): hence 2 epochs, not 3, to keep a run near an hour on one core.
-LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=2, optimizer="sgd",
-                     lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99, head_hidden=512, bottleneck=128,
-                     out_dim=4096, head_bn=True, freeze_last_layer=0, teacher_temp=0.04,
-                     warmup_teacher_temp_epochs=0, local_crops=2, num_workers=2, output_dir="runs/geo_dino_laptop")
+# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. All
+# values but multi-crop and epochs are co_dino.py's laptop recipe, chosen there by a lever search
+# (docs/co_dino.md; not re-tuned here), shared by the three --local-loss settings. Multi-crop: 2
+# global crops of 32 px (a 5x5 map) and 2 small crops of 14 px (a 2x2 map), instead of the paper's
+# 8. 2 epochs, not co_dino's 3: the local head at all 58 student and 50 teacher cells makes a step
+# dearer (FLOP counts in docs/geo_dino.md).
+LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=2,
+                     optimizer="sgd", lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99,
+                     head_hidden=512, bottleneck=128, out_dim=4096, head_bn=True,
+                     freeze_last_layer=0, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+                     local_crops=2, num_workers=2, output_dir="runs/geo_dino_laptop")
 RECIPES = {"laptop": LAPTOP_RECIPE}
 
 
 def feature_grid(args, size: int) -> int:
-    """Side n of the backbone's final map for a square crop of `size` px (shape inference, no
-    computation)."""
+    """Side n of the backbone's final map for a square crop of `size` px (shape inference only)."""
     if args.arch == "swin_t":
         return size // 32  # patch 4, then three 2x patch merges: stride 32 (7x7 at 224, 3x3 at 96)
     with torch.device("meta"):  # shapes only
-        return rf_resnet.local_grid(rf_resnet.build_backbone(args.arch, stem=args.stem, width=args.width), size)
+        return rf_resnet.local_grid(
+            rf_resnet.build_backbone(args.arch, stem=args.stem, width=args.width), size)
+
 
 def check_method_args(args, error) -> None:
     """The method's checks and the one place where its defaults depend on other flags."""
     args.norm_last_layer = args.norm_last_layer == "true"
     args.local_crop_size = args.local_crop_size or max(8, round(args.image_size * 3 / 7))
     if args.arch == "swin_t" and args.width != 64:
-        error(f"--width {args.width} applies to rf_resnet archs only; swin_t has fixed widths (96-768)")
+        error(f"--width {args.width} applies to rf_resnet archs only; swin_t has fixed widths "
+              "(96-768)")
     if not 0 <= args.local_weight <= 1:
         error(f"--local-weight must be in [0, 1], got {args.local_weight}")
     gmin, gmax = args.global_crop_scale
     lmin, lmax = args.local_crop_scale
     if args.local_crops < 0 or not (0 < gmin < gmax <= 1 and 0 < lmin < lmax <= 1):
-        error("--local-crops must be >= 0 and each --*-crop-scale MIN MAX must satisfy 0 < MIN < MAX <= 1")
+        error("--local-crops must be >= 0 and each --*-crop-scale MIN MAX must satisfy "
+              "0 < MIN < MAX <= 1")
     for name in ("out_dim", "head_hidden", "bottleneck"):
         if getattr(args, name) < 1:
             error(f"--{name.replace('_', '-')} must be >= 1")
@@ -212,11 +204,13 @@ def check_method_args(args, error) -> None:
         error("need 0 <= --tau-base <= --tau-final <= 1")
     if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:
         error("temperatures must be > 0")
-    if not 0 <= args.center_momentum < 1 or args.freeze_last_layer < 0 or args.warmup_teacher_temp_epochs < 0:
-        error("need 0 <= --center-momentum < 1, --freeze-last-layer >= 0, --warmup-teacher-temp-epochs >= 0")
+    if (not 0 <= args.center_momentum < 1 or args.freeze_last_layer < 0
+            or args.warmup_teacher_temp_epochs < 0):
+        error("need 0 <= --center-momentum < 1, --freeze-last-layer >= 0, "
+              "--warmup-teacher-temp-epochs >= 0")
     if args.arch == "swin_t" and (args.image_size % 32 or args.local_crop_size % 32):
-        error(f"swin_t needs --image-size and --local-crop-size that are multiples of 32 (e.g. 224 and "
-              f"96), got {args.image_size} and {args.local_crop_size}")
+        error(f"swin_t needs --image-size and --local-crop-size that are multiples of 32 (e.g. "
+              f"224 and 96), got {args.image_size} and {args.local_crop_size}")
     # Every crop must give at least a 2x2 map: a 1x1 map has no "local" representation to match.
     args.grid_global = feature_grid(args, args.image_size)
     args.grid_local = feature_grid(args, args.local_crop_size) if args.local_crops else 0
@@ -224,8 +218,9 @@ def check_method_args(args, error) -> None:
                           ("--local-crop-size", args.local_crop_size, args.grid_local)):
         if flag == "--image-size" or args.local_crops:
             if n < 2:
-                error(f"{flag} {size} gives a {n}x{n} feature map with {args.arch} (stem {args.stem}); "
-                      "need at least 2x2: use larger crops, --stem cifar or an RF-ResNet")
+                error(f"{flag} {size} gives a {n}x{n} feature map with {args.arch} (stem "
+                      f"{args.stem}); need at least 2x2: use larger crops, --stem cifar or an "
+                      "RF-ResNet")
 
 
 # ---- 2. Views ----
@@ -233,10 +228,10 @@ def check_method_args(args, error) -> None:
 # resize, horizontal flip) with parameters w_geo = [ul_x, ul_y, lr_x, lr_y, h, w, f], then a
 # photometric part P (colour jitter, grayscale, blur, solarisation). The local loss needs w_geo, so
 # we apply G ourselves and keep the box (ul_x, ul_y, lr_x, lr_y) in original-image pixels and the
-# flip flag f; P is BYOL's/DINO's pipeline without its first two (geometric) operations. Multi-crop
-# (App. A.1): 2 global crops (blur 1.0 / 0.1, solarisation 0 / 0.2, as DINO) and N_L small crops
-# (blur 0.5). DEVIATION: no Gaussian blur on images of 32 px or less (solo-learn's CIFAR practice),
-# on any crop; above 32 px (the paper's 224 / 96 px included) the blur probabilities are DINO's.
+# flip flag f; P is the rest of BYOL's/DINO's pipeline. Multi-crop (App. A.1): 2 global crops (blur
+# 1.0 / 0.1, solarisation 0 / 0.2, as DINO) and N_L small crops (blur 0.5). DEVIATION: no Gaussian
+# blur on images of 32 px or less (solo-learn's CIFAR practice; 64 px Tiny-ImageNet keeps it), on
+# any crop; above 32 px (the paper's 224 / 96 px included) the blur probabilities are DINO's.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
     """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
@@ -252,19 +247,16 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
 
 
 class GeometricView:
-    """G(x, w_geo) of PAPER Sec. 3.2 that also returns w_geo: RandomResizedCrop, then a flip with p
-    = 0.5.
+    """G(x, w_geo) of PAPER Sec. 3.2, returning w_geo too: RandomResizedCrop, then a flip (p = 0.5).
+    Returns (crop: PIL image, size x size; box: (x0, y0, x1, y1) float tensor, the crop's region in
+    continuous original-image coordinates, pixel p covering [p, p + 1); flipped: bool)."""
 
-    Returns (crop as a PIL image of size x size, box, flipped): box = (x0, y0, x1, y1) float tensor,
-    the crop's region in continuous original-image coordinates (pixel p covers [p, p + 1)), flipped
-    = bool."""
-
-    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(self, size: int, scale: tuple[float, float],
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def __call__(self, img):
-        # torchvision's own sampling of (top, left, height, width), so crops have the usual
-        # distribution.
+        # torchvision's own sampling of (top, left, height, width): the usual crop distribution
         top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
                               interpolation=T.InterpolationMode.BICUBIC)
@@ -275,25 +267,22 @@ class GeometricView:
 
 
 def photometric(view: T.Compose) -> T.Compose:
-    """P(., w_pho): a `byol_view` pipeline without its RandomResizedCrop and flip (G is done by
-    GeometricView)."""
+    """P(., w_pho): `byol_view`'s pipeline minus RandomResizedCrop and flip (GeometricView's G)."""
     return T.Compose(view.transforms[2:])
 
 
 class MultiView:
-    """image -> (crops, boxes, flips) (PAPER App. A.1, Algorithm 2).
-
-    crops: [global 1, global 2, small 1, ..., small N_L] tensors; boxes: (2 + N_L, 4) float tensor
-    of (x0, y0, x1, y1) in original pixels; flips: (2 + N_L,) bool tensor. After collation a batch
-    gives a list of (B, 3, S, S) crops, boxes (B, V, 4) and flips (B, V)."""
+    """image -> (crops, boxes, flips) (PAPER App. A.1, Algorithm 2): crops [global 1, global 2,
+    small 1, ..., small N_L] tensors; boxes (2 + N_L, 4) float, (x0, y0, x1, y1) in original pixels;
+    flips (2 + N_L,) bool. A collated batch gives a list of (B, 3, S, S) crops, boxes (B, V, 4) and
+    flips (B, V)."""
 
     def __init__(self, args):
         gs, ls = tuple(args.global_crop_scale), tuple(args.local_crop_scale)
         size, small = args.image_size, args.local_crop_size
-        self.geometric = [GeometricView(size, gs)] * 2 + [GeometricView(small, ls)] * args.local_crops
-        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's
-        # (Tiny-ImageNet's 64 px too)
-        blur = 0.0 if args.image_size <= 32 else 1.0
+        self.geometric = ([GeometricView(size, gs)] * 2
+                          + [GeometricView(small, ls)] * args.local_crops)
+        blur = 0.0 if args.image_size <= 32 else 1.0  # DEVIATION (§2): solo-learn's CIFAR practice
         self.photometric = [photometric(byol_view(size, gs, 1.0 * blur, 0.0)),
                             photometric(byol_view(size, gs, 0.1 * blur, 0.2))]
         # IMPL (DINO's multi-crop): small crops get blur p=0.5 and no solarisation.
@@ -312,34 +301,30 @@ class MultiView:
 def cell_centers(box: torch.Tensor, flipped: torch.Tensor, grid: int) -> torch.Tensor:
     """PAPER Sec. 3.4.3: the positional encoding e, i.e. the (x, y) centre in ORIGINAL-image pixels
     of every cell of the crop's grid x grid feature map, row-major (k = row * grid + col).
-
     box: (..., 4) = (x0, y0, x1, y1); flipped: (...) bool; returns (..., grid * grid, 2). The crop
     [x0, x1) x [y0, y1) is resized to the network input, so cell (row, col) covers the box's (row,
-    col) tile of size (w / grid, h / grid): its centre is (x0 + (col + 0.5) w / grid, y0 + (row +
-    0.5) h / grid). PITFALL: a flipped crop shows the box mirrored, so its column col sits at the
-    box's column grid - 1 - col (x = x1 - (col + 0.5) w / grid). IMPL: an even grid, as the official
+    col) tile of size (w / grid, h / grid), centred at (x0 + (col + 0.5) w / grid, y0 + (row + 0.5)
+    h / grid). PITFALL: a flipped crop shows the box mirrored, so its column col sits at the box's
+    column grid - 1 - col (x = x1 - (col + 0.5) w / grid). IMPL: an even grid, as the official
     code's average pooling of a cropped (x, y) coordinate map; the true receptive-field centres of a
     padded convolutional map differ by a fraction of a cell."""
-    box, flipped = torch.as_tensor(box, dtype=torch.float32), torch.as_tensor(flipped, dtype=torch.bool)
+    box, flipped = (torch.as_tensor(box, dtype=torch.float32),
+                    torch.as_tensor(flipped, dtype=torch.bool))
     x0, y0, x1, y1 = box.unbind(-1)  # each (...)
     # (grid,) tile centres in [0, 1]
     frac = (torch.arange(grid, dtype=torch.float32, device=box.device) + 0.5) / grid
-    # (..., grid): flip mirrors the columns
-    col_frac = torch.where(flipped.unsqueeze(-1), 1 - frac, frac)
+    col_frac = torch.where(flipped.unsqueeze(-1), 1 - frac, frac)  # (..., grid): flip mirrors
     xs = x0.unsqueeze(-1) + col_frac * (x1 - x0).unsqueeze(-1)  # (..., grid) x of each column
     ys = y0.unsqueeze(-1) + frac * (y1 - y0).unsqueeze(-1)  # (..., grid) y of each row
-    # (..., grid, grid): [row, col] -> x of col
-    xx = xs.unsqueeze(-2).expand(*xs.shape[:-1], grid, grid)
-    # (..., grid, grid): [row, col] -> y of row
-    yy = ys.unsqueeze(-1).expand(*ys.shape[:-1], grid, grid)
+    xx = xs.unsqueeze(-2).expand(*xs.shape[:-1], grid, grid)  # (..., grid, grid), [r, c] -> x_c
+    yy = ys.unsqueeze(-1).expand(*ys.shape[:-1], grid, grid)  # (..., grid, grid), [r, c] -> y_r
     # (..., grid, grid, 2) -> (..., grid * grid, 2)
     return torch.stack([xx, yy], dim=-1).flatten(-3, -2)
 
 
 def cell_diagonal(box: torch.Tensor, grid: int) -> torch.Tensor:
-    """PAPER Sec. 3.4.3: the length of a cell's diagonal, i.e. the distance between e_k and a
-    diagonal neighbour: sqrt((w / grid)^2 + (h / grid)^2) in original pixels. box: (..., 4) ->
-    (...)."""
+    """PAPER Sec. 3.4.3: a cell's diagonal, i.e. the distance from e_k to a diagonal neighbour:
+    sqrt((w / grid)^2 + (h / grid)^2) in original pixels. box: (..., 4) -> (...)."""
     wh = box[..., 2:] - box[..., :2]  # (..., 2) = (w, h)
     return (wh / grid).norm(dim=-1)
 
@@ -390,22 +375,18 @@ def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
 
 class SwinBackbone(nn.Module):
     """torchvision's Swin-T (the paper's Swin-T/7, Sec. 4.2) with rf_resnet's outputs (.local,
-    .pooled, .h).
-
-    features -> norm gives the dense representation (B, H, W, 768), 7x7 at 224 px and 3x3 at 96 px
+    .pooled, .h). features -> norm gives the dense map (B, H, W, 768): 7x7 at 224 px, 3x3 at 96 px
     (App. B). Only `features` and `norm` are kept, so state_dict() has exactly the keys of
     `torchvision.models.swin_t(weights=None)` with `head = nn.Identity()` (eval_linear.py loads it
-    that way). The global representation is the average of the local ones (h = pooled), as Swin's
-    own classifier input."""
+    that way). h = pooled, the mean of the local representations (as Swin's classifier input)."""
 
     def __init__(self):
         super().__init__()
-        # torchvision's swin_t() configuration, random initialisation (never downloads), with Swin's
-        # ImageNet-1k stochastic depth for Swin-T, 0.1 (swin_t() fixes it at 0.2, so the class is
-        # built directly).
-        net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2],
-                                                 num_heads=[3, 6, 12, 24], window_size=[7, 7],
-                                                 stochastic_depth_prob=0.1)
+        # torchvision's swin_t() configuration, random init (never downloads), with the stochastic
+        # depth of Swin's ImageNet-1k Swin-T, 0.1 (swin_t() fixes 0.2, so the class is built here)
+        net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96,
+                                                 depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                                                 window_size=[7, 7], stochastic_depth_prob=0.1)
         self.features, self.norm = net.features, net.norm
         self.out_dim, self.mlp = net.head.in_features, None  # 768; no RF-ResNet MLP
 
@@ -413,11 +394,9 @@ class SwinBackbone(nn.Module):
         return self.norm(self.features(x)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
     def head(self, local: torch.Tensor) -> rf_resnet.BackboneOutput:
-        """The dense map -> rf_resnet's outputs (eval_linear.py's internal masking calls it on a
-        masked map)."""
+        """The dense map -> rf_resnet's outputs (eval_linear.py also calls it on masked maps)."""
         pooled = local.mean(dim=(2, 3))  # (B, C, n, n) -> (B, C)
-        # the same fields as rf_resnet's backbones, so the probes, KNNMonitor (.h) and
-        # eval_linear.py need no case
+        # rf_resnet's fields, so the probes, KNNMonitor (.h) and eval_linear.py need no case
         return rf_resnet.BackboneOutput(local=local, pooled=pooled, h=pooled)
 
     def forward(self, x: torch.Tensor) -> rf_resnet.BackboneOutput:
@@ -432,12 +411,10 @@ def build_backbone(args) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """f (backbone) + the global DINO head h-bar + the local DINO head h: the part shared by student
-    and teacher.
-
-    PAPER Sec. 3.4.1-3.4.2: h-bar maps the global representation to K logits; a second head h, with
-    its own parameters, maps every local representation z_k to K logits (the same MLP at each cell:
-    `per_position`)."""
+    """f (backbone) + the global DINO head h-bar + the local DINO head h, shared by student and
+    teacher. PAPER Sec. 3.4.1-3.4.2: h-bar maps the global representation to K logits; a second
+    head h, with its own parameters, maps every local representation z_k to K logits (the same MLP
+    at each cell: `per_position`)."""
 
     def __init__(self, args):
         super().__init__()
@@ -445,28 +422,24 @@ class Encoder(nn.Module):
         c = self.backbone.out_dim
         self.head = DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
                              norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
-        # --local-loss none is vanilla DINO: no local head exists, so nothing local is computed or
-        # trained.
+        # --local-loss none is vanilla DINO: no local head, so nothing local is computed or trained
         self.local_head = (DINOHead(c, args.head_hidden, args.bottleneck, args.out_dim,
-                                    norm_last_layer=args.norm_last_layer, use_bn=args.head_bn) if args.local_loss != "none" else None)
+                                    norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
+                           if args.local_loss != "none" else None)
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
-        # "local" (the backbone's dense representation z) is what the similarity matching compares.
-        # (B, K)
+        # "local" (dense map z) is what the similarity matching compares; logits_g (B, K)
         res = {"h": out.h, "pooled": out.pooled, "local": out.local, "logits_g": self.head(out.h)}
         if self.local_head is not None:
-            # (B, C, n, n) -> (B, K, n, n)
-            res["logits_l"] = per_position(self.local_head, out.local)
+            res["logits_l"] = per_position(self.local_head, out.local)  # -> (B, K, n, n)
         return res
 
 
 def forward_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[dict]:
     """Run the encoder on a list of crops, one forward per run of equal-size crops, and split the
-    outputs back.
-
-    IMPL (DINO's MultiCropWrapper): the 2 global crops go through the network together, the small
-    crops too; BatchNorm statistics are then taken over each group. Returns one dict per crop."""
+    outputs back: one dict per crop. IMPL (DINO's MultiCropWrapper): the 2 global crops go through
+    the network together, the small crops too; BatchNorm statistics are taken over each group."""
     outs, start = [], 0
     while start < len(views):
         end = start + 1
@@ -481,8 +454,7 @@ def forward_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[dict]:
 
 
 class StudentNetwork(nn.Module):
-    """The student: everything the optimiser trains sits in this one module, so one DDP wrapper
-    syncs all gradients. backbone.pt and the k-NN read the TEACHER (DINO evaluates the teacher)."""
+    """The student: everything trained, in one module, so one DDP wrapper syncs all gradients."""
 
     def __init__(self, args):
         super().__init__()
@@ -493,9 +465,7 @@ class StudentNetwork(nn.Module):
 
 
 def make_teacher(student: StudentNetwork) -> nn.Module:
-    """DINO: the teacher starts as a copy of the student's encoder and is never trained by
-    gradients.
-
+    """DINO: the teacher starts as a copy of the student's encoder, never trained by gradients.
     IMPL (DINO's code builds the teacher without drop-path): Swin-T's stochastic depth is switched
     off in the teacher, which runs in train mode (for the BatchNorm of ResNets) and would otherwise
     drop blocks."""
@@ -522,7 +492,7 @@ class Nets:
     forward pass goes through: the student, in DDP with several processes), the epoch's sums of the
     match monitors ([valid fraction, sim == geo fraction, steps], from the resume point on) and the
     loss function (`geo_dino_loss`, compiled with --compile). backbone.pt saves, and the k-NN reads,
-    the TEACHER's backbone."""
+    the TEACHER's backbone (DINO evaluates the teacher)."""
     student: StudentNetwork
     teacher: nn.Module
     centers: Centers
@@ -535,8 +505,7 @@ class Nets:
         return self.teacher.backbone
 
     def epoch_match_row(self, step: int, steps_per_epoch: int, world: int) -> dict:
-        """The epoch's mean match monitors (Sec. 4.6-4.7) over every rank; then reset for the next
-        epoch."""
+        """The epoch's mean match monitors (Sec. 4.6-4.7) over every rank; then resets them."""
         m = all_reduce_sum(self.epoch_match) / world
         self.epoch_match = torch.zeros_like(self.epoch_match)
         return {"step": step, "epoch": step / steps_per_epoch,
@@ -545,20 +514,18 @@ class Nets:
 
 
 def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
-    """The student and its teacher (= the student at step 0, the same initial weights on every
-    rank), the centres (zero), the optimiser (A.4: LARS, or the paper's AdamW with --optimizer
-    adamw)."""
+    """The student, its teacher (= the student at step 0, the same initial weights on every rank),
+    the centres (zero), the optimiser (A.4: LARS, or the paper's AdamW with --optimizer adamw)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     student = run.place(StudentNetwork(args))  # (Swin-T has no BatchNorm to synchronise)
     teacher = make_teacher(student)  # DINO: the teacher starts equal to the student
     torch.manual_seed(args.seed + run.rank)  # each rank its own random stream again (Run)
     model = run.wrap(student)
-    # PERF: --compile compiles the loss too: its softmaxes over K prototypes at every cell are
-    # chains of memory-bound elementwise ops, which the compiler fuses
-    # (benchmarks/bench_local_dino.py, docs/geo_dino.md).
+    # PERF: --compile compiles the loss too (its per-cell softmaxes over K prototypes are chains of
+    # memory-bound elementwise ops that it fuses; benchmarks/bench_local_dino.py, docs/geo_dino.md)
     loss_fn = torch.compile(geo_dino_loss) if args.compile else geo_dino_loss
-    return (Nets(student, teacher, Centers(args.out_dim).to(run.device), model, torch.zeros(3, device=run.device),
-                 loss_fn), make_optimizer(student, args))
+    return (Nets(student, teacher, Centers(args.out_dim).to(run.device), model,
+                 torch.zeros(3, device=run.device), loss_fn), make_optimizer(student, args))
 
 
 # ---- 4. Losses ----
@@ -589,11 +556,11 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Ten
     return total / n_terms
 
 
-def geometric_matching(pos_student: torch.Tensor, pos_teacher: torch.Tensor, diag_student: torch.Tensor,
+def geometric_matching(pos_student: torch.Tensor, pos_teacher: torch.Tensor,
+                       diag_student: torch.Tensor,
                        diag_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PAPER Eq. 6: k* = argmin_j ||e_k - e'_j||^2, kept iff d(k) = min_j ||e_k - e'_j|| < s, where
     s = max(diag, diag') / 2 (half of the larger of the two crops' cell diagonals, Sec. 3.4.3).
-
     pos_student (..., Ns, 2), pos_teacher (..., Nt, 2): cell centres in original pixels
     (`cell_centers`); diag_student, diag_teacher (...): cell diagonals (`cell_diagonal`). Returns
     (index (..., Ns) long into the teacher cells, valid (..., Ns) bool). Crops that do not overlap
@@ -609,7 +576,6 @@ def geometric_matching(pos_student: torch.Tensor, pos_teacher: torch.Tensor, dia
 
 def similarity_matching(feat_student: torch.Tensor, feat_teacher: torch.Tensor) -> torch.Tensor:
     """PAPER Eq. 4 (EsViT): k* = argmax_j cos(z_k, z'_j) over the backbone's local representations.
-
     feat_student (..., Ns, C), feat_teacher (..., Nt, C) -> index (..., Ns) long. No threshold:
     every cell is matched, even when the crops do not overlap (the failure mode the paper discusses
     in Sec. 1 and 4.6)."""
@@ -622,40 +588,34 @@ def similarity_matching(feat_student: torch.Tensor, feat_teacher: torch.Tensor) 
 def local_distributions(student: list[dict], teacher: list[dict], local_center: torch.Tensor,
                         student_temp: float, teacher_temp: float) -> tuple[list, list]:
     """The local heads' distributions of every crop, once per crop (each enters 2-3 pairs), in fp32.
-
     student: dicts with "logits_l" (B, K_p, n, n); teacher: the same for the 2 global crops. Returns
     (log P_s per student crop, P_t per teacher crop), each cell-major (B, n*n, K_p): log_softmax(s /
     T_s), and softmax((t - c) / T_t) with the LOCAL centre (1, K_p) and no gradient. PERF (measured,
-    CPU): once per crop, not once per pair (which repeated four of the six teacher softmaxes over
-    (B, 4096, 25)); and cell-major, so that every op runs along K_p, the contiguous dimension of the
-    head's output (per_position) (K-major, each op ran 3-20x slower: strided, and in mixed layouts).
-    """
-    log_p_s = [F.log_softmax(o["logits_l"].float().flatten(2).transpose(1, 2) / student_temp, dim=-1)
-               for o in student]  # (B, Kp, n, n) -> (B, n*n, Kp)
-    # (bf16 logits - fp32 centre) is fp32 in one pass: no separate .float() copy of the (B, m*m,
-    # K_p) logits
+    CPU): once per crop, not once per pair (which repeated four of the six teacher softmaxes); and
+    cell-major, so that every op runs along K_p, the contiguous dimension of per_position's output
+    (K-major, each op ran 3-20x slower: strided, and in mixed layouts)."""
+    log_p_s = [F.log_softmax(o["logits_l"].float().flatten(2).transpose(1, 2) / student_temp,
+                             dim=-1) for o in student]  # (B, Kp, n, n) -> (B, n*n, Kp)
+    # (B, Kp, m, m) -> (B, m*m, Kp); bf16 logits - fp32 centre is fp32 in one pass (no separate
+    # .float() copy of the logits); sg (.detach()): no gradient into the teacher
     p_t = [F.softmax((o["logits_l"].flatten(2).transpose(1, 2) - local_center) / teacher_temp,
-                     dim=-1).detach() for o in teacher]  # (B, Kp, m, m) -> (B, m*m, Kp); sg: no gradient into the teacher
+                     dim=-1).detach() for o in teacher]
     return log_p_s, p_t
 
 
 def local_pair_loss(log_p_student: torch.Tensor, p_teacher: torch.Tensor, index: torch.Tensor,
                     valid: torch.Tensor) -> torch.Tensor:
     """PAPER Eq. 4 / Eq. 6 for one pair of crops: 1/K sum_k 1{valid_k} H(P_t(z'_{k*}), P_s(z_k)),
-    batch mean.
-
-    log_p_student (B, n*n, K_p) and p_teacher (B, m*m, K_p): `local_distributions` of the two crops
-    (K_p prototypes); index (B, n*n): the matched teacher cell of every student cell; valid (B, n*n)
-    bool (all True for sim). PAPER Eq. 6: the sum over valid cells is divided by K = n*n, the number
-    of all student cells (not only the valid ones). PERF: the targets are copied as whole rows
-    (index_select); torch.gather with the index expanded to (B, n*n, K_p) reads an int64 index per
-    element: the laptop local loss (six pairs, forward + backward) took 150.5 ms that way and 131.2
-    ms this way, same values and gradients (benchmarks/bench_local_dino.py, one thread, idle 2-core
-    Intel Xeon with AMX-BF16, 2026-12-06)."""
+    batch mean. log_p_student (B, n*n, K_p) and p_teacher (B, m*m, K_p): `local_distributions` of
+    the two crops (K_p prototypes); index (B, n*n): the matched teacher cell of every student cell;
+    valid (B, n*n) bool (all True for sim). PAPER Eq. 6: the sum over valid cells is divided by
+    K = n*n, the number of all student cells (not only the valid ones). PERF: the targets are copied
+    as whole rows (index_select); torch.gather with the index expanded to (B, n*n, K_p) reads an
+    int64 index per element and measured slower on the laptop local loss (six pairs, forward +
+    backward), with the same values and gradients (benchmarks/bench_local_dino.py)."""
     b, m2, k_p = p_teacher.shape
-    # the matched teacher cell k* of every student cell, as a row of the (B * m*m, K_p) table of
-    # teacher cells
-    # (B, n*n) -> (B * n*n,)
+    # the row of the matched teacher cell k* of every student cell in the (B * m*m, K_p) table of
+    # teacher cells: (B, n*n) -> (B * n*n,)
     rows = (index + m2 * torch.arange(b, device=index.device).unsqueeze(1)).flatten()
     # (B, n*n, Kp): P_t(z'_{k*})
     t = p_teacher.reshape(b * m2, k_p).index_select(0, rows).view(b, -1, k_p)
@@ -663,9 +623,9 @@ def local_pair_loss(log_p_student: torch.Tensor, p_teacher: torch.Tensor, index:
     return ((ce * valid).sum(1) / ce.shape[1]).mean()  # 1/K sum_k 1{d(k) < s} H, then batch mean
 
 
-def pair_matchings(student: list[dict], teacher: list[dict], boxes: torch.Tensor, flips: torch.Tensor) -> dict:
+def pair_matchings(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
+                   flips: torch.Tensor) -> dict:
     """Both matchings for every pair (teacher global crop iq, student crop v != iq) of App. A.2.
-
     boxes (B, V, 4), flips (B, V) from MultiView. Returns {(iq, v): (geo index, geo valid, sim
     index)}, each (B, n_v * n_v). The grids are read off the feature maps, so any crop size and
     backbone works."""
@@ -686,27 +646,26 @@ def pair_matchings(student: list[dict], teacher: list[dict], boxes: torch.Tensor
     return out
 
 
-def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor, flips: torch.Tensor,
-                  center: torch.Tensor, local_center: torch.Tensor, student_temp: float, teacher_temp: float,
-                  local_loss: str, local_weight: float, local_collapse_monitors: bool = True):
-    """Total = (1 - w) L_G + w L_L (App. A.2, Eq. 8-10); with local_loss 'none' it is L_G, i.e.
-    DINO.
-
+def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
+                  flips: torch.Tensor, center: torch.Tensor, local_center: torch.Tensor,
+                  student_temp: float, teacher_temp: float, local_loss: str, local_weight: float,
+                  local_collapse_monitors: bool = True):
+    """Total = (1 - w) L_G + w L_L (App. A.2, Eq. 8-10); with local_loss 'none' it is L_G (DINO).
     student: one dict per crop (2 global, then small ones) with "logits_g" (B, K), "local" (B, C, n,
     n) and, unless 'none', "logits_l" (B, K, n, n); teacher: the same for the 2 global crops.
     Returns (total, L_G, L_L before weighting, monitors [valid fraction, sim == geo fraction, and
     the local teacher's entropy and KL to uniform (`collapse_monitors`; zeros with 'none' or
     local_collapse_monitors=False)]). PERF: the local collapse monitors read every cell of both
-    global crops ((2B * m * m, K_p) probabilities, a copy and a log over the step's largest tensors)
-    and are logged once every --log-every steps, so `train_step` asks for them on the steps the loop
-    logs only."""
+    global crops (a copy and a log over the step's largest tensors) and are logged every
+    --log-every steps only, so `train_step` asks for them on those steps only."""
     loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,
                        student_temp, teacher_temp)  # PAPER Eq. 8
     matchings = pair_matchings(student, teacher, boxes, flips)
     loss_l = torch.zeros((), device=loss_g.device)
     local_collapse = torch.zeros(2, device=loss_g.device)
     if local_loss != "none":
-        log_p_s, p_t = local_distributions(student, teacher, local_center, student_temp, teacher_temp)
+        log_p_s, p_t = local_distributions(student, teacher, local_center, student_temp,
+                                           teacher_temp)
         for (iq, v), (geo_index, geo_valid, sim_index) in matchings.items():
             if local_loss == "geo":  # PAPER Eq. 6: nearest cell centre, below the threshold
                 index, valid = geo_index, geo_valid
@@ -714,18 +673,18 @@ def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
                 index, valid = sim_index, torch.ones_like(geo_valid)
             loss_l = loss_l + local_pair_loss(log_p_s[v], p_t[iq], index, valid)
         loss_l = loss_l / len(matchings)  # PAPER Eq. 9 / 10: 1 / (2 (N_L + 1)) sum over the pairs
-        # local collapse (Sec. 4.6), from the P_t just computed: every cell of both
-        if local_collapse_monitors:
-            # global crops, 2 x (B, m * m, K_p) -> (2B * m * m, K_p)
-            local_collapse = collapse_monitors_of(torch.cat([p.reshape(-1, p.shape[-1]) for p in p_t]))
-    # Match monitors (PAPER Sec. 4.6-4.7), computed in every mode: how many student cells have a
-    # geometric partner, and among those, how often the similarity matching picks that same teacher
-    # cell.
+        if local_collapse_monitors:  # local collapse (Sec. 4.6) from the P_t just computed: every
+            # cell of both global crops, 2 x (B, m * m, K_p) -> (2B * m * m, K_p)
+            local_collapse = collapse_monitors_of(torch.cat([p.reshape(-1, p.shape[-1])
+                                                             for p in p_t]))
+    # Match monitors (PAPER Sec. 4.6-4.7), in every mode: how many student cells have a geometric
+    # partner, and among those, how often the similarity matching picks that same teacher cell.
     with torch.no_grad():
         n_valid = sum(m[1].sum() for m in matchings.values())
         n_cells = sum(m[1].numel() for m in matchings.values())
         n_agree = sum(((m[0] == m[2]) & m[1]).sum() for m in matchings.values())
-        monitors = torch.cat([torch.stack([n_valid.float() / n_cells, n_agree.float() / n_valid.clamp(min=1)]),
+        monitors = torch.cat([torch.stack([n_valid.float() / n_cells,
+                                           n_agree.float() / n_valid.clamp(min=1)]),
                               local_collapse])
     total = loss_g if local_loss == "none" else (1 - local_weight) * loss_g + local_weight * loss_l
     return total, loss_g, loss_l, monitors
@@ -764,8 +723,7 @@ def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
 
 # ---- 5. Schedules: the teacher's EMA and temperature, DINO's weight decay ----
 def tau_at(step: int, total: int, base: float, final: float) -> float:
-    """DINO Sec. 3.1 (after BYOL): tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step
-    k of K."""
+    """DINO Sec. 3.1 (BYOL): at step k of K, tau = final - (final - base)(cos(pi k / K) + 1) / 2."""
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
@@ -778,8 +736,7 @@ def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: 
 
 
 def wd_at(step: int, total: int, base: float, final: float) -> float:
-    """DINO: weight decay follows a cosine from `base` (step 0) to `final` (last step); final < 0:
-    constant."""
+    """DINO's weight decay: cosine from `base` (step 0) to `final` (last step); final < 0: fixed."""
     if final < 0:
         return base
     return final + (base - final) * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0))) / 2
@@ -788,12 +745,10 @@ def wd_at(step: int, total: int, base: float, final: float) -> float:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
     """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and
-    the heads.
-
-    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in train mode,
-    so its BN normalises with the statistics of the current batch (as in solo-learn's DINO for
-    ResNets) and keeps running statistics of its own, used when the teacher backbone is evaluated
-    (backbone.pt, k-NN)."""
+    the heads. PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in
+    train mode, so its BN normalises with the statistics of the current batch (as in solo-learn's
+    DINO for ResNets) and keeps running statistics of its own, used when the teacher backbone is
+    evaluated (backbone.pt, k-NN)."""
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
@@ -803,8 +758,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
 def clip_gradients(params, clip: float) -> None:
     """DINO's clip_gradients (official utils.py): the gradient of EACH tensor is scaled down to norm
     `clip` when larger, g <- g * min(1, clip / (|g| + 1e-6)). PITFALL: not nn.utils.clip_grad_norm_,
-    which clips the norm of all gradients together. The min() runs on the device: no host sync per
-    tensor."""
+    which clips the norm of all gradients together. The min() runs on the device (no host sync)."""
     for p in params:
         if p.grad is not None:
             p.grad.mul_(torch.clamp(clip / (p.grad.norm(2) + 1e-6), max=1.0))
@@ -813,10 +767,9 @@ def clip_gradients(params, clip: float) -> None:
 class Schedule:
     """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every
     group's base lr), `weight_decay` (DINO's cosine), `tau` (the teacher's EMA momentum),
-    `teacher_temp` (T_t, warmed up per epoch), `freeze_last_layer` (the prototypes stay fixed in the
-    first epoch(s)) and `log_step` (the loop writes this step's row to metrics.jsonl: after it, the
-    step count is a multiple of --log-every or the last step). Every float but lr_scale is logged.
-    """
+    `teacher_temp` (T_t, warmed up per epoch), `freeze_last_layer` (prototypes fixed in the first
+    epoch(s)), `log_step` (the loop writes this step's row to metrics.jsonl: after it, the step
+    count is a multiple of --log-every or the last step). Every float but lr_scale is logged."""
 
     def __init__(self, args, steps_per_epoch: int):
         self.args, self.steps_per_epoch = args, steps_per_epoch
@@ -826,16 +779,17 @@ class Schedule:
         self.warmup = round(args.warmup_epochs * steps_per_epoch)
         if args.epochs < args.warmup_teacher_temp_epochs:
             # A run shorter than DINO's teacher-temperature warm-up works (teacher_temp_at only
-            # interpolates; the official np.linspace schedule would fail): T_t stops short of
-            # --teacher-temp. Unlike the lr warm-up it is not scaled to --epochs: DINO's recipe
-            # fixes it in epochs.
-            last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp, args.teacher_temp,
-                                        args.warmup_teacher_temp_epochs)
-            log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs {args.warmup_teacher_temp_epochs}: "
-                f"the teacher temperature ends at {last_temp:.4g}, not --teacher-temp {args.teacher_temp}")
+            # interpolates; official np.linspace would fail): T_t stops short of --teacher-temp.
+            # Unlike the lr warm-up it is not scaled to --epochs: DINO's recipe fixes it in epochs.
+            last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp,
+                                        args.teacher_temp, args.warmup_teacher_temp_epochs)
+            log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs "
+                f"{args.warmup_teacher_temp_epochs}: the teacher temperature ends at "
+                f"{last_temp:.4g}, not --teacher-temp {args.teacher_temp}")
         if args.freeze_last_layer >= args.epochs:  # e.g. DINO's default 1 in a 1-epoch smoke run
-            log(f"note: --freeze-last-layer {args.freeze_last_layer} >= --epochs {args.epochs}: the prototypes (the "
-                "heads' last layers) stay at their initial weights for the whole run")
+            log(f"note: --freeze-last-layer {args.freeze_last_layer} >= --epochs {args.epochs}: "
+                "the prototypes (the heads' last layers) stay at their initial weights for the "
+                "whole run")
 
     def __call__(self, step: int) -> dict:
         a, epoch = self.args, step // self.steps_per_epoch
@@ -845,21 +799,22 @@ class Schedule:
                 "teacher_temp": teacher_temp_at(epoch, a.warmup_teacher_temp, a.teacher_temp,
                                                 a.warmup_teacher_temp_epochs),
                 "freeze_last_layer": epoch < a.freeze_last_layer,
-                "log_step": (step + 1) % a.log_every == 0 or step + 1 == self.last}  # the loop's test, after step += 1
+                # the loop's test, after step += 1
+                "log_step": (step + 1) % a.log_every == 0 or step + 1 == self.last}
 
 
 # ---- 6. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
     """One optimisation step (PAPER Algorithm 1, lines 10-18): forward, (1 - w) L_G + w L_L, update
     the student, then the teacher (EMA) and the two centres."""
-    # views: 2 + N_L crops (B, 3, S, S); boxes (B, V, 4) and flips (B, V): where they came from;
-    # labels unused
+    # views: 2 + N_L crops (B, 3, S, S); boxes (B, V, 4), flips (B, V): their origin; labels unused
     (views, boxes, flips), _ = batch
     set_lr(optimizer, schedule["lr_scale"])
     device, teacher_temp = run.device, schedule["teacher_temp"]
-    # each crop size is its own tensor (2 global, N_L small): every one goes channels_last
-    views = [normalize(v.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-             for v in views]  # uint8 from the loader -> normalised float32
+    # each crop size is its own tensor (2 global, N_L small): every one goes channels_last; uint8
+    # from the loader -> normalised float32
+    views = [normalize(v.to(device, non_blocking=True))
+             .contiguous(memory_format=torch.channels_last) for v in views]
     boxes, flips = boxes.to(device, non_blocking=True), flips.to(device, non_blocking=True)
     center, local_center = nets.centers.center, nets.centers.local_center
 
@@ -868,13 +823,12 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
         student_out = nets.model(views)
         with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
             teacher_out = forward_views(nets.teacher, views[:2])
-    loss, loss_g, loss_l, monitors = nets.loss_fn(student_out, teacher_out, boxes, flips, center, local_center,
-                                                  args.student_temp, teacher_temp, args.local_loss,
-                                                  args.local_weight, schedule["log_step"])  # in fp32
+    loss, loss_g, loss_l, monitors = nets.loss_fn(  # in fp32
+        student_out, teacher_out, boxes, flips, center, local_center, args.student_temp,
+        teacher_temp, args.local_loss, args.local_weight, schedule["log_step"])
 
     # --- update the student, then the teacher <- EMA(student) ---
-    # group 0: the decayed weights
-    optimizer.param_groups[0]["weight_decay"] = schedule["weight_decay"]
+    optimizer.param_groups[0]["weight_decay"] = schedule["weight_decay"]  # group 0: decayed weights
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     # DINO: the prototypes stay fixed in the first epoch(s): stabler start
@@ -894,19 +848,19 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
     entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
     nets.centers.center = update_center(center, t_global, args.center_momentum)
-    # local collapse (Sec. 4.6): computed with the loss
-    match, local_monitors = monitors[:2], monitors[2:]
+    match, local_monitors = monitors[:2], monitors[2:]  # local collapse (Sec. 4.6): from the loss
     if args.local_loss != "none":
         # PAPER Sec. 3.4.2 / EsViT: the local head has its own centre, a mean over every cell of
         # every image: 2 x (B, K, n, n) -> (2B * n * n, K)
-        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim) for o in teacher_out])
+        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim)
+                             for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
-    # the epoch's match monitors (Sec. 4.6-4.7)
-    nets.epoch_match += torch.cat([match, match.new_ones(1)])
+    nets.epoch_match += torch.cat([match, match.new_ones(1)])  # epoch sums (Sec. 4.6-4.7)
     return StepOut(loss.detach(), {
         "loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
-        "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform,  # collapse: -> log K
-        "local_teacher_entropy": local_monitors[0], "local_teacher_kl_uniform": local_monitors[1],  # local collapse
+        # collapse monitors, global then local (-> log K at a collapse)
+        "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform,
+        "local_teacher_entropy": local_monitors[0], "local_teacher_kl_uniform": local_monitors[1],
         "match_valid_frac": match[0], "sim_geo_agree": match[1]})  # match monitors (Sec. 4.6-4.7)
 
 
@@ -952,11 +906,10 @@ def main(args):
 # ==================================================================================================
 # ==== APPENDIX: plumbing, identical in every method file ====
 # ==================================================================================================
-# PLUMBING: everything below is the same text in co_byol.py, co_dino.py, bag_ssl.py and geo_dino.py
-# (tests/test_style.py checks it), so `diff co_byol.py co_dino.py` shows the methods only. A first reading may
-# stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES, add_method_flags, check_method_args and
-# MultiView. Sections: A.1 flags, A.2 processes and precision, A.3 data, A.4 optimiser, A.5 the loop's
-# bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
+# PLUMBING: the same text in every method file (tests/test_style.py), so `diff co_byol.py co_dino.py` shows the
+# methods only; a first reading may stop here. It asks of Part I: METHOD_DEFAULTS, OTHER_ARCHS, RECIPES,
+# add_method_flags, check_method_args, MultiView. A.1 flags, A.2 processes and precision, A.3 data, A.4 optimiser,
+# A.5 the loop's bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
 
 # ---- A.1 Common flags and their checks ----
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
@@ -1189,17 +1142,15 @@ class Run:
             keep_freed_memory()
 
     def place(self, net: nn.Module) -> nn.Module:
-        """A network on this run's device. Several GPUs: BatchNorm over the global batch (SyncBatchNorm, as the
-        papers' runs); it works with CUDA modules only, so CPU/gloo runs keep per-process BatchNorm statistics.
-        channels_last: faster convolutions on GPUs and, measured, 1.3-1.4x on 2-core CPUs too."""
+        """A network on this run's device, channels_last (faster convolutions on GPUs, and on CPUs: measured). Several
+        GPUs: SyncBatchNorm over the global batch, as the papers' runs (CPU/gloo keeps per-process statistics)."""
         net = net.to(self.device)
         if self.device.type == "cuda" and self.world > 1:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         return net.to(memory_format=torch.channels_last)
 
     def wrap(self, net: nn.Module) -> nn.Module:
-        """What the forward pass goes through: `net`, in DDP when there are several processes (the gradients are
-        averaged over ranks in backward), compiled with --compile."""
+        """What the forward pass goes through: `net`, in DDP with several processes, compiled with --compile."""
         if self.world > 1:
             net = nn.parallel.DistributedDataParallel(net, device_ids=None if self.device.type == "cpu"
                                                       else [self.device.index])
@@ -1431,9 +1382,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def make_optimizer(net: nn.Module, args) -> torch.optim.Optimizer:
-    """The one place the learning rate is set: --lr for batch 256, scaled linearly to --batch-size, is each
-    group's `base_lr`, which `set_lr` multiplies by the schedule. Weight decay and LARS adaptation apply to
-    weights only (group 0), not to biases and norms (ndim <= 1, group 1)."""
+    """The one place the lr is set: --lr x batch / 256 is each group's `base_lr`, which `set_lr` multiplies by the
+    schedule. Weight decay and LARS adapt the weights only (group 0), not biases and norms (ndim <= 1, group 1)."""
     base_lr = args.lr * (args.batch_size / 256)
     decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
@@ -1461,8 +1411,6 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 
 # ---- A.5 The loop's bookkeeping: checkpoints and resume, stop signals, metrics, outputs ----
-# OUTPUT_DIR/checkpoint.pt holds everything needed to continue bit-for-bit on CPU; rank 0 writes it through a
-# temporary file and os.replace (a crash never leaves half a file); it is read with weights_only=True.
 # Arguments that may change when a run resumes (they do not change what is trained); any other difference between
 # the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
 RESUME_MAY_CHANGE = {"output_dir", "recipe", "max_steps", "log_every", "checkpoint_every", "allow_epochs_change",
@@ -1605,9 +1553,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Bookkeeper:
     """Everything the training loop does besides training, the same for every method.
-    - checkpoint.pt at every epoch end, every --checkpoint-every minutes and on a stop signal: `states` (name ->
-      what the run changes: networks, optimiser, scaler, centres), the step, the metrics history, the training
-      seconds and every rank's RNG state; `resume` continues from it, bit-exact on CPU.
+    - checkpoint.pt at every epoch end, every --checkpoint-every minutes and on a stop signal (written atomically,
+      read with weights_only=True): `states` (name -> what the run changes: networks, optimiser, scaler, centres),
+      the step, the metrics history, the training seconds, every rank's RNG; `resume` continues bit-exact on CPU.
     - metrics.jsonl (rank 0): rewritten from the checkpoint's history at start, so after any kill it holds every
       row once. The non-finite guard: a device flag collects NaN/inf losses without a host sync; it is read at
       log steps and, with every tensor of `states`, before each checkpoint: a poisoned state is never written.

@@ -1,5 +1,4 @@
-"""BagSSL: joint-embedding SSL on fixed-scale patches, images represented as a bag of patch
-embeddings.
+"""BagSSL: joint-embedding SSL on fixed-scale patches; an image is a bag of patch embeddings.
 
 Paper: Yubei Chen, Adrien Bardes, Zengyi Li, Yann LeCun, "Bag of Image Patch Embedding Behind the
 Success of Self-Supervised Learning", arXiv 2206.08954 (v1 title: "Intra-Instance VICReg"). Sec. 3
@@ -18,45 +17,45 @@ embeddings h of N patches at the training scale (a "bag of patch embeddings", Fi
 multi-scale model the mean of N patch embeddings converges to the whole-image embedding as N grows
 (Fig. 3a), and averaging locally then concatenating (Table 5) beats the global average.
 
-What this file implements: both sides of the paper's tables from one script (`--crop patch`, BagSSL,
-and `--crop multiscale`, the baseline), four losses (`--loss simclr|vicreg|tcr|byol`, with BYOL's
-EMA target and predictor), EMP-SSL's many-patch loss as an anchor (`--loss emp --num-patches 20`),
-the paper's projector (2 layers, 4096 hidden), an online k-NN on whole images every epoch (epoch 0:
-the random network), LARS (or SGD) with warm-up + cosine, AMP, DDP (global-batch losses),
-auto-resume, SIGTERM checkpoints, a narrow `--width` for CPUs; and after training (or with
-`--eval-only --checkpoint backbone.pt`) the bag-of-patch evaluation: linear probe and k-NN on the
-mean embedding of N patches for N in `--eval-patches` and on the whole image, laid out as the
-paper's Table 1 (`table1.md`, `final_metrics.json`), the convergence study of Fig. 3a
-(`convergence.png`) and local aggregation (Table 5, `--local-agg`). Not here: the visualisations of
-Sec. 4.3 (Fig. 4-5), ImageNet-1K (Fig. 3b).
+Here: both arms of the paper's tables (`--crop patch`, BagSSL; `--crop multiscale`, the baseline),
+four losses (`--loss simclr|vicreg|tcr|byol`, BYOL with its EMA target and predictor), EMP-SSL's
+many-patch loss as an anchor (`--loss emp`), an online k-NN on whole images every epoch (epoch 0:
+the random network); after training (or `--eval-only --checkpoint backbone.pt`) the bag-of-patch
+evaluation laid out as Table 1 (`table1.md`, `final_metrics.json`), Fig. 3a (`convergence.png`) and
+Table 5 (`--local-agg`). The appendix adds LARS or SGD, AMP, DDP (global-batch losses), auto-resume,
+SIGTERM checkpoints, a narrow `--width` for CPUs. Not here: Sec. 4.3's visualisations (Fig. 4-5),
+ImageNet-1K (Fig. 3b).
 
-Run:
-    python bag_ssl.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --eval-patches 1,4   # CPU smoke
-    python bag_ssl.py                        # CIFAR-10, ResNet-34, VICReg, 14x14 patches, 200 epochs, one GPU
-    python bag_ssl.py --crop multiscale      # the baseline (RandomResizedCrop(0.08, 1)), same recipe
-    python bag_ssl.py --recipe laptop        # 2-core CPU: co_byol's BYOL laptop recipe on patches (docs/bag_ssl.md)
-    python bag_ssl.py --recipe laptop-emp    # 2-core CPU: EMP-SSL's 20 patches per image, one epoch
+Run (the first line is a CPU smoke test):
+    python bag_ssl.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --eval-patches 1,4
+    python bag_ssl.py                        # CIFAR-10, ResNet-34, VICReg, 14x14, 200 ep., 1 GPU
+    python bag_ssl.py --crop multiscale      # the baseline: RandomResizedCrop(0.08, 1), same recipe
+    python bag_ssl.py --recipe laptop        # 2-core CPU: co_byol's BYOL laptop recipe on patches
+    python bag_ssl.py --recipe laptop-emp    # 2-core CPU: EMP-SSL's 20 patches per image, 1 epoch
     python bag_ssl.py --loss simclr          # or tcr, byol
-    python bag_ssl.py --eval-only --checkpoint runs/bag_ssl/backbone.pt --eval-patches 1,16,256 --local-agg
+    python bag_ssl.py --eval-only --checkpoint runs/bag_ssl/backbone.pt --eval-patches 1,16,256 \
+        --local-agg
     torchrun --nproc_per_node=8 bag_ssl.py   # 8 GPUs, --batch-size stays the global batch
-    # Paper scale, CIFAR-10 (App. C.1; Table 1: VICReg 90.9 % with 16 patches, 91.2 % with 256, in the paper):
+    # Paper scale, CIFAR-10 (App. C.1; paper's Table 1: VICReg 90.9 % with 16 patches, 91.2 % 256):
     torchrun --nproc_per_node=8 bag_ssl.py --arch resnet34 --epochs 600 --batch-size 1024 --lr 0.3 \
         --loss vicreg --crop patch --patch-size 14 --output-dir runs/bag_ssl_cifar10_vicreg_p14
-    # Paper scale, ImageNet-100 (App. C.2; Table 3: VICReg 76.8 % with 16 patches, in the paper):
-    torchrun --nproc_per_node=8 bag_ssl.py --dataset imagefolder --data-dir /data/imagenet100 --arch resnet50 \
-        --image-size 224 --epochs 400 --batch-size 1024 --lr 0.1 --proj-hidden 8192 --proj-dim 8192 \
-        --tcr-lambda 1920 --patch-size 100 --eval-patches 1,16,48 --output-dir runs/bag_ssl_in100
-Measured results (with commands, machine and time, beside the same network at random
-initialisation): docs/bag_ssl.md. The paper's CIFAR-10 numbers need the GPU recipe above.
+    # Paper scale, ImageNet-100 (App. C.2; paper's Table 3: VICReg 76.8 % with 16 patches):
+    torchrun --nproc_per_node=8 bag_ssl.py --dataset imagefolder --data-dir /data/imagenet100 \
+        --arch resnet50 --image-size 224 --epochs 400 --batch-size 1024 --lr 0.1 \
+        --proj-hidden 8192 --proj-dim 8192 --tcr-lambda 1920 --patch-size 100 \
+        --eval-patches 1,16,48 --output-dir runs/bag_ssl_in100
+Measured results (commands, beside the same network at random initialisation): docs/bag_ssl.md.
+The paper's CIFAR-10 numbers need the GPU recipe above.
 
 Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
 every method file):
     patch_view, MultiView   the two kinds of views: fixed-scale patches (BagSSL, Sec. 4.1) or crops
     Encoder, OnlineNetwork  f and the projector g (App. C.1); BYOL's predictor
-    nt_xent_loss, vicreg_loss, tcr_loss, byol_loss, emp_loss   the four losses (Sec. 2-3) and EMP-SSL's
+    nt_xent_loss, vicreg_loss, tcr_loss, byol_loss, emp_loss
+                            the four losses (Sec. 2-3) and EMP-SSL's
     bag_ssl_loss            the chosen loss on the global batch (gather_with_grad)
-    sample_boxes, bag_features, bag_of_patches_eval   Sec. 3's bag-of-patch evaluation (Tables 1, 3, 5;
-                            Fig. 3a), the heart of the paper
+    sample_boxes, bag_features, bag_of_patches_eval
+                            the bag-of-patch evaluation (Sec. 3; Tables 1, 3, 5; Fig. 3a), the core
     train_step, main        one step, then the training loop
 """
 from __future__ import annotations
@@ -96,30 +95,29 @@ import rf_resnet
 
 # ---- 1. The method's flags ----
 LOSSES = ("vicreg", "simclr", "tcr", "byol", "emp")
-
-
-METHOD_NAMES = {"vicreg": "VICReg", "simclr": "SimCLR", "tcr": "TCR", "byol": "BYOL", "emp": "EMP-SSL"}
+METHOD_NAMES = {"vicreg": "VICReg", "simclr": "SimCLR", "tcr": "TCR", "byol": "BYOL",
+                "emp": "EMP-SSL"}
 # The loss terms logged for each loss (metrics.jsonl keys), in the order bag_ssl_loss returns them.
 LOSS_TERMS = {"vicreg": ("loss_inv", "loss_var", "loss_cov"), "simclr": ("loss_nce",),
-              "tcr": ("coding_rate", "cos_views"), "byol": ("loss_byol",), "emp": ("coding_rate", "cos_mean")}
+              "tcr": ("coding_rate", "cos_views"), "byol": ("loss_byol",),
+              "emp": ("coding_rate", "cos_mean")}
 
 
 def add_method_flags(p: argparse.ArgumentParser) -> None:
-    """BagSSL's flags (views, losses, the bag-of-patch evaluation); the flags every method shares
-    are in the appendix (A.1)."""
+    """BagSSL's flags (views, losses, the bag-of-patch evaluation); the shared ones are in A.1."""
     g = p.add_argument_group("method (BagSSL, Sec. 3-4 and App. C)")
     g.add_argument("--crop", choices=["patch", "multiscale"], default="patch", help="training "
                    "views: 'patch' = two fixed-scale patches at random positions (BagSSL, Sec. "
-                   "4.1); 'multiscale' = RandomResizedCrop(--min-scale, 1), the baseline of "
-                   "Tables 1-3")
+                   "4.1); 'multiscale' = RandomResizedCrop(--min-scale, 1), the baseline of Tables "
+                   "1-3")
     g.add_argument("--patch-size", type=int, default=0, help="side of the fixed-scale patches in "
                    "pixels, before upsampling to --image-size (0: 14/32 of --image-size, i.e. 14 "
                    "on CIFAR, Table 1; the paper uses 100 at 224 px on ImageNet-100, Table 3)")
     g.add_argument("--min-scale", type=float, default=0.08, help="lower area bound of "
                    "RandomResizedCrop for --crop multiscale (paper: 0.08, i.e. 9x9 to 32x32 crops "
                    "on CIFAR)")
-    g.add_argument("--loss", choices=LOSSES, default="vicreg", help="joint-embedding loss (Sec. "
-                   "4: SimCLR, VICReg, TCR, BYOL; the paper's tables show all four behave alike); "
+    g.add_argument("--loss", choices=LOSSES, default="vicreg", help="joint-embedding loss (Sec. 4: "
+                   "SimCLR, VICReg, TCR, BYOL; the paper's tables show all four behave alike); "
                    "'emp': EMP-SSL's many-patch loss (Tong et al. 2023), TCR on every patch + "
                    "cosine of every patch to its image's mean")
     g.add_argument("--num-patches", type=int, default=None, help="views per image: 2 for the "
@@ -133,8 +131,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "(App. C: 25)")
     g.add_argument("--std-coeff", type=float, default=25.0, help="VICReg variance weight mu (App. "
                    "C: 25)")
-    g.add_argument("--cov-coeff", type=float, default=1.0, help="VICReg covariance weight nu "
-                   "(App. C: 1)")
+    g.add_argument("--cov-coeff", type=float, default=1.0, help="VICReg covariance weight nu (App. "
+                   "C: 1)")
     g.add_argument("--tcr-lambda", type=float, default=30.0, help="TCR weight lambda of the "
                    "view-agreement term (App. C.1: 30 on CIFAR; C.2: 1920 on ImageNet-100 with "
                    "8192-d projections)")
@@ -148,8 +146,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proj-dim", type=int, default=None, help="output width of the projector; "
                    "default App. C.1's: 128 on CIFAR-10, 512 on CIFAR-100 (C.2, ImageNet-100: "
                    "8192)")
-    g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of BYOL's "
-                   "predictor q (BYOL: 4096)")
+    g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of BYOL's predictor "
+                   "q (BYOL: 4096)")
     g.add_argument("--tau-base", type=float, default=0.99, help="BYOL: EMA momentum of the target "
                    "at step 0; it follows a cosine to --tau-final (BYOL: 0.99 -> 1)")
     g.add_argument("--tau-final", type=float, default=1.0, help="BYOL: EMA momentum at the last "
@@ -163,33 +161,33 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "(default: OUTPUT_DIR/backbone.pt)")
     g.add_argument("--eval-patches", default="1,16,256", help="comma-separated N: represent an "
                    "image by the mean embedding h of N patches (Table 1: 1, 16, 256; Table 3: 1, "
-                   "16, 48). Costs max(N) forward passes per image; smaller N reuse the first N "
-                   "of those patches")
-    g.add_argument("--eval-crop", choices=["train", "patch", "multiscale"], default="train", help="how "
-                   "the N evaluation views are sampled: as in training (Tables 1-3: 'patch' for "
-                   "BagSSL, 'crop' at the training scales for the baseline) or forced; Fig. 3a "
-                   "uses 'patch' on a multi-scale model")
+                   "16, 48). Costs max(N) forward passes per image; smaller N reuse the first N of "
+                   "those patches")
+    g.add_argument("--eval-crop", choices=["train", "patch", "multiscale"], default="train",
+                   help="how the N evaluation views are sampled: as in training (Tables 1-3: "
+                   "'patch' for BagSSL, 'crop' at the training scales for the baseline) or forced; "
+                   "Fig. 3a uses 'patch' on a multi-scale model")
     g.add_argument("--eval-patch-size", type=int, default=0, help="patch side for the evaluation "
                    "(0: the training --patch-size)")
     g.add_argument("--local-agg", action="store_true", help="also evaluate local aggregation "
                    "(Table 5, App. C.4): patches on a sliding grid, their embeddings "
-                   "average-pooled 3x3 / stride 2 on the grid and concatenated, and the plain "
-                   "mean of the same grid")
+                   "average-pooled 3x3 / stride 2 on the grid and concatenated, and the plain mean "
+                   "of the same grid")
     g.add_argument("--grid-patch-size", type=int, default=0, help="patch side of the --local-agg "
                    "grid (0: half of --image-size; Table 5: 16 px on 32 px CIFAR images)")
     g.add_argument("--grid-stride", type=int, default=4, help="stride of the sliding patch grid "
                    "for --local-agg (Table 5: 4, i.e. 5x5 patches of 16 px on 32 px images, which "
                    "tile the image exactly)")
     g.add_argument("--eval-train-images", type=int, default=0, help="fit the classifiers on a "
-                   "seeded random subset of this many training images (0: all); limits the cost "
-                   "on CPU")
+                   "seeded random subset of this many training images (0: all); limits the cost on "
+                   "CPU")
     g.add_argument("--eval-test-images", type=int, default=0, help="evaluate on a seeded random "
                    "subset of this many test images (0: all)")
     g.add_argument("--eval-batch", type=int, default=512, help="patches per forward pass in the "
                    "evaluation")
-    g.add_argument("--linear-epochs", type=int, default=100, help="epochs of the linear "
-                   "classifier fitted on frozen, standardised features (SGD, momentum 0.9, cosine "
-                   "lr, batch 256)")
+    g.add_argument("--linear-epochs", type=int, default=100, help="epochs of the linear classifier "
+                   "fitted on frozen, standardised features (SGD, momentum 0.9, cosine lr, batch "
+                   "256)")
     g.add_argument("--linear-lr", type=float, default=0.1, help="lr of that linear classifier")
     g.add_argument("--linear-wd", type=float, default=5e-4, help="weight decay of that linear "
                    "classifier")
@@ -206,26 +204,25 @@ def parse_eval_patches(text: str) -> list[int]:
     return values
 
 
-# The method's values for flags every method shares (App. C: ResNet-34 on CIFAR, LARS lr 0.3, wd
-# 1e-4).
+# The method's values for shared flags (App. C: ResNet-34 on CIFAR, LARS lr 0.3, wd 1e-4).
 METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-4, arch="resnet34")
 OTHER_ARCHS = ()  # backbones besides rf_resnet's (geo_dino.py adds swin_t)
-# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. Loss,
-# network, batch, optimiser, lr, schedule, EMA and head sizes are co_byol.py's BYOL laptop recipe
-# (chosen there by a lever search, docs/co_byol.md; not re-tuned here), so `--crop multiscale` is
-# BYOL with the same crops (0.08, 1) and `--crop patch` changes only the views. The bag-of-patch
-# evaluation runs on seeded subsets (5,000 train / 2,000 test images, N up to 64: 455k forward
-# passes); the online and final k-NN use whole images.
-LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=3, optimizer="sgd",
-                     lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, loss="byol", tau_base=0.99, proj_hidden=512,
-                     proj_dim=256, pred_hidden=512, num_workers=2, eval_patches="1,16,64", eval_train_images=5000,
-                     eval_test_images=2000, output_dir="runs/bag_ssl_laptop")
+# --recipe laptop: CIFAR-10 at 32 px on 2 CPU cores, k-NN every epoch. Loss, network, batch,
+# optimiser, lr, schedule, EMA and head sizes are co_byol.py's BYOL laptop recipe (from a lever
+# search there, docs/co_byol.md; not re-tuned here), so `--crop multiscale` is BYOL with the same
+# crops (0.08, 1) and `--crop patch` changes only the views. The bag-of-patch evaluation runs on
+# seeded subsets to bound its cost (docs/bag_ssl.md); the online and final k-NN use whole images.
+LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=3,
+                     optimizer="sgd", lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, loss="byol",
+                     tau_base=0.99, proj_hidden=512, proj_dim=256, pred_hidden=512, num_workers=2,
+                     eval_patches="1,16,64", eval_train_images=5000, eval_test_images=2000,
+                     output_dir="runs/bag_ssl_laptop")
 # --recipe laptop-emp: the many-patch anchor, EMP-SSL (Tong, Chen, Ma, LeCun 2023) on the same
-# network, data and evaluation: 20 patches per image, one epoch, LARS lr 0.3 per 256 and weight
-# decay 1e-4 (EMP-SSL's optimiser family; SGD at the BYOL lr above stayed at the random level in the
-# lever search, docs/bag_ssl.md).
-LAPTOP_EMP_RECIPE = dict(LAPTOP_RECIPE, loss="emp", num_patches=20, epochs=1, optimizer="lars", lr=0.3,
-                         weight_decay=1e-4, warmup_epochs=0.05, output_dir="runs/bag_ssl_laptop_emp")
+# network, data and evaluation, with EMP-SSL's optimiser family: LARS, lr per 256 images (SGD at
+# the BYOL lr above stayed at the random level in the lever search, docs/bag_ssl.md).
+LAPTOP_EMP_RECIPE = dict(LAPTOP_RECIPE, loss="emp", num_patches=20, epochs=1, optimizer="lars",
+                         lr=0.3, weight_decay=1e-4, warmup_epochs=0.05,
+                         output_dir="runs/bag_ssl_laptop_emp")
 RECIPES = {"laptop": LAPTOP_RECIPE, "laptop-emp": LAPTOP_EMP_RECIPE}
 
 
@@ -233,36 +230,36 @@ def check_method_args(args, error) -> None:
     """The method's checks and the one place where its defaults depend on other flags."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.eval_only:
-        # The backbone and the geometry it was trained with (image size, crop, patch size) come from
-        # the file.
+        # The backbone and its training geometry (image size, crop, patch size) come from the file.
         path = Path(args.checkpoint or Path(args.output_dir) / "backbone.pt")
         if not path.is_file():
-            error(f"--eval-only needs an existing backbone.pt: {path} not found (pass --checkpoint)")
-        geometry = ("arch", "stem", "no_mlp", "width", "image_size", "crop", "patch_size", "min_scale")
+            error(f"--eval-only needs an existing backbone.pt: {path} not found "
+                  "(pass --checkpoint)")
+        geometry = ("arch", "stem", "no_mlp", "width", "image_size", "crop", "patch_size",
+                    "min_scale")
         given = {k: getattr(args, k) for k in geometry if k in args.given_flags}
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             trained = saved["args"]
             args.arch, args.stem = saved["arch"], saved["arch_kwargs"]["stem"]
             args.no_mlp = saved["arch_kwargs"]["mlp"] is False
-            # files written before --width: build_backbone's 64
-            args.width = saved["arch_kwargs"].get("width", 64)
+            args.width = saved["arch_kwargs"].get("width", 64)  # files before --width: 64
             args.image_size = trained["image_size"]
-            # co_byol / co_dino backbones were trained on crops
-            args.crop = trained.get("crop", "multiscale")
+            args.crop = trained.get("crop", "multiscale")  # co_byol / co_dino: crops
             args.patch_size = trained.get("patch_size", 0)
             args.min_scale = trained.get("min_scale", trained.get("min_crop", args.min_scale))
-            # The method's name in table1.md: this script's --loss, else the folder of a co_byol /
-            # co_dino run.
-            args.method_label = METHOD_NAMES[trained["loss"]] if "loss" in trained else path.parent.name
+            # The name in table1.md: this script's --loss, else a co_byol / co_dino run's folder.
+            args.method_label = (METHOD_NAMES[trained["loss"]] if "loss" in trained
+                                 else path.parent.name)
         except Exception as e:  # not a backbone.pt
-            error(f"{path} is not a backbone.pt written by these scripts ({type(e).__name__}: {e})")
+            error(f"{path} is not a backbone.pt written by these scripts "
+                  f"({type(e).__name__}: {e})")
         args.checkpoint = str(path)
-        clash = [f"--{k.replace('_', '-')} {v} (the file: {getattr(args, k)})" for k, v in given.items()
-                 if getattr(args, k) != v]
+        clash = [f"--{k.replace('_', '-')} {v} (the file: {getattr(args, k)})"
+                 for k, v in given.items() if getattr(args, k) != v]
         if clash:
-            error(f"--eval-only evaluates {path} with the network and geometry it was trained with; drop "
-                  + ", ".join(clash))
+            error(f"--eval-only evaluates {path} with the network and geometry it was trained "
+                  "with; drop " + ", ".join(clash))
     if args.eval_only and world > 1:
         error("--eval-only runs in one process: launch it with python, not torchrun")
     if args.proj_dim is None:
@@ -271,51 +268,52 @@ def check_method_args(args, error) -> None:
     if args.num_patches is None:
         args.num_patches = 20 if args.loss == "emp" else 2
     if args.num_patches < 2 or (args.num_patches != 2 and args.loss != "emp"):
-        error(f"--num-patches {args.num_patches}: the two-view losses take exactly 2 views; more (n >= 2) "
-              "need --loss emp")
+        error(f"--num-patches {args.num_patches}: the two-view losses take exactly 2 views; "
+              "more (n >= 2) need --loss emp")
     args.eval_patch_size = args.eval_patch_size or args.patch_size
     try:
         args.eval_patch_list = parse_eval_patches(args.eval_patches)
     except ValueError:
-        error(f"--eval-patches must be comma-separated integers >= 1, e.g. 1,16,256; got {args.eval_patches!r}")
+        error("--eval-patches must be comma-separated integers >= 1, e.g. 1,16,256; "
+              f"got {args.eval_patches!r}")
     for name in ("patch_size", "eval_patch_size"):
         if not 1 <= getattr(args, name) <= args.image_size:
-            error(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 1 and the image size "
-                  f"{args.image_size}")
+            error(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 1 and the "
+                  f"image size {args.image_size}")
     if not 0 < args.min_scale <= 1:
         error(f"--min-scale must be in (0, 1], got {args.min_scale}")
-    for name in ("proj_hidden", "proj_dim", "proj_hidden_layers", "pred_hidden", "eval_batch", "linear_epochs"):
+    for name in ("proj_hidden", "proj_dim", "proj_hidden_layers", "pred_hidden", "eval_batch",
+                 "linear_epochs"):
         if getattr(args, name) < 1:
             error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.eval_knn_k, args.eval_train_images, args.eval_test_images) < 0:
         error("--eval-knn-k, --eval-train-images and --eval-test-images must be >= 0")
-    # the classifier standardises features by their std over these images
-    if args.eval_train_images == 1:
+    if args.eval_train_images == 1:  # the classifier standardises by the features' std
         error("--eval-train-images must be 0 (all) or >= 2 (one image has no feature std)")
-    if min(args.temperature, args.tcr_eps, args.linear_lr) <= 0 or min(args.sim_coeff, args.std_coeff,
-                                                                        args.cov_coeff, args.tcr_lambda,
-                                                                        args.emp_lambda, args.linear_wd) < 0:
-        error("need --temperature, --tcr-eps, --linear-lr > 0 and the loss weights and --linear-wd >= 0")
+    if min(args.temperature, args.tcr_eps, args.linear_lr) <= 0 or min(
+            args.sim_coeff, args.std_coeff, args.cov_coeff, args.tcr_lambda, args.emp_lambda,
+            args.linear_wd) < 0:
+        error("need --temperature, --tcr-eps, --linear-lr > 0 and the loss weights and "
+              "--linear-wd >= 0")
     if not 0 <= args.tau_base <= args.tau_final <= 1:
         error("need 0 <= --tau-base <= --tau-final <= 1")
     args.grid_patch_size = args.grid_patch_size or args.image_size // 2
     if not 0 < args.grid_patch_size <= args.image_size or args.grid_stride < 1:
-        error(f"need 0 < --grid-patch-size <= --image-size ({args.image_size}) and --grid-stride >= 1")
-    # sliding grid, g x g patches
-    args.grid = (args.image_size - args.grid_patch_size) // args.grid_stride + 1
+        error(f"need 0 < --grid-patch-size <= --image-size ({args.image_size}) and "
+              "--grid-stride >= 1")
+    args.grid = (args.image_size - args.grid_patch_size) // args.grid_stride + 1  # g x g patches
     if args.local_agg and args.grid < 3:
         error(f"--local-agg needs a sliding grid of at least 3x3 patches for its 3x3 pooling; "
-              f"{args.grid_patch_size} px patches with --grid-stride {args.grid_stride} on {args.image_size} "
-              f"px give {args.grid}x{args.grid}: lower --grid-stride")
+              f"{args.grid_patch_size} px patches with --grid-stride {args.grid_stride} on "
+              f"{args.image_size} px give {args.grid}x{args.grid}: lower --grid-stride")
 
 
 # ---- 2. Views ----
 # PAPER Sec. 4.1 and App. C: "the only difference between BagSSL and the baselines during training
 # is that we replace multi-scale cropping augmentation with fixed-scale image patches"; two views
 # per image, and "the data augmentations used are identical to those described in BYOL" (flip,
-# colour jitter, grayscale, blur, solarisation; blur and solarisation probabilities differ between
-# the two views: 1.0 / 0.1 and 0.0 / 0.2; on CIFAR's 32 px images there is no blur, as in
-# solo-learn; larger images, Tiny-ImageNet's 64 px too, keep it).
+# colour jitter, grayscale, blur p = 1.0 / 0.1 and solarisation p = 0.0 / 0.2 in the two views;
+# no blur on 32 px CIFAR, as in solo-learn; larger images, Tiny-ImageNet's 64 px too, keep it).
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
     """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
@@ -333,25 +331,21 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
 def patch_view(size: int, patch: int, blur_p: float, solarize_p: float) -> T.Compose:
     """PAPER Sec. 4.1: a fixed-scale `patch` x `patch` square at a uniformly random position inside
     the image, upsampled to `size` x `size` and colour-augmented as in BYOL.
-
     IMPL: byol_view's RandomResizedCrop with scale (1, 1) applied to a square patch always returns
     the whole patch, only resized (bicubic) to `size`: a smaller crop would need w * h < area, which
     rounding cannot give (tested). Reusing byol_view keeps the colour augmentations of the two arms
     identical to the letter."""
-    # One scale for training and evaluation: the image is first resized as eval_transform resizes it
-    # (short side `size`, or 256/224 x `size` above 64 px; a no-op on CIFAR), so that a training
-    # patch and an evaluation patch of the same side cover the same part of an object. Without it,
-    # ImageNet's native images (short side ~400 px) gave training patches 1.46x smaller in object
-    # terms than the evaluation's (fixed 2026-12-01).
+    # One scale for training and evaluation: resize the image first as eval_transform does (short
+    # side `size`, or 256/224 x `size` above 64 px; a no-op on CIFAR), so that training and
+    # evaluation patches of one side cover the same part of an object. Without it, ImageNet's native
+    # images (short side ~400 px) gave training patches 1.46x smaller, in object terms, than eval's.
     short_side = size if size <= 64 else int(size * 256 / 224)
     return T.Compose([T.Resize(short_side), T.RandomCrop(patch),
                       byol_view(size, (1.0, 1.0), blur_p, solarize_p)])
 
 
 class MultiView:
-    """image -> [view t, view t']: two fixed-scale patches (BagSSL) or two multi-scale crops (the
-    baseline).
-
+    """image -> [view t, view t']: two fixed-scale patches (BagSSL) or multi-scale crops (baseline).
     --loss emp: --num-patches n views, t, t', t, t', ... (EMP-SSL, Tong et al. 2023: n fixed-size
     patches per image). IMPL: the n views alternate BYOL's two augmentation pipelines, so n = 2 is
     exactly the two-view pair above and only the number of patches and the loss separate EMP-SSL
@@ -360,15 +354,12 @@ class MultiView:
     patches (here: one per view)."""
 
     def __init__(self, args):
-        # solo-learn: no blur on CIFAR's 32 px images; every larger image keeps BYOL's
-        # (Tiny-ImageNet's 64 px too)
-        blur = 0.0 if args.image_size <= 32 else 1.0
+        blur = 0.0 if args.image_size <= 32 else 1.0  # solo-learn: no blur at 32 px (§2, above)
         # PAPER Sec. 4.1: "two image patches are randomly selected from each image"
         if args.crop == "patch":
             self.views = [patch_view(args.image_size, args.patch_size, 1.0 * blur, 0.0),
                           patch_view(args.image_size, args.patch_size, 0.1 * blur, 0.2)]
-        # the baseline: RandomResizedCrop(0.08, 1), i.e. 9x9 to 32x32 crops on CIFAR (Table 1
-        # caption)
+        # the baseline: RandomResizedCrop(0.08, 1), i.e. 9x9 to 32x32 crops on CIFAR (Table 1)
         else:
             self.views = [byol_view(args.image_size, (args.min_scale, 1.0), 1.0 * blur, 0.0),
                           byol_view(args.image_size, (args.min_scale, 1.0), 0.1 * blur, 0.2)]
@@ -400,12 +391,12 @@ class Encoder(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        self.backbone = rf_resnet.build_backbone(args.arch, stem=args.stem, mlp=False if args.no_mlp else None,
-                                                 width=args.width)
+        self.backbone = rf_resnet.build_backbone(
+            args.arch, stem=args.stem, mlp=False if args.no_mlp else None, width=args.width)
         # PAPER App. C.1: "2 linear layers with 4096 hidden units and 128 output units ... separated
-        # with a ReLU and a BatchNorm layer" = Linear -> BN -> ReLU -> Linear, the same MLP as
-        # BYOL's projector.
-        self.projector = mlp(self.backbone.out_dim, args.proj_hidden, args.proj_dim, args.proj_hidden_layers)
+        # with a ReLU and a BatchNorm layer" = Linear -> BN -> ReLU -> Linear, BYOL's projector MLP.
+        self.projector = mlp(self.backbone.out_dim, args.proj_hidden, args.proj_dim,
+                             args.proj_hidden_layers)
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
@@ -413,21 +404,18 @@ class Encoder(nn.Module):
 
 
 class OnlineNetwork(nn.Module):
-    """The trained network: encoder + BYOL's predictor q (only with --loss byol).
-
-    Everything trained by the optimiser sits in this one module, so one DDP wrapper syncs all
-    gradients."""
+    """The trained network: encoder + BYOL's predictor q (only with --loss byol). Everything the
+    optimiser trains sits in this one module, so one DDP wrapper syncs all gradients."""
 
     def __init__(self, args):
         super().__init__()
         self.encoder = Encoder(args)
-        # BYOL only: the predictor q makes the online branch asymmetric to the EMA target (Grill et
-        # al. 2020).
-        self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim) if args.loss == "byol" else None
+        # BYOL only: q makes the online branch asymmetric to the EMA target (Grill et al. 2020)
+        self.predictor = (mlp(args.proj_dim, args.pred_hidden, args.proj_dim)
+                          if args.loss == "byol" else None)
 
     def forward(self, views: list[torch.Tensor]) -> list[dict]:
-        """One call for all views (DDP expects one forward per backward); BN statistics stay per
-        view."""
+        """One call for all views (DDP expects one forward per backward); BN statistics per view."""
         outs = []
         for x in views:
             o = self.encoder(x)
@@ -463,23 +451,21 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
 
 # ---- 4. Losses ----
 # PAPER Sec. 3, Prop. 3.1: every joint-embedding loss has an attractive term (projections of
-# co-occurring patches, i.e. two views of one image, are pulled together) and an anti-collapse term;
-# the four methods differ only in the second (Sec. 2, "Invariance without collapse"): SimCLR:
-# negatives. Every other image of the (global) batch is pushed away through the softmax denominator.
-# VICReg: statistics. The per-dimension std is kept >= 1 (variance) and dimensions are decorrelated
-# (covariance), over the global batch; no negatives, no asymmetry.
-#   TCR:    volume. The coding rate log det(I + c Z^T Z) of the batch's projections is maximised, i.e. they
-#           must span all directions (a smooth version of VICReg's covariance term).
-#   BYOL:   asymmetry. No explicit repulsion at all: a predictor on the online side and a stop-gradient EMA
-# target avoid the trivial solution (Grill et al. 2020). EMP-SSL (--loss emp, same group, 2023) is
-# TCR with n patches per image instead of two views: every patch is pulled towards the mean
-# projection of its image's patches, i.e. towards its bag, already during training. All losses run
-# in fp32 (PITFALL: logdet, softmax with T = 0.1 and std/cov statistics are unreliable in bf16).
-
-
+# co-occurring patches, i.e. two views of one image, are pulled together) and an anti-collapse
+# term; the four methods differ only in the second (Sec. 2, "Invariance without collapse"):
+#   SimCLR: negatives; every other image of the (global) batch is pushed away (softmax denominator).
+#   VICReg: statistics; the per-dimension std is kept >= 1 (variance) and dimensions are
+#           decorrelated (covariance), over the global batch; no negatives, no asymmetry.
+#   TCR:    volume; the coding rate log det(I + c Z^T Z) of the batch's projections is maximised,
+#           i.e. they must span all directions (a smooth version of VICReg's covariance term).
+#   BYOL:   asymmetry; no explicit repulsion at all: a predictor on the online side and a
+#           stop-gradient EMA target avoid the trivial solution (Grill et al. 2020).
+# EMP-SSL (--loss emp, same group, 2023) is TCR with n patches per image instead of two views: every
+# patch is pulled towards the mean projection of its image's patches, i.e. towards its bag, already
+# during training. All losses run in fp32 (PITFALL: logdet, softmax with T = 0.1 and std/cov
+# statistics are unreliable in bf16).
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather that keeps the gradient (the official VICReg code's FullGatherLayer).
-
     Every rank computes the same loss on the gathered global batch, so the gradient reaching each
     rank's slice is summed over ranks (all_reduce); DDP then averages the parameter gradients over
     the ranks, which gives exactly the gradient of the global-batch loss."""
@@ -498,8 +484,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) on every rank -> (world * B, D), the global batch, differentiable; the identity in one
-    process."""
+    """(B, D) per rank -> (world * B, D): the global batch, differentiable; 1 process: identity."""
     if not is_dist():
         return x
     return torch.cat(_GatherWithGrad.apply(x))
@@ -507,34 +492,28 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent (Chen et al. 2020, Eq. 1), mean over the 2N anchors.
-
     z1, z2: (N, D) projections of the two views (N: the global batch under DDP). For anchor i the
     positive is its other view; the 2N - 2 other projections are the negatives:
-        l_i = -log( exp(cos(z_i, z_i+) / T) / sum_{k != i} exp(cos(z_i, z_k) / T) ).
-    """
+        l_i = -log( exp(cos(z_i, z_i+) / T) / sum_{k != i} exp(cos(z_i, z_k) / T) )."""
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # 2 x (N, D) -> (2N, D), unit rows
     logits = z @ z.T / temperature  # (2N, 2N) cosine similarities / T
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    # k != i: an anchor is not its own negative
-    logits = logits.masked_fill(self_mask, float("-inf"))
+    logits = logits.masked_fill(self_mask, float("-inf"))  # k != i: not its own negative
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # i <-> i + N
     return F.cross_entropy(logits, positives)
 
 
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
-                cov_coeff: float = 1.0) -> tuple[torch.Tensor, dict]:
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0,
+                std_coeff: float = 25.0, cov_coeff: float = 1.0) -> tuple[torch.Tensor, dict]:
     """VICReg (Bardes et al. 2022, Eq. 1-6), exactly the official code's formula
-    (facebookresearch/vicreg).
-
-    z1, z2: (N, D) projections of the two views (the global batch under DDP, as the official
-    FullGatherLayer).
-        invariance s  = mean squared error between z1 and z2 (F.mse_loss: mean over N and D)
-        variance   v  = mean_d relu(1 - sqrt(Var(z_d) + 1e-4)), averaged over the two views (unbiased Var)
-        covariance c  = sum of squared off-diagonal entries of Cov(z) / D, summed over the two views
+    (facebookresearch/vicreg). z1, z2: (N, D) projections of the two views (the global batch under
+    DDP, as the official FullGatherLayer).
+        invariance s = mean squared error between z1 and z2 (F.mse_loss: mean over N and D)
+        variance   v = mean_d relu(1 - sqrt(Var(z_d) + 1e-4)) (unbiased Var), mean of the views
+        covariance c = sum of squared off-diagonal entries of Cov(z) / D, summed over the two views
         loss = sim_coeff * s + std_coeff * v + cov_coeff * c          (App. C: 25, 25, 1)
-    Returns (loss, {"loss_inv": s, "loss_var": v, "loss_cov": c}) with the unweighted terms.
-    """
+    Returns (loss, {"loss_inv": s, "loss_var": v, "loss_cov": c}) with the unweighted terms."""
     z1, z2 = z1.float(), z2.float()
     n, d = z1.shape
     inv = F.mse_loss(z1, z2)
@@ -552,45 +531,41 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
 
 
 def coding_rate(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """Total coding rate (Ma et al. 2007; MCR^2, NMCE): R(Z) = 1/2 log det(I_D + D / (N eps) Z^T Z),
-    Z (N, D).
-
-    IMPL: eps enters as D / (N eps), not D / (N eps^2), as in the authors' TCR code (NMCE / EMP-SSL,
-    whose eps = 0.2 is the paper's). Z^T Z is D x D and symmetric positive semi-definite, so the
-    matrix is positive definite and its log-determinant is finite."""
+    """Total coding rate of Z (N, D) (Ma et al. 2007; MCR^2, NMCE):
+    R(Z) = 1/2 log det(I_D + D / (N eps) Z^T Z). IMPL: eps enters as D / (N eps), not D / (N eps^2),
+    as in the authors' TCR code (NMCE / EMP-SSL, whose eps = 0.2 is the paper's). Z^T Z is D x D and
+    symmetric positive semi-definite, so the matrix is positive definite and its log-determinant is
+    finite."""
     n, d = z.shape
     gram = z.T @ z  # (D, D)
     return 0.5 * torch.logdet(torch.eye(d, device=z.device) + d / (n * eps) * gram)
 
 
-def tcr_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float = 30.0, eps: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """TCR (Li, Chen, LeCun, Sommer 2022, NMCE's self-supervised objective), paper App. C: lambda
-    30, eps 0.2.
-
-    z1, z2: (N, D) projections (the global batch under DDP); rows are L2-normalised first.
+def tcr_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float = 30.0,
+             eps: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """TCR (Li, Chen, LeCun, Sommer 2022, NMCE's self-supervised objective); App. C: lambda 30,
+    eps 0.2. z1, z2: (N, D) projections (the global batch under DDP); rows are L2-normalised first.
         loss = -1/2 [R(z1) + R(z2)] - lambda * mean_i cos(z1_i, z2_i)
     The rate term spreads the batch over all D directions (anti-collapse); the cosine term is the
-    invariance. IMPL: the paper gives only lambda and eps; the form (mean cosine as the agreement
-    term) is the authors' code (NMCE / EMP-SSL). Returns (loss, {"coding_rate": mean R, "cos_views":
-    mean cosine})."""
+    invariance. IMPL: the paper gives only lambda and eps; the form (mean cosine as agreement
+    term) is the authors' code (NMCE / EMP-SSL). Returns (loss, {"coding_rate": mean R,
+    "cos_views": mean cosine})."""
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
     rate = 0.5 * (coding_rate(z1, eps) + coding_rate(z2, eps))
     cos = (z1 * z2).sum(1).mean()
     return -rate - lam * cos, {"coding_rate": rate, "cos_views": cos}
 
 
-def emp_loss(zs: list[torch.Tensor], lam: float = 200.0, eps: float = 0.2) -> tuple[torch.Tensor, dict]:
+def emp_loss(zs: list[torch.Tensor], lam: float = 200.0,
+             eps: float = 0.2) -> tuple[torch.Tensor, dict]:
     """EMP-SSL (Tong, Chen, Ma, LeCun 2023, arXiv 2304.03977): TCR generalised to n patches.
-
-    zs: n x (N, D), the projections of patch i of every image (N: the global batch under DDP); rows
-    are L2-normalised first. With zbar_b = 1/n sum_i z_i,b, the mean projection of image b's
-    patches:
-        loss = -1/n sum_i R(z_i) - lambda * 1/n sum_i mean_b cos(z_i,b, zbar_b)          (EMP-SSL: lambda 200)
+    zs: n x (N, D), the projections of patch i of every image (N: the global batch under DDP),
+    L2-normalised first. With zbar_b = 1/n sum_i z_i,b, the mean projection of image b's patches:
+        loss = -1/n sum_i R(z_i) - lambda * 1/n sum_i mean_b cos(z_i,b, zbar_b)   (EMP-SSL: 200)
     Every patch is pulled towards its image's bag (the mean), not towards one other view; the coding
     rate of each patch set keeps the batch spread over all D directions. IMPL (the authors' code):
-    zbar is not detached. With n = 2 this is not tcr_loss: cos(z_1, zbar) = sqrt((1 + cos(z_1, z_2))
-    / 2) for unit z_1, z_2. Returns (loss, {"coding_rate": mean R, "cos_mean": mean cosine to the
-    bag})."""
+    zbar is not detached. With n = 2 this is not tcr_loss: for unit z_1, z_2, cos(z_1, zbar) =
+    sqrt((1 + cos(z_1, z_2)) / 2). Returns (loss, {"coding_rate": mean R, "cos_mean": mean cos})."""
     z = F.normalize(torch.stack(zs).float(), dim=-1)  # n x (N, D) -> (n, N, D), unit rows
     rate = torch.stack([coding_rate(zi, eps) for zi in z]).mean()
     # (n, N, D) vs (1, N, D) -> (n, N)
@@ -608,24 +583,21 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * (p * z).sum(dim=-1)).mean()
 
 
-def bag_ssl_loss(online: list[dict], target: list[dict] | None, args) -> tuple[torch.Tensor, torch.Tensor]:
+def bag_ssl_loss(online: list[dict], target: list[dict] | None,
+                 args) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss: (total, stacked unweighted terms in LOSS_TERMS[args.loss] order).
-
     online: the online outputs of views 0 and 1 (--loss emp: of all n views); target: the EMA
-    target's (BYOL only, else None). PAPER: BagSSL changes the views, not the loss: this is each
-    method's own loss."""
+    target's (BYOL only, else None). PAPER: BagSSL changes the views, not the method's own loss."""
     if args.loss == "byol":
-        # BYOL Eq. 2: symmetrised, the prediction of each view regresses the target projection of
-        # the other.
+        # BYOL Eq. 2: symmetrised, each view's prediction regresses the other's target projection.
         loss = byol_loss(online[0]["p"], target[1]["z"]) + byol_loss(online[1]["p"], target[0]["z"])
         return loss, loss.detach()[None]
-    # Global batch: SimCLR's negatives, VICReg's and TCR's statistics are over ALL images of all
-    # processes.
+    # Global batch: SimCLR's negatives and VICReg's / TCR's statistics span ALL processes' images.
     if args.loss == "emp":
-        loss, terms = emp_loss([gather_with_grad(o["z"]) for o in online], args.emp_lambda, args.tcr_eps)
+        loss, terms = emp_loss([gather_with_grad(o["z"]) for o in online], args.emp_lambda,
+                               args.tcr_eps)
         return loss, torch.stack([terms[k] for k in LOSS_TERMS[args.loss]]).detach()
-    # (B, D) -> (world * B, D)
-    z1, z2 = gather_with_grad(online[0]["z"]), gather_with_grad(online[1]["z"])
+    z1, z2 = gather_with_grad(online[0]["z"]), gather_with_grad(online[1]["z"])  # (world * B, D)
     if args.loss == "simclr":
         loss = nt_xent_loss(z1, z2, args.temperature)
         return loss, loss.detach()[None]
@@ -644,13 +616,10 @@ def tau_at(step: int, total: int, base: float, final: float) -> float:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f and
-    g.
-
+    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f, g.
     PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode,
     so its BN normalises with the statistics of the current batch (as in BYOL and solo-learn) and
-    keeps running statistics of its own, which are used only if someone evaluates the target in eval
-    mode."""
+    keeps running statistics of its own, used only if the target is ever evaluated in eval mode."""
     t_params, o_params = list(target.parameters()), list(online.parameters())
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - tau)
@@ -664,7 +633,8 @@ class Schedule:
     def __init__(self, args, steps_per_epoch: int):
         self.total = args.epochs * steps_per_epoch
         self.warmup = round(args.warmup_epochs * steps_per_epoch)
-        self.tau_base, self.tau_final, self.byol = args.tau_base, args.tau_final, args.loss == "byol"
+        self.tau_base, self.tau_final, self.byol = (args.tau_base, args.tau_final,
+                                                    args.loss == "byol")
 
     def __call__(self, step: int) -> dict:
         out = {"lr_scale": lr_at(step, self.total, self.warmup, 1.0)}
@@ -678,10 +648,7 @@ class Schedule:
 # PAPER Sec. 3 ("Bag-of-Local-Feature Evaluation") and Sec. 4.1: "an image embedding is generated by
 # inputting a certain number of patches (same scale as training time and upsampled) into the neural
 # network and aggregating the patch embeddings by averaging". The boxes are drawn from a generator
-# seeded by the image's index, so every run, batch size and number of workers sees the same patches
-# (reproducible evaluation).
-
-
+# seeded by the image's index, so every run, batch size and number of workers sees the same patches.
 def box_generator(seed: int, split: int, index: int) -> torch.Generator:
     """The generator of the evaluation boxes of image `index` of `split` (0 train, 1 test)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + split) * 10_000_019 + index)
@@ -690,23 +657,21 @@ def box_generator(seed: int, split: int, index: int) -> torch.Generator:
 def sample_boxes(n: int, height: int, width: int, crop: str, patch: int, min_scale: float,
                  gen: torch.Generator) -> torch.Tensor:
     """n boxes (top, left, h, w) inside a height x width image, as a (n, 4) long tensor.
-
-    crop 'patch': fixed patch x patch squares at uniform positions (BagSSL's "patches"). crop
-    'multiscale': RandomResizedCrop's sampling with area scale U(min_scale, 1) and aspect ratio
-    log-U(3/4, 4/3) (the baseline's "crops"), with torchvision's fallback to the whole image after
-    10 failed tries."""
+    crop 'patch': fixed patch x patch squares at uniform positions (BagSSL's "patches");
+    'multiscale': RandomResizedCrop's sampling, area scale U(min_scale, 1) and aspect ratio
+    log-U(3/4, 4/3) (the baseline's "crops"); whole image after 10 failed tries (torchvision)."""
     if crop == "patch":
         top = torch.randint(0, height - patch + 1, (n,), generator=gen)
         left = torch.randint(0, width - patch + 1, (n,), generator=gen)
-        # (n, 4)
         return torch.stack([top, left, torch.full((n,), patch), torch.full((n,), patch)], dim=1)
     boxes = []
     for _ in range(n):
-        # fallback: the whole image (torchvision, ratio 1 is inside [3/4, 4/3])
-        box = [0, 0, height, width]
+        box = [0, 0, height, width]  # fallback: the whole image (torchvision; ratio 1 is allowed)
         for _ in range(10):
-            area = height * width * (min_scale + (1 - min_scale) * torch.rand(1, generator=gen).item())
-            log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(1, generator=gen).item()
+            area = height * width * (min_scale + (1 - min_scale)
+                                     * torch.rand(1, generator=gen).item())
+            log_ratio = (math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4))
+                         * torch.rand(1, generator=gen).item())
             w = round(math.sqrt(area * math.exp(log_ratio)))
             h = round(math.sqrt(area / math.exp(log_ratio)))
             if 0 < w <= width and 0 < h <= height:
@@ -719,25 +684,26 @@ def sample_boxes(n: int, height: int, width: int, crop: str, patch: int, min_sca
 
 
 def grid_boxes(height: int, width: int, patch: int, stride: int) -> torch.Tensor:
-    """Sliding-window patch boxes, row-major, as (g*g, 4): Table 5's 5x5 grid of 16 px patches,
-    stride 4."""
+    """Sliding-window boxes, row-major, (g*g, 4): Table 5's 5x5 grid of 16 px patches, stride 4."""
     tops = range(0, height - patch + 1, stride)
     lefts = range(0, width - patch + 1, stride)
     return torch.tensor([[t, l, patch, patch] for t in tops for l in lefts], dtype=torch.long)
 
 
-def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Tensor,
+                  size: int) -> torch.Tensor:
     """Cut boxes out of already normalised images and upsample each to size x size.
-
     images (B, 3, H, W); image_idx (K,) which image each box belongs to; boxes (K, 4) (top, left, h,
     w). Returns (K, 3, size, size). IMPL: bicubic on the normalised tensor, with PIL's kernel as in
     training (which resizes the PIL patch). PITFALL: F.interpolate's plain bicubic uses a = -0.75,
     PIL's a = -0.5; antialias=True selects PIL's algorithm (tested against PIL to one grey level).
     Crops are never larger than the image: only upsampling."""
-    crops = [images[b, :, t:t + h, l:l + w] for b, (t, l, h, w) in zip(image_idx.tolist(), boxes.tolist())]
+    crops = [images[b, :, t:t + h, l:l + w]
+             for b, (t, l, h, w) in zip(image_idx.tolist(), boxes.tolist())]
 
     def resize(x):
-        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                             antialias=True)
 
     if all(c.shape == crops[0].shape for c in crops):  # fixed-scale patches: one call for all
         return resize(torch.stack(crops))
@@ -750,16 +716,12 @@ def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Te
 # the FIRST N of them (nested sets, so the curve over N is not noisier than it must be). The same
 # per-patch embeddings give the convergence study of Fig. 3a for free: cos(mean of the first n,
 # whole-image embedding) for n = 1, 2, 4...
-
-
 @torch.no_grad()
-def embed_boxes(backbone, images: torch.Tensor, boxes: torch.Tensor, size: int, chunk: int, autocast) -> torch.Tensor:
-    """Embeddings h of every box of every image: images (B, 3, H, W), boxes (B, N, 4) -> (B, N, C)
-    in fp32.
-
-    The B * N crops are embedded in chunks of `chunk`. The backbone must be in eval mode (BatchNorm
-    with running statistics), so an embedding does not depend on which other patches share its
-    forward pass (tested)."""
+def embed_boxes(backbone, images: torch.Tensor, boxes: torch.Tensor, size: int, chunk: int,
+                autocast) -> torch.Tensor:
+    """Embeddings h of every box of every image: images (B, 3, H, W), boxes (B, N, 4) -> (B, N, C),
+    fp32, in chunks of `chunk` crops. The backbone must be in eval mode (BatchNorm with running
+    statistics), so an embedding does not depend on the other patches in its batch (tested)."""
     b, n = boxes.shape[:2]
     flat_boxes = boxes.reshape(b * n, 4)  # (B, N, 4) -> (B*N, 4), image-major
     image_idx = torch.arange(b).repeat_interleave(n)  # (B*N,): the image of every box
@@ -779,20 +741,19 @@ def convergence_ns(n_max: int) -> list[int]:
 
 
 @torch.no_grad()
-def bag_features(backbone, dataset, indices: list[int], split: int, args, device, autocast) -> dict:
+def bag_features(backbone, dataset, indices: list[int], split: int, args, device,
+                 autocast) -> dict:
     """Features of the images dataset[indices] (eval transform: the whole image, normalised).
-
     Returns {"labels": (M,), "features": {name: (M, C')}, "cos_sum": (len(ns),), "grid_cos_sum":
     float} with names "central" (the whole image, the standard protocol), "patches_N" (mean h of N
     boxes) and, with --local-agg, "grid_mean" / "grid_local" (Table 5). cos_sum[j]: sum over images
     of cos(mean of the first ns[j] patch embeddings, central embedding), for Fig. 3a."""
     crop = args.crop if args.eval_crop == "train" else args.eval_crop
     n_max, ns = max(args.eval_patch_list), convergence_ns(max(args.eval_patch_list))
-    # images per batch: about eval_batch patches per chunk
-    per_batch = max(1, args.eval_batch // n_max)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=per_batch,
-                                         num_workers=args.num_workers,
-                                             worker_init_fn=ignore_stop_signals)
+    per_batch = max(1, args.eval_batch // n_max)  # images per batch: ~eval_batch patches a chunk
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                         batch_size=per_batch, num_workers=args.num_workers,
+                                         worker_init_fn=ignore_stop_signals)
     feats: dict[str, list] = {"central": [], **{f"patches_{n}": [] for n in args.eval_patch_list}}
     if args.local_agg:
         feats.update(grid_mean=[], grid_local=[])
@@ -803,24 +764,24 @@ def bag_features(backbone, dataset, indices: list[int], split: int, args, device
         with autocast:
             central = backbone(x).h.float()  # (B, C): the whole image
         # Deterministic boxes: image indices[done + j] always gets the same n_max boxes.
-        boxes = torch.stack([sample_boxes(n_max, height, width, crop, args.eval_patch_size, args.min_scale,
+        boxes = torch.stack([sample_boxes(n_max, height, width, crop, args.eval_patch_size,
+                                          args.min_scale,
                                           box_generator(args.seed, split, indices[done + j]))
                              for j in range(len(x))])  # (B, n_max, 4)
         # (B, n_max, C)
         h = embed_boxes(backbone, x, boxes, args.image_size, args.eval_batch, autocast)
         feats["central"].append(central.cpu())
         for n in args.eval_patch_list:
-            # PAPER: R_img = mean of N patch embeddings
-            feats[f"patches_{n}"].append(h[:, :n].mean(1).cpu())
+            feats[f"patches_{n}"].append(h[:, :n].mean(1).cpu())  # PAPER: R_img, mean of N h
         for j, n in enumerate(ns):  # Fig. 3a: aggregated patches vs the whole image
             cos_sum[j] += F.cosine_similarity(h[:, :n].mean(1), central, dim=1).sum().cpu()
         if args.local_agg:
-            # PAPER Table 5 / App. C.4: a g x g sliding grid of patches; their embeddings form a (C,
-            # g, g) map that is average-pooled 3x3 / stride 2 and flattened ("local average pooling,
-            # concatenated").
+            # PAPER Table 5 / App. C.4: a g x g sliding grid of patches; their embeddings form a
+            # (C, g, g) map that is average-pooled 3x3 / stride 2 and flattened ("local average
+            # pooling, concatenated").
             grid = grid_boxes(height, width, args.grid_patch_size, args.grid_stride)  # (g*g, 4)
-            hg = embed_boxes(backbone, x, grid.expand(len(x), -1, -1), args.image_size, args.eval_batch,
-                             autocast)  # (B, g*g, C)
+            hg = embed_boxes(backbone, x, grid.expand(len(x), -1, -1), args.image_size,
+                             args.eval_batch, autocast)  # (B, g*g, C)
             # (B, g*g, C) -> (B, C, g, g)
             grid_map = hg.transpose(1, 2).reshape(len(x), -1, args.grid, args.grid)
             # (B, C, g', g'), g' = (g - 3) // 2 + 1
@@ -834,10 +795,9 @@ def bag_features(backbone, dataset, indices: list[int], split: int, args, device
             "cos_sum": cos_sum, "grid_cos_sum": grid_cos_sum, "ns": ns}
 
 
-def fit_linear_classifier(train_f, train_y, test_f, test_y, num_classes: int, epochs: int, lr: float,
-                          weight_decay: float, seed: int) -> float:
+def fit_linear_classifier(train_f, train_y, test_f, test_y, num_classes: int, epochs: int,
+                          lr: float, weight_decay: float, seed: int) -> float:
     """Top-1 (%) of a linear classifier fitted on frozen features (multinomial logistic regression).
-
     DEVIATION: the paper trains its linear classifier with the usual protocol (augmented images
     through the frozen network, every epoch). With N patches per image that costs N forward passes
     per image per epoch, so we embed every image once (fixed patches, no augmentation) and fit on
@@ -875,7 +835,8 @@ def subset_indices(n: int, k: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
-def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, device, autocast) -> dict:
+def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, device,
+                        autocast) -> dict:
     """The paper's evaluation, on one process: Table 1 (linear and k-NN on central / N-patch
     features), Fig. 3a (convergence to the whole image), Table 5 (local aggregation). Returns the
     dict stored in final_metrics.json. train_set / val_set must yield eval-transformed (whole,
@@ -884,68 +845,70 @@ def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, de
     backbone = backbone.eval()
     tr_idx = subset_indices(len(train_set), args.eval_train_images, args.seed)
     te_idx = subset_indices(len(val_set), args.eval_test_images, args.seed + 1)
-    # forward passes
     per_image = 1 + max(args.eval_patch_list) + (args.grid ** 2 if args.local_agg else 0)
-    n_forward = (len(tr_idx) + len(te_idx)) * per_image
-    log(f"bag-of-patch evaluation: {len(tr_idx)} train / {len(te_idx)} test images, N in {args.eval_patch_list}, "
-        f"{n_forward} forward passes")
+    n_forward = (len(tr_idx) + len(te_idx)) * per_image  # forward passes
+    log(f"bag-of-patch evaluation: {len(tr_idx)} train / {len(te_idx)} test images, "
+        f"N in {args.eval_patch_list}, {n_forward} forward passes")
     tr = bag_features(backbone, train_set, tr_idx, 0, args, device, autocast)
     te = bag_features(backbone, val_set, te_idx, 1, args, device, autocast)
     keep = tr["labels"] >= 0  # STL-10 unlabeled images cannot vote or be fitted
     results = {}
     for name, f_tr in tr["features"].items():
         f_tr, f_te = f_tr[keep], te["features"][name]
-        res = {"num_patches": 0 if name == "central" else (args.grid ** 2 if name.startswith("grid")
-                                                            else int(name.split("_")[1])),
+        res = {"num_patches": 0 if name == "central" else (
+                   args.grid ** 2 if name.startswith("grid") else int(name.split("_")[1])),
                "dim": f_tr.shape[1],
-               "linear_top1": fit_linear_classifier(f_tr, tr["labels"][keep], f_te, te["labels"], num_classes,
-                                                    args.linear_epochs, args.linear_lr, args.linear_wd, args.seed)}
+               "linear_top1": fit_linear_classifier(
+                   f_tr, tr["labels"][keep], f_te, te["labels"], num_classes, args.linear_epochs,
+                   args.linear_lr, args.linear_wd, args.seed)}
         if args.eval_knn_k:
-            res["knn_top1"] = knn_top1(F.normalize(f_tr, dim=1), tr["labels"][keep], F.normalize(f_te, dim=1),
-                                       te["labels"], args.eval_knn_k, args.knn_temperature, num_classes)
+            res["knn_top1"] = knn_top1(F.normalize(f_tr, dim=1), tr["labels"][keep],
+                                       F.normalize(f_te, dim=1), te["labels"], args.eval_knn_k,
+                                       args.knn_temperature, num_classes)
         results[name] = res
         log(f"  {name:>14}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in res.items()))
     convergence = {"n": te["ns"], "cosine": (te["cos_sum"] / len(te_idx)).tolist()}
-    # Reference level: h is post-ReLU (non-negative), so even DIFFERENT images have a clearly
-    # positive cosine.
+    # Reference level: h is post-ReLU (>= 0), so even DIFFERENT images have a clearly positive cos.
     central = F.normalize(te["features"]["central"], dim=1)  # (M, C)
     m = len(central)
-    convergence["cosine_between_images"] = ((central @ central.T).sum().item() - m) / max(m * (m - 1), 1)
+    convergence["cosine_between_images"] = (((central @ central.T).sum().item() - m)
+                                            / max(m * (m - 1), 1))
     if args.local_agg:
         convergence["grid_cosine"] = te["grid_cos_sum"] / len(te_idx)
     crop = args.crop if args.eval_crop == "train" else args.eval_crop
     return {"results": results, "convergence": convergence, "eval_wall_s": time.time() - start,
             "config": {"train_images": len(tr_idx), "test_images": len(te_idx), "eval_crop": crop,
                        "eval_patch_size": args.eval_patch_size, "patches": args.eval_patch_list,
-                       "grid": args.grid if args.local_agg else 0, "grid_patch_size": args.grid_patch_size,
-                       "grid_stride": args.grid_stride}}
+                       "grid": args.grid if args.local_agg else 0,
+                       "grid_patch_size": args.grid_patch_size, "grid_stride": args.grid_stride}}
 
 
 def table1_markdown(evaluation: dict, args) -> str:
-    """The paper's Table 1 layout for this run: one row per classifier, one column per evaluation.
-    """
+    """The paper's Table 1 layout for this run: a row per classifier, a column per evaluation."""
     res, cfg = evaluation["results"], evaluation["config"]
     unit = "patch" if cfg["eval_crop"] == "patch" else "crop"
-    cols = [("central", "Central crop")] + [(f"patches_{n}", f"{n} {unit}{'es' if unit == 'patch' else 's'}"
-                                             if n > 1 else f"1 {unit}") for n in cfg["patches"]]
+    cols = [("central", "Central crop")] + [
+        (f"patches_{n}", f"{n} {unit}{'es' if unit == 'patch' else 's'}" if n > 1 else f"1 {unit}")
+        for n in cfg["patches"]]
     if "grid_local" in res:
         g = cfg["grid"]
-        cols += [("grid_mean", f"{g}x{g} grid, mean"), ("grid_local", f"{g}x{g} grid, local 3x3/2 concat")]
+        cols += [("grid_mean", f"{g}x{g} grid, mean"),
+                 ("grid_local", f"{g}x{g} grid, local 3x3/2 concat")]
     training = (f"patch-based ({args.patch_size}x{args.patch_size})" if args.crop == "patch"
                 else f"multi-scale ({args.min_scale:g}, 1)")
     lines = ["| Method | Pre-training | Classifier | " + " | ".join(c[1] for c in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for key, name in (("linear_top1", "linear"), ("knn_top1", f"k-NN (k={args.eval_knn_k})")):
         if key in res["central"]:
-            lines.append(f"| {getattr(args, 'method_label', METHOD_NAMES[args.loss])} ({args.arch}) | {training} "
-                         f"| {name} | " + " | ".join(f"{res[c][key]:.1f}" for c, _ in cols) + " |")
+            lines.append(f"| {getattr(args, 'method_label', METHOD_NAMES[args.loss])} "
+                         f"({args.arch}) | {training} | {name} | "
+                         + " | ".join(f"{res[c][key]:.1f}" for c, _ in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_convergence(convergence: dict, path: Path, title: str) -> None:
-    """convergence.png, as the paper's Fig. 3a: cos(aggregated N-patch embedding, whole-image
-    embedding)."""
+    """convergence.png, as the paper's Fig. 3a: cos(aggregated N-patch, whole-image embedding)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -954,7 +917,8 @@ def plot_convergence(convergence: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(convergence["n"], convergence["cosine"], marker="o", label="N random patches")
     if "grid_cosine" in convergence:
-        ax.axhline(convergence["grid_cosine"], color="C1", linestyle="--", label="sliding grid (all)")
+        ax.axhline(convergence["grid_cosine"], color="C1", linestyle="--",
+                   label="sliding grid (all)")
     if "cosine_between_images" in convergence:
         ax.axhline(convergence["cosine_between_images"], color="gray", linestyle=":",
                    label="reference: two different whole images")
@@ -967,8 +931,8 @@ def plot_convergence(convergence: dict, path: Path, title: str) -> None:
 
 
 def eval_datasets(train_base, val_set, image_size: int):
-    """The train split with the evaluation transform (whole image, normalised), and the val split as
-    is. After --train-per-class the classifiers still train on the whole labelled training set."""
+    """The train split with the evaluation transform (whole image, normalised); val as is. After
+    --train-per-class the classifiers still train on the whole labelled training set."""
     train_base = getattr(train_base, "dataset", train_base)  # a Subset: its underlying data set
     train_eval = copy.copy(train_base)
     train_eval.transform = eval_transform(image_size)
@@ -986,8 +950,8 @@ def write_evaluation(out_dir: Path, final: dict, evaluation: dict, args) -> None
     (out_dir / "table1.md").write_text(final["table1_markdown"])
     cfg = evaluation["config"]
     plot_convergence(evaluation["convergence"], out_dir / "convergence.png",
-                     f"{args.arch}, {args.crop} training, {cfg['eval_crop']} {cfg['eval_patch_size']} px views, "
-                     f"{cfg['test_images']} test images")
+                     f"{args.arch}, {args.crop} training, {cfg['eval_crop']} "
+                     f"{cfg['eval_patch_size']} px views, {cfg['test_images']} test images")
     log("Table 1 layout (top-1 %):\n" + final["table1_markdown"])
 
 
@@ -999,15 +963,14 @@ def evaluate_saved_backbone(args, run: Run) -> dict:
         saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         backbone = rf_resnet.build_backbone(saved["arch"], **saved["arch_kwargs"])  # no "width": 64
         backbone.load_state_dict(saved["state_dict"])
-        # channels_last, as the trained network after training: the same kernels, so the same
-        # numbers
+        # channels_last, as the trained network after training: same kernels, same numbers
         backbone = backbone.to(memory_format=torch.channels_last)
-        log(f"bag_ssl.py --eval-only: {args.checkpoint} ({args.arch}, trained with --crop {args.crop}, "
-            f"patch {args.patch_size}, {args.image_size} px)")
+        log(f"bag_ssl.py --eval-only: {args.checkpoint} ({args.arch}, trained with --crop "
+            f"{args.crop}, patch {args.patch_size}, {args.image_size} px)")
         train_base, val_set, num_classes = load_datasets(args, run.rank)
         train_eval, val_eval = eval_datasets(train_base, val_set, args.image_size)
-        evaluation = bag_of_patches_eval(backbone.to(run.device), train_eval, val_eval, num_classes, args,
-                                         run.device, run.autocast)
+        evaluation = bag_of_patches_eval(backbone.to(run.device), train_eval, val_eval,
+                                         num_classes, args, run.device, run.autocast)
         final = {"checkpoint": args.checkpoint}
         write_evaluation(run.out_dir, final, evaluation, args)
     run.close()
@@ -1017,22 +980,21 @@ def evaluate_saved_backbone(args, run: Run) -> dict:
 
 # ---- 7. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
-    """One optimisation step: embed both views (patches or crops), the method's loss, update; BYOL:
-    then EMA."""
+    """One step: embed the views (patches or crops), the method's loss, update; BYOL: then EMA."""
     # views: 2 (emp: n) x (B, 3, S, S), patches or crops of each image; labels are not used
     views, _ = batch
     set_lr(optimizer, schedule["lr_scale"])
-    views = [normalize(v.to(run.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-             for v in views]  # uint8 from the loader -> normalised float32 (A.3)
+    views = [normalize(v.to(run.device, non_blocking=True))  # uint8 -> normalised fp32 (A.3)
+             .contiguous(memory_format=torch.channels_last) for v in views]
 
-    # --- PAPER Fig. 1: two co-occurring patches of each image through f and g (BYOL: also the target) ---
+    # --- PAPER Fig. 1: two co-occurring patches of each image through f, g (BYOL: also target) ---
     with run.autocast:
         online_out = nets.model(views)
         target_out = None
         if nets.target is not None:
             with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into BYOL's target
                 target_out = [nets.target(v) for v in views]
-    loss, terms = bag_ssl_loss(online_out, target_out, args)  # §5, in fp32
+    loss, terms = bag_ssl_loss(online_out, target_out, args)  # §4, in fp32
 
     # --- update theta; BYOL: then xi <- EMA(theta) ---
     optimizer.zero_grad(set_to_none=True)
@@ -1042,21 +1004,19 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     if nets.target is not None:
         ema_update(nets.target, nets.online.encoder, schedule["tau"])
 
-    # Collapse monitor: std of the L2-normalised projections per dimension, x sqrt(D): ~1 healthy,
-    # -> 0 collapsed.
-    z_std = F.normalize(online_out[0]["z"].detach().float(), dim=1).std(0).mean() * math.sqrt(args.proj_dim)
+    # Collapse monitor: per-dim std of the L2-normalised z, x sqrt(D): ~1 healthy, -> 0 collapsed.
+    z_std = F.normalize(online_out[0]["z"].detach().float(), dim=1).std(0).mean() * math.sqrt(
+        args.proj_dim)
     return StepOut(loss.detach(), {**dict(zip(LOSS_TERMS[args.loss], terms)), "z_std": z_std})
 
 
 def main(args):
-    """Train (or only evaluate); returns (online network, target encoder, final metrics) for the
-    tests."""
+    """Train (or only evaluate); returns (online net, target encoder, final metrics) for tests."""
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
     if args.eval_only:
         return None, None, evaluate_saved_backbone(args, run)
-    # Data: MultiView (§2) makes the two views of every image: two fixed-scale patches (--crop
-    # patch) or two multi-scale crops (--crop multiscale), or n patches (--loss emp); everything
-    # else in this function is the same for every arm.
+    # Data: MultiView (§2) makes the two views of every image (--crop patch or multiscale; --loss
+    # emp: n patches); everything else in this function is the same for every arm.
     data = make_loaders(args, run.rank, run.world)  # A.3
     nets, optimizer = build_training(args, run)  # §3: the online network (BYOL: + target); A.4
     states = {"online": nets.online, "target": nets.target, "optimizer": optimizer,
@@ -1535,9 +1495,11 @@ def make_loaders(args, rank: int, world: int) -> Data:
     """The training views of every image (of a --train-per-class subset), their sampler and loader, the val set."""
     train_base, val, num_classes = load_datasets(args, rank)
     if args.train_per_class:
-        picked = per_class(labels_of(train_base), args.train_per_class, num_classes, seed=args.seed)
+        labels = labels_of(train_base)
+        picked = per_class(labels, args.train_per_class, num_classes, seed=args.seed)
         train_base = torch.utils.data.Subset(train_base, picked)
-        log(f"pre-training on {len(picked)} images ({args.train_per_class} per class, seed {args.seed})")
+        log(f"pre-training on {len(picked)} of {len(labels)} images ({args.train_per_class} per class, seed "
+            f"{args.seed})")
     train = SeededViews(train_base, MultiView(args), args.seed)
     if len(train) // args.batch_size < 1:
         fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
@@ -1844,7 +1806,8 @@ class Bookkeeper:
             # 10 steps: an all-reduce per step would add a GPU sync to every step.
             if step % 10 and step != self.last_step:
                 return False
-            stop, write = (all_reduce_sum(torch.tensor([float(stop), float(write)], device=self.run.device)) > 0).tolist()
+            agreed = all_reduce_sum(torch.tensor([float(stop), float(write)], device=self.run.device))
+            stop, write = (agreed > 0).tolist()
         if write and not stop and step != self.last_step:  # a stop or the last step: end_epoch writes it
             self.stop_clock()
             self.save(step)

@@ -903,9 +903,11 @@ def make_loaders(args, rank: int, world: int) -> Data:
     """The training views of every image (of a --train-per-class subset), their sampler and loader, the val set."""
     train_base, val, num_classes = load_datasets(args, rank)
     if args.train_per_class:
-        picked = per_class(labels_of(train_base), args.train_per_class, num_classes, seed=args.seed)
+        labels = labels_of(train_base)
+        picked = per_class(labels, args.train_per_class, num_classes, seed=args.seed)
         train_base = torch.utils.data.Subset(train_base, picked)
-        log(f"pre-training on {len(picked)} images ({args.train_per_class} per class, seed {args.seed})")
+        log(f"pre-training on {len(picked)} of {len(labels)} images ({args.train_per_class} per class, seed "
+            f"{args.seed})")
     train = SeededViews(train_base, MultiView(args), args.seed)
     if len(train) // args.batch_size < 1:
         fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
@@ -1212,7 +1214,8 @@ class Bookkeeper:
             # 10 steps: an all-reduce per step would add a GPU sync to every step.
             if step % 10 and step != self.last_step:
                 return False
-            stop, write = (all_reduce_sum(torch.tensor([float(stop), float(write)], device=self.run.device)) > 0).tolist()
+            agreed = all_reduce_sum(torch.tensor([float(stop), float(write)], device=self.run.device))
+            stop, write = (agreed > 0).tolist()
         if write and not stop and step != self.last_step:  # a stop or the last step: end_epoch writes it
             self.stop_clock()
             self.save(step)

@@ -646,23 +646,30 @@ def pair_matchings(student: list[dict], teacher: list[dict], boxes: torch.Tensor
     return out
 
 
+class GeoDinoLoss(NamedTuple):
+    total: torch.Tensor  # (1 - w) L_G + w L_L, what the optimiser minimises
+    global_term: torch.Tensor  # L_G (Eq. 8)
+    local_term: torch.Tensor  # L_L (Eq. 9 / 10), before the weight w
+    match_valid_frac: torch.Tensor  # match monitors (Sec. 4.6-4.7): student cells with a geo match
+    sim_geo_agree: torch.Tensor  # ... and among them, the share whose sim match is the same cell
+    local_collapse: torch.Tensor  # [entropy, KL to uniform] of the local teacher (0 if not asked)
+
+
 def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
-                  flips: torch.Tensor, center: torch.Tensor, local_center: torch.Tensor,
+                  flips: torch.Tensor, center: torch.Tensor, local_center: torch.Tensor, *,
                   student_temp: float, teacher_temp: float, local_loss: str, local_weight: float,
-                  local_collapse_monitors: bool = True):
+                  local_collapse: bool) -> GeoDinoLoss:
     """Total = (1 - w) L_G + w L_L (App. A.2, Eq. 8-10); with local_loss 'none' it is L_G (DINO).
     student: one dict per crop (2 global, then small ones) with "logits_g" (B, K), "local" (B, C, n,
     n) and, unless 'none', "logits_l" (B, K, n, n); teacher: the same for the 2 global crops.
-    Returns (total, L_G, L_L before weighting, monitors [valid fraction, sim == geo fraction, and
-    the local teacher's entropy and KL to uniform (`collapse_monitors`; zeros with 'none' or
-    local_collapse_monitors=False)]). PERF: the local collapse monitors read every cell of both
-    global crops (a copy and a log over the step's largest tensors) and are logged every
-    --log-every steps only, so `train_step` asks for them on those steps only."""
+    PERF: the local collapse monitors (`collapse_monitors`) read every cell of both global crops (a
+    copy and a log over the step's largest tensors) and are logged every --log-every steps only,
+    so `train_step` asks for them (local_collapse=True) on those steps only."""
     loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,
                        student_temp, teacher_temp)  # PAPER Eq. 8
     matchings = pair_matchings(student, teacher, boxes, flips)
     loss_l = torch.zeros((), device=loss_g.device)
-    local_collapse = torch.zeros(2, device=loss_g.device)
+    local_monitors = torch.zeros(2, device=loss_g.device)
     if local_loss != "none":
         log_p_s, p_t = local_distributions(student, teacher, local_center, student_temp,
                                            teacher_temp)
@@ -673,9 +680,9 @@ def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
                 index, valid = sim_index, torch.ones_like(geo_valid)
             loss_l = loss_l + local_pair_loss(log_p_s[v], p_t[iq], index, valid)
         loss_l = loss_l / len(matchings)  # PAPER Eq. 9 / 10: 1 / (2 (N_L + 1)) sum over the pairs
-        if local_collapse_monitors:  # local collapse (Sec. 4.6) from the P_t just computed: every
-            # cell of both global crops, 2 x (B, m * m, K_p) -> (2B * m * m, K_p)
-            local_collapse = collapse_monitors_of(torch.cat([p.reshape(-1, p.shape[-1])
+        if local_collapse:  # local collapse (Sec. 4.6) from the P_t just computed: every cell of
+            # both global crops, 2 x (B, m * m, K_p) -> (2B * m * m, K_p)
+            local_monitors = collapse_monitors_of(torch.cat([p.reshape(-1, p.shape[-1])
                                                              for p in p_t]))
     # Match monitors (PAPER Sec. 4.6-4.7), in every mode: how many student cells have a geometric
     # partner, and among those, how often the similarity matching picks that same teacher cell.
@@ -683,11 +690,9 @@ def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
         n_valid = sum(m[1].sum() for m in matchings.values())
         n_cells = sum(m[1].numel() for m in matchings.values())
         n_agree = sum(((m[0] == m[2]) & m[1]).sum() for m in matchings.values())
-        monitors = torch.cat([torch.stack([n_valid.float() / n_cells,
-                                           n_agree.float() / n_valid.clamp(min=1)]),
-                              local_collapse])
     total = loss_g if local_loss == "none" else (1 - local_weight) * loss_g + local_weight * loss_l
-    return total, loss_g, loss_l, monitors
+    return GeoDinoLoss(total, loss_g, loss_l, n_valid.float() / n_cells,
+                       n_agree.float() / n_valid.clamp(min=1), local_monitors)
 
 
 @torch.no_grad()
@@ -823,14 +828,15 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
         student_out = nets.model(views)
         with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
             teacher_out = forward_views(nets.teacher, views[:2])
-    loss, loss_g, loss_l, monitors = nets.loss_fn(  # in fp32
-        student_out, teacher_out, boxes, flips, center, local_center, args.student_temp,
-        teacher_temp, args.local_loss, args.local_weight, schedule["log_step"])
+    losses = nets.loss_fn(student_out, teacher_out, boxes, flips, center, local_center,  # in fp32
+                          student_temp=args.student_temp, teacher_temp=teacher_temp,
+                          local_loss=args.local_loss, local_weight=args.local_weight,
+                          local_collapse=schedule["log_step"])
 
     # --- update the student, then the teacher <- EMA(student) ---
     optimizer.param_groups[0]["weight_decay"] = schedule["weight_decay"]  # group 0: decayed weights
     optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    run.scaler.scale(losses.total).backward()
     # DINO: the prototypes stay fixed in the first epoch(s): stabler start
     if schedule["freeze_last_layer"]:
         for head in (nets.student.encoder.head, nets.student.encoder.local_head):
@@ -848,20 +854,21 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
     entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
     nets.centers.center = update_center(center, t_global, args.center_momentum)
-    match, local_monitors = monitors[:2], monitors[2:]  # local collapse (Sec. 4.6): from the loss
     if args.local_loss != "none":
         # PAPER Sec. 3.4.2 / EsViT: the local head has its own centre, a mean over every cell of
         # every image: 2 x (B, K, n, n) -> (2B * n * n, K)
         t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim)
                              for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
+    match = torch.stack([losses.match_valid_frac, losses.sim_geo_agree])
     nets.epoch_match += torch.cat([match, match.new_ones(1)])  # epoch sums (Sec. 4.6-4.7)
-    return StepOut(loss.detach(), {
-        "loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
+    return StepOut(losses.total.detach(), {
+        "loss_global": losses.global_term.detach(), "loss_local": losses.local_term.detach(),
         # collapse monitors, global then local (-> log K at a collapse)
         "teacher_entropy": entropy, "teacher_kl_uniform": kl_uniform,
-        "local_teacher_entropy": local_monitors[0], "local_teacher_kl_uniform": local_monitors[1],
-        "match_valid_frac": match[0], "sim_geo_agree": match[1]})  # match monitors (Sec. 4.6-4.7)
+        "local_teacher_entropy": losses.local_collapse[0],
+        "local_teacher_kl_uniform": losses.local_collapse[1],
+        "match_valid_frac": losses.match_valid_frac, "sim_geo_agree": losses.sim_geo_agree})
 
 
 def main(args):
@@ -1336,9 +1343,11 @@ def make_loaders(args, rank: int, world: int) -> Data:
     """The training views of every image (of a --train-per-class subset), their sampler and loader, the val set."""
     train_base, val, num_classes = load_datasets(args, rank)
     if args.train_per_class:
-        picked = per_class(labels_of(train_base), args.train_per_class, num_classes, seed=args.seed)
+        labels = labels_of(train_base)
+        picked = per_class(labels, args.train_per_class, num_classes, seed=args.seed)
         train_base = torch.utils.data.Subset(train_base, picked)
-        log(f"pre-training on {len(picked)} images ({args.train_per_class} per class, seed {args.seed})")
+        log(f"pre-training on {len(picked)} of {len(labels)} images ({args.train_per_class} per class, seed "
+            f"{args.seed})")
     train = SeededViews(train_base, MultiView(args), args.seed)
     if len(train) // args.batch_size < 1:
         fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
@@ -1645,7 +1654,8 @@ class Bookkeeper:
             # 10 steps: an all-reduce per step would add a GPU sync to every step.
             if step % 10 and step != self.last_step:
                 return False
-            stop, write = (all_reduce_sum(torch.tensor([float(stop), float(write)], device=self.run.device)) > 0).tolist()
+            agreed = all_reduce_sum(torch.tensor([float(stop), float(write)], device=self.run.device))
+            stop, write = (agreed > 0).tolist()
         if write and not stop and step != self.last_step:  # a stop or the last step: end_epoch writes it
             self.stop_clock()
             self.save(step)

@@ -705,7 +705,7 @@ def test_common_flags_adamw_and_train_per_class_work_in_every_file(name, tmp_pat
     data = m.make_loaders(args, 0, 1)
     labels = [data.train.base.dataset[i][1] for i in data.train.base.indices]
     assert len(data.train) == 20 and sorted(labels) == sorted(list(range(10)) * 2)
-    assert "pre-training on 20 images (2 per class, seed 0)" in capsys.readouterr().out
+    assert "pre-training on 20 of 64 images (2 per class, seed 0)" in capsys.readouterr().out
     nets, optimizer = m.build_training(args, m.Run(args))
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [args.weight_decay, 0.0]

@@ -181,7 +181,10 @@ def test_local_loss_against_explicit_loops(mode):
     student, teacher, boxes, flips = _random_outputs()
     B, K, Ts, Tt, w = 2, 8, 0.1, 0.05, 0.3
     c, c_l = torch.randn(1, K), torch.randn(1, K)
-    total, loss_g, loss_l, monitors = geo_dino.geo_dino_loss(student, teacher, boxes, flips, c, c_l, Ts, Tt, mode, w)
+    out = geo_dino.geo_dino_loss(student, teacher, boxes, flips, c, c_l, student_temp=Ts, teacher_temp=Tt,
+                                 local_loss=mode, local_weight=w, local_collapse=True)
+    total, loss_g, loss_l = out.total, out.global_term, out.local_term
+    monitors = torch.cat([torch.stack([out.match_valid_frac, out.sim_geo_agree]), out.local_collapse])
 
     def H(t_logits, centre, s_logits):
         p = torch.softmax((t_logits - centre.flatten()) / Tt, dim=0)
@@ -234,7 +237,8 @@ def test_local_loss_stops_gradient_into_teacher():
         for k in ("logits_g", "logits_l"):
             o[k].requires_grad_(True)
     zero = torch.zeros(1, 8)
-    total, *_ = geo_dino.geo_dino_loss(student, teacher, boxes, flips, zero, zero, 0.1, 0.04, "geo", 0.5)
+    total = geo_dino.geo_dino_loss(student, teacher, boxes, flips, zero, zero, student_temp=0.1, teacher_temp=0.04,
+                                   local_loss="geo", local_weight=0.5, local_collapse=False).total
     total.backward()
     assert all(o[k].grad is None for o in teacher for k in ("logits_g", "logits_l"))
     assert all(o["logits_l"].grad.abs().sum() > 0 for o in student[1:])
@@ -252,7 +256,9 @@ def test_none_is_plain_dino():
     with torch.no_grad():
         t_out = geo_dino.forward_views(teacher, views[:2])
     c = torch.randn(1, 64)
-    total, loss_g, loss_l, _ = geo_dino.geo_dino_loss(s_out, t_out, boxes, flips, c, c, 0.1, 0.04, "none", 0.5)
+    total, loss_g, loss_l, *_ = geo_dino.geo_dino_loss(s_out, t_out, boxes, flips, c, c, student_temp=0.1,
+                                                       teacher_temp=0.04, local_loss="none", local_weight=0.5,
+                                                       local_collapse=True)
     plain = geo_dino.dino_loss([o["logits_g"] for o in s_out], [o["logits_g"] for o in t_out], c, 0.1, 0.04)
     assert torch.equal(total, plain) and torch.equal(loss_g, plain) and loss_l.item() == 0.0
     # the grouped forward equals one forward per crop size (DINO's multi-crop wrapper)
@@ -580,6 +586,6 @@ def test_compile_compiles_the_loss_that_train_step_calls(tmp_path, monkeypatch):
     nets, optimizer = geo_dino.build_training(args, run)
     assert nets.loss_fn is geo_dino.geo_dino_loss and compiled == [nets.model, geo_dino.geo_dino_loss]
     calls = []
-    nets.loss_fn = lambda *a: calls.append(len(a)) or geo_dino.geo_dino_loss(*a)
+    nets.loss_fn = lambda *a, **kw: calls.append(len(a) + len(kw)) or geo_dino.geo_dino_loss(*a, **kw)
     geo_dino.train_step(nets, optimizer, next(iter(loader)), geo_dino.Schedule(args, 2)(0), args, run)
     assert calls == [11]

@@ -447,9 +447,8 @@ def main(args):
               "scaler": run.scaler}
     book = Bookkeeper(args, run, data, nets.backbone, states)
     schedule = Schedule(args, book.steps_per_epoch)  # §5
-    # the step to continue from: 0, or where the checkpoint stopped
     step = book.resume(f"{'CO-BYOL' if args.ws else 'BYOL'}: w_s {args.ws}, c_min {args.min_crop}, "
-                       f"local map {args.local_map}x{args.local_map}")
+                       f"local map {args.local_map}x{args.local_map}")  # 0, or resumed
 
     while step < book.last_step:
         book.start_epoch(step)  # this epoch's views and order (a resumed run skips what it trained)

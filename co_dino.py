@@ -157,10 +157,9 @@ def check_method_args(args, error) -> None:
               "crops cover [MAX of --small-crop-scale, 1]")
     if args.min_crop is None:  # CO-SSL Sec. 3.3: c_min = 0.2 is CO-SSL's; DINO keeps 0.08
         args.min_crop = 0.2 if args.ws > 0 else 0.08
-    # solo-learn scripts/pretrain/{cifar,imagenet-100}/dino.yaml
-    if args.warmup_teacher_temp_epochs is None:
-        args.warmup_teacher_temp_epochs = (0 if args.dataset in ("cifar10", "cifar100", "fake")
-                                           else 50)
+    small_data = args.dataset in ("cifar10", "cifar100", "fake")
+    if args.warmup_teacher_temp_epochs is None:  # solo-learn's {cifar,imagenet-100}/dino.yaml
+        args.warmup_teacher_temp_epochs = 0 if small_data else 50
     if args.ws < 0:
         error(f"--ws must be >= 0 (0 trains DINO), got {args.ws}")
     if not 0 < args.min_crop <= 1:
@@ -168,11 +167,8 @@ def check_method_args(args, error) -> None:
     if args.small_crops < 0 or not 0 < args.small_crop_scale[0] < args.small_crop_scale[1] < 1:
         error("--small-crops must be >= 0 and --small-crop-scale MIN MAX must satisfy "
               "0 < MIN < MAX < 1")
-    for name in ("out_dim", "head_hidden", "bottleneck"):
-        if getattr(args, name) < 1:
-            error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.local_grid < 0:
-        error("--local-grid must be >= 0")
+    if min(args.out_dim, args.head_hidden, args.bottleneck) < 1 or args.local_grid < 0:
+        error("need --out-dim, --head-hidden, --bottleneck >= 1 and --local-grid >= 0")
     if args.small_crop_size < 0 or 0 < args.small_crop_size < 8:  # blur, network need pixels
         error("--small-crop-size must be 0 (3/7 of --image-size, at least 8) or >= 8, "
               f"got {args.small_crop_size}")
@@ -286,6 +282,14 @@ def per_position(head: nn.Module, local: torch.Tensor) -> torch.Tensor:
     return out.reshape(b, n, m, -1).permute(0, 3, 1, 2)  # -> (B, n, n, D) -> (B, D, n, n)
 
 
+class DINOOut(NamedTuple):
+    """What the encoder gives for one crop (student and teacher alike)."""
+    h: torch.Tensor  # (B, C) the global representation
+    local: torch.Tensor  # (B, C, n, n) the local representations, before pooling
+    logits_g: torch.Tensor  # (B, K) the global head's logits
+    logits_l: torch.Tensor | None = None  # (B, K, n, n) the local head's at every kept position
+
+
 class Encoder(nn.Module):
     """f (backbone) + the global and the local DINO head: the part shared by student and teacher."""
 
@@ -304,18 +308,17 @@ class Encoder(nn.Module):
                            if self.local and not args.shared_head else None)
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
-    def forward(self, x: torch.Tensor, with_local: bool = True) -> dict:
+    def forward(self, x: torch.Tensor, with_local: bool = True) -> DINOOut:
         """with_local=False skips the local head (small crops: the local loss uses large views)."""
-        out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
-        res = {"h": out.h, "pooled": out.pooled, "logits_g": self.head(out.h)}  # logits_g: (B, K)
+        out, logits_l = self.backbone(x), None  # out.local (B, C, n, n), out.h (B, C)
         if self.local and with_local:
             local = out.local
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local head
                 local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
                          else F.adaptive_avg_pool2d(local, self.local_grid))
             head = self.local_head if self.local_head is not None else self.head
-            res["logits_l"] = per_position(head, local)  # (B, C, k, k) -> (B, K, k, k)
-        return res
+            logits_l = per_position(head, local)  # (B, C, k, k) -> (B, K, k, k)
+        return DINOOut(out.h, out.local, self.head(out.h), logits_l)
 
 
 class StudentNetwork(nn.Module):
@@ -326,7 +329,7 @@ class StudentNetwork(nn.Module):
         super().__init__()
         self.encoder = Encoder(args)
 
-    def forward(self, views: list[torch.Tensor]) -> list[dict]:
+    def forward(self, views: list[torch.Tensor]) -> list[DINOOut]:
         """One call for all views (DDP expects one forward per backward); BN statistics per view."""
         return [self.encoder(x, with_local=i < 2) for i, x in enumerate(views)]
 
@@ -419,17 +422,17 @@ def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor,
     return (local_to_global + global_to_local).mean()
 
 
-def co_dino_loss(student: list[dict], teacher: list[dict], center: torch.Tensor,
+def co_dino_loss(student: list[DINOOut], teacher: list[DINOOut], center: torch.Tensor,
                  local_center: torch.Tensor, student_temp: float, teacher_temp: float, ws: float):
     """Total = L_DINO + w_s L_local (PAPER Sec. 3.1); returns (total, L_DINO, unweighted L_local).
     IMPL: L_local averages the view orders (v, v') and (v', v), as L_DINO averages its pairs, so
     both have one cross-entropy's scale (CO-BYOL's Eq. 3 sums them; the paper does not say)."""
-    loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,
+    loss_g = dino_loss([o.logits_g for o in student], [o.logits_g for o in teacher], center,
                        student_temp, teacher_temp)
     loss_l = torch.zeros((), device=loss_g.device)
     if ws > 0:
-        loss_l = 0.5 * sum(local_dino_loss(student[v]["logits_l"], teacher[1 - v]["logits_l"],
-                                           student[v]["logits_g"], teacher[1 - v]["logits_g"],
+        loss_l = 0.5 * sum(local_dino_loss(student[v].logits_l, teacher[1 - v].logits_l,
+                                           student[v].logits_g, teacher[1 - v].logits_g,
                                            center, local_center, student_temp, teacher_temp)
                            for v in (0, 1))
     return loss_g + ws * loss_l, loss_g, loss_l
@@ -505,13 +508,11 @@ class Schedule:
             # the lr warm-up, this one is not scaled to --epochs: DINO's recipe fixes it in epochs.
             last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp,
                                         args.teacher_temp, args.warmup_teacher_temp_epochs)
-            log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs "
-                f"{args.warmup_teacher_temp_epochs}: the teacher temperature ends at "
+            log(f"note: --epochs < --warmup-teacher-temp-epochs: the teacher temperature ends at "
                 f"{last_temp:.4g}, not --teacher-temp {args.teacher_temp}")
         if args.freeze_last_layer >= args.epochs:  # e.g. DINO's default 1 in a 1-epoch smoke run
-            log(f"note: --freeze-last-layer {args.freeze_last_layer} >= --epochs {args.epochs}: "
-                "the prototypes (the heads' last layers) stay at their initial weights for the "
-                "whole run")
+            log("note: --freeze-last-layer >= --epochs: the prototypes (the heads' last layers) "
+                "keep their initial weights for the whole run")
 
     def __call__(self, step: int) -> dict:
         a, epoch = self.args, step // self.steps_per_epoch
@@ -553,12 +554,12 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     ema_update(nets.teacher, nets.student.encoder, schedule["tau"])
 
     # --- centres, after the loss as in the official code (DINO Eq. 4), over the global batch ---
-    t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
+    t_global = torch.cat([o.logits_g for o in teacher_out])  # 2 x (B, K) -> (2B, K)
     entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)  # -> log K: collapse
     nets.centers.center = update_center(center, t_global, args.center_momentum)
     if args.ws > 0:
         # 2 x (B, K, n, n) -> (2B*n*n, K): each position of each image is one local-centre sample
-        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim)
+        t_local = torch.cat([o.logits_l.flatten(2).transpose(1, 2).reshape(-1, args.out_dim)
                              for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
     return StepOut(loss.detach(), {"loss_global": loss_g.detach(), "loss_local": loss_l.detach(),
@@ -575,9 +576,8 @@ def main(args):
               "optimizer": optimizer, "scaler": run.scaler}
     book = Bookkeeper(args, run, data, nets.backbone, states)
     schedule = Schedule(args, book.steps_per_epoch)  # §5
-    # the step to continue from: 0, or where the checkpoint stopped
     step = book.resume(f"{'CO-DINO' if args.ws else 'DINO'}: w_s {args.ws}, local map "
-                       f"{args.local_map}x{args.local_map}, width {args.width}")
+                       f"{args.local_map}x{args.local_map}, width {args.width}")  # 0, or resumed
 
     while step < book.last_step:
         book.start_epoch(step)  # this epoch's views and order (a resumed run skips what it trained)

@@ -410,6 +410,14 @@ def build_backbone(args) -> nn.Module:
                                     width=args.width)
 
 
+class DINOOut(NamedTuple):
+    """What the encoder gives for one crop (student and teacher alike)."""
+    h: torch.Tensor  # (B, C) the global representation
+    local: torch.Tensor  # (B, C, n, n) the local representations, before pooling
+    logits_g: torch.Tensor  # (B, K) the global head's logits
+    logits_l: torch.Tensor | None = None  # (B, K, n, n) the local head's at every kept position
+
+
 class Encoder(nn.Module):
     """f (backbone) + the global DINO head h-bar + the local DINO head h, shared by student and
     teacher. PAPER Sec. 3.4.1-3.4.2: h-bar maps the global representation to K logits; a second
@@ -427,19 +435,17 @@ class Encoder(nn.Module):
                                     norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
                            if args.local_loss != "none" else None)
 
-    def forward(self, x: torch.Tensor) -> dict:
-        out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
-        # "local" (dense map z) is what the similarity matching compares; logits_g (B, K)
-        res = {"h": out.h, "pooled": out.pooled, "local": out.local, "logits_g": self.head(out.h)}
-        if self.local_head is not None:
-            res["logits_l"] = per_position(self.local_head, out.local)  # -> (B, K, n, n)
-        return res
+    def forward(self, x: torch.Tensor) -> DINOOut:
+        out = self.backbone(x)  # .local (B, C, n, n): the dense map z the similarity matching reads
+        logits_l = per_position(self.local_head, out.local) if self.local_head is not None else None
+        return DINOOut(out.h, out.local, self.head(out.h), logits_l)
 
 
-def forward_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[dict]:
+def forward_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[DINOOut]:
     """Run the encoder on a list of crops, one forward per run of equal-size crops, and split the
-    outputs back: one dict per crop. IMPL (DINO's MultiCropWrapper): the 2 global crops go through
-    the network together, the small crops too; BatchNorm statistics are taken over each group."""
+    outputs back: one DINOOut per crop. IMPL (DINO's MultiCropWrapper): the 2 global crops go
+    through the network together, the small crops too; BatchNorm statistics are taken over each
+    group."""
     outs, start = [], 0
     while start < len(views):
         end = start + 1
@@ -448,7 +454,7 @@ def forward_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[dict]:
         n = end - start
         o = encoder(torch.cat(views[start:end]))  # n x (B, 3, S, S) -> (n B, 3, S, S)
         # (n B, ...) -> n x (B, ...)
-        outs += [{k: v.chunk(n)[i] for k, v in o.items()} for i in range(n)]
+        outs += [DINOOut(*(None if v is None else v.chunk(n)[i] for v in o)) for i in range(n)]
         start = end
     return outs
 
@@ -460,7 +466,7 @@ class StudentNetwork(nn.Module):
         super().__init__()
         self.encoder = Encoder(args)
 
-    def forward(self, views: list[torch.Tensor]) -> list[dict]:
+    def forward(self, views: list[torch.Tensor]) -> list[DINOOut]:
         return forward_views(self.encoder, views)
 
 
@@ -585,20 +591,20 @@ def similarity_matching(feat_student: torch.Tensor, feat_teacher: torch.Tensor) 
     return (s @ t.transpose(-1, -2)).argmax(dim=-1)
 
 
-def local_distributions(student: list[dict], teacher: list[dict], local_center: torch.Tensor,
+def local_distributions(student: list[DINOOut], teacher: list[DINOOut], local_center: torch.Tensor,
                         student_temp: float, teacher_temp: float) -> tuple[list, list]:
     """The local heads' distributions of every crop, once per crop (each enters 2-3 pairs), in fp32.
-    student: dicts with "logits_l" (B, K_p, n, n); teacher: the same for the 2 global crops. Returns
+    student: DINOOuts with .logits_l (B, K_p, n, n); teacher: the same for the 2 global crops. Gives
     (log P_s per student crop, P_t per teacher crop), each cell-major (B, n*n, K_p): log_softmax(s /
     T_s), and softmax((t - c) / T_t) with the LOCAL centre (1, K_p) and no gradient. PERF (measured,
     CPU): once per crop, not once per pair (which repeated four of the six teacher softmaxes); and
     cell-major, so that every op runs along K_p, the contiguous dimension of per_position's output
     (K-major, each op ran 3-20x slower: strided, and in mixed layouts)."""
-    log_p_s = [F.log_softmax(o["logits_l"].float().flatten(2).transpose(1, 2) / student_temp,
+    log_p_s = [F.log_softmax(o.logits_l.float().flatten(2).transpose(1, 2) / student_temp,
                              dim=-1) for o in student]  # (B, Kp, n, n) -> (B, n*n, Kp)
     # (B, Kp, m, m) -> (B, m*m, Kp); bf16 logits - fp32 centre is fp32 in one pass (no separate
     # .float() copy of the logits); sg (.detach()): no gradient into the teacher
-    p_t = [F.softmax((o["logits_l"].flatten(2).transpose(1, 2) - local_center) / teacher_temp,
+    p_t = [F.softmax((o.logits_l.flatten(2).transpose(1, 2) - local_center) / teacher_temp,
                      dim=-1).detach() for o in teacher]
     return log_p_s, p_t
 
@@ -623,7 +629,7 @@ def local_pair_loss(log_p_student: torch.Tensor, p_teacher: torch.Tensor, index:
     return ((ce * valid).sum(1) / ce.shape[1]).mean()  # 1/K sum_k 1{d(k) < s} H, then batch mean
 
 
-def pair_matchings(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
+def pair_matchings(student: list[DINOOut], teacher: list[DINOOut], boxes: torch.Tensor,
                    flips: torch.Tensor) -> dict:
     """Both matchings for every pair (teacher global crop iq, student crop v != iq) of App. A.2.
     boxes (B, V, 4), flips (B, V) from MultiView. Returns {(iq, v): (geo index, geo valid, sim
@@ -631,17 +637,17 @@ def pair_matchings(student: list[dict], teacher: list[dict], boxes: torch.Tensor
     backbone works."""
     pos, diag = [], []
     for v, o in enumerate(student):
-        n = o["local"].shape[-1]  # the crop's grid side
+        n = o.local.shape[-1]  # the crop's grid side
         pos.append(cell_centers(boxes[:, v], flips[:, v], n))  # (B, n*n, 2)
         diag.append(cell_diagonal(boxes[:, v], n))  # (B,)
     out = {}
     for iq, t in enumerate(teacher):
-        t_feat = t["local"].detach().flatten(2).transpose(1, 2)  # (B, C, m, m) -> (B, m*m, C)
+        t_feat = t.local.detach().flatten(2).transpose(1, 2)  # (B, C, m, m) -> (B, m*m, C)
         for v, s in enumerate(student):
             if v == iq:
                 continue  # as in L_G: never a crop with itself
             index, valid = geometric_matching(pos[v], pos[iq], diag[v], diag[iq])
-            s_feat = s["local"].detach().flatten(2).transpose(1, 2)  # (B, C, n, n) -> (B, n*n, C)
+            s_feat = s.local.detach().flatten(2).transpose(1, 2)  # (B, C, n, n) -> (B, n*n, C)
             out[(iq, v)] = (index, valid, similarity_matching(s_feat, t_feat))
     return out
 
@@ -655,17 +661,17 @@ class GeoDinoLoss(NamedTuple):
     local_collapse: torch.Tensor  # [entropy, KL to uniform] of the local teacher (0 if not asked)
 
 
-def geo_dino_loss(student: list[dict], teacher: list[dict], boxes: torch.Tensor,
+def geo_dino_loss(student: list[DINOOut], teacher: list[DINOOut], boxes: torch.Tensor,
                   flips: torch.Tensor, center: torch.Tensor, local_center: torch.Tensor, *,
                   student_temp: float, teacher_temp: float, local_loss: str, local_weight: float,
                   local_collapse: bool) -> GeoDinoLoss:
     """Total = (1 - w) L_G + w L_L (App. A.2, Eq. 8-10); with local_loss 'none' it is L_G (DINO).
-    student: one dict per crop (2 global, then small ones) with "logits_g" (B, K), "local" (B, C, n,
-    n) and, unless 'none', "logits_l" (B, K, n, n); teacher: the same for the 2 global crops.
+    student: one DINOOut per crop (2 global, then small ones), with .logits_l unless 'none';
+    teacher: the same for the 2 global crops.
     PERF: the local collapse monitors (`collapse_monitors`) read every cell of both global crops (a
     copy and a log over the step's largest tensors) and are logged every --log-every steps only,
     so `train_step` asks for them (local_collapse=True) on those steps only."""
-    loss_g = dino_loss([o["logits_g"] for o in student], [o["logits_g"] for o in teacher], center,
+    loss_g = dino_loss([o.logits_g for o in student], [o.logits_g for o in teacher], center,
                        student_temp, teacher_temp)  # PAPER Eq. 8
     matchings = pair_matchings(student, teacher, boxes, flips)
     loss_l = torch.zeros((), device=loss_g.device)
@@ -851,13 +857,13 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     ema_update(nets.teacher, nets.student.encoder, schedule["tau"])
 
     # --- centres, after the loss as in the official code (DINO Eq. 4), over the global batch ---
-    t_global = torch.cat([o["logits_g"] for o in teacher_out])  # 2 x (B, K) -> (2B, K)
+    t_global = torch.cat([o.logits_g for o in teacher_out])  # 2 x (B, K) -> (2B, K)
     entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
     nets.centers.center = update_center(center, t_global, args.center_momentum)
     if args.local_loss != "none":
         # PAPER Sec. 3.4.2 / EsViT: the local head has its own centre, a mean over every cell of
         # every image: 2 x (B, K, n, n) -> (2B * n * n, K)
-        t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, args.out_dim)
+        t_local = torch.cat([o.logits_l.flatten(2).transpose(1, 2).reshape(-1, args.out_dim)
                              for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
     match = torch.stack([losses.match_valid_frac, losses.sim_geo_agree])

@@ -225,8 +225,8 @@ def geo_local_loss_variants(B: int, K: int, grids: tuple, compile_too: bool = Fa
 
     def logits(n):  # the local head's output: (B, n, n, K) memory seen as (B, K, n, n)
         return (torch.randn(B, n, n, K, generator=g) * 3).bfloat16().permute(0, 3, 1, 2)
-    student = [{"logits_l": logits(n).requires_grad_()} for n in (ng, ng, nl, nl)]
-    teacher = [{"logits_l": logits(ng)} for _ in range(2)]
+    student = [geo_dino.DINOOut(None, None, None, logits(n).requires_grad_()) for n in (ng, ng, nl, nl)]
+    teacher = [geo_dino.DINOOut(None, None, None, logits(ng)) for _ in range(2)]
     lc, Ts, Tt = torch.randn(1, K, generator=g) * 0.1, 0.1, 0.04
     pairs = [(iq, v) for iq in range(2) for v in range(4) if v != iq]
     index = {(iq, v): torch.randint(0, ng * ng, (B, (ng if v < 2 else nl) ** 2), generator=g) for iq, v in pairs}
@@ -250,7 +250,7 @@ def geo_local_loss_variants(B: int, K: int, grids: tuple, compile_too: bool = Fa
     def fb(fn):
         def run():
             for o in student:
-                o["logits_l"].grad = None
+                o.logits_l.grad = None
             fn().backward()
         return run
     assert torch.equal(loss(geo_dino.local_pair_loss)(), loss(gathered)())
@@ -260,7 +260,7 @@ def geo_local_loss_variants(B: int, K: int, grids: tuple, compile_too: bool = Fa
         label = "local_pair_loss, torch.compile"
         fns |= compiled(label, loss(geo_dino.local_pair_loss), torch.compile(loss(geo_dino.local_pair_loss)))
         fns[label] = fb(fns[label])
-    return fns, [o["logits_l"] for o in student]
+    return fns, [o.logits_l for o in student]
 
 
 if __name__ == "__main__":

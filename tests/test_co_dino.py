@@ -128,7 +128,7 @@ def test_ws0_is_exactly_dino_loss_and_gradients():
     torch.testing.assert_close(loss_dino, loss_g)
     assert loss_l0.item() == 0.0
     o = dino(views)
-    manual = co_dino.dino_loss([x["logits_g"] for x in o], [x["logits_g"] for x in t_out], c, 0.1, 0.04)
+    manual = co_dino.dino_loss([x.logits_g for x in o], [x.logits_g for x in t_out], c, 0.1, 0.04)
     torch.testing.assert_close(loss_dino, manual)
     co.zero_grad(), dino.zero_grad()
     loss_g.backward()
@@ -159,8 +159,8 @@ def test_local_head_runs_on_the_two_large_views_only():
     (args, net), = _models([0.2])
     large = [torch.randn(2, 3, 32, 32) for _ in range(2)]
     outs = net(large + [torch.randn(2, 3, 16, 16)] * 2)
-    assert ["logits_l" in o for o in outs] == [True, True, False, False]
-    assert all(o["logits_g"].shape == (2, args.out_dim) for o in outs)
+    assert [o.logits_l is not None for o in outs] == [True, True, False, False]
+    assert all(o.logits_g.shape == (2, args.out_dim) for o in outs)
 
 
 def test_collapse_monitors():
@@ -342,7 +342,7 @@ def test_head_bn_and_norm_last_layer_flags():
     g = lambda enc: enc.head.last_layer.parametrizations.weight.original0.requires_grad  # noqa: E731
     assert not g(enc_plain) and g(enc_bn)
     out = enc_bn(torch.randn(4, 3, 16, 16))
-    assert out["logits_g"].shape == (4, 64) and out["logits_l"].shape[:2] == (4, 64)
+    assert out.logits_g.shape == (4, 64) and out.logits_l.shape[:2] == (4, 64)
 
 
 def test_laptop_recipe_defaults_and_explicit_flags_win():

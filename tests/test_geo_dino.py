@@ -166,10 +166,11 @@ def test_multiview_returns_boxes_and_flips():
 # ---------------------------------------------------------------------------------------------------------
 def _random_outputs(B=2, K=8, C=5, grids=(3, 3, 2, 2), seed=3):
     torch.manual_seed(seed)
-    student = [{"logits_g": torch.randn(B, K), "logits_l": torch.randn(B, K, n, n), "local": torch.randn(B, C, n, n)}
-               for n in grids]
-    teacher = [{"logits_g": torch.randn(B, K), "logits_l": torch.randn(B, K, n, n), "local": torch.randn(B, C, n, n)}
-               for n in grids[:2]]
+    # (keyword order = the order of the random draws)
+    student = [geo_dino.DINOOut(h=None, logits_g=torch.randn(B, K), logits_l=torch.randn(B, K, n, n),
+                                local=torch.randn(B, C, n, n)) for n in grids]
+    teacher = [geo_dino.DINOOut(h=None, logits_g=torch.randn(B, K), logits_l=torch.randn(B, K, n, n),
+                                local=torch.randn(B, C, n, n)) for n in grids[:2]]
     boxes = random_boxes(B * len(grids)).view(B, len(grids), 4)
     boxes[0, 3] = torch.tensor([100.0, 100.0, 110.0, 110.0])  # a small crop that overlaps no global crop
     flips = torch.rand(B, len(grids)) < 0.5
@@ -196,8 +197,8 @@ def test_local_loss_against_explicit_loops(mode):
             if v == iq:
                 continue
             pairs += 1
-            ref_g += sum(H(teacher[iq]["logits_g"][b], c, student[v]["logits_g"][b]) for b in range(B)) / B
-            n, m = student[v]["local"].shape[-1], teacher[iq]["local"].shape[-1]
+            ref_g += sum(H(teacher[iq].logits_g[b], c, student[v].logits_g[b]) for b in range(B)) / B
+            n, m = student[v].local.shape[-1], teacher[iq].local.shape[-1]
             pair = 0.0
             for b in range(B):
                 box_s, box_t = boxes[b, v].tolist(), boxes[b, iq].tolist()
@@ -207,16 +208,16 @@ def test_local_loss_against_explicit_loops(mode):
                     e = centre_by_hand(box_s, bool(flips[b, v]), n, k // n, k % n)
                     d = [math.dist(e, centre_by_hand(box_t, bool(flips[b, iq]), m, j // m, j % m)) for j in range(m * m)]
                     geo_j = min(range(m * m), key=lambda j: d[j])
-                    z = student[v]["local"][b, :, k // n, k % n]
-                    cos = [F.cosine_similarity(z, teacher[iq]["local"][b, :, j // m, j % m], dim=0).item()
+                    z = student[v].local[b, :, k // n, k % n]
+                    cos = [F.cosine_similarity(z, teacher[iq].local[b, :, j // m, j % m], dim=0).item()
                            for j in range(m * m)]
                     sim_j = max(range(m * m), key=lambda j: cos[j])
                     valid = d[geo_j] < s
                     n_cells, n_valid, n_agree = n_cells + 1, n_valid + valid, n_agree + (valid and sim_j == geo_j)
                     j = geo_j if mode == "geo" else sim_j
                     if mode == "sim" or valid:  # Eq. 6: invalid geo matches add 0 but still count in 1/K
-                        pair += H(teacher[iq]["logits_l"][b, :, j // m, j % m], c_l,
-                                  student[v]["logits_l"][b, :, k // n, k % n]) / (n * n)
+                        pair += H(teacher[iq].logits_l[b, :, j // m, j % m], c_l,
+                                  student[v].logits_l[b, :, k // n, k % n]) / (n * n)
             ref_l += pair / B
     ref_l, ref_g = ref_l / pairs, ref_g / pairs  # Eq. 9 / 10: 1 / (2 (N_L + 1)) over the pairs
     assert pairs == 2 * (2 + 1)
@@ -227,7 +228,7 @@ def test_local_loss_against_explicit_loops(mode):
     assert monitors[1].item() == pytest.approx(n_agree / max(n_valid, 1))
     assert 0 < n_valid < n_cells  # the non-overlapping crop really produced invalid cells
     # the local collapse monitors, computed from the loss's own P_t, equal collapse_monitors on every teacher cell
-    t_local = torch.cat([o["logits_l"].flatten(2).transpose(1, 2).reshape(-1, K) for o in teacher])  # (2B*m*m, K)
+    t_local = torch.cat([o.logits_l.flatten(2).transpose(1, 2).reshape(-1, K) for o in teacher])  # (2B*m*m, K)
     torch.testing.assert_close(monitors[2:], geo_dino.collapse_monitors(t_local, c_l, Tt))
 
 
@@ -235,13 +236,13 @@ def test_local_loss_stops_gradient_into_teacher():
     student, teacher, boxes, flips = _random_outputs()
     for o in student + teacher:
         for k in ("logits_g", "logits_l"):
-            o[k].requires_grad_(True)
+            getattr(o, k).requires_grad_(True)
     zero = torch.zeros(1, 8)
     total = geo_dino.geo_dino_loss(student, teacher, boxes, flips, zero, zero, student_temp=0.1, teacher_temp=0.04,
                                    local_loss="geo", local_weight=0.5, local_collapse=False).total
     total.backward()
-    assert all(o[k].grad is None for o in teacher for k in ("logits_g", "logits_l"))
-    assert all(o["logits_l"].grad.abs().sum() > 0 for o in student[1:])
+    assert all(getattr(o, k).grad is None for o in teacher for k in ("logits_g", "logits_l"))
+    assert all(o.logits_l.grad.abs().sum() > 0 for o in student[1:])
 
 
 def test_none_is_plain_dino():
@@ -259,12 +260,12 @@ def test_none_is_plain_dino():
     total, loss_g, loss_l, *_ = geo_dino.geo_dino_loss(s_out, t_out, boxes, flips, c, c, student_temp=0.1,
                                                        teacher_temp=0.04, local_loss="none", local_weight=0.5,
                                                        local_collapse=True)
-    plain = geo_dino.dino_loss([o["logits_g"] for o in s_out], [o["logits_g"] for o in t_out], c, 0.1, 0.04)
+    plain = geo_dino.dino_loss([o.logits_g for o in s_out], [o.logits_g for o in t_out], c, 0.1, 0.04)
     assert torch.equal(total, plain) and torch.equal(loss_g, plain) and loss_l.item() == 0.0
     # the grouped forward equals one forward per crop size (DINO's multi-crop wrapper)
     with torch.no_grad():
-        small = teacher(torch.cat(views[2:]))["logits_g"]
-        torch.testing.assert_close(torch.cat([o["logits_g"] for o in geo_dino.forward_views(teacher, views)[2:]]),
+        small = teacher(torch.cat(views[2:])).logits_g
+        torch.testing.assert_close(torch.cat([o.logits_g for o in geo_dino.forward_views(teacher, views)[2:]]),
                                    small)
 
 

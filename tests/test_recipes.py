@@ -202,7 +202,7 @@ def test_shared_head_is_table_6s_one_head_variant(name):
         torch.testing.assert_close(out.z_l[:, :, 1, 2], net.encoder.projector(vec))
         torch.testing.assert_close(out.p_l[:, :, 1, 2], net.predictor(net.encoder.projector(vec)))
     else:
-        torch.testing.assert_close(out["logits_l"][:, :, 1, 2], net.encoder.head(vec))
+        torch.testing.assert_close(out.logits_l[:, :, 1, 2], net.encoder.head(vec))
 
 
 def test_two_hidden_layer_projector_for_imagenet_1k():

@@ -213,7 +213,7 @@ def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1,
 
 
 def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
-    """PAPER Table 5 / Sec. 4.5: the local loss "only on a subset of local representations", by
+    """PAPER Table 5 / Sec. 4.3: the local loss "only on a subset of local representations", by
     "spatially downsampling the feature maps". IMPL: the representation at the centre of each cell
     of a k x k partition: (B, C, n, n) -> (B, C, k, k). Each kept vector keeps its own receptive
     field (k = 1: the centre one), which average pooling (--local-grid-mode pool) does not."""

@@ -83,7 +83,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-grid-mode", choices=["subset", "pool"], default="subset", help="how "
                    "--local-grid downsamples: 'subset' keeps the representations at the centres "
                    "of a k x k partition (paper: 'a subset of local representations'); 'pool' "
-                   "averages each cell (new, wider vectors)")
+                   "averages each cell (vectors with wider receptive fields)")
     g.add_argument("--shared-head", action="store_true", help="one head for global and local "
                    "representations (paper Table 6, '1 head'): the local loss applies the global "
                    "DINO head at every position")
@@ -123,8 +123,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "at epoch 0 (DINO: 0.04)")
     g.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="epochs of linear "
                    "teacher temperature warm-up; default: solo-learn's, whose DINO recipes the "
-                   "CO-SSL authors used: 0 on CIFAR (T_t = 0.07 throughout), 50 on ImageNet-100 "
-                   "(image folders, STL-10); DINO: 30")
+                   "CO-SSL authors used: 0 on CIFAR (T_t = --teacher-temp throughout), 50 on "
+                   "ImageNet-100 (image folders, STL-10); DINO: 30")
     g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher "
                    "centres (DINO: 0.9)")
     g.add_argument("--tau-base", type=float, default=0.9995, help="EMA momentum of the teacher at "
@@ -136,11 +136,10 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
 # Shared flags' values for this method (solo-learn's DINO for ResNets: LARS, lr 0.3, wd 1e-6).
 METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-6, arch="resnet18")
 OTHER_ARCHS = ()  # backbones besides rf_resnet's (geo_dino.py adds swin_t)
-# --recipe laptop: CIFAR-10 at 32 px on 2 CPU cores, k-NN every epoch. Network, batch, optimiser and
-# lr are co_byol.py's laptop recipe (not re-tuned); the DINO values (head BN, T_t, EMA tau, head
-# sizes, no frozen prototypes) come from a lever search (docs/co_dino.md): without --head-bn every
-# setting tried collapsed to uniform outputs or was unstable. 12 epochs, not co_byol's 3: on DINO
-# (3 seeds each) k-NN is 42 % after 3 epochs, 56 % after 12.
+# --recipe laptop: CIFAR-10 at 32 px on 2 CPU cores, k-NN each epoch. Network, batch, optimiser, lr:
+# co_byol.py's laptop recipe (not re-tuned); the DINO values (head BN, T_t, EMA tau, head sizes, no
+# frozen prototypes): a lever search (docs/co_dino.md; without --head-bn every setting collapsed or
+# was unstable). 12 epochs, not co_byol's 3: DINO's k-NN is 42 % after 3, 56 % after 12 (3 seeds).
 LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=12,
                      optimizer="sgd", lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99,
                      head_hidden=512, bottleneck=128, out_dim=4096, head_bn=True,
@@ -193,7 +192,7 @@ def check_method_args(args, error) -> None:
 
 
 # ---- 2. Views ----
-# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image; CO-SSL only
+# PAPER Sec. 3.3 / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image; CO-SSL only
 # changes c_min, the minimum crop ratio (0.2, not BYOL's 0.08). Blur / solarisation p: 1.0 / 0.0 in
 # t, 0.1 / 0.2 in t'; no blur at CIFAR's 32 px (solo-learn), kept from 64 px (Tiny-ImageNet) up.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
@@ -211,7 +210,7 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
 
 
 class MultiView:
-    """image -> [views t, t' (large), small crops...] (PAPER Fig. 1: v = t(x), v' = t'(x))."""
+    """image -> [views t, t' (large), small crops...] (PAPER Sec. 3.1: v = t(x), v' = t'(x))."""
 
     def __init__(self, args):
         large_scale = ((args.min_crop, 1.0) if args.small_crops == 0
@@ -262,7 +261,7 @@ class DINOHead(nn.Module):
 
 
 def local_subset(local: torch.Tensor, k: int) -> torch.Tensor:
-    """PAPER Table 5 / Sec. 4.5: the local loss "only on a subset of local representations", by
+    """PAPER Table 5 / Sec. 4.3: the local loss "only on a subset of local representations", by
     "spatially downsampling the feature maps". IMPL: the representation at the centre of each cell
     of a k x k partition: (B, C, n, n) -> (B, C, k, k). Each kept vector keeps its own receptive
     field (k = 1: the centre one), which average pooling (--local-grid-mode pool) does not."""
@@ -335,8 +334,8 @@ class StudentNetwork(nn.Module):
 
 
 class Centers(nn.Module):
-    """DINO's centres (DINO Eq. 4) of the global and of the local teacher outputs (the local loss
-    has its own): (1, K) buffers, so that they follow the device and live in the checkpoint."""
+    """DINO's centres (DINO Eq. 4) of the global and of the local teacher outputs (IMPL: the local
+    loss has its own): (1, K) buffers, so that they follow the device and live in the checkpoint."""
 
     def __init__(self, out_dim: int):
         super().__init__()
@@ -399,17 +398,17 @@ def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor,
                     student_global: torch.Tensor, teacher_global: torch.Tensor,
                     center: torch.Tensor, local_center: torch.Tensor, student_temp: float,
                     teacher_temp: float) -> torch.Tensor:
-    """PAPER Sec. 3.1 (CO-SSL in general; Eq. 2 with DINO's loss): for student view v and teacher
-    view v', 1/n^2 sum_i [ H(P_t(z'_g), P_s(s_l^i)) + H(P_t(z'_l^i), P_s(s_g)) ], batch-averaged.
-    student_local (B, K, n, n), student_global (B, K): student logits of v; teacher_local and
-    teacher_global: teacher logits of v', same shapes. The teacher's global distribution is centred
-    with the global centre (1, K), its local ones with the local centre (1, K); one T_t for both.
-    PERF: the local logits are read cell-major, (B, K, n, n) -> (B, n*n, K), so every softmax and
-    product runs along K, contiguous in the head's output (per_position); K-major (strided, mixed
-    layouts) they ran 3-20x slower per op on a CPU. Each cross-entropy is linear in its
-    log-probabilities (or its targets), so the mean over the n*n cells is taken before the product
-    with the other view's distribution: same value, and no (B, n*n, K) product forward or backward
-    (these tensors, 64 x 25 x 4,096 floats in the laptop recipe, take the loss's CPU time)."""
+    """PAPER Sec. 3.1, Eq. 2 (CO-BYOL's L_l) with DINO's cross-entropy in place of the cosine (the
+    paper gives no formula for CO-DINO): for student view v and teacher view v', batch-averaged,
+    1/n^2 sum_i [ H(P_t(z'_g), P_s(s_l^i)) + H(P_t(z'_l^i), P_s(s_g)) ];
+    s_g = student_global (B, K) and s_l^i = student_local (B, K, n, n) at position i: logits of v;
+    z'_g, z'_l^i: the teacher's of v', same shapes. IMPL: the teacher's global distribution is
+    centred with the global centre (1, K), its local ones with the local centre; one T_t for both.
+    PERF: the local logits are read cell-major, (B, K, n, n) -> (B, n*n, K), so every op runs along
+    K, contiguous in the head's output (per_position; K-major ran 3-20x slower per op on a CPU).
+    Each cross-entropy is linear in its log-probabilities (or targets), so the mean over the n*n
+    cells comes before the product with the other view's distribution: the same value, and no
+    (B, n*n, K) product forward or backward (the tensors that take the loss's CPU time)."""
     # (B, n*n, K)
     s_l = F.log_softmax(student_local.float().flatten(2).transpose(1, 2) / student_temp, dim=-1)
     t_g = F.softmax((teacher_global.float() - center) / teacher_temp, dim=-1).detach()  # (B, K)
@@ -425,8 +424,9 @@ def local_dino_loss(student_local: torch.Tensor, teacher_local: torch.Tensor,
 def co_dino_loss(student: list[DINOOut], teacher: list[DINOOut], center: torch.Tensor,
                  local_center: torch.Tensor, student_temp: float, teacher_temp: float, ws: float):
     """Total = L_DINO + w_s L_local (PAPER Sec. 3.1); returns (total, L_DINO, unweighted L_local).
-    IMPL: L_local averages the view orders (v, v') and (v', v), as L_DINO averages its pairs, so
-    both have one cross-entropy's scale (CO-BYOL's Eq. 3 sums them; the paper does not say)."""
+    IMPL: L_local averages the view orders (v, v') and (v', v), as L_DINO averages its pairs; each
+    holds two cross-entropies, as Eq. 2 two cosines, so w_s weighs L_local against L_DINO as in
+    CO-BYOL's Eq. 3 (which sums both orders; the paper gives no CO-DINO formula)."""
     loss_g = dino_loss([o.logits_g for o in student], [o.logits_g for o in teacher], center,
                        student_temp, teacher_temp)
     loss_l = torch.zeros((), device=loss_g.device)
@@ -454,8 +454,8 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor,
 def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor,
                       teacher_temp: float) -> torch.Tensor:
     """DINO's two collapses (Caron et al. 2021, Sec. 5.3), all outputs uniform or one prototype
-    winning, for (N, K) teacher logits: [mean entropy of P_t (-> log K if uniform), KL(mean P_t ||
-    uniform) (-> log K if one prototype wins)], in nats; healthy training keeps both well below."""
+    winning; our monitors of them for (N, K) teacher logits: [mean entropy of P_t (-> log K if
+    uniform), KL(mean P_t || uniform) (-> log K if one wins)] in nats; both low when healthy."""
     # P_t (N, K)
     return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))
 
@@ -477,7 +477,7 @@ def tau_at(step: int, total: int, base: float, final: float) -> float:
 
 def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
     """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then
-    stays (official np.linspace schedule, per epoch); a low early T_t sharpens against collapse."""
+    stays (official np.linspace schedule, per epoch); DINO's code: a hotter start is unstable."""
     if epoch >= warmup_epochs:
         return temp
     return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
@@ -544,7 +544,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     # --- update the student, then the teacher <- EMA(student) ---
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    if schedule["freeze_last_layer"]:  # DINO: fixed prototypes in epoch(s) 1: stabler start
+    if schedule["freeze_last_layer"]:  # DINO: no prototype update in the first epoch(s): stabler
         for head in (nets.student.encoder.head, nets.student.encoder.local_head):
             if head is not None:
                 for p in head.last_layer.parameters():

@@ -483,8 +483,8 @@ def make_teacher(student: StudentNetwork) -> nn.Module:
 
 
 class Centers(nn.Module):
-    """DINO's centres (DINO Eq. 4) of the global and of the local teacher outputs (the local loss
-    has its own): (1, K) buffers, so that they follow the device and live in the checkpoint."""
+    """DINO's centres (DINO Eq. 4) of the global and of the local teacher outputs (IMPL: the local
+    loss has its own): (1, K) buffers, so that they follow the device and live in the checkpoint."""
 
     def __init__(self, out_dim: int):
         super().__init__()
@@ -717,8 +717,8 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor,
 def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor,
                       teacher_temp: float) -> torch.Tensor:
     """DINO's two collapses (Caron et al. 2021, Sec. 5.3), all outputs uniform or one prototype
-    winning, for (N, K) teacher logits: [mean entropy of P_t (-> log K if uniform), KL(mean P_t ||
-    uniform) (-> log K if one prototype wins)], in nats; healthy training keeps both well below."""
+    winning; our monitors of them for (N, K) teacher logits: [mean entropy of P_t (-> log K if
+    uniform), KL(mean P_t || uniform) (-> log K if one wins)] in nats; both low when healthy."""
     # P_t (N, K)
     return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))
 
@@ -740,7 +740,7 @@ def tau_at(step: int, total: int, base: float, final: float) -> float:
 
 def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
     """DINO: T_t goes linearly from warmup_temp (epoch 0) to temp (epoch warmup_epochs - 1), then
-    stays (official np.linspace schedule, per epoch); a low early T_t sharpens against collapse."""
+    stays (official np.linspace schedule, per epoch); DINO's code: a hotter start is unstable."""
     if epoch >= warmup_epochs:
         return temp
     return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)

@@ -42,8 +42,8 @@ Run (the first line is a CPU smoke test):
     # Paper scale, ImageNet-100 (App. C.2; paper's Table 3: VICReg 76.8 % with 16 patches):
     torchrun --nproc_per_node=8 bag_ssl.py --dataset imagefolder --data-dir /data/imagenet100 \
         --arch resnet50 --image-size 224 --epochs 400 --batch-size 1024 --lr 0.1 \
-        --proj-hidden 8192 --proj-dim 8192 --tcr-lambda 1920 --patch-size 100 \
-        --eval-patches 1,16,48 --output-dir runs/bag_ssl_in100
+        --proj-hidden 8192 --proj-hidden-layers 2 --proj-dim 8192 --tcr-lambda 1920 \
+        --patch-size 100 --eval-patches 1,16,48 --output-dir runs/bag_ssl_in100
 Measured results (commands, beside the same network at random initialisation): docs/bag_ssl.md.
 The paper's CIFAR-10 numbers need the GPU recipe above.
 
@@ -51,7 +51,7 @@ Reading route (Part I, top to bottom; the appendix below it is plumbing shared w
 every method file):
     patch_view, MultiView   the two kinds of views: fixed-scale patches (BagSSL, Sec. 4.1) or crops
     Encoder, OnlineNetwork  f and the projector g (App. C.1); BYOL's predictor
-    nt_xent_loss, vicreg_loss, tcr_loss, byol_loss, emp_loss
+    nt_xent_loss, vicreg_loss, tcr_loss, emp_loss, byol_loss
                             the four losses (Sec. 2-3) and EMP-SSL's
     bag_ssl_loss            the chosen loss on the global batch (gather_with_grad)
     sample_boxes, bag_features, bag_of_patches_eval
@@ -204,7 +204,9 @@ def parse_eval_patches(text: str) -> list[int]:
     return values
 
 
-# The method's values for shared flags (App. C: ResNet-34 on CIFAR, LARS lr 0.3, wd 1e-4).
+# The method's values for shared flags (App. C: ResNet-34 on CIFAR, LARS lr 0.3, wd 1e-4). IMPL:
+# App. C's lr 0.3 (0.1 on ImageNet-100) read as lr per 256 images, as every --lr here (A.4); read
+# literally at batch 1024 it is --lr 0.075 (docs/bag_ssl.md).
 METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-4, arch="resnet34")
 OTHER_ARCHS = ()  # backbones besides rf_resnet's (geo_dino.py adds swin_t)
 # --recipe laptop: CIFAR-10 at 32 px on 2 CPU cores, k-NN every epoch. Loss, network, batch,
@@ -313,7 +315,8 @@ def check_method_args(args, error) -> None:
 # is that we replace multi-scale cropping augmentation with fixed-scale image patches"; two views
 # per image, and "the data augmentations used are identical to those described in BYOL" (flip,
 # colour jitter, grayscale, blur p = 1.0 / 0.1 and solarisation p = 0.0 / 0.2 in the two views;
-# no blur on 32 px CIFAR, as in solo-learn; larger images, Tiny-ImageNet's 64 px too, keep it).
+# DEVIATION: no blur on 32 px CIFAR, as solo-learn; larger images (Tiny-ImageNet's 64 px too) keep
+# it).
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
     """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
@@ -374,7 +377,7 @@ def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1,
         conv: bool = False) -> nn.Sequential:
     """BYOL's projector / predictor: (Linear -> BN -> ReLU) x hidden_layers -> Linear (Grill et al.
     2020, Sec. 3.3: one hidden layer; CO-SSL Sec. 3.3: two for BYOL on ImageNet-1k). conv=True: the
-    same MLP at every position of a (B, C, n, n) map, as 1x1 convolutions (PAPER Sec. 3.1, "to
+    same MLP at every position of a (B, C, n, n) map, as 1x1 convolutions (CO-SSL Sec. 3.1, "to
     parallelize"); its BatchNorm then normalises over batch and positions together."""
     linear = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
     norm = nn.BatchNorm2d if conv else nn.BatchNorm1d
@@ -452,12 +455,12 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
 # ---- 4. Losses ----
 # PAPER Sec. 3, Prop. 3.1: every joint-embedding loss has an attractive term (projections of
 # co-occurring patches, i.e. two views of one image, are pulled together) and an anti-collapse
-# term; the four methods differ only in the second (Sec. 2, "Invariance without collapse"):
+# term; the four methods mostly differ in the second (Sec. 2, "Invariance without collapse"):
 #   SimCLR: negatives; every other image of the (global) batch is pushed away (softmax denominator).
 #   VICReg: statistics; the per-dimension std is kept >= 1 (variance) and dimensions are
 #           decorrelated (covariance), over the global batch; no negatives, no asymmetry.
 #   TCR:    volume; the coding rate log det(I + c Z^T Z) of the batch's projections is maximised,
-#           i.e. they must span all directions (a smooth version of VICReg's covariance term).
+#           i.e. they must span all directions (our reading: a smooth VICReg covariance term).
 #   BYOL:   asymmetry; no explicit repulsion at all: a predictor on the online side and a
 #           stop-gradient EMA target avoid the trivial solution (Grill et al. 2020).
 # EMP-SSL (--loss emp, same group, 2023) is TCR with n patches per image instead of two views: every
@@ -574,10 +577,10 @@ def emp_loss(zs: list[torch.Tensor], lam: float = 200.0,
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """PAPER Eq. 1 (BYOL): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
+    """BYOL's loss (CO-SSL's Eq. 1): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
 
     p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The
-    paper writes -2 cos; the constant 2 (BYOL's ||p/|p| - z/|z|||^2) changes no gradient and keeps
+    CO-SSL writes -2 cos; the constant 2 (BYOL's ||p/|p| - z/|z|||^2) changes no gradient and keeps
     the loss >= 0. PITFALL: fp32, as normalisation in bf16 loses the small late differences."""
     p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)  # sg(z)
     return (2 - 2 * (p * z).sum(dim=-1)).mean()
@@ -592,7 +595,8 @@ def bag_ssl_loss(online: list[dict], target: list[dict] | None,
         # BYOL Eq. 2: symmetrised, each view's prediction regresses the other's target projection.
         loss = byol_loss(online[0]["p"], target[1]["z"]) + byol_loss(online[1]["p"], target[0]["z"])
         return loss, loss.detach()[None]
-    # Global batch: SimCLR's negatives and VICReg's / TCR's statistics span ALL processes' images.
+    # IMPL (official VICReg's FullGatherLayer): SimCLR's negatives and VICReg's / TCR's statistics
+    # span ALL processes' images (the global batch).
     if args.loss == "emp":
         loss, terms = emp_loss([gather_with_grad(o["z"]) for o in online], args.emp_lambda,
                                args.tcr_eps)
@@ -610,13 +614,13 @@ def bag_ssl_loss(online: list[dict], target: list[dict] | None,
 
 # ---- 5. Schedules: BYOL's EMA ----
 def tau_at(step: int, total: int, base: float, final: float) -> float:
-    """BYOL Sec. 3.2: tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
+    """BYOL Sec. 3.3: tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """PAPER Sec. 3.1 / BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f, g.
+    """BYOL Eq. 1: xi <- tau * xi + (1 - tau) * theta, for every parameter of f, g.
     PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The target runs in train mode,
     so its BN normalises with the statistics of the current batch (as in BYOL and solo-learn) and
     keeps running statistics of its own, used only if the target is ever evaluated in eval mode."""
@@ -627,7 +631,7 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
 
 class Schedule:
     """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every
-    group's base lr) and, for BYOL only, `tau`, the EMA momentum (BYOL Sec. 3.2). Every float but
+    group's base lr) and, for BYOL only, `tau`, the EMA momentum (BYOL Sec. 3.3). Every float but
     lr_scale is logged."""
 
     def __init__(self, args, steps_per_epoch: int):
@@ -798,12 +802,12 @@ def bag_features(backbone, dataset, indices: list[int], split: int, args, device
 def fit_linear_classifier(train_f, train_y, test_f, test_y, num_classes: int, epochs: int,
                           lr: float, weight_decay: float, seed: int) -> float:
     """Top-1 (%) of a linear classifier fitted on frozen features (multinomial logistic regression).
-    DEVIATION: the paper trains its linear classifier with the usual protocol (augmented images
-    through the frozen network, every epoch). With N patches per image that costs N forward passes
-    per image per epoch, so we embed every image once (fixed patches, no augmentation) and fit on
-    those features: standardised with the training mean/std, SGD with momentum 0.9, batch 256,
-    cosine lr, `epochs` epochs. Absolute numbers are therefore a few points below the paper's
-    protocol; the comparison between evaluations (central, 1, 16, 256 patches) holds."""
+    DEVIATION from the common protocol (augmented images through the frozen network every epoch;
+    the paper does not give its own): with N patches per image that costs N forward passes per
+    image per epoch, so we embed every image once (fixed patches, no augmentation) and fit on those
+    features: standardised with the training mean/std, SGD with momentum 0.9, batch 256, cosine
+    lr, `epochs` epochs. Absolute numbers may therefore be lower; the comparison between
+    evaluations (central, 1, 16, 256 patches) holds."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     x_tr, x_te = (train_f - mean) / std, (test_f - mean) / std
     with torch.random.fork_rng(devices=[]):  # deterministic and without touching the training RNG

@@ -1,8 +1,8 @@
 """CO-BYOL: BYOL plus a loss between local and global representations (BYOL itself with --ws 0).
 
 Paper: Arthur Aubret, Celine Teuliere, Jochen Triesch, "Seeing the Whole in the Parts in
-Self-Supervised Representation Learning", arXiv 2501.02860 (CO-SSL). Sec. 3.1 (Eq. 1-3), Sec. 4,
-App. A.
+Self-Supervised Representation Learning", arXiv 2501.02860 (CO-SSL). Sec. 3.1 (Eq. 1-3: its three
+displayed equations, in order; the paper does not number them), Sec. 4, App. A.
 
 Idea. BYOL pulls the prediction of one augmented view towards the target projection of another view
 of the same image (Eq. 1). CO-BYOL adds a second use of the same loss, between *local*
@@ -34,14 +34,16 @@ Run:
 Measured results (k-NN of the laptop recipe beside the same network at random initialisation, with
 commands, machine and time): docs/co_byol.md.
 
-Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
-every method file):
-    MultiView               the two views v = t(x), v' = t'(x) (Fig. 1) and c_min (Sec. 3.3)
-    Encoder, OnlineNetwork  f, g1, g2 and q1, q2 (Sec. 3.1, App. A.4); local_subset (Table 5)
+Reading route (Part I, top to bottom; "A.N" is this file's appendix of plumbing, identical in every
+method file; "App. A.N" is the paper's appendix):
+    check_method_args       c_min's default: 0.2 for CO-BYOL, BYOL's 0.08 with --ws 0 (Sec. 3.3)
+    byol_view, MultiView    the two views v = t(x), v' = t'(x) (Sec. 3.1)
+    local_subset, Encoder, OnlineNetwork, build_training
+                            f, g1, g2 and q1, q2 (Sec. 3.1, App. A.4), Table 5's subset; xi = theta
     byol_loss               Eq. 1   L_g = 2 - 2 cos(q1(g1(h)), sg(g1_xi(h')))
     local_global_loss       Eq. 2   L_l, every local prediction to the global target and back
     co_byol_loss            Eq. 3   L = L_g(v, v') + L_g(v', v) + w_s [L_l(v, v') + L_l(v', v)]
-    ema_update, tau_at      xi <- tau xi + (1 - tau) theta, tau from 0.99 to 1 (BYOL Sec. 3.2)
+    tau_at, ema_update      xi <- tau xi + (1 - tau) theta, tau from 0.99 to 1 (BYOL Sec. 3.3)
     train_step, main        one step of Eq. 3, then the training loop
 """
 from __future__ import annotations
@@ -113,7 +115,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pred-hidden", type=int, default=4096, help="hidden width of q1 (BYOL: 4096; "
                    "solo-learn ImageNet-100: 8192)")
     g.add_argument("--local-pred-hidden", type=int, default=4096, help="hidden width of q2 (App. "
-                   "A.4: 4096, also where q1 is wider)")
+                   "A.4: 4096 on ImageNet-1k; kept at 4096 where q1 is wider)")
     g.add_argument("--tau-base", type=float, default=0.99, help="EMA momentum of the target at "
                    "step 0, then a cosine to --tau-final (BYOL: 0.99 -> 1)")
     g.add_argument("--tau-final", type=float, default=1.0, help="EMA momentum at the last step")
@@ -161,8 +163,8 @@ def check_method_args(args, error) -> None:
 
 
 # ---- 2. Views ----
-# PAPER App. A / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image; CO-SSL changes
-# only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation
+# PAPER Sec. 3.3 / BYOL (Grill et al. 2020): two asymmetric views t, t' of every image; CO-SSL
+# changes only the minimum crop ratio c_min (0.2 instead of BYOL's 0.08). Blur and solarisation
 # probabilities differ between the views (1.0 / 0.1 and 0.0 / 0.2). IMPL: no blur on CIFAR's
 # 32-px images (solo-learn); larger images (Tiny-ImageNet's 64 px too) keep it.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
@@ -180,7 +182,7 @@ def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: 
 
 
 class MultiView:
-    """image -> [large view v = t(x), large view v' = t'(x), small crops...] (PAPER Fig. 1)."""
+    """image -> [large view v = t(x), large view v' = t'(x), small crops...] (PAPER Sec. 3.1)."""
 
     def __init__(self, args):
         # with small crops, the two large ones cover [MAX of the small crops' scale, 1]
@@ -202,7 +204,7 @@ def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1,
         conv: bool = False) -> nn.Sequential:
     """BYOL's projector / predictor: (Linear -> BN -> ReLU) x hidden_layers -> Linear (Grill et al.
     2020, Sec. 3.3: one hidden layer; CO-SSL Sec. 3.3: two for BYOL on ImageNet-1k). conv=True: the
-    same MLP at every position of a (B, C, n, n) map, as 1x1 convolutions (PAPER Sec. 3.1, "to
+    same MLP at every position of a (B, C, n, n) map, as 1x1 convolutions (CO-SSL Sec. 3.1, "to
     parallelize"); its BatchNorm then normalises over batch and positions together."""
     linear = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
     norm = nn.BatchNorm2d if conv else nn.BatchNorm1d
@@ -255,6 +257,7 @@ class Encoder(nn.Module):
         self.projector = mlp(c, hidden, d, layers)  # g1
         # --ws 0 is BYOL: no local head exists, so nothing of CO-BYOL is computed or trained.
         self.local = args.ws > 0
+        # DEVIATION: g2 has g1's depth; App. A.4 gives local heads one hidden layer (ImageNet-1k)
         self.local_projector = (mlp(c, hidden, d, layers, conv=True)  # g2 (--shared-head: g1)
                                 if self.local and not args.shared_head else None)
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
@@ -314,17 +317,17 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
     """theta; xi = theta at step 0 (the same initial weights on every rank); the optimiser (A.4)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     online = run.place(OnlineNetwork(args))
-    target = copy.deepcopy(online.encoder).requires_grad_(False)  # PAPER: xi starts equal to theta
+    target = copy.deepcopy(online.encoder).requires_grad_(False)  # BYOL: xi starts as theta
     torch.manual_seed(args.seed + run.rank)  # each rank its own random stream again (Run)
     return Nets(online, target, run.wrap(online)), make_optimizer(online, args)
 
 
 # ---- 4. Losses ----
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """PAPER Eq. 1 (BYOL): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
+    """BYOL's loss (CO-SSL's Eq. 1): L_g(p, z') = 2 - 2 cos(p, sg(z')), averaged over the batch.
 
     p: (B, D) online prediction of one view; z: (B, D) target projection of the other view. The
-    paper writes -2 cos; the constant 2 (BYOL's ||p/|p| - z/|z|||^2) changes no gradient and keeps
+    CO-SSL writes -2 cos; the constant 2 (BYOL's ||p/|p| - z/|z|||^2) changes no gradient and keeps
     the loss >= 0. PITFALL: fp32, as normalisation in bf16 loses the small late differences."""
     p, z = F.normalize(p.float(), dim=-1), F.normalize(z.detach().float(), dim=-1)  # sg(z)
     return (2 - 2 * (p * z).sum(dim=-1)).mean()
@@ -376,7 +379,7 @@ def co_byol_loss(online: list[ViewOut], target: list[ViewOut], ws: float) -> Los
 
 # ---- 5. Schedules: the target's EMA ----
 def tau_at(step: int, total: int, base: float, final: float) -> float:
-    """BYOL Sec. 3.2: tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
+    """BYOL Sec. 3.3: tau = final - (final - base) * (cos(pi k / K) + 1) / 2, per step k of K."""
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
@@ -415,7 +418,8 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     views = [normalize(v.to(run.device, non_blocking=True)).contiguous(
         memory_format=torch.channels_last) for v in views]
 
-    # --- forward: online on all crops, target on the two large views (Fig. 1) ---
+    # --- forward: online on all crops, target on the two large views ("we similarly process all
+    # views by both the online and target networks", Sec. 3.1) ---
     with run.autocast:
         online_out = nets.model(views)
         with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into the target
@@ -429,7 +433,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     run.scaler.update()
     ema_update(nets.target, nets.online.encoder, schedule["tau"])
 
-    # Collapse monitor: per-dimension std of unit projections x sqrt(D); ~1 healthy, ~0 collapsed
+    # Collapse monitor (IMPL, SimSiam's): per-dim std of unit projections x sqrt(D); ~1 healthy
     z = F.normalize(online_out[0].z_g.detach().float(), dim=1)
     z_std = z.std(0).mean() * math.sqrt(args.proj_dim)
     logs = {"loss_global": losses.global_term.detach(), "loss_local": losses.local_term.detach(),

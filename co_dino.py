@@ -511,8 +511,8 @@ class Schedule:
             log(f"note: --epochs < --warmup-teacher-temp-epochs: the teacher temperature ends at "
                 f"{last_temp:.4g}, not --teacher-temp {args.teacher_temp}")
         if args.freeze_last_layer >= args.epochs:  # e.g. DINO's default 1 in a 1-epoch smoke run
-            log("note: --freeze-last-layer >= --epochs: the prototypes (the heads' last layers) "
-                "keep their initial weights for the whole run")
+            log(f"note: --freeze-last-layer {args.freeze_last_layer} >= --epochs {args.epochs}: "
+                "the prototypes (the heads' last layers) keep their initial weights all run")
 
     def __call__(self, step: int) -> dict:
         a, epoch = self.args, step // self.steps_per_epoch

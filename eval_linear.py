@@ -999,7 +999,7 @@ class SwinBackbone(nn.Module):
     def __init__(self):
         super().__init__()
         # torchvision's swin_t() configuration, random init (never downloads), with the stochastic
-        # depth of Swin's ImageNet-1k Swin-T, 0.1 (swin_t() fixes 0.2, so the class is built here)
+        # depth 0.1, EsViT's Swin-T config (swin_t() fixes Swin's 0.2, so the class is built here)
         net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96,
                                                  depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
                                                  window_size=[7, 7], stochastic_depth_prob=0.1)

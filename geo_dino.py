@@ -3,7 +3,7 @@ different views.
 
 Paper: Tim Lebailly, Tinne Tuytelaars, "Global-Local Self-Distillation for Visual Representation
 Learning", arXiv 2207.14676 (WACV 2023). Sec. 3 (Eq. 2-10), App. A; official code:
-github.com/tilebl/global-local-self-distillation. Baselines: DINO (Caron et al., arXiv 2104.14294)
+github.com/tileb1/global-local-self-distillation. Baselines: DINO (Caron et al., arXiv 2104.14294)
 and EsViT (Li et al., arXiv 2106.09785).
 
 Idea. DINO makes the student's output on one crop match the (centred, sharpened) teacher output on
@@ -116,7 +116,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-crop-size", type=int, default=0, help="side of the small crops in "
                    "pixels (0: 3/7 of --image-size, i.e. 96 at 224 as in App. A.1, 14 at 32)")
     g.add_argument("--out-dim", type=int, default=4096, help="K, prototypes of both DINO heads "
-                   "(DINO / paper: 65536; solo-learn CIFAR: 4096)")
+                   "(DINO / official code: 65536; solo-learn CIFAR: 4096)")
     g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the 3-layer head "
                    "MLP (DINO: 2048)")
     g.add_argument("--bottleneck", type=int, default=256, help="bottleneck width before the "
@@ -149,7 +149,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "step, cosine schedule (DINO AdamW: 0.4); -1 keeps --weight-decay constant")
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm of every "
                    "tensor of the student to this value on its own, as DINO's clip_gradients (the "
-                   "paper's Swin recipe: 3.0); 0 disables")
+                   "official code's Swin recipe: 3.0); 0 disables")
 
 
 # The method's values for flags all methods share (solo-learn's DINO for ResNets: LARS, lr 0.3, wd
@@ -383,7 +383,7 @@ class SwinBackbone(nn.Module):
     def __init__(self):
         super().__init__()
         # torchvision's swin_t() configuration, random init (never downloads), with the stochastic
-        # depth of Swin's ImageNet-1k Swin-T, 0.1 (swin_t() fixes 0.2, so the class is built here)
+        # depth 0.1, EsViT's Swin-T config (swin_t() fixes Swin's 0.2, so the class is built here)
         net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=96,
                                                  depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
                                                  window_size=[7, 7], stochastic_depth_prob=0.1)
@@ -511,7 +511,7 @@ class Nets:
         return self.teacher.backbone
 
     def epoch_match_row(self, step: int, steps_per_epoch: int, world: int) -> dict:
-        """The epoch's mean match monitors (Sec. 4.6-4.7) over every rank; then resets them."""
+        """The epoch's mean match monitors (ours, cf. Sec. 4.6-4.7) over every rank; then resets."""
         m = all_reduce_sum(self.epoch_match) / world
         self.epoch_match = torch.zeros_like(self.epoch_match)
         return {"step": step, "epoch": step / steps_per_epoch,
@@ -539,9 +539,9 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
 # (teacher global crop, student crop of another view). Local loss (Eq. 5 / 9 and 7 / 10): for the
 # same pairs, every student cell k is matched to a teacher cell k* and H(P_t(z'_{k*}), P_s(z_k)) is
 # averaged over the K student cells (geo: only matches closer than s count, Eq. 6), then over the 2
-# (N_L + 1) pairs. IMPL (EsViT's and the official code): k runs over the STUDENT cells and k* over
-# the teacher's, so that a small crop (3x3) is matched into a global crop (7x7); Eq. 4-6 write the
-# pair from the teacher's side.
+# (N_L + 1) pairs. DEVIATION (as EsViT and the official code): k runs over the STUDENT cells, k*
+# over the teacher's, so that a small crop (3x3) is matched into a global crop (7x7); Eq. 4-6 write
+# the pair from the teacher's side.
 def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
               center: torch.Tensor, student_temp: float, teacher_temp: float) -> torch.Tensor:
     """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different
@@ -569,8 +569,8 @@ def geometric_matching(pos_student: torch.Tensor, pos_teacher: torch.Tensor,
     s = max(diag, diag') / 2 (half of the larger of the two crops' cell diagonals, Sec. 3.4.3).
     pos_student (..., Ns, 2), pos_teacher (..., Nt, 2): cell centres in original pixels
     (`cell_centers`); diag_student, diag_teacher (...): cell diagonals (`cell_diagonal`). Returns
-    (index (..., Ns) long into the teacher cells, valid (..., Ns) bool). Crops that do not overlap
-    give no valid match."""
+    (index (..., Ns) long into the teacher cells, valid (..., Ns) bool). Crops far apart give no
+    valid match (crops that merely touch may match at their shared edge)."""
     # (..., Ns, 1, 2) - (..., 1, Nt, 2) -> (..., Ns, Nt, 2)
     diff = pos_student.unsqueeze(-2) - pos_teacher.unsqueeze(-3)
     dist2 = (diff ** 2).sum(-1)  # (..., Ns, Nt); exact (torch.cdist may use a matmul shortcut)
@@ -615,10 +615,11 @@ def local_pair_loss(log_p_student: torch.Tensor, p_teacher: torch.Tensor, index:
     batch mean. log_p_student (B, n*n, K_p) and p_teacher (B, m*m, K_p): `local_distributions` of
     the two crops (K_p prototypes); index (B, n*n): the matched teacher cell of every student cell;
     valid (B, n*n) bool (all True for sim). PAPER Eq. 6: the sum over valid cells is divided by
-    K = n*n, the number of all student cells (not only the valid ones). PERF: the targets are copied
-    as whole rows (index_select); torch.gather with the index expanded to (B, n*n, K_p) reads an
-    int64 index per element and measured slower on the laptop local loss (six pairs, forward +
-    backward), with the same values and gradients (benchmarks/bench_local_dino.py)."""
+    all K cells on k's side (not only the valid ones); with k over the student's (§4), K = n*n.
+    PERF: the targets are copied as whole rows (index_select); torch.gather with the index expanded
+    to (B, n*n, K_p) reads an int64 index per element and measured slower on the laptop local loss
+    (six pairs, forward + backward), with the same values and gradients
+    (benchmarks/bench_local_dino.py)."""
     b, m2, k_p = p_teacher.shape
     # the row of the matched teacher cell k* of every student cell in the (B * m*m, K_p) table of
     # teacher cells: (B, n*n) -> (B * n*n,)
@@ -656,7 +657,7 @@ class GeoDinoLoss(NamedTuple):
     total: torch.Tensor  # (1 - w) L_G + w L_L, what the optimiser minimises
     global_term: torch.Tensor  # L_G (Eq. 8)
     local_term: torch.Tensor  # L_L (Eq. 9 / 10), before the weight w
-    match_valid_frac: torch.Tensor  # match monitors (Sec. 4.6-4.7): student cells with a geo match
+    match_valid_frac: torch.Tensor  # our match monitors: the student cells with a geo match
     sim_geo_agree: torch.Tensor  # ... and among them, the share whose sim match is the same cell
     local_collapse: torch.Tensor  # [entropy, KL to uniform] of the local teacher (0 if not asked)
 
@@ -665,7 +666,8 @@ def geo_dino_loss(student: list[DINOOut], teacher: list[DINOOut], boxes: torch.T
                   flips: torch.Tensor, center: torch.Tensor, local_center: torch.Tensor, *,
                   student_temp: float, teacher_temp: float, local_loss: str, local_weight: float,
                   local_collapse: bool) -> GeoDinoLoss:
-    """Total = (1 - w) L_G + w L_L (App. A.2, Eq. 8-10); with local_loss 'none' it is L_G (DINO).
+    """Total = (1 - w) L_G + w L_L (Eq. 8-10; official code's w = 0.5; Algorithm 1 line 15 sums
+    them, twice this: a scale only); with local_loss 'none' it is L_G (DINO).
     student: one DINOOut per crop (2 global, then small ones), with .logits_l unless 'none';
     teacher: the same for the 2 global crops.
     PERF: the local collapse monitors (`collapse_monitors`) read every cell of both global crops (a
@@ -690,8 +692,9 @@ def geo_dino_loss(student: list[DINOOut], teacher: list[DINOOut], boxes: torch.T
             # both global crops, 2 x (B, m * m, K_p) -> (2B * m * m, K_p)
             local_monitors = collapse_monitors_of(torch.cat([p.reshape(-1, p.shape[-1])
                                                              for p in p_t]))
-    # Match monitors (PAPER Sec. 4.6-4.7), in every mode: how many student cells have a geometric
-    # partner, and among those, how often the similarity matching picks that same teacher cell.
+    # Match monitors (ours, in the spirit of Sec. 4.6-4.7), in every mode: how many student cells
+    # have a geometric partner, and among those, how often the similarity matching picks that same
+    # teacher cell.
     with torch.no_grad():
         n_valid = sum(m[1].sum() for m in matchings.values())
         n_cells = sum(m[1].numel() for m in matchings.values())
@@ -816,8 +819,9 @@ class Schedule:
 
 # ---- 6. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
-    """One optimisation step (PAPER Algorithm 1, lines 10-18): forward, (1 - w) L_G + w L_L, update
-    the student, then the teacher (EMA) and the two centres."""
+    """One optimisation step (PAPER Algorithm 1, lines 10-16 and 18): forward, (1 - w) L_G + w L_L,
+    update the student, then the teacher (EMA) and the two centres. DEVIATION: the teacher follows
+    every step, as in DINO and the official code (Sec. 3.3 and Algorithm 1 write once an epoch)."""
     # views: 2 + N_L crops (B, 3, S, S); boxes (B, V, 4), flips (B, V): their origin; labels unused
     (views, boxes, flips), _ = batch
     set_lr(optimizer, schedule["lr_scale"])
@@ -861,8 +865,8 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     entropy, kl_uniform = collapse_monitors(t_global, center, teacher_temp)
     nets.centers.center = update_center(center, t_global, args.center_momentum)
     if args.local_loss != "none":
-        # PAPER Sec. 3.4.2 / EsViT: the local head has its own centre, a mean over every cell of
-        # every image: 2 x (B, K, n, n) -> (2B * n * n, K)
+        # IMPL (the official code's center_grid, as EsViT): the local head has its own centre, a
+        # mean over every cell of every image: 2 x (B, K, n, n) -> (2B * n * n, K)
         t_local = torch.cat([o.logits_l.flatten(2).transpose(1, 2).reshape(-1, args.out_dim)
                              for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)

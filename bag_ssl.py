@@ -47,8 +47,8 @@ Run (the first line is a CPU smoke test):
 Measured results (commands, beside the same network at random initialisation): docs/bag_ssl.md.
 The paper's CIFAR-10 numbers need the GPU recipe above.
 
-Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
-every method file):
+Reading route (Part I, top to bottom; "§N" is a section of Part I, "A.N" of this file's appendix of
+plumbing, the same in every method file; "Sec.", "Eq.", "Table", "App." are the paper's):
     patch_view, MultiView   the two kinds of views: fixed-scale patches (BagSSL, Sec. 4.1) or crops
     Encoder, OnlineNetwork  f and the projector g (App. C.1); BYOL's predictor
     nt_xent_loss, vicreg_loss, tcr_loss, emp_loss, byol_loss
@@ -878,8 +878,10 @@ def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, de
     m = len(central)
     convergence["cosine_between_images"] = (((central @ central.T).sum().item() - m)
                                             / max(m * (m - 1), 1))
-    if args.local_agg:
+    if args.local_agg:  # (the grid's patches have their own size, --grid-patch-size)
         convergence["grid_cosine"] = te["grid_cos_sum"] / len(te_idx)
+        convergence["grid_label"] = (f"sliding grid (all {args.grid}x{args.grid}, "
+                                     f"{args.grid_patch_size} px)")
     crop = args.crop if args.eval_crop == "train" else args.eval_crop
     return {"results": results, "convergence": convergence, "eval_wall_s": time.time() - start,
             "config": {"train_images": len(tr_idx), "test_images": len(te_idx), "eval_crop": crop,
@@ -922,7 +924,7 @@ def plot_convergence(convergence: dict, path: Path, title: str) -> None:
     ax.plot(convergence["n"], convergence["cosine"], marker="o", label="N random patches")
     if "grid_cosine" in convergence:
         ax.axhline(convergence["grid_cosine"], color="C1", linestyle="--",
-                   label="sliding grid (all)")
+                   label=convergence["grid_label"])
     if "cosine_between_images" in convergence:
         ax.axhline(convergence["cosine_between_images"], color="gray", linestyle=":",
                    label="reference: two different whole images")

@@ -26,7 +26,7 @@ Run:
         --min-crop 0.2 --output-dir runs/co_dino_in100
 Measured k-NN (laptop recipe vs. the untrained network; commands, machine, time): docs/co_dino.md.
 
-Reading route (Part I, top to bottom; the appendix is plumbing, identical in every method file):
+Reading route (Part I, top to bottom; "A.N": this file's appendix of plumbing; "App.": a paper's):
     MultiView           the two views and c_min (CO-SSL Sec. 3.3); small crops for DINO-mc
     DINOHead, Encoder   DINO's head (DINO Sec. 3.1) on h, and a second one at every local position
     dino_loss           DINO Eq. 1-3: H(P_t(x'), P_s(x)) over pairs of different views

@@ -42,15 +42,17 @@ Run:
     # Multi-node: the same with torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT ...
 Measured results (commands, machine, time; beside the same network at random init): docs/geo_dino.md
 
-Reading route (Part I, top to bottom; the appendix below it is plumbing shared word for word by
-every method file: LARS / AdamW, AMP, DDP, auto-resume, SIGTERM checkpoints, the k-NN per epoch):
+Reading route (Part I, top to bottom; "A.N" is this file's appendix of plumbing, the same in every
+method file: LARS / AdamW, AMP, DDP, resume, SIGTERM checkpoints, the k-NN; "App." the paper's):
     GeometricView, MultiView, cell_centers   every crop with its box and flip (Sec. 3.2, App.
                             A.1); where each cell of the final map lies in the original image
-    DINOHead, Encoder, SwinBackbone   the global head h-bar and the local head h (Sec. 3.4.1-3.4.2)
+    DINOHead, SwinBackbone, Encoder   the global head h-bar, the backbone f (Swin-T or a ResNet),
+                            the local head h (Sec. 3.4.1-3.4.2)
     dino_loss               the global loss (Eq. 2 / 8)
-    geometric_matching      Eq. 6 / 10: the nearest teacher cell, kept below the threshold s
-    similarity_matching     Eq. 4 / 9: EsViT's most similar teacher cell
-    local_pair_loss, geo_dino_loss   the local loss (Eq. 5, 7, 9, 10) and (1 - w) L_G + w L_L
+    geometric_matching      k* and d(k) < s of Eq. 6: the nearest teacher cell, below the threshold
+    similarity_matching     k* of Eq. 4: EsViT's most similar teacher cell
+    local_pair_loss         Eq. 4 / 6 for one pair of crops
+    geo_dino_loss           Eq. 9 / 10 (multi-crop Eq. 5 / 7) over the pairs; (1 - w) L_G + w L_L
     tau_at, teacher_temp_at, wd_at, Schedule   the teacher's EMA and temperature, DINO's wd
     train_step, main        one step (Algorithm 1), then the training loop
 """

@@ -165,8 +165,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "those patches")
     g.add_argument("--eval-crop", choices=["train", "patch", "multiscale"], default="train",
                    help="how the N evaluation views are sampled: as in training (Tables 1-3: "
-                   "'patch' for BagSSL, 'crop' at the training scales for the baseline) or forced; "
-                   "Fig. 3a uses 'patch' on a multi-scale model")
+                   "'patch' for BagSSL, 'multiscale' (the paper's 'crop' columns) for the "
+                   "baseline) or forced; Fig. 3a uses 'patch' on a multi-scale model")
     g.add_argument("--eval-patch-size", type=int, default=0, help="patch side for the evaluation "
                    "(0: the training --patch-size)")
     g.add_argument("--local-agg", action="store_true", help="also evaluate local aggregation "
@@ -176,8 +176,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grid-patch-size", type=int, default=0, help="patch side of the --local-agg "
                    "grid (0: half of --image-size; Table 5: 16 px on 32 px CIFAR images)")
     g.add_argument("--grid-stride", type=int, default=4, help="stride of the sliding patch grid "
-                   "for --local-agg (Table 5: 4, i.e. 5x5 patches of 16 px on 32 px images, which "
-                   "tile the image exactly)")
+                   "for --local-agg (Table 5: 4, i.e. 5x5 overlapping patches of 16 px on 32 px "
+                   "images, which cover the image to its edges)")
     g.add_argument("--eval-train-images", type=int, default=0, help="fit the classifiers on a "
                    "seeded random subset of this many training images (0: all); limits the cost on "
                    "CPU")
@@ -193,7 +193,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "classifier")
     g.add_argument("--eval-knn-k", type=int, default=20, help="k of the k-NN evaluation on the "
                    "aggregated h (cosine, temperature-weighted votes as in DINO, "
-                   "--knn-temperature); 0 skips it")
+                   "--knn-temperature; the paper gives no k, 20 is our choice); 0 skips it")
 
 
 def parse_eval_patches(text: str) -> list[int]:
@@ -716,10 +716,10 @@ def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Te
 
 # --- Bag-of-patch evaluation (PAPER Sec. 3 "Bag-of-Local-Feature Evaluation", Sec. 4.1-4.4) ---
 # R_img = mean_{patches} h(patch): every image gets the mean embedding of N patches at the training
-# scale. One pass embeds max(N) patches per image; the representation for a smaller N is the mean of
-# the FIRST N of them (nested sets, so the curve over N is not noisier than it must be). The same
-# per-patch embeddings give the convergence study of Fig. 3a for free: cos(mean of the first n,
-# whole-image embedding) for n = 1, 2, 4...
+# scale. One pass embeds max(N) patches per image; IMPL: the representation for a smaller N is the
+# mean of the FIRST N of them (nested sets, so the curve over N is not noisier than it must be).
+# The same per-patch embeddings give the convergence study of Fig. 3a for free: cos(mean of the
+# first n, whole-image embedding) for n = 1, 2, 4...
 @torch.no_grad()
 def embed_boxes(backbone, images: torch.Tensor, boxes: torch.Tensor, size: int, chunk: int,
                 autocast) -> torch.Tensor:

@@ -571,10 +571,9 @@ def main(args):
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
     data = make_loaders(args, run.rank, run.world)  # A.3: MultiView (§2) of every training image
     nets, optimizer = build_training(args, run)  # §3: student, teacher = student, centres; A.4
-    # A.5: checkpoints, metrics.jsonl, stop signals, and the k-NN curve of the TEACHER's backbone
     states = {"student": nets.student, "teacher": nets.teacher, "centers": nets.centers,
               "optimizer": optimizer, "scaler": run.scaler}
-    book = Bookkeeper(args, run, data, nets.backbone, states)
+    book = Bookkeeper(args, run, data, nets.backbone, states)  # A.5; the k-NN reads the TEACHER
     schedule = Schedule(args, book.steps_per_epoch)  # §5
     step = book.resume(f"{'CO-DINO' if args.ws else 'DINO'}: w_s {args.ws}, local map "
                        f"{args.local_map}x{args.local_map}, width {args.width}")  # 0, or resumed

@@ -29,6 +29,7 @@ Measured k-NN (laptop recipe vs. the untrained network; commands, machine, time)
 Reading route (Part I, top to bottom; "A.N": this file's appendix of plumbing; "App.": a paper's):
     MultiView           the two views and c_min (CO-SSL Sec. 3.3); small crops for DINO-mc
     DINOHead, Encoder   DINO's head (DINO Sec. 3.1) on h, and a second one at every local position
+    StudentNetwork      the student on every crop, each on its own (one DINO with geo_dino.py)
     dino_loss           DINO Eq. 1-3: H(P_t(x'), P_s(x)) over pairs of different views
     local_dino_loss     CO-SSL Eq. 2 with DINO's cross-entropy: local <-> global of the other view
     co_dino_loss        L = L_DINO + w_s L_local (CO-SSL Sec. 3.1)
@@ -156,8 +157,8 @@ def check_method_args(args, error) -> None:
               "crops cover [MAX of --small-crop-scale, 1]")
     if args.min_crop is None:  # CO-SSL Sec. 3.3: c_min = 0.2 is CO-SSL's; DINO keeps 0.08
         args.min_crop = 0.2 if args.ws > 0 else 0.08
-    small_data = args.dataset in ("cifar10", "cifar100", "fake")
     if args.warmup_teacher_temp_epochs is None:  # solo-learn's {cifar,imagenet-100}/dino.yaml
+        small_data = args.dataset in ("cifar10", "cifar100", "fake")
         args.warmup_teacher_temp_epochs = 0 if small_data else 50
     if args.ws < 0:
         error(f"--ws must be >= 0 (0 trains DINO), got {args.ws}")
@@ -308,7 +309,6 @@ class Encoder(nn.Module):
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
     def forward(self, x: torch.Tensor, with_local: bool = True) -> DINOOut:
-        """with_local=False skips the local head (small crops: the local loss uses large views)."""
         out, logits_l = self.backbone(x), None  # out.local (B, C, n, n), out.h (B, C)
         if self.local and with_local:
             local = out.local
@@ -328,9 +328,12 @@ class StudentNetwork(nn.Module):
         super().__init__()
         self.encoder = Encoder(args)
 
-    def forward(self, views: list[torch.Tensor]) -> list[DINOOut]:
-        """One call for all views (DDP expects one forward per backward); BN statistics per view."""
-        return [self.encoder(x, with_local=i < 2) for i, x in enumerate(views)]
+    def forward(self, views: list[torch.Tensor], local_views: int) -> list[DINOOut]:
+        """One call for all crops (DDP expects one forward per backward); the local head runs on the
+        first `local_views`. IMPL (solo-learn, CO-SSL's code): each crop goes through on its own, so
+        BatchNorm normalises it with its own batch statistics; DINO's MultiCropWrapper concatenates
+        the crops of a size (the same outputs with the LayerNorms of ViTs and Swin)."""
+        return [self.encoder(x, with_local=i < local_views) for i, x in enumerate(views)]
 
 
 class Centers(nn.Module):
@@ -345,9 +348,8 @@ class Centers(nn.Module):
 
 @dataclass
 class Nets:
-    """One run's networks: the student, its EMA teacher (`backbone` is the teacher's: DINO evaluates
-    the teacher), the centres, `model` (what the forward pass goes through: the student, in DDP with
-    several processes) and the loss function (`co_dino_loss`, compiled with --compile)."""
+    """One run's networks: the student, its EMA teacher (whose `backbone` is evaluated), centres,
+    `model` (the student, in DDP with several processes), `loss_fn` (compiled with --compile)."""
     student: StudentNetwork
     teacher: Encoder
     centers: Centers
@@ -456,7 +458,6 @@ def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor,
     """DINO's two collapses (Caron et al. 2021, Sec. 5.3), all outputs uniform or one prototype
     winning; our monitors of them for (N, K) teacher logits: [mean entropy of P_t (-> log K if
     uniform), KL(mean P_t || uniform) (-> log K if one wins)] in nats; both low when healthy."""
-    # P_t (N, K)
     return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))
 
 
@@ -537,7 +538,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     with run.autocast:
         with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
             teacher_out = [nets.teacher(v) for v in views[:2]]
-        student_out = nets.model(views)
+        student_out = nets.model(views, local_views=2)  # L_local: the 2 large crops
     loss, loss_g, loss_l = nets.loss_fn(student_out, teacher_out, center, local_center,
                                         args.student_temp, teacher_temp, args.ws)  # in fp32
 

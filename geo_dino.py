@@ -437,39 +437,27 @@ class Encoder(nn.Module):
                                     norm_last_layer=args.norm_last_layer, use_bn=args.head_bn)
                            if args.local_loss != "none" else None)
 
-    def forward(self, x: torch.Tensor) -> DINOOut:
+    def forward(self, x: torch.Tensor, with_local: bool = True) -> DINOOut:
         out = self.backbone(x)  # .local (B, C, n, n): the dense map z the similarity matching reads
-        logits_l = per_position(self.local_head, out.local) if self.local_head is not None else None
+        local = self.local_head is not None and with_local
+        logits_l = per_position(self.local_head, out.local) if local else None
         return DINOOut(out.h, out.local, self.head(out.h), logits_l)
 
 
-def forward_views(encoder: nn.Module, views: list[torch.Tensor]) -> list[DINOOut]:
-    """Run the encoder on a list of crops, one forward per run of equal-size crops, and split the
-    outputs back: one DINOOut per crop. IMPL (DINO's MultiCropWrapper): the 2 global crops go
-    through the network together, the small crops too; BatchNorm statistics are taken over each
-    group."""
-    outs, start = [], 0
-    while start < len(views):
-        end = start + 1
-        while end < len(views) and views[end].shape == views[start].shape:
-            end += 1
-        n = end - start
-        o = encoder(torch.cat(views[start:end]))  # n x (B, 3, S, S) -> (n B, 3, S, S)
-        # (n B, ...) -> n x (B, ...)
-        outs += [DINOOut(*(None if v is None else v.chunk(n)[i] for v in o)) for i in range(n)]
-        start = end
-    return outs
-
-
 class StudentNetwork(nn.Module):
-    """The student: everything trained, in one module, so one DDP wrapper syncs all gradients."""
+    """The student: everything the optimiser trains sits in this one module, so one DDP wrapper
+    syncs all gradients. backbone.pt and the k-NN read the TEACHER (DINO evaluates the teacher)."""
 
     def __init__(self, args):
         super().__init__()
         self.encoder = Encoder(args)
 
-    def forward(self, views: list[torch.Tensor]) -> list[DINOOut]:
-        return forward_views(self.encoder, views)
+    def forward(self, views: list[torch.Tensor], local_views: int) -> list[DINOOut]:
+        """One call for all crops (DDP expects one forward per backward); the local head runs on the
+        first `local_views`. IMPL (solo-learn, CO-SSL's code): each crop goes through on its own, so
+        BatchNorm normalises it with its own batch statistics; DINO's MultiCropWrapper concatenates
+        the crops of a size (the same outputs with the LayerNorms of ViTs and Swin)."""
+        return [self.encoder(x, with_local=i < local_views) for i, x in enumerate(views)]
 
 
 def make_teacher(student: StudentNetwork) -> nn.Module:
@@ -724,7 +712,6 @@ def collapse_monitors(teacher_logits: torch.Tensor, center: torch.Tensor,
     """DINO's two collapses (Caron et al. 2021, Sec. 5.3), all outputs uniform or one prototype
     winning; our monitors of them for (N, K) teacher logits: [mean entropy of P_t (-> log K if
     uniform), KL(mean P_t || uniform) (-> log K if one wins)] in nats; both low when healthy."""
-    # P_t (N, K)
     return collapse_monitors_of(F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1))
 
 
@@ -739,7 +726,7 @@ def collapse_monitors_of(p: torch.Tensor) -> torch.Tensor:
 
 # ---- 5. Schedules: the teacher's EMA and temperature, DINO's weight decay ----
 def tau_at(step: int, total: int, base: float, final: float) -> float:
-    """DINO Sec. 3.1 (BYOL): at step k of K, tau = final - (final - base)(cos(pi k / K) + 1) / 2."""
+    """DINO Sec. 3.1 (after BYOL), step k of K: tau = final - (final - base)(cos(pi k/K) + 1)/2."""
     return final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
@@ -760,11 +747,10 @@ def wd_at(step: int, total: int, base: float, final: float) -> float:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
-    """DINO Sec. 3.1: theta_t <- tau * theta_t + (1 - tau) * theta_s, for every parameter of f and
-    the heads. PITFALL: BatchNorm buffers (running mean/var) are NOT averaged. The teacher runs in
-    train mode, so its BN normalises with the statistics of the current batch (as in solo-learn's
-    DINO for ResNets) and keeps running statistics of its own, used when the teacher backbone is
-    evaluated (backbone.pt, k-NN)."""
+    """DINO Sec. 3.1: theta_t <- tau theta_t + (1 - tau) theta_s, for each parameter of f and heads.
+    PITFALL: BatchNorm buffers (running mean/var) are NOT averaged: the teacher runs in train mode,
+    normalising with the current batch's statistics (as solo-learn's DINO for ResNets), and keeps
+    running statistics of its own for when its backbone is evaluated (backbone.pt, k-NN)."""
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
@@ -837,9 +823,9 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
 
     # --- forward: student on all crops, teacher on the 2 global crops (App. A.2) ---
     with run.autocast:
-        student_out = nets.model(views)
+        student_out = nets.model(views, local_views=len(views))  # local: every crop (Eq. 9 / 10)
         with torch.no_grad():  # PITFALL: no gradient ever flows into the teacher
-            teacher_out = forward_views(nets.teacher, views[:2])
+            teacher_out = [nets.teacher(v) for v in views[:2]]
     losses = nets.loss_fn(student_out, teacher_out, boxes, flips, center, local_center,  # in fp32
                           student_temp=args.student_temp, teacher_temp=teacher_temp,
                           local_loss=args.local_loss, local_weight=args.local_weight,
@@ -849,8 +835,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     optimizer.param_groups[0]["weight_decay"] = schedule["weight_decay"]  # group 0: decayed weights
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(losses.total).backward()
-    # DINO: the prototypes stay fixed in the first epoch(s): stabler start
-    if schedule["freeze_last_layer"]:
+    if schedule["freeze_last_layer"]:  # DINO: no prototype update in the first epoch(s): stabler
         for head in (nets.student.encoder.head, nets.student.encoder.local_head):
             if head is not None:
                 for p in head.last_layer.parameters():

@@ -123,11 +123,11 @@ def test_ws0_is_exactly_dino_loss_and_gradients():
     with torch.no_grad():
         t_out = [teacher(v) for v in views]
     c = torch.randn(1, 64)
-    _, loss_g, _ = co_dino.co_dino_loss(co(views), t_out, c, c, 0.1, 0.04, ws=0.5)
-    loss_dino, _, loss_l0 = co_dino.co_dino_loss(dino(views), t_out, c, c, 0.1, 0.04, ws=0.0)
+    _, loss_g, _ = co_dino.co_dino_loss(co(views, local_views=2), t_out, c, c, 0.1, 0.04, ws=0.5)
+    loss_dino, _, loss_l0 = co_dino.co_dino_loss(dino(views, local_views=2), t_out, c, c, 0.1, 0.04, ws=0.0)
     torch.testing.assert_close(loss_dino, loss_g)
     assert loss_l0.item() == 0.0
-    o = dino(views)
+    o = dino(views, local_views=2)
     manual = co_dino.dino_loss([x.logits_g for x in o], [x.logits_g for x in t_out], c, 0.1, 0.04)
     torch.testing.assert_close(loss_dino, manual)
     co.zero_grad(), dino.zero_grad()
@@ -158,7 +158,7 @@ def test_local_head_runs_on_the_two_large_views_only():
     local head: no local logits to compute, and none to backpropagate."""
     (args, net), = _models([0.2])
     large = [torch.randn(2, 3, 32, 32) for _ in range(2)]
-    outs = net(large + [torch.randn(2, 3, 16, 16)] * 2)
+    outs = net(large + [torch.randn(2, 3, 16, 16)] * 2, local_views=2)  # as train_step
     assert [o.logits_l is not None for o in outs] == [True, True, False, False]
     assert all(o.logits_g.shape == (2, args.out_dim) for o in outs)
 

@@ -253,20 +253,41 @@ def test_none_is_plain_dino():
     teacher = geo_dino.make_teacher(net)
     views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
     boxes, flips = random_boxes(16).view(4, 4, 4), torch.zeros(4, 4, dtype=torch.bool)
-    s_out = net(views)
+    s_out = net(views, local_views=len(views))
     with torch.no_grad():
-        t_out = geo_dino.forward_views(teacher, views[:2])
+        t_out = [teacher(v) for v in views[:2]]
     c = torch.randn(1, 64)
     total, loss_g, loss_l, *_ = geo_dino.geo_dino_loss(s_out, t_out, boxes, flips, c, c, student_temp=0.1,
                                                        teacher_temp=0.04, local_loss="none", local_weight=0.5,
                                                        local_collapse=True)
     plain = geo_dino.dino_loss([o.logits_g for o in s_out], [o.logits_g for o in t_out], c, 0.1, 0.04)
     assert torch.equal(total, plain) and torch.equal(loss_g, plain) and loss_l.item() == 0.0
-    # the grouped forward equals one forward per crop size (DINO's multi-crop wrapper)
-    with torch.no_grad():
-        small = teacher(torch.cat(views[2:])).logits_g
-        torch.testing.assert_close(torch.cat([o.logits_g for o in geo_dino.forward_views(teacher, views)[2:]]),
-                                   small)
+
+
+def test_none_is_the_dino_of_co_dino(tmp_path):
+    """One DINO: geo_dino --local-loss none and co_dino --ws 0 (with 2 small crops each) build the same student and
+    teacher from a seed and take the same training step on the same crops: the same loss, then the same student,
+    teacher and centre, bit for bit. The two files differ by their local losses only."""
+    import co_dino
+
+    same = ["--dataset", "fake", "--image-size", "16", "--batch-size", "4", "--out-dim", "64", "--head-hidden", "64",
+            "--bottleneck", "32", "--num-workers", "0", "--knn-k", "0", "--amp", "off", "--tau-base", "0.99",
+            "--warmup-teacher-temp-epochs", "0", "--freeze-last-layer", "0"]
+    geo_args = geo_dino.parse_args(same + ["--local-loss", "none", "--local-crops", "2", "--local-crop-size", "8",
+                                           "--output-dir", str(tmp_path / "geo")])
+    co_args = co_dino.parse_args(same + ["--ws", "0", "--small-crops", "2", "--small-crop-size", "8",
+                                         "--output-dir", str(tmp_path / "co")])
+    torch.manual_seed(1)
+    views = [torch.randint(0, 256, (4, 3, s, s), dtype=torch.uint8) for s in (16, 16, 8, 8)]
+    labels, boxes, flips = torch.zeros(4, dtype=torch.long), random_boxes(16).view(4, 4, 4), torch.zeros(4, 4) > 0
+    after = []
+    for m, args, batch in ((geo_dino, geo_args, ((views, boxes, flips), labels)), (co_dino, co_args, (views, labels))):
+        run = m.Run(args)
+        nets, optimizer = m.build_training(args, run)
+        out = m.train_step(nets, optimizer, batch, m.Schedule(args, 10)(3), args, run)
+        after.append([out.loss, nets.student.state_dict(), nets.teacher.state_dict(), nets.centers.center])
+    assert after[0][0].item() > 0
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)
 
 
 def test_swin_backbone_round_trips_through_torchvision_and_eval_linear(tmp_path):

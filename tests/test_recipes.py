@@ -195,7 +195,7 @@ def test_shared_head_is_table_6s_one_head_variant(name):
     params = {n for n, _ in net.named_parameters()}
     assert not any("local" in n for n in params) and any("local" in n for n, _ in separate.named_parameters())
     x = torch.randn(2, 3, 16, 16)
-    out = net([x])[0]
+    out = (net([x]) if name == "co_byol" else net([x], local_views=1))[0]
     local = net.encoder.backbone(x).local  # (2, C, 3, 3)
     vec = local[:, :, 1, 2]  # one position, (2, C)
     if name == "co_byol":

@@ -27,7 +27,6 @@ PER_METHOD = {
     "METHOD_DEFAULTS": "each method's values of the shared flags", "OTHER_ARCHS": "geo_dino adds swin_t",
     "MultiView": "the method's views (two crops, patches, multi-crop with boxes)",
     "Encoder": "the method's heads", "OnlineNetwork": "BYOL's theta (predictor, local heads)",
-    "StudentNetwork": "DINO's student (geo_dino: crops batched per size)",
     "Nets": "the method's networks", "build_training": "the method's networks",
     "Schedule": "the method's schedules", "train_step": "the algorithm", "main": "the method's names and outputs",
     "ema_update": "the paper's notation: theta/xi (BYOL) or student/teacher (DINO)",
@@ -81,6 +80,17 @@ def test_names_part_one_shares_are_byte_identical(name):
     first = next(iter(texts.values()))
     differ = [m for m, t in texts.items() if t != first]
     assert not differ, f"{name} differs between {sorted(texts)}: copy one version into all (or list it in PER_METHOD)"
+
+
+# One DINO: co_dino.py and geo_dino.py differ from DINO by their local losses only. Their DINO is one text: the
+# heads, the student (each crop through the network on its own), the loss, centres, schedules and teacher update.
+DINO_PIECES = ["DINOHead", "per_position", "DINOOut", "StudentNetwork", "Centers", "dino_loss", "update_center",
+               "collapse_monitors", "collapse_monitors_of", "tau_at", "teacher_temp_at", "ema_update"]
+
+
+@pytest.mark.parametrize("name", DINO_PIECES)
+def test_co_dino_and_geo_dino_share_one_dino(name):
+    assert DEFS["co_dino"][name] == DEFS["geo_dino"][name], f"{name}: copy one version into both DINO files"
 
 
 def test_the_appendix_is_one_text_in_every_method_file():

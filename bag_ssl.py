@@ -21,10 +21,10 @@ Here: both arms of the paper's tables (`--crop patch`, BagSSL; `--crop multiscal
 four losses (`--loss simclr|vicreg|tcr|byol`, BYOL with its EMA target and predictor), EMP-SSL's
 many-patch loss as an anchor (`--loss emp`), an online k-NN on whole images every epoch (epoch 0:
 the random network); after training (or `--eval-only --checkpoint backbone.pt`) the bag-of-patch
-evaluation laid out as Table 1 (`table1.md`, `final_metrics.json`), Fig. 3a (`convergence.png`) and
-Table 5 (`--local-agg`). The appendix adds LARS or SGD, AMP, DDP (global-batch losses), auto-resume,
-SIGTERM checkpoints, a narrow `--width` for CPUs. Not here: Sec. 4.3's visualisations (Fig. 4-5),
-ImageNet-1K (Fig. 3b).
+evaluation of Table 1, Fig. 3a and Table 5 (`--local-agg`) in `final_metrics.json`
+(`results/bag_ssl_report.py RUN` lays it out as table1.md and draws convergence.png). The
+appendix adds LARS or SGD, AMP, DDP (global-batch losses), auto-resume, SIGTERM checkpoints, a
+narrow `--width` for CPUs. Not here: Sec. 4.3's visualisations (Fig. 4-5), ImageNet-1K (Fig. 3b).
 
 Run (the first line is a CPU smoke test):
     python bag_ssl.py --dataset fake --epochs 1 --max-steps 5 --batch-size 32 --eval-patches 1,4
@@ -155,8 +155,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("evaluation (bag of patches, Sec. 3 and 4; after training, on rank 0)")
     g.add_argument("--eval-only", action="store_true", help="skip training: evaluate --checkpoint "
-                   "(a backbone.pt) and write OUTPUT_DIR/final_metrics.json, table1.md and "
-                   "convergence.png")
+                   "(a backbone.pt) and write OUTPUT_DIR/final_metrics.json")
     g.add_argument("--checkpoint", default="", help="backbone.pt to evaluate with --eval-only "
                    "(default: OUTPUT_DIR/backbone.pt)")
     g.add_argument("--eval-patches", default="1,16,256", help="comma-separated N: represent an "
@@ -250,7 +249,7 @@ def check_method_args(args, error) -> None:
             args.crop = trained.get("crop", "multiscale")  # co_byol / co_dino: crops
             args.patch_size = trained.get("patch_size", 0)
             args.min_scale = trained.get("min_scale", trained.get("min_crop", args.min_scale))
-            # The name in table1.md: this script's --loss, else a co_byol / co_dino run's folder.
+            # Who trained it: this script's --loss, else a co_byol / co_dino run's folder
             args.method_label = (METHOD_NAMES[trained["loss"]] if "loss" in trained
                                  else path.parent.name)
         except Exception as e:  # not a backbone.pt
@@ -855,18 +854,17 @@ def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, de
         f"N in {args.eval_patch_list}, {n_forward} forward passes")
     tr = bag_features(backbone, train_set, tr_idx, 0, args, device, autocast)
     te = bag_features(backbone, val_set, te_idx, 1, args, device, autocast)
-    keep = tr["labels"] >= 0  # STL-10 unlabeled images cannot vote or be fitted
     results = {}
     for name, f_tr in tr["features"].items():
-        f_tr, f_te = f_tr[keep], te["features"][name]
+        f_te = te["features"][name]
         res = {"num_patches": 0 if name == "central" else (
                    args.grid ** 2 if name.startswith("grid") else int(name.split("_")[1])),
                "dim": f_tr.shape[1],
                "linear_top1": fit_linear_classifier(
-                   f_tr, tr["labels"][keep], f_te, te["labels"], num_classes, args.linear_epochs,
+                   f_tr, tr["labels"], f_te, te["labels"], num_classes, args.linear_epochs,
                    args.linear_lr, args.linear_wd, args.seed)}
         if args.eval_knn_k:
-            res["knn_top1"] = knn_top1(F.normalize(f_tr, dim=1), tr["labels"][keep],
+            res["knn_top1"] = knn_top1(F.normalize(f_tr, dim=1), tr["labels"],
                                        F.normalize(f_te, dim=1), te["labels"], args.eval_knn_k,
                                        args.knn_temperature, num_classes)
         results[name] = res
@@ -890,52 +888,6 @@ def bag_of_patches_eval(backbone, train_set, val_set, num_classes: int, args, de
                        "grid_patch_size": args.grid_patch_size, "grid_stride": args.grid_stride}}
 
 
-def table1_markdown(evaluation: dict, args) -> str:
-    """The paper's Table 1 layout for this run: a row per classifier, a column per evaluation."""
-    res, cfg = evaluation["results"], evaluation["config"]
-    unit = "patch" if cfg["eval_crop"] == "patch" else "crop"
-    cols = [("central", "Central crop")] + [
-        (f"patches_{n}", f"{n} {unit}{'es' if unit == 'patch' else 's'}" if n > 1 else f"1 {unit}")
-        for n in cfg["patches"]]
-    if "grid_local" in res:
-        g = cfg["grid"]
-        cols += [("grid_mean", f"{g}x{g} grid, mean"),
-                 ("grid_local", f"{g}x{g} grid, local 3x3/2 concat")]
-    training = (f"patch-based ({args.patch_size}x{args.patch_size})" if args.crop == "patch"
-                else f"multi-scale ({args.min_scale:g}, 1)")
-    lines = ["| Method | Pre-training | Classifier | " + " | ".join(c[1] for c in cols) + " |",
-             "|---|---|---|" + "---|" * len(cols)]
-    for key, name in (("linear_top1", "linear"), ("knn_top1", f"k-NN (k={args.eval_knn_k})")):
-        if key in res["central"]:
-            lines.append(f"| {getattr(args, 'method_label', METHOD_NAMES[args.loss])} "
-                         f"({args.arch}) | {training} | {name} | "
-                         + " | ".join(f"{res[c][key]:.1f}" for c, _ in cols) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_convergence(convergence: dict, path: Path, title: str) -> None:
-    """convergence.png, as the paper's Fig. 3a: cos(aggregated N-patch, whole-image embedding)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(convergence["n"], convergence["cosine"], marker="o", label="N random patches")
-    if "grid_cosine" in convergence:
-        ax.axhline(convergence["grid_cosine"], color="C1", linestyle="--",
-                   label=convergence["grid_label"])
-    if "cosine_between_images" in convergence:
-        ax.axhline(convergence["cosine_between_images"], color="gray", linestyle=":",
-                   label="reference: two different whole images")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("N, patches aggregated"), ax.set_ylabel("cosine to whole-image embedding")
-    ax.set_title(title, fontsize=9), ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def eval_datasets(train_base, val_set, image_size: int):
     """The train split with the evaluation transform (whole image, normalised); val as is. After
     --train-per-class the classifiers still train on the whole labelled training set."""
@@ -945,20 +897,12 @@ def eval_datasets(train_base, val_set, image_size: int):
     return train_eval, val_set
 
 
-def write_evaluation(out_dir: Path, final: dict, evaluation: dict, args) -> None:
-    """final_metrics.json's Table 1 entries (write_final writes the file), table1.md and
+def write_evaluation(final: dict, evaluation: dict) -> None:
+    """The evaluation's entries of final_metrics.json (write_final writes the file). Table 1's
+    layout and Fig. 3a: `python results/bag_ssl_report.py OUTPUT_DIR` writes table1.md and
     convergence.png."""
-    final["eval"] = evaluation["results"]
-    final["convergence"] = evaluation["convergence"]
-    final["eval_config"] = evaluation["config"]
-    final["eval_wall_s"] = evaluation["eval_wall_s"]
-    final["table1_markdown"] = table1_markdown(evaluation, args)
-    (out_dir / "table1.md").write_text(final["table1_markdown"])
-    cfg = evaluation["config"]
-    plot_convergence(evaluation["convergence"], out_dir / "convergence.png",
-                     f"{args.arch}, {args.crop} training, {cfg['eval_crop']} "
-                     f"{cfg['eval_patch_size']} px views, {cfg['test_images']} test images")
-    log("Table 1 layout (top-1 %):\n" + final["table1_markdown"])
+    final.update(eval=evaluation["results"], convergence=evaluation["convergence"],
+                 eval_config=evaluation["config"], eval_wall_s=evaluation["eval_wall_s"])
 
 
 def evaluate_saved_backbone(args, run: Run) -> dict:
@@ -978,7 +922,7 @@ def evaluate_saved_backbone(args, run: Run) -> dict:
         evaluation = bag_of_patches_eval(backbone.to(run.device), train_eval, val_eval,
                                          num_classes, args, run.device, run.autocast)
         final = {"checkpoint": args.checkpoint}
-        write_evaluation(run.out_dir, final, evaluation, args)
+        write_evaluation(final, evaluation)
     run.close()
     write_final(run, final, args, shown=("checkpoint", "eval_wall_s"))
     return final
@@ -1062,7 +1006,7 @@ def main(args):
         evaluation = bag_of_patches_eval(nets.backbone, train_eval, val_eval, data.num_classes,
                                          args, run.device, run.autocast)
         nets.backbone.train()
-        write_evaluation(run.out_dir, final, evaluation, args)
+        write_evaluation(final, evaluation)
     book.write_outputs(final, f"BagSSL ({args.crop}, {args.loss})",
                        shown=("step", "epochs", "train_s", "wall_s", "knn_top1", "eval_wall_s"))
     return nets.online, nets.target, final
@@ -1077,7 +1021,7 @@ def main(args):
 # A.5 the loop's bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
 
 # ---- A.1 Common flags and their checks ----
-DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "fake": 32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1125,7 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-per-class", type=int, default=0, help="pre-train on N random images per class "
                    "(drawn with --seed); the k-NN bank still comes from the whole training set")
     g.add_argument("--image-size", type=int, default=0, help="training crop size (0: 32 for CIFAR and fake, "
-                   "96 for STL-10, 224 for image folders)")
+                   "224 for image folders)")
     g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
     g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
     g = p.add_argument_group("system")
@@ -1444,9 +1388,6 @@ def load_datasets(args, rank: int):
         if name == "cifar100":
             return (tv.CIFAR100(root, train=True, download=download),
                     tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
-        if name == "stl10":  # pre-train on train + unlabeled (label -1: not in the k-NN bank)
-            return (tv.STL10(root, split="train+unlabeled", download=download),
-                    tv.STL10(root, split="test", transform=ev, download=download), 10)
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
         train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
         val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
@@ -2049,8 +1990,6 @@ class KNNMonitor:
             tr_f, tr_y = embed(backbone, bank, self.device, self.autocast, self.batch, self.workers)
             te_f, te_y = embed(backbone, self.val, self.device, self.autocast, self.batch, self.workers)
         backbone.train(was_training)
-        keep = tr_y >= 0  # STL-10 unlabeled images cannot vote
-        tr_f, tr_y = tr_f[keep], tr_y[keep]
         return {"knn_top1": knn_top1(tr_f, tr_y, te_f, te_y, self.k, self.temperature, self.num_classes),
                 "linear_top1": linear_top1(tr_f, tr_y, te_f, te_y, self.num_classes)}
 

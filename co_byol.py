@@ -262,10 +262,10 @@ class Encoder(nn.Module):
                                 if self.local and not args.shared_head else None)
         self.local_grid, self.local_grid_mode = args.local_grid, args.local_grid_mode
 
-    def forward(self, x: torch.Tensor) -> ViewOut:
+    def forward(self, x: torch.Tensor, with_local: bool = True) -> ViewOut:
         out = self.backbone(x)  # .local (B, C, n, n), .h (B, C)
         z_g, z_l = self.projector(out.h), None  # g1(h): (B, D)
-        if self.local:
+        if self.local and with_local:
             local = out.local
             if self.local_grid:  # Table 5: (B, C, n, n) -> (B, C, k, k) before the local heads
                 local = (local_subset(local, self.local_grid) if self.local_grid_mode == "subset"
@@ -287,11 +287,12 @@ class OnlineNetwork(nn.Module):
         self.local_predictor = (mlp(d, args.local_pred_hidden, d, conv=True)  # q2 (or q1: shared)
                                 if args.ws > 0 and not args.shared_head else None)
 
-    def forward(self, views: list[torch.Tensor]) -> list[ViewOut]:
-        """All views in one call (DDP wants one forward per backward); BN statistics per view."""
+    def forward(self, views: list[torch.Tensor], local_views: int) -> list[ViewOut]:
+        """All views in one call (DDP wants one forward per backward), each on its own (BatchNorm
+        statistics per view); the local heads g2, q2 run on the first `local_views` only."""
         outs = []
-        for x in views:
-            o = self.encoder(x)
+        for i, x in enumerate(views):
+            o = self.encoder(x, with_local=i < local_views)
             p_g, p_l = self.predictor(o.z_g), None  # q1(g1(h)): (B, D)
             if o.z_l is not None:  # q2(g2(l_i)) at every position: (B, D, k, k)
                 p_l = (self.local_predictor(o.z_l) if self.local_predictor is not None
@@ -421,7 +422,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     # --- forward: online on all crops, target on the two large views ("we similarly process all
     # views by both the online and target networks", Sec. 3.1) ---
     with run.autocast:
-        online_out = nets.model(views)
+        online_out = nets.model(views, local_views=2)  # Eq. 2 pairs the 2 large views only
         with torch.no_grad():  # PITFALL: sg(.) - no gradient ever flows into the target
             target_out = [nets.target(v) for v in views[:2]]
     losses = co_byol_loss(online_out, target_out, args.ws)  # Eq. 3, in fp32
@@ -482,7 +483,7 @@ def main(args):
 # A.5 the loop's bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
 
 # ---- A.1 Common flags and their checks ----
-DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "fake": 32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -530,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-per-class", type=int, default=0, help="pre-train on N random images per class "
                    "(drawn with --seed); the k-NN bank still comes from the whole training set")
     g.add_argument("--image-size", type=int, default=0, help="training crop size (0: 32 for CIFAR and fake, "
-                   "96 for STL-10, 224 for image folders)")
+                   "224 for image folders)")
     g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
     g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
     g = p.add_argument_group("system")
@@ -849,9 +850,6 @@ def load_datasets(args, rank: int):
         if name == "cifar100":
             return (tv.CIFAR100(root, train=True, download=download),
                     tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
-        if name == "stl10":  # pre-train on train + unlabeled (label -1: not in the k-NN bank)
-            return (tv.STL10(root, split="train+unlabeled", download=download),
-                    tv.STL10(root, split="test", transform=ev, download=download), 10)
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
         train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
         val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
@@ -1454,8 +1452,6 @@ class KNNMonitor:
             tr_f, tr_y = embed(backbone, bank, self.device, self.autocast, self.batch, self.workers)
             te_f, te_y = embed(backbone, self.val, self.device, self.autocast, self.batch, self.workers)
         backbone.train(was_training)
-        keep = tr_y >= 0  # STL-10 unlabeled images cannot vote
-        tr_f, tr_y = tr_f[keep], tr_y[keep]
         return {"knn_top1": knn_top1(tr_f, tr_y, te_f, te_y, self.k, self.temperature, self.num_classes),
                 "linear_top1": linear_top1(tr_f, tr_y, te_f, te_y, self.num_classes)}
 

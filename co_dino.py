@@ -125,7 +125,7 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="epochs of linear "
                    "teacher temperature warm-up; default: solo-learn's, whose DINO recipes the "
                    "CO-SSL authors used: 0 on CIFAR (T_t = --teacher-temp throughout), 50 on "
-                   "ImageNet-100 (image folders, STL-10); DINO: 30")
+                   "ImageNet-100 (image folders); DINO: 30")
     g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher "
                    "centres (DINO: 0.9)")
     g.add_argument("--tau-base", type=float, default=0.9995, help="EMA momentum of the teacher at "
@@ -527,7 +527,7 @@ class Schedule:
 # ---- 6. One training step, and the loop ----
 def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepOut:
     """One step: forward both nets, L_DINO + w_s L_local, update student, teacher (EMA), centres."""
-    views, _ = batch  # views: 2 global crops (B, 3, S, S), then the small ones; labels are not used
+    views, _ = batch  # views: 2 large crops (B, 3, S, S), then the small ones; labels are not used
     set_lr(optimizer, schedule["lr_scale"])
     teacher_temp = schedule["teacher_temp"]
     views = [normalize(v.to(run.device, non_blocking=True))  # uint8 -> normalised float32 (A.3)
@@ -607,7 +607,7 @@ def main(args):
 # A.5 the loop's bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
 
 # ---- A.1 Common flags and their checks ----
-DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "fake": 32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-per-class", type=int, default=0, help="pre-train on N random images per class "
                    "(drawn with --seed); the k-NN bank still comes from the whole training set")
     g.add_argument("--image-size", type=int, default=0, help="training crop size (0: 32 for CIFAR and fake, "
-                   "96 for STL-10, 224 for image folders)")
+                   "224 for image folders)")
     g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
     g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
     g = p.add_argument_group("system")
@@ -974,9 +974,6 @@ def load_datasets(args, rank: int):
         if name == "cifar100":
             return (tv.CIFAR100(root, train=True, download=download),
                     tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
-        if name == "stl10":  # pre-train on train + unlabeled (label -1: not in the k-NN bank)
-            return (tv.STL10(root, split="train+unlabeled", download=download),
-                    tv.STL10(root, split="test", transform=ev, download=download), 10)
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
         train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
         val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
@@ -1579,8 +1576,6 @@ class KNNMonitor:
             tr_f, tr_y = embed(backbone, bank, self.device, self.autocast, self.batch, self.workers)
             te_f, te_y = embed(backbone, self.val, self.device, self.autocast, self.batch, self.workers)
         backbone.train(was_training)
-        keep = tr_y >= 0  # STL-10 unlabeled images cannot vote
-        tr_f, tr_y = tr_f[keep], tr_y[keep]
         return {"knn_top1": knn_top1(tr_f, tr_y, te_f, te_y, self.k, self.temperature, self.num_classes),
                 "linear_top1": linear_top1(tr_f, tr_y, te_f, te_y, self.num_classes)}
 

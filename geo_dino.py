@@ -48,6 +48,7 @@ method file: LARS / AdamW, AMP, DDP, resume, SIGTERM checkpoints, the k-NN; "App
                             A.1); where each cell of the final map lies in the original image
     DINOHead, SwinBackbone, Encoder   the global head h-bar, the backbone f (Swin-T or a ResNet),
                             the local head h (Sec. 3.4.1-3.4.2)
+    StudentNetwork          every crop through the network on its own (one DINO with co_dino.py)
     dino_loss               the global loss (Eq. 2 / 8)
     geometric_matching      k* and d(k) < s of Eq. 6: the nearest teacher cell, below the threshold
     similarity_matching     k* of Eq. 4: EsViT's most similar teacher cell
@@ -231,7 +232,8 @@ def check_method_args(args, error) -> None:
 # photometric part P (colour jitter, grayscale, blur, solarisation). The local loss needs w_geo, so
 # we apply G ourselves and keep the box (ul_x, ul_y, lr_x, lr_y) in original-image pixels and the
 # flip flag f; P is the rest of BYOL's/DINO's pipeline. Multi-crop (App. A.1): 2 global crops (blur
-# 1.0 / 0.1, solarisation 0 / 0.2, as DINO) and N_L small crops (blur 0.5). DEVIATION: no Gaussian
+# 1.0 / 0.1, solarisation 0 / 0.2, as DINO) and N_L small crops (blur 0.5; the paper's "local
+# crops": here "local" names the representations z_k of the cells only). DEVIATION: no Gaussian
 # blur on images of 32 px or less (solo-learn's CIFAR practice; 64 px Tiny-ImageNet keeps it), on
 # any crop; above 32 px (the paper's 224 / 96 px included) the blur probabilities are DINO's.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
@@ -484,29 +486,17 @@ class Centers(nn.Module):
 
 @dataclass
 class Nets:
-    """The networks of one run: the student, its EMA teacher, the centres, `model` (the module the
-    forward pass goes through: the student, in DDP with several processes), the epoch's sums of the
-    match monitors ([valid fraction, sim == geo fraction, steps], from the resume point on) and the
-    loss function (`geo_dino_loss`, compiled with --compile). backbone.pt saves, and the k-NN reads,
-    the TEACHER's backbone (DINO evaluates the teacher)."""
+    """One run's networks: the student, its EMA teacher (whose `backbone` is evaluated), centres,
+    `model` (the student, in DDP with several processes), `loss_fn` (compiled with --compile)."""
     student: StudentNetwork
     teacher: nn.Module
     centers: Centers
     model: nn.Module
-    epoch_match: torch.Tensor
     loss_fn: Callable
 
     @property
     def backbone(self) -> nn.Module:
         return self.teacher.backbone
-
-    def epoch_match_row(self, step: int, steps_per_epoch: int, world: int) -> dict:
-        """The epoch's mean match monitors (ours, cf. Sec. 4.6-4.7) over every rank; then resets."""
-        m = all_reduce_sum(self.epoch_match) / world
-        self.epoch_match = torch.zeros_like(self.epoch_match)
-        return {"step": step, "epoch": step / steps_per_epoch,
-                "match_valid_frac_epoch": m[0].item() / max(m[2].item(), 1),
-                "sim_geo_agree_epoch": m[1].item() / max(m[2].item(), 1)}
 
 
 def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
@@ -520,8 +510,8 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
     # PERF: --compile compiles the loss too (its per-cell softmaxes over K prototypes are chains of
     # memory-bound elementwise ops that it fuses; benchmarks/bench_local_dino.py, docs/geo_dino.md)
     loss_fn = torch.compile(geo_dino_loss) if args.compile else geo_dino_loss
-    return (Nets(student, teacher, Centers(args.out_dim).to(run.device), model,
-                 torch.zeros(3, device=run.device), loss_fn), make_optimizer(student, args))
+    return (Nets(student, teacher, Centers(args.out_dim).to(run.device), model, loss_fn),
+            make_optimizer(student, args))
 
 
 # ---- 4. Losses ----
@@ -531,7 +521,7 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
 # averaged over the K student cells (geo: only matches closer than s count, Eq. 6), then over the 2
 # (N_L + 1) pairs. DEVIATION (as EsViT and the official code): k runs over the STUDENT cells, k*
 # over the teacher's, so that a small crop (3x3) is matched into a global crop (7x7); Eq. 4-6 write
-# the pair from the teacher's side.
+# the pair from the teacher's side (z from Z_t), so the primes swap: here z' is the teacher's.
 def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
               center: torch.Tensor, student_temp: float, teacher_temp: float) -> torch.Tensor:
     """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different
@@ -857,8 +847,6 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
         t_local = torch.cat([o.logits_l.flatten(2).transpose(1, 2).reshape(-1, args.out_dim)
                              for o in teacher_out])
         nets.centers.local_center = update_center(local_center, t_local, args.center_momentum)
-    match = torch.stack([losses.match_valid_frac, losses.sim_geo_agree])
-    nets.epoch_match += torch.cat([match, match.new_ones(1)])  # epoch sums (Sec. 4.6-4.7)
     return StepOut(losses.total.detach(), {
         "loss_global": losses.global_term.detach(), "loss_local": losses.local_term.detach(),
         # collapse monitors, global then local (-> log K at a collapse)
@@ -892,17 +880,11 @@ def main(args):
             # --- log (the only host-device syncs), a timed checkpoint; leave on a stop signal ---
             if book.after_step(step, out, sched, optimizer):
                 break
-        # the epoch's mean match monitors (Sec. 4.6)
-        if step % book.steps_per_epoch == 0 or step == book.last_step:
-            book.write(nets.epoch_match_row(step, book.steps_per_epoch, run.world))
         # --- end of epoch (or of the run, or a stop): checkpoint, k-NN; on a signal, exit ---
         book.end_epoch(step)
 
     # --- outputs: backbone.pt (the TEACHER's), final k-NN, final_metrics.json, curves.png ---
     final = book.finish(step)
-    # the epoch means of the last epoch (later rows overwrite earlier ones)
-    final.update({k: v for r in book.history for k, v in r.items() if k.endswith("_epoch")})
-    final["wall_s_total"] = time.time() - run.start  # with the final k-NN
     book.write_outputs(final, f"geo_dino ({args.local_loss})")
     return nets.student, nets.teacher, final
 
@@ -916,7 +898,7 @@ def main(args):
 # A.5 the loop's bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
 
 # ---- A.1 Common flags and their checks ----
-DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "fake": 32}
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "fake": 32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -964,7 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-per-class", type=int, default=0, help="pre-train on N random images per class "
                    "(drawn with --seed); the k-NN bank still comes from the whole training set")
     g.add_argument("--image-size", type=int, default=0, help="training crop size (0: 32 for CIFAR and fake, "
-                   "96 for STL-10, 224 for image folders)")
+                   "224 for image folders)")
     g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
     g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
     g = p.add_argument_group("system")
@@ -1283,9 +1265,6 @@ def load_datasets(args, rank: int):
         if name == "cifar100":
             return (tv.CIFAR100(root, train=True, download=download),
                     tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
-        if name == "stl10":  # pre-train on train + unlabeled (label -1: not in the k-NN bank)
-            return (tv.STL10(root, split="train+unlabeled", download=download),
-                    tv.STL10(root, split="test", transform=ev, download=download), 10)
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
         train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
         val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
@@ -1888,8 +1867,6 @@ class KNNMonitor:
             tr_f, tr_y = embed(backbone, bank, self.device, self.autocast, self.batch, self.workers)
             te_f, te_y = embed(backbone, self.val, self.device, self.autocast, self.batch, self.workers)
         backbone.train(was_training)
-        keep = tr_y >= 0  # STL-10 unlabeled images cannot vote
-        tr_f, tr_y = tr_f[keep], tr_y[keep]
         return {"knn_top1": knn_top1(tr_f, tr_y, te_f, te_y, self.k, self.temperature, self.num_classes),
                 "linear_top1": linear_top1(tr_f, tr_y, te_f, te_y, self.num_classes)}
 

@@ -408,7 +408,13 @@ def test_tiny_run_outputs_and_eval_only(tmp_path):
     assert final["eval"]["grid_local"]["num_patches"] == 9 and final["eval"]["patches_4"]["num_patches"] == 4
     assert final["convergence"]["n"] == [1, 2, 4] and len(final["convergence"]["cosine"]) == 3
     assert -1 <= final["convergence"]["cosine_between_images"] <= 1
-    assert "| Central crop | 1 patch | 4 patches |" in (out / "table1.md").read_text()
+    # Table 1's layout and Fig. 3a's plot, from final_metrics.json
+    report = subprocess.run([sys.executable, "results/bag_ssl_report.py", str(out)], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert report.returncode == 0, report.stderr
+    table = (out / "table1.md").read_text()
+    assert "| Central crop | 1 patch | 4 patches | 3x3 grid, mean | 3x3 grid, local 3x3/2 concat |" in table
+    assert f"| {final['eval']['patches_4']['linear_top1']:.1f} |" in table.splitlines()[2] and table in report.stdout
     for name in ("curves.png", "convergence.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0
     backbone = torch.load(out / "backbone.pt", weights_only=True)
@@ -425,7 +431,7 @@ def test_tiny_run_outputs_and_eval_only(tmp_path):
     assert (args.image_size, args.patch_size, args.crop, args.arch) == (16, 8, "patch", "resnet18")
     _, _, final_ev = bag_ssl.main(args)
     saved = json.loads((ev / "final_metrics.json").read_text())
-    assert set(saved["eval"]) == {"central", "patches_1", "patches_4"} and (ev / "table1.md").exists()
+    assert set(saved["eval"]) == {"central", "patches_1", "patches_4"}
     for name in saved["eval"]:  # deterministic patches and subsets: the same numbers as after training
         assert saved["eval"][name] == pytest.approx(final["eval"][name])
 

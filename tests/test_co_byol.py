@@ -81,12 +81,12 @@ def test_ws0_is_exactly_byol_loss_and_gradients():
     with torch.no_grad():
         t_out = [target(v) for v in views]
     # CO-BYOL's global part, and BYOL's total loss, on the same weights and views
-    _, loss_g, _ = co_byol.co_byol_loss(co(views), t_out, ws=0.5)
-    loss_byol, loss_g0, loss_l0 = co_byol.co_byol_loss(byol(views), t_out, ws=0.0)
+    _, loss_g, _ = co_byol.co_byol_loss(co(views, local_views=2), t_out, ws=0.5)
+    loss_byol, loss_g0, loss_l0 = co_byol.co_byol_loss(byol(views, local_views=2), t_out, ws=0.0)
     torch.testing.assert_close(loss_byol, loss_g)
     assert loss_l0.item() == 0.0
     # ... equal to Eq. 1 applied in both directions, and with equal gradients on the backbone
-    o = byol(views)
+    o = byol(views, local_views=2)
     manual = co_byol.byol_loss(o[0].p_g, t_out[1].z_g) + co_byol.byol_loss(o[1].p_g, t_out[0].z_g)
     torch.testing.assert_close(loss_byol, manual)
     co.zero_grad(), byol.zero_grad()
@@ -96,9 +96,18 @@ def test_ws0_is_exactly_byol_loss_and_gradients():
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
+def test_local_heads_run_on_the_two_large_views_only():
+    """Eq. 2 pairs the two large views, so the small crops of multi-crop never go through g2 and q2 (train_step
+    passes local_views=2): no local projection to compute, and none to backpropagate."""
+    (_, net), = _models([0.2])
+    outs = net([torch.randn(2, 3, 16, 16)] * 2 + [torch.randn(2, 3, 8, 8)] * 2, local_views=2)
+    assert [o.z_l is not None and o.p_l is not None for o in outs] == [True, True, False, False]
+    assert all(o.p_g is not None for o in outs)
+
+
 def test_local_grid_downsamples_before_local_heads():
     (_, net), = _models([0.2], **{"--local-grid": "2"})
-    out = net([torch.randn(2, 3, 16, 16)])[0]
+    out = net([torch.randn(2, 3, 16, 16)], local_views=1)[0]
     assert out.z_l.shape == (2, 16, 2, 2) and out.p_l.shape == (2, 16, 2, 2)
 
 

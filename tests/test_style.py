@@ -167,8 +167,12 @@ def prose_fraction(source: str) -> float:
     return sum(i in prose for i in lines) / len(lines)
 
 
-# Part I's budgets (STYLE.md section 1): lines (wc -l). The files not listed here are on their way.
-PART_ONE_LINES = {"co_byol": 500, "co_dino": 600}
+# Part I's budgets (STYLE.md section 1): lines (wc -l). bag_ssl and geo_dino are on their way to 750 and 800: their
+# ceilings here only go down. The appendix holds, besides STYLE's list, the reliability code (torchrun restarts,
+# the output-folder lock, the non-finite guard, full disks, unreadable images, signal-safe loader workers, resume
+# checks: about 150 lines, docs/faults.md), which a reader skips with the rest: its ceiling is 1000, not 750.
+PART_ONE_LINES = {"co_byol": 500, "co_dino": 600, "bag_ssl": 1015, "geo_dino": 891}
+APPENDIX_LINES = 1000
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -176,5 +180,5 @@ def test_part_one_is_taught_prose_within_its_budget(name):
     part_one = parts(name)[0]
     assert prose_fraction(part_one) >= 0.30, "Part I is read in courses: trim machinery, never explanation"
     assert max(len(line) for line in part_one.splitlines()) <= 100, "Part I fits beside a PDF"
-    if name in PART_ONE_LINES:
-        assert part_one.count("\n") <= PART_ONE_LINES[name]
+    assert part_one.count("\n") <= PART_ONE_LINES[name]
+    assert parts(name)[1].count("\n") <= APPENDIX_LINES

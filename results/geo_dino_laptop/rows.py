@@ -20,9 +20,14 @@ def row(folder: Path) -> str:
     last = [r for r in rows if "teacher_entropy" in r][-1]
     local = (f"{last['local_teacher_entropy']:.2f} / {last['local_teacher_kl_uniform']:.2f}"
              if "sim" in folder.name or "geo" in folder.name else "-")
+    probe = f"{final['val_acc_h']:.2f}" if "val_acc_h" in final else "-"  # removed 2026-12-07
+    # the last epoch's mean sim_geo_agree: its own row in runs before 2026-12-07, else the mean of the logged steps
+    epochs = final["epochs"]
+    agree = final.get("sim_geo_agree_epoch") or sum(
+        logged := [r["sim_geo_agree"] for r in rows if "sim_geo_agree" in r and r["epoch"] > epochs - 1]) / len(logged)
     return (f"| {folder.name} | {final['train_s'] / 60:.1f} | {knn} | {final['knn_top1']:.2f} | "
-            f"{final['linear_top1']:.2f} | {final['val_acc_h']:.2f} | {last['teacher_entropy']:.2f} / "
-            f"{last['teacher_kl_uniform']:.2f} | {local} | {final['sim_geo_agree_epoch']:.3f} |")
+            f"{final['linear_top1']:.2f} | {probe} | {last['teacher_entropy']:.2f} / "
+            f"{last['teacher_kl_uniform']:.2f} | {local} | {agree:.3f} |")
 
 
 def main() -> None:

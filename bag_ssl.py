@@ -249,7 +249,7 @@ def check_method_args(args, error) -> None:
             args.crop = trained.get("crop", "multiscale")  # co_byol / co_dino: crops
             args.patch_size = trained.get("patch_size", 0)
             args.min_scale = trained.get("min_scale", trained.get("min_crop", args.min_scale))
-            # Who trained it: this script's --loss, else a co_byol / co_dino run's folder
+            # Who trained it (bag_ssl_report.py): this --loss, else a co_byol / co_dino run's folder
             args.method_label = (METHOD_NAMES[trained["loss"]] if "loss" in trained
                                  else path.parent.name)
         except Exception as e:  # not a backbone.pt

@@ -330,9 +330,9 @@ class StudentNetwork(nn.Module):
 
     def forward(self, views: list[torch.Tensor], local_views: int) -> list[DINOOut]:
         """One call for all crops (DDP expects one forward per backward); the local head runs on the
-        first `local_views`. IMPL (solo-learn, CO-SSL's code): each crop goes through on its own, so
-        BatchNorm normalises it with its own batch statistics; DINO's MultiCropWrapper concatenates
-        the crops of a size (the same outputs with the LayerNorms of ViTs and Swin)."""
+        first `local_views`. IMPL (as solo-learn, the code CO-SSL used): each crop goes through on
+        its own, so BatchNorm normalises it with its own batch statistics; DINO's MultiCropWrapper
+        concatenates the crops of a size (for ViTs and Swin, normalised per token: the same)."""
         return [self.encoder(x, with_local=i < local_views) for i, x in enumerate(views)]
 
 

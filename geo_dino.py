@@ -159,12 +159,10 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
 # 1e-6; the paper's AdamW: --optimizer adamw --lr 5e-4 --weight-decay 0.04 --weight-decay-end 0.4).
 METHOD_DEFAULTS = dict(lr=0.3, weight_decay=1e-6, arch="resnet18")
 OTHER_ARCHS = ("swin_t",)  # besides rf_resnet's backbones: the paper's Swin-T (SwinBackbone)
-# The CPU "laptop" recipe (--recipe laptop): CIFAR-10 at 32 px on 2 cores, k-NN every epoch. All
-# values but multi-crop and epochs are co_dino.py's laptop recipe, chosen there by a lever search
-# (docs/co_dino.md; not re-tuned here), shared by the three --local-loss settings. Multi-crop: 2
-# global crops of 32 px (a 5x5 map) and 2 small crops of 14 px (a 2x2 map), instead of the paper's
-# 8. 2 epochs, not co_dino's 3: the local head at all 58 student and 50 teacher cells makes a step
-# dearer (FLOP counts in docs/geo_dino.md).
+# --recipe laptop: CIFAR-10 at 32 px on 2 CPU cores, k-NN every epoch. All values but multi-crop
+# and epochs are co_dino.py's laptop recipe (from a lever search there, docs/co_dino.md; not
+# re-tuned), for all three --local-loss settings. 2 global crops of 32 px (5x5 map) and 2 small
+# crops of 14 px (2x2 map), not the paper's 8; 2 epochs, not co_dino's 12 (results/geo_dino_laptop).
 LAPTOP_RECIPE = dict(dataset="cifar10", arch="resnet18", width=16, batch_size=64, epochs=2,
                      optimizer="sgd", lr=0.5, weight_decay=5e-4, warmup_epochs=0.2, tau_base=0.99,
                      head_hidden=512, bottleneck=128, out_dim=4096, head_bn=True,
@@ -233,9 +231,9 @@ def check_method_args(args, error) -> None:
 # we apply G ourselves and keep the box (ul_x, ul_y, lr_x, lr_y) in original-image pixels and the
 # flip flag f; P is the rest of BYOL's/DINO's pipeline. Multi-crop (App. A.1): 2 global crops (blur
 # 1.0 / 0.1, solarisation 0 / 0.2, as DINO) and N_L small crops (blur 0.5; the paper's "local
-# crops": here "local" names the representations z_k of the cells only). DEVIATION: no Gaussian
-# blur on images of 32 px or less (solo-learn's CIFAR practice; 64 px Tiny-ImageNet keeps it), on
-# any crop; above 32 px (the paper's 224 / 96 px included) the blur probabilities are DINO's.
+# crops", --local-crops; elsewhere "local" means the cells' representations z_k). DEVIATION: no
+# Gaussian blur on images of 32 px or less (solo-learn's CIFAR practice; 64 px Tiny-ImageNet keeps
+# it), on any crop; above 32 px (the paper's 224 / 96 px included) blur probabilities are DINO's.
 def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
     """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
     ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
@@ -456,9 +454,9 @@ class StudentNetwork(nn.Module):
 
     def forward(self, views: list[torch.Tensor], local_views: int) -> list[DINOOut]:
         """One call for all crops (DDP expects one forward per backward); the local head runs on the
-        first `local_views`. IMPL (solo-learn, CO-SSL's code): each crop goes through on its own, so
-        BatchNorm normalises it with its own batch statistics; DINO's MultiCropWrapper concatenates
-        the crops of a size (the same outputs with the LayerNorms of ViTs and Swin)."""
+        first `local_views`. IMPL (as solo-learn, the code CO-SSL used): each crop goes through on
+        its own, so BatchNorm normalises it with its own batch statistics; DINO's MultiCropWrapper
+        concatenates the crops of a size (for ViTs and Swin, normalised per token: the same)."""
         return [self.encoder(x, with_local=i < local_views) for i, x in enumerate(views)]
 
 
@@ -520,8 +518,8 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
 # same pairs, every student cell k is matched to a teacher cell k* and H(P_t(z'_{k*}), P_s(z_k)) is
 # averaged over the K student cells (geo: only matches closer than s count, Eq. 6), then over the 2
 # (N_L + 1) pairs. DEVIATION (as EsViT and the official code): k runs over the STUDENT cells, k*
-# over the teacher's, so that a small crop (3x3) is matched into a global crop (7x7); Eq. 4-6 write
-# the pair from the teacher's side (z from Z_t), so the primes swap: here z' is the teacher's.
+# over the teacher's, so that a small crop (3x3) is matched into a global crop (7x7); Eq. 5 / 7 take
+# z from Z_t (the teacher's side), so the primes swap: here z' is the teacher's.
 def dino_loss(student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
               center: torch.Tensor, student_temp: float, teacher_temp: float) -> torch.Tensor:
     """DINO (Caron et al. 2021, Eq. 1-3 and the official DINOLoss): mean over pairs of different
@@ -757,41 +755,36 @@ def clip_gradients(params, clip: float) -> None:
 
 
 class Schedule:
-    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, multiplies every
-    group's base lr), `weight_decay` (DINO's cosine), `tau` (the teacher's EMA momentum),
-    `teacher_temp` (T_t, warmed up per epoch), `freeze_last_layer` (prototypes fixed in the first
-    epoch(s)), `log_step` (the loop writes this step's row to metrics.jsonl: after it, the step
-    count is a multiple of --log-every or the last step). Every float but lr_scale is logged."""
+    """The schedules at step k of K, as a dict: `lr_scale` (warm-up + cosine, times every group's
+    base lr), `tau` (EMA momentum), `teacher_temp` (T_t, warmed up per epoch), `freeze_last_layer`
+    (DINO's fixed prototypes in the first epoch(s)); here also `weight_decay` (DINO's cosine) and
+    `log_step` (this step's row goes to metrics.jsonl). Every float but lr_scale is logged."""
 
     def __init__(self, args, steps_per_epoch: int):
         self.args, self.steps_per_epoch = args, steps_per_epoch
         self.total = args.epochs * steps_per_epoch
-        # as the loop's last_step
-        self.last = min(self.total, args.max_steps) if args.max_steps else self.total
         self.warmup = round(args.warmup_epochs * steps_per_epoch)
         if args.epochs < args.warmup_teacher_temp_epochs:
-            # A run shorter than DINO's teacher-temperature warm-up works (teacher_temp_at only
-            # interpolates; official np.linspace would fail): T_t stops short of --teacher-temp.
-            # Unlike the lr warm-up it is not scaled to --epochs: DINO's recipe fixes it in epochs.
+            # Works (teacher_temp_at only interpolates; the official np.linspace would fail). Unlike
+            # the lr warm-up, this one is not scaled to --epochs: DINO's recipe fixes it in epochs.
             last_temp = teacher_temp_at(args.epochs - 1, args.warmup_teacher_temp,
                                         args.teacher_temp, args.warmup_teacher_temp_epochs)
-            log(f"note: --epochs {args.epochs} < --warmup-teacher-temp-epochs "
-                f"{args.warmup_teacher_temp_epochs}: the teacher temperature ends at "
+            log(f"note: --epochs < --warmup-teacher-temp-epochs: the teacher temperature ends at "
                 f"{last_temp:.4g}, not --teacher-temp {args.teacher_temp}")
         if args.freeze_last_layer >= args.epochs:  # e.g. DINO's default 1 in a 1-epoch smoke run
             log(f"note: --freeze-last-layer {args.freeze_last_layer} >= --epochs {args.epochs}: "
-                "the prototypes (the heads' last layers) stay at their initial weights for the "
-                "whole run")
+                "the prototypes (the heads' last layers) keep their initial weights all run")
+        self.last = min(self.total, args.max_steps) if args.max_steps else self.total  # last step
 
     def __call__(self, step: int) -> dict:
         a, epoch = self.args, step // self.steps_per_epoch
         return {"lr_scale": lr_at(step, self.total, self.warmup, 1.0),
-                "weight_decay": wd_at(step, self.total, a.weight_decay, a.weight_decay_end),
                 "tau": tau_at(step, self.total, a.tau_base, a.tau_final),
                 "teacher_temp": teacher_temp_at(epoch, a.warmup_teacher_temp, a.teacher_temp,
                                                 a.warmup_teacher_temp_epochs),
                 "freeze_last_layer": epoch < a.freeze_last_layer,
-                # the loop's test, after step += 1
+                "weight_decay": wd_at(step, self.total, a.weight_decay, a.weight_decay_end),
+                # the loop writes a row after this step: a multiple of --log-every, or the last
                 "log_step": (step + 1) % a.log_every == 0 or step + 1 == self.last}
 
 
@@ -804,8 +797,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     (views, boxes, flips), _ = batch
     set_lr(optimizer, schedule["lr_scale"])
     device, teacher_temp = run.device, schedule["teacher_temp"]
-    # each crop size is its own tensor (2 global, N_L small): every one goes channels_last; uint8
-    # from the loader -> normalised float32
+    # every crop a tensor (2 global, N_L small): uint8 -> normalised float32 (A.3), channels_last
     views = [normalize(v.to(device, non_blocking=True))
              .contiguous(memory_format=torch.channels_last) for v in views]
     boxes, flips = boxes.to(device, non_blocking=True), flips.to(device, non_blocking=True)

@@ -29,6 +29,7 @@ def table1_markdown(final: dict) -> str:
     lines = ["| Method | Pre-training | Classifier | " + " | ".join(c[1] for c in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     method = a.get("method_label") or METHOD_NAMES[a["loss"]]
+    # runs before --eval-knn-k evaluated with the k of the online k-NN, --knn-k (20 then)
     for key, name in (("linear_top1", "linear"), ("knn_top1", f"k-NN (k={a.get('eval_knn_k', a.get('knn_k'))})")):
         if key in res["central"]:
             lines.append(f"| {method} ({a['arch']}) | {training} | {name} | "

@@ -267,7 +267,7 @@ def test_none_is_plain_dino():
 def test_none_is_the_dino_of_co_dino(tmp_path):
     """One DINO: geo_dino --local-loss none and co_dino --ws 0 (with 2 small crops each) build the same student and
     teacher from a seed and take the same training step on the same crops: the same loss, then the same student,
-    teacher and centre, bit for bit. The two files differ by their local losses only."""
+    teacher and centre, bit for bit: with the same flags, the two files' DINO is one algorithm."""
     import co_dino
 
     same = ["--dataset", "fake", "--image-size", "16", "--batch-size", "4", "--out-dim", "64", "--head-hidden", "64",

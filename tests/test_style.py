@@ -171,7 +171,7 @@ def prose_fraction(source: str) -> float:
 # ceilings here only go down. The appendix holds, besides STYLE's list, the reliability code (torchrun restarts,
 # the output-folder lock, the non-finite guard, full disks, unreadable images, signal-safe loader workers, resume
 # checks: about 150 lines, docs/faults.md), which a reader skips with the rest: its ceiling is 1000, not 750.
-PART_ONE_LINES = {"co_byol": 500, "co_dino": 600, "bag_ssl": 1015, "geo_dino": 891}
+PART_ONE_LINES = {"co_byol": 500, "co_dino": 600, "bag_ssl": 1015, "geo_dino": 885}
 APPENDIX_LINES = 1000
 
 

@@ -1,13 +1,17 @@
 """The per-run table of docs/geo_dino.md ("Laptop recipe results"), from the committed runs in this folder.
 
-    python results/geo_dino_laptop/rows.py
+    python results/geo_dino_laptop/rows.py                  # the runs in this folder
+    python results/geo_dino_laptop/rows.py batched_crops    # the runs before 2026-12-07 (crops of a size batched)
 
 One row per run folder (none_sS, sim_sS, geo_sS: the whole training set; sub100_*: 100 images per class):
 training minutes, k-NN (k = 200) on the 10,000-image bank at every evaluation, the final k-NN and linear
 readout on the whole training set, the online probe, and the monitors of the last logged step: the global and
-local teachers' entropy and KL(mean P_t || uniform) (log K = 8.32 nats for K = 4096), and sim_geo_agree.
+local teachers' entropy and KL(mean P_t || uniform) (log K = 8.32 nats for K = 4096); sim_geo_agree, the
+last epoch's mean.
 """
 import json
+import math
+import sys
 from pathlib import Path
 
 R = Path(__file__).resolve().parent
@@ -21,25 +25,29 @@ def row(folder: Path) -> str:
     local = (f"{last['local_teacher_entropy']:.2f} / {last['local_teacher_kl_uniform']:.2f}"
              if "sim" in folder.name or "geo" in folder.name else "-")
     probe = f"{final['val_acc_h']:.2f}" if "val_acc_h" in final else "-"  # removed 2026-12-07
-    # the last epoch's mean sim_geo_agree: its own row in runs before 2026-12-07, else the mean of the logged steps
-    epochs = final["epochs"]
-    agree = final.get("sim_geo_agree_epoch") or sum(
-        logged := [r["sim_geo_agree"] for r in rows if "sim_geo_agree" in r and r["epoch"] > epochs - 1]) / len(logged)
+    # the last epoch's mean sim_geo_agree: over its every step in runs before 2026-12-07 (their own row), since
+    # then over its logged steps
+    if "sim_geo_agree_epoch" in final:
+        agree = final["sim_geo_agree_epoch"]
+    else:
+        start = math.ceil(final["epochs"]) - 1  # the last epoch began here (a run may stop within it)
+        logged = [r["sim_geo_agree"] for r in rows if "sim_geo_agree" in r and r["epoch"] > start]
+        agree = sum(logged) / len(logged)
     return (f"| {folder.name} | {final['train_s'] / 60:.1f} | {knn} | {final['knn_top1']:.2f} | "
             f"{final['linear_top1']:.2f} | {probe} | {last['teacher_entropy']:.2f} / "
             f"{last['teacher_kl_uniform']:.2f} | {local} | {agree:.3f} |")
 
 
-def main() -> None:
+def main(folder: Path = R) -> None:
     print("| run | training minutes (1 thread) | k-NN, 10k bank, per evaluation | final k-NN | final linear | "
           "online probe | global teacher: entropy / KL to uniform (nats) | local teacher: entropy / KL | "
           "sim_geo_agree (last epoch) |")
     print("|---|---|---|---|---|---|---|---|---|")
     order = {"none": 0, "sim": 1, "geo": 2}
-    folders = [f for f in R.iterdir() if (f / "final_metrics.json").exists()]
+    folders = [f for f in folder.iterdir() if (f / "final_metrics.json").exists()]
     for f in sorted(folders, key=lambda f: (f.name.startswith("sub"), f.name[-1], order[f.name.split("_")[-2]])):
         print(row(f))
 
 
 if __name__ == "__main__":
-    main()
+    main(R / sys.argv[1] if len(sys.argv) > 1 else R)

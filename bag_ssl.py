@@ -120,9 +120,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "SimCLR, VICReg, TCR, BYOL; the paper's tables show all four behave alike); "
                    "'emp': EMP-SSL's many-patch loss (Tong et al. 2023), TCR on every patch + "
                    "cosine of every patch to its image's mean")
-    g.add_argument("--num-patches", type=int, default=None, help="views per image: 2 for the "
-                   "two-view losses; with --loss emp any n >= 2 (default 20, the official EMP-SSL "
-                   "CIFAR-10 command's)")
+    g.add_argument("--num-patches", type=int, default=None, help="views per image: 2, or with "
+                   "--loss emp any n >= 2 (default 20, the official EMP-SSL CIFAR-10 command's)")
     g.add_argument("--emp-lambda", type=float, default=200.0, help="EMP-SSL: weight of the "
                    "cosine-to-the-mean term against the coding rate (EMP-SSL: 200)")
     g.add_argument("--temperature", type=float, default=0.1, help="SimCLR NT-Xent temperature "
@@ -178,21 +177,18 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "for --local-agg (Table 5: 4, i.e. 5x5 overlapping patches of 16 px on 32 px "
                    "images, which cover the image to its edges)")
     g.add_argument("--eval-train-images", type=int, default=0, help="fit the classifiers on a "
-                   "seeded random subset of this many training images (0: all); limits the cost on "
-                   "CPU")
+                   "seeded random subset of this many training images (0: all): CPU cost")
     g.add_argument("--eval-test-images", type=int, default=0, help="evaluate on a seeded random "
                    "subset of this many test images (0: all)")
     g.add_argument("--eval-batch", type=int, default=512, help="patches per forward pass in the "
                    "evaluation")
     g.add_argument("--linear-epochs", type=int, default=100, help="epochs of the linear classifier "
-                   "fitted on frozen, standardised features (SGD, momentum 0.9, cosine lr, batch "
-                   "256)")
+                   "on frozen, standardised features (SGD, momentum 0.9, cosine lr, batch 256)")
     g.add_argument("--linear-lr", type=float, default=0.1, help="lr of that linear classifier")
     g.add_argument("--linear-wd", type=float, default=5e-4, help="weight decay of that linear "
                    "classifier")
-    g.add_argument("--eval-knn-k", type=int, default=20, help="k of the k-NN evaluation on the "
-                   "aggregated h (cosine, temperature-weighted votes as in DINO, "
-                   "--knn-temperature; the paper gives no k, 20 is our choice); 0 skips it")
+    g.add_argument("--eval-knn-k", type=int, default=20, help="k of the k-NN on the aggregated h "
+                   "(cosine, DINO's votes, --knn-temperature; the paper gives no k); 0 skips it")
 
 
 def parse_eval_patches(text: str) -> list[int]:
@@ -386,6 +382,13 @@ def mlp(dim_in: int, hidden: int, dim_out: int, hidden_layers: int = 1,
     return nn.Sequential(*layers, linear(hidden, dim_out))
 
 
+class ViewOut(NamedTuple):
+    """What the network gives for one view of B images."""
+    h: torch.Tensor  # (B, C) the embedding f(x), what the bag-of-patch evaluation averages
+    z: torch.Tensor  # (B, D) the projection g(h), what the loss sees
+    p: torch.Tensor | None = None  # (B, D) BYOL's prediction q(z) (online network only)
+
+
 class Encoder(nn.Module):
     """f (backbone) + g (projector): PAPER Sec. 3, h = f(x; theta) is the *embedding*, z = g(h; psi)
     the *projection*. The loss sees z; the bag-of-patch evaluation uses h ("slightly better
@@ -400,9 +403,9 @@ class Encoder(nn.Module):
         self.projector = mlp(self.backbone.out_dim, args.proj_hidden, args.proj_dim,
                              args.proj_hidden_layers)
 
-    def forward(self, x: torch.Tensor) -> dict:
-        out = self.backbone(x)  # .local (B, C, n, n), .pooled (B, C), .h (B, C)
-        return {"h": out.h, "pooled": out.pooled, "z": self.projector(out.h)}  # z: (B, D)
+    def forward(self, x: torch.Tensor) -> ViewOut:
+        h = self.backbone(x).h  # (B, C)
+        return ViewOut(h, self.projector(h))
 
 
 class OnlineNetwork(nn.Module):
@@ -416,14 +419,11 @@ class OnlineNetwork(nn.Module):
         self.predictor = (mlp(args.proj_dim, args.pred_hidden, args.proj_dim)
                           if args.loss == "byol" else None)
 
-    def forward(self, views: list[torch.Tensor]) -> list[dict]:
+    def forward(self, views: list[torch.Tensor]) -> list[ViewOut]:
         """One call for all views (DDP expects one forward per backward); BN statistics per view."""
-        outs = []
-        for x in views:
-            o = self.encoder(x)
-            if self.predictor is not None:
-                o["p"] = self.predictor(o["z"])  # q(g(h)): (B, D)
-            outs.append(o)
+        outs = [self.encoder(x) for x in views]
+        if self.predictor is not None:
+            outs = [o._replace(p=self.predictor(o.z)) for o in outs]  # q(g(h)): (B, D)
         return outs
 
 
@@ -585,22 +585,22 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * (p * z).sum(dim=-1)).mean()
 
 
-def bag_ssl_loss(online: list[dict], target: list[dict] | None,
+def bag_ssl_loss(online: list[ViewOut], target: list[ViewOut] | None,
                  args) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss: (total, stacked unweighted terms in LOSS_TERMS[args.loss] order).
     online: the online outputs of views 0 and 1 (--loss emp: of all n views); target: the EMA
     target's (BYOL only, else None). PAPER: BagSSL changes the views, not the method's own loss."""
     if args.loss == "byol":
         # BYOL Eq. 2: symmetrised, each view's prediction regresses the other's target projection.
-        loss = byol_loss(online[0]["p"], target[1]["z"]) + byol_loss(online[1]["p"], target[0]["z"])
+        loss = byol_loss(online[0].p, target[1].z) + byol_loss(online[1].p, target[0].z)
         return loss, loss.detach()[None]
     # IMPL (official VICReg's FullGatherLayer): SimCLR's negatives and VICReg's / TCR's statistics
     # span ALL processes' images (the global batch).
     if args.loss == "emp":
-        loss, terms = emp_loss([gather_with_grad(o["z"]) for o in online], args.emp_lambda,
+        loss, terms = emp_loss([gather_with_grad(o.z) for o in online], args.emp_lambda,
                                args.tcr_eps)
         return loss, torch.stack([terms[k] for k in LOSS_TERMS[args.loss]]).detach()
-    z1, z2 = gather_with_grad(online[0]["z"]), gather_with_grad(online[1]["z"])  # (world * B, D)
+    z1, z2 = gather_with_grad(online[0].z), gather_with_grad(online[1].z)  # (world * B, D)
     if args.loss == "simclr":
         loss = nt_xent_loss(z1, z2, args.temperature)
         return loss, loss.detach()[None]
@@ -955,7 +955,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
         ema_update(nets.target, nets.online.encoder, schedule["tau"])
 
     # Collapse monitor: per-dim std of the L2-normalised z, x sqrt(D): ~1 healthy, -> 0 collapsed.
-    z_std = F.normalize(online_out[0]["z"].detach().float(), dim=1).std(0).mean() * math.sqrt(
+    z_std = F.normalize(online_out[0].z.detach().float(), dim=1).std(0).mean() * math.sqrt(
         args.proj_dim)
     return StepOut(loss.detach(), {**dict(zip(LOSS_TERMS[args.loss], terms)), "z_std": z_std})
 

@@ -42,9 +42,10 @@ def seeds_of(prefix: str) -> dict[int, dict]:
     return out
 
 
-# runs whose train.log does not tell their CPU: the device line of the 2-core Intel Xeon with AMX-BF16 (2026-12-06)
-# reads "native bf16", as the EPYC's does
-CPU_OF = {"laptop/byol12_s2": "Xeon-AMX", "laptop/co_byol12_s2": "Xeon-AMX"}
+# runs whose train.log does not tell their CPU: the device line of the 2-core Intel Xeon with AMX-BF16 (2026-12-06
+# and 2026-12-07) reads "native bf16", as the EPYC's does
+CPU_OF = {"laptop/byol12_s2": "Xeon-AMX", "laptop/co_byol12_s2": "Xeon-AMX",
+          **{f"geo_dino_laptop/{loss}_s{s}": "Xeon-AMX" for loss in ("none", "sim", "geo") for s in (0, 1)}}
 
 
 def machine(folder: Path) -> str:

@@ -368,8 +368,7 @@ def build_training(args, run) -> tuple[Nets, torch.optim.Optimizer]:
     teacher = copy.deepcopy(student.encoder).requires_grad_(False)  # DINO: starts as student
     torch.manual_seed(args.seed + run.rank)  # each rank its own random stream again (Run)
     model = run.wrap(student)
-    # PERF: --compile also compiles the loss: its per-position softmaxes over K are memory-bound
-    # elementwise op chains the compiler fuses (benchmarks/bench_local_dino.py, docs/co_dino.md).
+    # PERF: --compile compiles the loss too, fusing its memory-bound softmaxes (docs/co_dino.md)
     loss_fn = torch.compile(co_dino_loss) if args.compile else co_dino_loss
     return (Nets(student, teacher, Centers(args.out_dim).to(run.device), model, loss_fn),
             make_optimizer(student, args))

@@ -179,22 +179,34 @@ def _conv1x1_like(conv: nn.Conv2d) -> nn.Conv2d:
     return nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=1, stride=1, bias=False)
 
 
-class SubsampledConv1x1(nn.Conv2d):
-    """A 1x1 convolution with stride s, computed on the CPU as a stride-1 one on every s-th pixel: the same
-    weight, the same numbers (a 1x1 kernel only reads those pixels), another oneDNN kernel.
+class CPUSafeConv2d(nn.Conv2d):
+    """A strided convolution that, on the CPU, steers around two faults of torch 2.14.1's oneDNN kernels with
+    the same weights and the same numbers, through another kernel (docs/rf_resnet.md):
 
-    IMPL: torch 2.14.1's CPU backward of a strided 1x1 convolution in channels_last corrupts the heap or
-    crashes for some narrow shapes: 4-8 input channels on 64-66 px maps in fp32 (Intel Xeon, AMD EPYC), 12 on
-    66 px in bf16 (AMD EPYC), i.e. the first downsampling shortcut of ResNet-18 at --width 8-12 and 64 px with
-    the CIFAR stem. The stride-1 kernel on the subsampled map has not crashed in any of these (docs/rf_resnet.md).
-    On CUDA the ordinary strided convolution runs.
+    * 1x1 kernel: the backward of a strided 1x1 convolution in channels_last corrupts the heap or crashes for
+      some narrow shapes (4-8 input channels on 64-66 px maps in fp32, 12 on 66 px in bf16: ResNet-18's first
+      shortcut at --width 8-12, 64 px, CIFAR stem). We run a stride-1 convolution on every s-th pixel, which
+      is all a 1x1 kernel reads.
+    * wider kernel, one output column: in bf16 the weight gradient of a strided convolution whose output is
+      one pixel wide is garbage (up to 1e37, or NaN, in either memory format): e.g. layer4's 3x3/2 on the 1x1
+      map of the ImageNet stem at 16 px. Along a side with one output the stride is never applied (that one
+      window starts at -padding whatever the stride), so we convolve with stride 1 there and keep the first
+      output.
+    On CUDA, and at stride 1, the ordinary convolution runs.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda or self.stride == (1, 1):
             return super().forward(x)
-        sh, sw = self.stride
-        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
+        if self.kernel_size == (1, 1):
+            sh, sw = self.stride
+            return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
+        one = [(n + 2 * p - d * (k - 1) - 1) // s == 0  # this side has one output (the conv2d size formula)
+               for n, p, d, k, s in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)]
+        stride = tuple(1 if single else s for single, s in zip(one, self.stride))
+        y = F.conv2d(x, self.weight, self.bias, stride, self.padding, self.dilation, self.groups)
+        rows, cols = (slice(0, 1) if single else slice(None) for single in one)
+        return y[:, :, rows, cols]  # (B, C_out, H_out, W_out): the outputs of the strided convolution
 
 
 def _set_stride(block: nn.Module, stride: int) -> None:
@@ -281,12 +293,13 @@ def make_resnet(
                 blk.conv2 = _conv1x1_like(blk.conv2)
                 if j not in keep:
                     blk.conv1 = _conv1x1_like(blk.conv1)
-    for blk in resnet.modules():  # the strided 1x1 shortcuts, with their weights: no new random draws
-        if isinstance(blk, (BasicBlock, Bottleneck)) and blk.downsample is not None:
-            conv = blk.downsample[0]
-            blk.downsample[0] = torch.nn.utils.skip_init(SubsampledConv1x1, conv.in_channels, conv.out_channels,
-                                                         kernel_size=1, stride=conv.stride, bias=False)
-            blk.downsample[0].weight = conv.weight
+    for parent in list(resnet.modules()):  # every strided convolution, with its weights: no new random draws
+        for name, conv in parent.named_children():
+            if type(conv) is nn.Conv2d and conv.stride != (1, 1):
+                safe = torch.nn.utils.skip_init(CPUSafeConv2d, conv.in_channels, conv.out_channels, conv.kernel_size,
+                                                stride=conv.stride, padding=conv.padding, bias=False)
+                safe.weight = conv.weight
+                setattr(parent, name, safe)
     # torchvision initialises the convolutions it built (Kaiming normal, fan_out); do the same for ours.
     for m in resnet.modules():
         if isinstance(m, nn.Conv2d):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 import rf_resnet
@@ -133,17 +134,28 @@ def test_width_64_is_the_standard_network_and_bad_widths_are_refused():
         build_backbone("resnet50", width=30)
 
 
-def test_subsampled_1x1_shortcut_computes_the_strided_convolution():
+@pytest.mark.parametrize("kernel,stride,height,width,bf16", [
+    (1, 2, 66, 66, False), (1, 2, 33, 33, False),  # the 1x1 shortcut, even and odd maps
+    (3, 2, 1, 1, True), (3, 2, 5, 1, True), (3, 3, 2, 2, True), (7, 2, 1, 1, True), (5, 2, 6, 1, True),  # 1 column
+    (3, 2, 1, 5, True), (3, 2, 7, 7, True), (7, 2, 16, 16, True),  # one output row only; ordinary maps
+])
+def test_cpu_safe_conv_computes_the_strided_convolution(kernel, stride, height, width, bf16):
+    """Output, input gradient and weight gradient against a float64 convolution. torch 2.14.1's bf16 kernel
+    returned weight gradients up to 1e37 (or NaN) for the one-column outputs on the Intel Xeon with AMX."""
     torch.manual_seed(0)
-    ref = torch.nn.Conv2d(12, 24, 1, stride=2, bias=False)
-    ours = rf_resnet.SubsampledConv1x1(12, 24, 1, stride=2, bias=False)
-    ours.weight = ref.weight
-    for size in (66, 33):  # even and odd maps: ceil(size / 2) rows and columns either way
-        x = torch.randn(2, 12, size, size, requires_grad=True)
-        torch.testing.assert_close(ours(x), ref(x))
-        (g_ours,) = torch.autograd.grad(ours(x).square().sum(), x)
-        (g_ref,) = torch.autograd.grad(ref(x).square().sum(), x)
-        torch.testing.assert_close(g_ours, g_ref)
+    conv = rf_resnet.CPUSafeConv2d(16, 32, kernel, stride=stride, padding=kernel // 2, bias=False)
+    x = torch.randn(3, 16, height, width, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = conv(x)
+    grad_y = torch.randn(y.shape)
+    y.float().backward(grad_y)
+    x64, w64 = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
+    y64 = F.conv2d(x64, w64, stride=stride, padding=kernel // 2)
+    y64.backward(grad_y.double())
+    tol = dict(rtol=0, atol=0.03) if bf16 else dict(rtol=0, atol=1e-4)  # relative to each tensor's largest entry
+    for ours, ref in ((y, y64), (x.grad, x64.grad), (conv.weight.grad, w64.grad)):
+        assert ours.shape == ref.shape
+        torch.testing.assert_close(ours.double() / ref.abs().max(), ref / ref.abs().max(), **tol)
 
 
 CRASH_SHAPES = """

@@ -757,6 +757,169 @@ def normalize(views: torch.Tensor) -> torch.Tensor:
     return views.float().div_(255).sub_(mean).div_(std)
 
 
+# ---- Views on the device: BYOL's augmentations, batched, each image with its own random parameters ----
+# What torchvision's RandomResizedCrop, RandomHorizontalFlip, ColorJitter, RandomGrayscale, GaussianBlur and
+# RandomSolarize do to one PIL image, done here to a batch of images on the training device, as float tensors in
+# [0, 1]. Each op equals torchvision's functional op within 1/255 and draws its parameters from the same
+# distributions (tests/test_views.py); no worker process, no PIL.
+class ViewSpec(NamedTuple):
+    """One view's augmentation (BYOL, Grill et al. 2020, App. B); blur and solarisation differ between views."""
+    size: int  # output side S
+    scale: tuple  # RandomResizedCrop's area range, a fraction of the image
+    blur_p: float
+    solarize_p: float
+    ratio: tuple = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # strengths of brightness, contrast, saturation, hue
+    gray_p: float = 0.2
+
+
+def crop_boxes(n: int, height: int, width: int, scale, ratio, gen: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop's boxes for n images: (n, 4) float (top, left, h, w). torchvision's sampling: area ~
+    U(scale) x image, log aspect ratio ~ U(log ratio), rounded; the first of 10 tries that fits, at a uniform
+    position; if none fits, the centred crop of the nearest allowed ratio. All tries are drawn at once."""
+    dev = gen.device
+    area = height * width * torch.empty(n, 10, device=dev).uniform_(scale[0], scale[1], generator=gen)
+    log_ratio = torch.empty(n, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    w, h = (area * log_ratio.exp()).sqrt().round(), (area / log_ratio.exp()).sqrt().round()  # (n, 10)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(1, keepdim=True)  # (n, 1): the first try that fits
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]  # (n,)
+    top = (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor()
+    left = (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor()
+    fh, fw = height, width  # no try fits: the whole image, cut to the nearest allowed ratio
+    if width / height < ratio[0]:
+        fh = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        fw = round(height * ratio[1])
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=dev, dtype=torch.float)
+    boxes = torch.stack([top, left, h, w], dim=1)  # (n, 4)
+    return torch.where(fits.any(1, keepdim=True), boxes, fallback)
+
+
+def bicubic(t: torch.Tensor) -> torch.Tensor:
+    """PIL's bicubic kernel (a = -0.5), which torchvision's antialiased resize uses too."""
+    t, a = t.abs(), -0.5
+    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                       torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """(n, out_size, in_size) weights that resample pixels [start, start + length) of an axis to out_size pixels,
+    as PIL's antialiased bicubic resize of the crop: output pixel i reads the crop around its centre
+    c = (i + 0.5) * length / out_size, with the kernel widened by the downscaling factor, clipped to the crop and
+    normalised."""
+    stretch = (length / out_size).clamp(min=1)[:, None, None]  # (n, 1, 1): > 1 when downscaling (antialiasing)
+    centre = (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * (length / out_size)[:, None, None]
+    pixel = torch.arange(in_size, device=start.device)[None, None, :] - start[:, None, None]  # crop coordinates
+    w = bicubic((pixel + 0.5 - centre) / stretch) * ((pixel >= 0) & (pixel < length[:, None, None]))
+    return w / w.sum(-1, keepdim=True)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut box b out of image b and resize it to size x size: (B, 3, H, W), (B, 4) -> (B, 3, S, S). A resize is
+    separable: one weight matrix per axis, two batched matrix products."""
+    wy = resize_weights(boxes[:, 0], boxes[:, 2], images.shape[-2], size)  # (B, S, H)
+    wx = resize_weights(boxes[:, 1], boxes[:, 3], images.shape[-1], size)  # (B, S, W)
+    return (wy[:, None] @ images @ wx[:, None].transpose(-1, -2)).clamp_(0, 1)  # (B, 3, S, S)
+
+
+def gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, 1, S, S) luma, ITU-R 601 weights (torchvision's rgb_to_grayscale, PIL's "L")."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+
+
+def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor * x + (1 - factor) * other, per image (factor: (B,)), clamped to [0, 1] (torchvision's _blend)."""
+    f = factor[:, None, None, None]
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by shift (B,) of a turn: RGB -> HSV, h + shift, -> RGB (torchvision's adjust_hue)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values  # (B, S, S)
+    v, chroma = maxc, maxc - minc
+    s = chroma / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    rc, gc, bc = (maxc - r) / c, (maxc - g) / c, (maxc - b) / c
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
+    h = ((h / 6 + 1) % 1 + shift[:, None, None]) % 1  # the hue in turns, shifted
+    i = (h * 6).floor()  # HSV -> RGB: the sextant i and the position f inside it
+    f = h * 6 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    rgb = [torch.stack(ch).gather(0, i[None])[0] for ch in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))]
+    return torch.stack(rgb, dim=1).clamp(0, 1)
+
+
+def jitter_params(n: int, strengths, p: float, gen: torch.Generator):
+    """ColorJitter's parameters for n images: factors (n, 4) (brightness, contrast, saturation ~ U(1 - s, 1 + s),
+    floored at 0; hue shift ~ U(-s, s)), each image's order of the four ops (n, 4) (torchvision draws a
+    permutation per call, i.e. per image) and whether RandomApply applies it (n,) with probability p."""
+    dev = gen.device
+    b, c, s, h = strengths
+    low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], device=dev)
+    high = torch.tensor([1 + b, 1 + c, 1 + s, h], device=dev)
+    factors = low + (high - low) * torch.rand(n, 4, device=dev, generator=gen)
+    order = torch.rand(n, 4, device=dev, generator=gen).argsort(1)
+    return factors, order, torch.rand(n, device=dev, generator=gen) < p
+
+
+JITTER_OPS = (lambda x, f: blend(x, torch.zeros_like(x), f),  # brightness: towards black
+              lambda x, f: blend(x, gray(x).mean((1, 2, 3), keepdim=True), f),  # contrast: towards the mean grey
+              lambda x, f: blend(x, gray(x), f),  # saturation: towards the image's grey
+              lambda x, f: adjust_hue(x, f))  # hue: a rotation of the colour wheel
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """The four ops in each image's order: in slot j, the images whose j-th op is op k get op k."""
+    for slot in range(4):
+        for k, op in enumerate(JITTER_OPS):
+            pick = apply & (order[:, slot] == k)
+            if pick.any():
+                x[pick] = op(x[pick], factors[pick, k])
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Blur every image with its own sigma (B,), in pixels, a kernel x kernel Gaussian with reflected borders
+    (torchvision's gaussian_blur); separable: a row pass and a column pass, one group per image channel."""
+    n, ch, height, width = x.shape
+    t = torch.arange(kernel, device=x.device) - (kernel - 1) / 2
+    k1d = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)  # (B, kernel)
+    k1d = (k1d / k1d.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # (B * 3, kernel): one per channel
+    pad = kernel // 2
+    y = F.pad(x.reshape(1, n * ch, height, width), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k1d[:, None, None, :], groups=n * ch)  # rows
+    y = F.conv2d(y, k1d[:, None, :, None], groups=n * ch)  # columns
+    return y.reshape(n, ch, height, width)
+
+
+def make_view(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator):
+    """One view of every image: (B, 3, H, W) floats in [0, 1] on the device -> ((B, 3, S, S) view, (B, 4) boxes
+    (top, left, h, w) in image pixels, (B,) flipped), in BYOL's order: crop, flip, colour jitter, grayscale, blur,
+    solarisation."""
+    n, dev = len(images), images.device
+    boxes = crop_boxes(n, images.shape[-2], images.shape[-1], spec.scale, spec.ratio, gen)
+    x = resized_crops(images, boxes, spec.size)
+    flipped = torch.rand(n, device=dev, generator=gen) < spec.flip_p
+    x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+    x = color_jitter(x, *jitter_params(n, spec.jitter, spec.jitter_p, gen))
+    to_gray = torch.rand(n, device=dev, generator=gen) < spec.gray_p
+    x = torch.where(to_gray[:, None, None, None], gray(x).expand_as(x), x)
+    if spec.blur_p > 0:  # sigma ~ U(0.1, 2) pixels (BYOL, solo-learn); the kernel shrinks below 24 px
+        sigma = torch.empty(n, device=dev).uniform_(0.1, 2.0, generator=gen)
+        blurred = torch.rand(n, device=dev, generator=gen) < spec.blur_p
+        if blurred.any():
+            x[blurred] = gaussian_blur(x[blurred], sigma[blurred], min(23, spec.size // 2 * 2 - 1))
+    if spec.solarize_p > 0:  # invert the pixels at or above 128 / 255
+        solarized = torch.rand(n, device=dev, generator=gen) < spec.solarize_p
+        x = torch.where(solarized[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
+    return x, boxes, flipped
+
+
 class SeededViews(torch.utils.data.Dataset):
     """Each sample's views are seeded by (seed, epoch, index), whatever the number of workers: a resumed run
     sees exactly the views an uninterrupted one would (tested: 2 + 2 steps == 4)."""

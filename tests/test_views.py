@@ -83,9 +83,10 @@ def test_crop_boxes_follow_random_resized_crop():
                  lambda b: b[:, 0] / (32 - b[:, 2] + 1), lambda b: b[:, 1] / (24 - b[:, 3] + 1)):
         torch.testing.assert_close(stat(ours).quantile(q), stat(ref).quantile(q), rtol=0, atol=0.03)
     assert (ours[:, 2:] >= 1).all() and (ours[:, 0] + ours[:, 2] <= 32).all() and (ours[:, 1] + ours[:, 3] <= 24).all()
-    wide = torch.empty(3, 4, 32)  # no try fits a 4 px high image at 99 % of its area: the centred fallback
-    fallback = T.RandomResizedCrop.get_params(wide, (0.99, 1.0), ratio)
-    assert views.crop_boxes(5, 4, 32, (0.99, 1.0), ratio, torch.Generator()).tolist() == [list(fallback)] * 5
+    for height, width in ((4, 32), (32, 4)):  # no try fits at 99 % of the area: the centred fallback
+        fallback = T.RandomResizedCrop.get_params(torch.empty(3, height, width), (0.99, 1.0), ratio)
+        ours = views.crop_boxes(5, height, width, (0.99, 1.0), ratio, torch.Generator())
+        assert ours.tolist() == [list(fallback)] * 5
 
 
 def test_random_parameters_follow_torchvisions_distributions():
@@ -94,6 +95,8 @@ def test_random_parameters_follow_torchvisions_distributions():
     torch.testing.assert_close(factors.min(0).values, torch.tensor([0.6, 0.6, 0.8, -0.1]), rtol=0, atol=1e-3)
     torch.testing.assert_close(factors.max(0).values, torch.tensor([1.4, 1.4, 1.2, 0.1]), rtol=0, atol=1e-3)
     torch.testing.assert_close(factors.mean(0), torch.tensor([1.0, 1.0, 1.0, 0.0]), rtol=0, atol=0.01)
+    strong, _, _ = views.jitter_params(N_DRAWS, (1.5, 1.5, 1.5, 0.5), 1.0, gen)  # factors never below 0
+    torch.testing.assert_close(strong.min(0).values, torch.tensor([0.0, 0.0, 0.0, -0.5]), rtol=0, atol=1e-3)
     permutations = torch.unique(order, dim=0, return_counts=True)[1]
     assert len(permutations) == 24 and (permutations / N_DRAWS - 1 / 24).abs().max() < 0.01  # ColorJitter's randperm
     se = math.sqrt(0.25 / N_DRAWS)

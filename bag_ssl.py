@@ -49,7 +49,7 @@ The paper's CIFAR-10 numbers need the GPU recipe above.
 
 Reading route (Part I, top to bottom; "§N" is a section of Part I, "A.N" of this file's appendix of
 plumbing, the same in every method file; "Sec.", "Eq.", "Table", "App." are the paper's):
-    patch_view, MultiView   the two kinds of views: fixed-scale patches (BagSSL, Sec. 4.1) or crops
+    patch_boxes, MultiView  the two kinds of views: fixed-scale patches (BagSSL, Sec. 4.1) or crops
     Encoder, OnlineNetwork  f and the projector g (App. C.1); BYOL's predictor
     nt_xent_loss, vicreg_loss, tcr_loss, emp_loss, byol_loss
                             the four losses (Sec. 2-3) and EMP-SSL's
@@ -312,38 +312,21 @@ def check_method_args(args, error) -> None:
 # colour jitter, grayscale, blur p = 1.0 / 0.1 and solarisation p = 0.0 / 0.2 in the two views;
 # DEVIATION: no blur on 32 px CIFAR, as solo-learn; larger images (Tiny-ImageNet's 64 px too) keep
 # it).
-def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
-    """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
-    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-           T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-           T.RandomGrayscale(p=0.2)]
-    if blur_p > 0:  # sigma in pixels (BYOL, solo-learn); the kernel shrinks for crops below 24 px
-        kernel = min(23, size // 2 * 2 - 1)
-        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=blur_p))
-    if solarize_p > 0:
-        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    return T.Compose(ops + [T.PILToTensor()])
-
-
-def patch_view(size: int, patch: int, blur_p: float, solarize_p: float) -> T.Compose:
-    """PAPER Sec. 4.1: a fixed-scale `patch` x `patch` square at a uniformly random position inside
-    the image, upsampled to `size` x `size` and colour-augmented as in BYOL.
-    IMPL: byol_view's RandomResizedCrop with scale (1, 1) applied to a square patch always returns
-    the whole patch, only resized (bicubic) to `size`: a smaller crop would need w * h < area, which
-    rounding cannot give (tested). Reusing byol_view keeps the colour augmentations of the two arms
-    identical to the letter."""
-    # One scale for training and evaluation: resize the image first as eval_transform does (short
-    # side `size`, or 256/224 x `size` above 64 px; a no-op on CIFAR), so that training and
-    # evaluation patches of one side cover the same part of an object. Without it, ImageNet's native
-    # images (short side ~400 px) gave training patches 1.46x smaller, in object terms, than eval's.
-    short_side = size if size <= 64 else int(size * 256 / 224)
-    return T.Compose([T.Resize(short_side), T.RandomCrop(patch),
-                      byol_view(size, (1.0, 1.0), blur_p, solarize_p)])
+def patch_boxes(n: int, height: int, width: int, patch: int, gen: torch.Generator) -> torch.Tensor:
+    """PAPER Sec. 4.1: n fixed-scale `patch` x `patch` squares at uniformly random positions inside
+    a height x width image, as (n, 4) (top, left, h, w) boxes: RandomCrop(patch)'s sampling. The
+    patch is then upsampled to the network input and colour-augmented as in BYOL (make_view).
+    IMPL: the images are already at eval_transform's scale (appendix: as_tensors), so that
+    training and evaluation patches of one side cover the same part of an object."""
+    top = (torch.rand(n, device=gen.device, generator=gen) * (height - patch + 1)).floor()
+    left = (torch.rand(n, device=gen.device, generator=gen) * (width - patch + 1)).floor()
+    side = torch.full((n,), float(patch), device=gen.device)
+    return torch.stack([top, left, side, side], dim=1)
 
 
 class MultiView:
-    """image -> [view t, view t']: two fixed-scale patches (BagSSL) or multi-scale crops (baseline).
+    """(B, 3, H, W) images in [0, 1] -> [view t, view t'], each (B, 3, S, S): two fixed-scale
+    patches (BagSSL) or multi-scale crops (baseline), BYOL's augmentation (appendix: ViewSpec).
     --loss emp: --num-patches n views, t, t', t, t', ... (EMP-SSL, Tong et al. 2023: n fixed-size
     patches per image). IMPL: the n views alternate BYOL's two augmentation pipelines, so n = 2 is
     exactly the two-view pair above and only the number of patches and the loss separate EMP-SSL
@@ -353,18 +336,21 @@ class MultiView:
 
     def __init__(self, args):
         blur = 0.0 if args.image_size <= 32 else 1.0  # solo-learn: no blur at 32 px (§2, above)
-        # PAPER Sec. 4.1: "two image patches are randomly selected from each image"
-        if args.crop == "patch":
-            self.views = [patch_view(args.image_size, args.patch_size, 1.0 * blur, 0.0),
-                          patch_view(args.image_size, args.patch_size, 0.1 * blur, 0.2)]
         # the baseline: RandomResizedCrop(0.08, 1), i.e. 9x9 to 32x32 crops on CIFAR (Table 1)
-        else:
-            self.views = [byol_view(args.image_size, (args.min_scale, 1.0), 1.0 * blur, 0.0),
-                          byol_view(args.image_size, (args.min_scale, 1.0), 0.1 * blur, 0.2)]
+        scale = (args.min_scale, 1.0)
+        self.specs = [ViewSpec(args.image_size, scale, blur_p=1.0 * blur, solarize_p=0.0),
+                      ViewSpec(args.image_size, scale, blur_p=0.1 * blur, solarize_p=0.2)]
+        self.patch = args.patch_size if args.crop == "patch" else 0
         self.n = args.num_patches
 
-    def __call__(self, img):
-        return [self.views[i % 2](img) for i in range(self.n)]
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        views = []
+        for i in range(self.n):
+            # PAPER Sec. 4.1: "two image patches are randomly selected from each image"
+            boxes = (patch_boxes(len(images), *images.shape[-2:], self.patch, gen) if self.patch
+                     else None)  # None: RandomResizedCrop's boxes
+            views.append(make_view(images, self.specs[i % 2], gen, boxes)[0])
+        return views
 
 
 # ---- 3. Networks and heads ----
@@ -934,8 +920,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     # views: 2 (emp: n) x (B, 3, S, S), patches or crops of each image; labels are not used
     views, _ = batch
     set_lr(optimizer, schedule["lr_scale"])
-    views = [normalize(v.to(run.device, non_blocking=True))  # uint8 -> normalised fp32 (A.3)
-             .contiguous(memory_format=torch.channels_last) for v in views]
+    views = [normalize(v).contiguous(memory_format=torch.channels_last) for v in views]  # A.3
 
     # --- PAPER Fig. 1: two co-occurring patches of each image through f, g (BYOL: also target) ---
     with run.autocast:
@@ -967,7 +952,7 @@ def main(args):
         return None, None, evaluate_saved_backbone(args, run)
     # Data: MultiView (§2) makes the two views of every image (--crop patch or multiscale; --loss
     # emp: n patches); everything else in this function is the same for every arm.
-    data = make_loaders(args, run.rank, run.world)  # A.3
+    data = make_loaders(args, run)  # A.3: batches of MultiView's views, on the device
     nets, optimizer = build_training(args, run)  # §3: the online network (BYOL: + target); A.4
     states = {"online": nets.online, "target": nets.target, "optimizer": optimizer,
               "scaler": run.scaler}  # (target: None without BYOL)
@@ -1002,7 +987,7 @@ def main(args):
     # (bag_of_patches_eval, §6).
     final = book.finish(step)
     if run.rank == 0:
-        train_eval, val_eval = eval_datasets(data.train.base, data.val, args.image_size)
+        train_eval, val_eval = eval_datasets(data.base, data.val, args.image_size)
         evaluation = bag_of_patches_eval(nets.backbone, train_eval, val_eval, data.num_classes,
                                          args, run.device, run.autocast)
         nets.backbone.train()
@@ -1289,10 +1274,9 @@ def mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalize(views: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) uint8 views -> float32 network input, on the device: T.ToTensor + T.Normalize, batched, with
-    the same arithmetic (so the same bits). Views leave the loader as uint8: 4x less to pass along."""
+    """(B, 3, S, S) views in [0, 1] -> the network input: T.Normalize, batched, on the device."""
     mean, std = mean_std_on(views.device)
-    return views.float().div_(255).sub_(mean).div_(std)
+    return (views - mean) / std
 
 
 # ---- Views on the device: BYOL's augmentations, batched, each image with its own random parameters ----
@@ -1435,12 +1419,13 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     return y.reshape(n, ch, height, width)
 
 
-def make_view(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator):
+def make_view(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator, boxes: torch.Tensor = None):
     """One view of every image: (B, 3, H, W) floats in [0, 1] on the device -> ((B, 3, S, S) view, (B, 4) boxes
     (top, left, h, w) in image pixels, (B,) flipped), in BYOL's order: crop, flip, colour jitter, grayscale, blur,
-    solarisation."""
+    solarisation. `boxes`: the crops to take instead of RandomResizedCrop's."""
     n, dev = len(images), images.device
-    boxes = crop_boxes(n, images.shape[-2], images.shape[-1], spec.scale, spec.ratio, gen)
+    if boxes is None:
+        boxes = crop_boxes(n, images.shape[-2], images.shape[-1], spec.scale, spec.ratio, gen)
     x = resized_crops(images, boxes, spec.size)
     flipped = torch.rand(n, device=dev, generator=gen) < spec.flip_p
     x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
@@ -1458,23 +1443,30 @@ def make_view(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator):
     return x, boxes, flipped
 
 
-class SeededViews(torch.utils.data.Dataset):
-    """Each sample's views are seeded by (seed, epoch, index), whatever the number of workers: a resumed run
-    sees exactly the views an uninterrupted one would (tested: 2 + 2 steps == 4)."""
+class ViewBatches:
+    """The training batches of an epoch, on the device: the sampler's images as (B, 3, H, W) floats in [0, 1], made
+    into the method's views (Part I's MultiView) with a generator seeded by (seed, epoch, batch, rank): each rank
+    draws its own views, and a resumed run exactly those an uninterrupted one would (tested: 2 + 2 steps == 4).
+    Yields (views, labels)."""
 
-    def __init__(self, base, transform, seed: int):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+    def __init__(self, images, sampler, views, args, device: torch.device, rank: int, world: int):
+        in_memory = isinstance(getattr(images, "dataset", images), torch.utils.data.TensorDataset)
+        self.loader = torch.utils.data.DataLoader(
+            images, batch_size=args.batch_size // world, sampler=sampler, drop_last=True,
+            num_workers=0 if in_memory else args.num_workers,  # a tensor in memory needs no worker
+            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+            generator=torch.Generator().manual_seed(args.seed))  # its workers' seeds: not from the training RNG
+        self.sampler, self.views, self.device, self.seed, self.rank, self.epoch = sampler, views, device, args.seed, \
+            rank, 0
 
     def __len__(self):
-        return len(self.base)
+        return len(self.loader)
 
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
-            # PERF: the CPU generator alone (the transforms draw from it): torch.manual_seed would also queue a
-            # CUDA seed with a traceback of the call, which nearly doubled the loader's time per batch
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-            return self.transform(img), label
+    def __iter__(self):
+        first = self.sampler.skip // self.loader.batch_size  # a resumed epoch goes on after its trained batches
+        for i, (images, labels) in enumerate(self.loader, start=first):
+            gen = torch.Generator(self.device).manual_seed(hash((self.seed, self.epoch, i, self.rank)))
+            yield self.views(images.to(self.device, non_blocking=True).float().div_(255), gen), labels
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -1593,33 +1585,54 @@ def per_class(labels: list[int], n: int, num_classes: int, seed: int = None) -> 
     return sorted(keep)
 
 
+def as_tensors(dataset, image_size: int) -> torch.utils.data.Dataset:
+    """The training images as (3, side, side) uint8 tensors with their labels, resized (short side) and
+    centre-cropped as eval_transform does, so that training and evaluation see objects at one scale: side =
+    --image-size, or 256/224 of it above 64 px. CIFAR and fake data: one tensor in memory, made once; image
+    folders: decoded and resized by the loader's workers, every epoch."""
+    base, picked = (dataset.dataset, dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else \
+        (dataset, None)
+    side = image_size if image_size <= 64 else int(image_size * 256 / 224)
+    resize = T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(side)])
+    if isinstance(base, (torchvision.datasets.CIFAR10, torchvision.datasets.FakeData)):
+        if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: data (N, H, W, 3) uint8
+            images, labels = torch.from_numpy(base.data).permute(0, 3, 1, 2), torch.tensor(base.targets)
+        else:
+            pairs = [(T.functional.pil_to_tensor(img), label) for img, label in base]
+            images, labels = torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+        if images.shape[-2:] != (side, side):  # e.g. CIFAR at 64 px: upsampled once, 1000 at a time
+            images = torch.cat([resize(images[i:i + 1000]) for i in range(0, len(images), 1000)])
+        tensors = torch.utils.data.TensorDataset(images.contiguous(), labels)
+    else:
+        tensors = copy.copy(base)
+        tensors.transform = T.Compose([resize, T.PILToTensor()])
+    return torch.utils.data.Subset(tensors, picked) if picked is not None else tensors
+
+
 class Data(NamedTuple):
-    train: SeededViews  # the training images (.base) and their views (Part I's MultiView)
+    base: torch.utils.data.Dataset  # the training images (PIL), for the k-NN bank's eval transform
+    images: torch.utils.data.Dataset  # the same, as uint8 tensors (as_tensors)
     sampler: ResumableSampler
-    loader: torch.utils.data.DataLoader
+    loader: ViewBatches  # each batch's views, on the device
     val: torch.utils.data.Dataset  # eval-transformed: the k-NN's queries
     num_classes: int
 
 
-def make_loaders(args, rank: int, world: int) -> Data:
-    """The training views of every image (of a --train-per-class subset), their sampler and loader, the val set."""
-    train_base, val, num_classes = load_datasets(args, rank)
+def make_loaders(args, run: Run) -> Data:
+    """The training images (of a --train-per-class subset), their sampler and view batches, the val set."""
+    train_base, val, num_classes = load_datasets(args, run.rank)
     if args.train_per_class:
         labels = labels_of(train_base)
         picked = per_class(labels, args.train_per_class, num_classes, seed=args.seed)
         train_base = torch.utils.data.Subset(train_base, picked)
         log(f"pre-training on {len(picked)} of {len(labels)} images ({args.train_per_class} per class, seed "
             f"{args.seed})")
-    train = SeededViews(train_base, MultiView(args), args.seed)
-    if len(train) // args.batch_size < 1:
-        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
-    sampler = ResumableSampler(train, world, rank, args.seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
-                                         drop_last=True, num_workers=args.num_workers,
-                                         pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False,  # fresh workers see the new epoch
-                                         worker_init_fn=ignore_stop_signals)
-    return Data(train, sampler, loader, val, num_classes)
+    if len(train_base) // args.batch_size < 1:
+        fail(f"{len(train_base)} training images are fewer than one batch of {args.batch_size}")
+    images = as_tensors(train_base, args.image_size)
+    sampler = ResumableSampler(images, run.world, run.rank, args.seed)
+    loader = ViewBatches(images, sampler, MultiView(args), args, run.device, run.rank, run.world)
+    return Data(train_base, images, sampler, loader, val, num_classes)
 
 
 # ---- A.4 Optimiser: LARS, SGD or AdamW; the lr schedule ----
@@ -1838,11 +1851,11 @@ class Bookkeeper:
 
     def __init__(self, args, run: Run, data: Data, backbone: nn.Module, states: dict):
         self.args, self.run, self.data, self.backbone, self.states = args, run, data, backbone, states
-        self.steps_per_epoch = len(data.train) // args.batch_size
+        self.steps_per_epoch = len(data.images) // args.batch_size
         self.total_steps = args.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
         self.path, self.file, self.signum, self.stop_now = run.out_dir / "checkpoint.pt", None, 0, False
-        self.knn = KNNMonitor(args, data.train.base, data.val, data.num_classes, run) \
+        self.knn = KNNMonitor(args, data.base, data.val, data.num_classes, run) \
             if args.knn_k and run.rank == 0 else None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
 
@@ -1898,7 +1911,7 @@ class Bookkeeper:
     def start_epoch(self, step: int) -> None:
         """This epoch's views and their order, from its first batch not yet trained on (a resumed run)."""
         epoch, skip = divmod(step, self.steps_per_epoch)
-        self.data.train.epoch = epoch  # SeededViews: the views of this epoch
+        self.data.loader.epoch = epoch  # ViewBatches: the views of this epoch
         self.data.sampler.set_epoch(epoch, skip=skip * (self.args.batch_size // self.run.world))
         self.start_clock(step)
 

@@ -44,7 +44,7 @@ Measured results (commands, machine, time; beside the same network at random ini
 
 Reading route (Part I, top to bottom; "A.N" is this file's appendix of plumbing, the same in every
 method file: LARS / AdamW, AMP, DDP, resume, SIGTERM checkpoints, the k-NN; "App." the paper's):
-    GeometricView, MultiView, cell_centers   every crop with its box and flip (Sec. 3.2, App.
+    MultiView, cell_centers   every crop with its box and flip (Sec. 3.2, App.
                             A.1); where each cell of the final map lies in the original image
     DINOHead, SwinBackbone, Encoder   the global head h-bar, the backbone f (Swin-T or a ResNet),
                             the local head h (Sec. 3.4.1-3.4.2)
@@ -84,7 +84,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 import rf_resnet
@@ -234,70 +233,31 @@ def check_method_args(args, error) -> None:
 # crops", --local-crops; elsewhere "local" means the cells' representations z_k). DEVIATION: no
 # Gaussian blur on images of 32 px or less (solo-learn's CIFAR practice; 64 px Tiny-ImageNet keeps
 # it), on any crop; above 32 px (the paper's 224 / 96 px included) blur probabilities are DINO's.
-def byol_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
-    """One of BYOL's augmentations: PIL image -> (3, S, S) uint8 (normalised on the device)."""
-    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-           T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-           T.RandomGrayscale(p=0.2)]
-    if blur_p > 0:  # sigma in pixels (BYOL, solo-learn); the kernel shrinks for crops below 24 px
-        kernel = min(23, size // 2 * 2 - 1)
-        ops.append(T.RandomApply([T.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=blur_p))
-    if solarize_p > 0:
-        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    return T.Compose(ops + [T.PILToTensor()])
-
-
-class GeometricView:
-    """G(x, w_geo) of PAPER Sec. 3.2, returning w_geo too: RandomResizedCrop, then a flip (p = 0.5).
-    Returns (crop: PIL image, size x size; box: (x0, y0, x1, y1) float tensor, the crop's region in
-    continuous original-image coordinates, pixel p covering [p, p + 1); flipped: bool)."""
-
-    def __init__(self, size: int, scale: tuple[float, float],
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
-        self.size, self.scale, self.ratio = size, scale, ratio
-
-    def __call__(self, img):
-        # torchvision's own sampling of (top, left, height, width): the usual crop distribution
-        top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
-                              interpolation=T.InterpolationMode.BICUBIC)
-        flipped = bool(torch.rand(1) < 0.5)
-        if flipped:
-            img = TF.hflip(img)
-        return img, torch.tensor([left, top, left + w, top + h], dtype=torch.float32), flipped
-
-
-def photometric(view: T.Compose) -> T.Compose:
-    """P(., w_pho): `byol_view`'s pipeline minus RandomResizedCrop and flip (GeometricView's G)."""
-    return T.Compose(view.transforms[2:])
-
-
 class MultiView:
-    """image -> (crops, boxes, flips) (PAPER App. A.1, Algorithm 2): crops [global 1, global 2,
-    small 1, ..., small N_L] tensors; boxes (2 + N_L, 4) float, (x0, y0, x1, y1) in original pixels;
-    flips (2 + N_L,) bool. A collated batch gives a list of (B, 3, S, S) crops, boxes (B, V, 4) and
-    flips (B, V)."""
+    """(B, 3, H, W) images in [0, 1] -> (crops, boxes, flips) (PAPER App. A.1, Algorithm 2): crops
+    [global 1, global 2, small 1, ..., small N_L], each (B, 3, S, S); boxes (B, 2 + N_L, 4) float,
+    (x0, y0, x1, y1), each crop's region in continuous image coordinates (pixel p covers
+    [p, p + 1)); flips (B, 2 + N_L) bool. make_view (appendix) applies G and P and returns w_geo
+    with the crop."""
 
     def __init__(self, args):
         gs, ls = tuple(args.global_crop_scale), tuple(args.local_crop_scale)
         size, small = args.image_size, args.local_crop_size
-        self.geometric = ([GeometricView(size, gs)] * 2
-                          + [GeometricView(small, ls)] * args.local_crops)
         blur = 0.0 if args.image_size <= 32 else 1.0  # DEVIATION (§2): solo-learn's CIFAR practice
-        self.photometric = [photometric(byol_view(size, gs, 1.0 * blur, 0.0)),
-                            photometric(byol_view(size, gs, 0.1 * blur, 0.2))]
+        self.specs = [ViewSpec(size, gs, blur_p=1.0 * blur, solarize_p=0.0),
+                      ViewSpec(size, gs, blur_p=0.1 * blur, solarize_p=0.2)]
         # IMPL (DINO's multi-crop): small crops get blur p=0.5 and no solarisation.
-        self.photometric += [photometric(byol_view(small, ls, 0.5 * blur, 0.0))] * args.local_crops
+        self.specs += [ViewSpec(small, ls, blur_p=0.5 * blur, solarize_p=0.0)] * args.local_crops
 
-    def __call__(self, img):
+    def __call__(self, images: torch.Tensor, gen: torch.Generator):
         crops, boxes, flips = [], [], []
-        for geometric, photo in zip(self.geometric, self.photometric):
-            crop, box, flipped = geometric(img)  # G(x, w_geo), with w_geo kept
-            crops.append(photo(crop))  # P(., w_pho): changes colours, never positions
-            boxes.append(box)
+        for spec in self.specs:
+            crop, box, flipped = make_view(images, spec, gen)  # G(x, w_geo), P(., w_pho); w_geo
+            top, left, h, w = box.unbind(1)  # torchvision's order -> the paper's corners
+            crops.append(crop)
+            boxes.append(torch.stack([left, top, left + w, top + h], dim=1))  # (B, 4)
             flips.append(flipped)
-        return crops, torch.stack(boxes), torch.tensor(flips)
+        return crops, torch.stack(boxes, dim=1), torch.stack(flips, dim=1)
 
 
 def cell_centers(box: torch.Tensor, flipped: torch.Tensor, grid: int) -> torch.Tensor:
@@ -796,11 +756,9 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
     # views: 2 + N_L crops (B, 3, S, S); boxes (B, V, 4), flips (B, V): their origin; labels unused
     (views, boxes, flips), _ = batch
     set_lr(optimizer, schedule["lr_scale"])
-    device, teacher_temp = run.device, schedule["teacher_temp"]
-    # every crop a tensor (2 global, N_L small): uint8 -> normalised float32 (A.3), channels_last
-    views = [normalize(v.to(device, non_blocking=True))
-             .contiguous(memory_format=torch.channels_last) for v in views]
-    boxes, flips = boxes.to(device, non_blocking=True), flips.to(device, non_blocking=True)
+    teacher_temp = schedule["teacher_temp"]
+    # every crop (2 global, N_L small): normalised (A.3), channels_last
+    views = [normalize(v).contiguous(memory_format=torch.channels_last) for v in views]
     center, local_center = nets.centers.center, nets.centers.local_center
 
     # --- forward: student on all crops, teacher on the 2 global crops (App. A.2) ---
@@ -851,7 +809,7 @@ def train_step(nets: Nets, optimizer, batch, schedule: dict, args, run) -> StepO
 def main(args):
     """Train; returns (student network, teacher encoder, final metrics) for the tests to inspect."""
     run = Run(args)  # A.2: rank, device, precision, output folder, seeds
-    data = make_loaders(args, run.rank, run.world)  # A.3: MultiView (§2) of every training image
+    data = make_loaders(args, run)  # A.3: batches of MultiView's views (§2), on the device
     nets, optimizer = build_training(args, run)  # §3: student, teacher = student, centres; A.4
     # A.5: checkpoints, metrics.jsonl, stop signals, and the k-NN curve of the TEACHER's backbone
     states = {"student": nets.student, "teacher": nets.teacher, "centers": nets.centers,
@@ -1158,10 +1116,9 @@ def mean_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalize(views: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) uint8 views -> float32 network input, on the device: T.ToTensor + T.Normalize, batched, with
-    the same arithmetic (so the same bits). Views leave the loader as uint8: 4x less to pass along."""
+    """(B, 3, S, S) views in [0, 1] -> the network input: T.Normalize, batched, on the device."""
     mean, std = mean_std_on(views.device)
-    return views.float().div_(255).sub_(mean).div_(std)
+    return (views - mean) / std
 
 
 # ---- Views on the device: BYOL's augmentations, batched, each image with its own random parameters ----
@@ -1304,12 +1261,13 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     return y.reshape(n, ch, height, width)
 
 
-def make_view(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator):
+def make_view(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator, boxes: torch.Tensor = None):
     """One view of every image: (B, 3, H, W) floats in [0, 1] on the device -> ((B, 3, S, S) view, (B, 4) boxes
     (top, left, h, w) in image pixels, (B,) flipped), in BYOL's order: crop, flip, colour jitter, grayscale, blur,
-    solarisation."""
+    solarisation. `boxes`: the crops to take instead of RandomResizedCrop's."""
     n, dev = len(images), images.device
-    boxes = crop_boxes(n, images.shape[-2], images.shape[-1], spec.scale, spec.ratio, gen)
+    if boxes is None:
+        boxes = crop_boxes(n, images.shape[-2], images.shape[-1], spec.scale, spec.ratio, gen)
     x = resized_crops(images, boxes, spec.size)
     flipped = torch.rand(n, device=dev, generator=gen) < spec.flip_p
     x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
@@ -1327,23 +1285,30 @@ def make_view(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator):
     return x, boxes, flipped
 
 
-class SeededViews(torch.utils.data.Dataset):
-    """Each sample's views are seeded by (seed, epoch, index), whatever the number of workers: a resumed run
-    sees exactly the views an uninterrupted one would (tested: 2 + 2 steps == 4)."""
+class ViewBatches:
+    """The training batches of an epoch, on the device: the sampler's images as (B, 3, H, W) floats in [0, 1], made
+    into the method's views (Part I's MultiView) with a generator seeded by (seed, epoch, batch, rank): each rank
+    draws its own views, and a resumed run exactly those an uninterrupted one would (tested: 2 + 2 steps == 4).
+    Yields (views, labels)."""
 
-    def __init__(self, base, transform, seed: int):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+    def __init__(self, images, sampler, views, args, device: torch.device, rank: int, world: int):
+        in_memory = isinstance(getattr(images, "dataset", images), torch.utils.data.TensorDataset)
+        self.loader = torch.utils.data.DataLoader(
+            images, batch_size=args.batch_size // world, sampler=sampler, drop_last=True,
+            num_workers=0 if in_memory else args.num_workers,  # a tensor in memory needs no worker
+            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+            generator=torch.Generator().manual_seed(args.seed))  # its workers' seeds: not from the training RNG
+        self.sampler, self.views, self.device, self.seed, self.rank, self.epoch = sampler, views, device, args.seed, \
+            rank, 0
 
     def __len__(self):
-        return len(self.base)
+        return len(self.loader)
 
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
-            # PERF: the CPU generator alone (the transforms draw from it): torch.manual_seed would also queue a
-            # CUDA seed with a traceback of the call, which nearly doubled the loader's time per batch
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-            return self.transform(img), label
+    def __iter__(self):
+        first = self.sampler.skip // self.loader.batch_size  # a resumed epoch goes on after its trained batches
+        for i, (images, labels) in enumerate(self.loader, start=first):
+            gen = torch.Generator(self.device).manual_seed(hash((self.seed, self.epoch, i, self.rank)))
+            yield self.views(images.to(self.device, non_blocking=True).float().div_(255), gen), labels
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -1462,33 +1427,54 @@ def per_class(labels: list[int], n: int, num_classes: int, seed: int = None) -> 
     return sorted(keep)
 
 
+def as_tensors(dataset, image_size: int) -> torch.utils.data.Dataset:
+    """The training images as (3, side, side) uint8 tensors with their labels, resized (short side) and
+    centre-cropped as eval_transform does, so that training and evaluation see objects at one scale: side =
+    --image-size, or 256/224 of it above 64 px. CIFAR and fake data: one tensor in memory, made once; image
+    folders: decoded and resized by the loader's workers, every epoch."""
+    base, picked = (dataset.dataset, dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else \
+        (dataset, None)
+    side = image_size if image_size <= 64 else int(image_size * 256 / 224)
+    resize = T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(side)])
+    if isinstance(base, (torchvision.datasets.CIFAR10, torchvision.datasets.FakeData)):
+        if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: data (N, H, W, 3) uint8
+            images, labels = torch.from_numpy(base.data).permute(0, 3, 1, 2), torch.tensor(base.targets)
+        else:
+            pairs = [(T.functional.pil_to_tensor(img), label) for img, label in base]
+            images, labels = torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+        if images.shape[-2:] != (side, side):  # e.g. CIFAR at 64 px: upsampled once, 1000 at a time
+            images = torch.cat([resize(images[i:i + 1000]) for i in range(0, len(images), 1000)])
+        tensors = torch.utils.data.TensorDataset(images.contiguous(), labels)
+    else:
+        tensors = copy.copy(base)
+        tensors.transform = T.Compose([resize, T.PILToTensor()])
+    return torch.utils.data.Subset(tensors, picked) if picked is not None else tensors
+
+
 class Data(NamedTuple):
-    train: SeededViews  # the training images (.base) and their views (Part I's MultiView)
+    base: torch.utils.data.Dataset  # the training images (PIL), for the k-NN bank's eval transform
+    images: torch.utils.data.Dataset  # the same, as uint8 tensors (as_tensors)
     sampler: ResumableSampler
-    loader: torch.utils.data.DataLoader
+    loader: ViewBatches  # each batch's views, on the device
     val: torch.utils.data.Dataset  # eval-transformed: the k-NN's queries
     num_classes: int
 
 
-def make_loaders(args, rank: int, world: int) -> Data:
-    """The training views of every image (of a --train-per-class subset), their sampler and loader, the val set."""
-    train_base, val, num_classes = load_datasets(args, rank)
+def make_loaders(args, run: Run) -> Data:
+    """The training images (of a --train-per-class subset), their sampler and view batches, the val set."""
+    train_base, val, num_classes = load_datasets(args, run.rank)
     if args.train_per_class:
         labels = labels_of(train_base)
         picked = per_class(labels, args.train_per_class, num_classes, seed=args.seed)
         train_base = torch.utils.data.Subset(train_base, picked)
         log(f"pre-training on {len(picked)} of {len(labels)} images ({args.train_per_class} per class, seed "
             f"{args.seed})")
-    train = SeededViews(train_base, MultiView(args), args.seed)
-    if len(train) // args.batch_size < 1:
-        fail(f"{len(train)} training images are fewer than one batch of {args.batch_size}")
-    sampler = ResumableSampler(train, world, rank, args.seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
-                                         drop_last=True, num_workers=args.num_workers,
-                                         pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False,  # fresh workers see the new epoch
-                                         worker_init_fn=ignore_stop_signals)
-    return Data(train, sampler, loader, val, num_classes)
+    if len(train_base) // args.batch_size < 1:
+        fail(f"{len(train_base)} training images are fewer than one batch of {args.batch_size}")
+    images = as_tensors(train_base, args.image_size)
+    sampler = ResumableSampler(images, run.world, run.rank, args.seed)
+    loader = ViewBatches(images, sampler, MultiView(args), args, run.device, run.rank, run.world)
+    return Data(train_base, images, sampler, loader, val, num_classes)
 
 
 # ---- A.4 Optimiser: LARS, SGD or AdamW; the lr schedule ----
@@ -1707,11 +1693,11 @@ class Bookkeeper:
 
     def __init__(self, args, run: Run, data: Data, backbone: nn.Module, states: dict):
         self.args, self.run, self.data, self.backbone, self.states = args, run, data, backbone, states
-        self.steps_per_epoch = len(data.train) // args.batch_size
+        self.steps_per_epoch = len(data.images) // args.batch_size
         self.total_steps = args.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
         self.path, self.file, self.signum, self.stop_now = run.out_dir / "checkpoint.pt", None, 0, False
-        self.knn = KNNMonitor(args, data.train.base, data.val, data.num_classes, run) \
+        self.knn = KNNMonitor(args, data.base, data.val, data.num_classes, run) \
             if args.knn_k and run.rank == 0 else None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
 
@@ -1767,7 +1753,7 @@ class Bookkeeper:
     def start_epoch(self, step: int) -> None:
         """This epoch's views and their order, from its first batch not yet trained on (a resumed run)."""
         epoch, skip = divmod(step, self.steps_per_epoch)
-        self.data.train.epoch = epoch  # SeededViews: the views of this epoch
+        self.data.loader.epoch = epoch  # ViewBatches: the views of this epoch
         self.data.sampler.set_epoch(epoch, skip=skip * (self.args.batch_size // self.run.world))
         self.start_clock(step)
 

@@ -59,7 +59,7 @@ def one(method: str, setting: str, batches: int, data_dir: str, amp: str = "off"
         args = mod.parse_args(argv + ["--num-workers", "0", "--amp", amp, "--device", "cpu", "--output-dir",
                                       str(Path(tmp) / "out"), *flags])
         run = mod.Run(args)
-        _, _, loader, _, _ = mod.make_loaders(args, 0, 1)
+        loader = mod.make_loaders(args, run).loader
         it = iter(loader)
         batch = next(it)  # warm-up (file cache, first decode)
         t0, c0 = time.perf_counter(), time.process_time()

@@ -48,7 +48,7 @@ def build(method: str, spec: str, variant: int, device: str, amp: str, width: in
                            "--width", str(width), "--output-dir", out_dir, *flags])
     args.recipe_used = recipe
     run = mod.Run(args)  # device, precision, flush-denormal on CPU: as main()
-    _, _, loader, _, _ = mod.make_loaders(args, 0, 1)
+    loader = mod.make_loaders(args, run).loader
     nets, optimizer = mod.build_training(args, run)
     return mod, args, run, nets, optimizer, next(iter(loader)), steady_schedule(mod, args)
 

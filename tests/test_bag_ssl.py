@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
-from PIL import Image
 
 import bag_ssl
 
@@ -129,31 +127,28 @@ def test_emp_matches_loop_formula():
 # ---------------------------------------------------------------------------------------------------------
 # Views, evaluation boxes, aggregation
 # ---------------------------------------------------------------------------------------------------------
-def test_patch_view_is_a_whole_patch_resized():
-    # byol_view's RandomResizedCrop with scale (1, 1) never crops a square patch: it returns it whole
-    rrc = T.RandomResizedCrop(14, scale=(1.0, 1.0), interpolation=T.InterpolationMode.BICUBIC)
-    rng = np.random.default_rng(0)
-    for _ in range(30):
-        patch = Image.fromarray(rng.integers(0, 256, (14, 14, 3), dtype=np.uint8))
-        assert np.array_equal(np.asarray(rrc(patch)), np.asarray(patch))
+def test_patch_boxes_are_fixed_squares_at_uniform_positions():
+    boxes = bag_ssl.patch_boxes(20_000, 16, 20, 14, torch.Generator().manual_seed(0))
+    assert (boxes[:, 2:] == 14).all()  # every patch whole, at the fixed scale
+    assert set(boxes[:, 0].tolist()) == {0, 1, 2} and set(boxes[:, 1].tolist()) == set(range(7))  # all positions
+    assert abs(boxes[:, 1].mean().item() - 3.0) < 0.05  # uniform over 0..6
     # both views of both arms come out at the network input size
+    images = torch.rand(3, 3, 16, 16)
     for crop in ("patch", "multiscale"):
         args = bag_ssl.parse_args(TINY + ["--crop", crop])
-        img = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
-        assert [v.shape for v in bag_ssl.MultiView(args)(img)] == [(3, 16, 16)] * 2
+        views = bag_ssl.MultiView(args)(images, torch.Generator().manual_seed(0))
+        assert [v.shape for v in views] == [(3, 3, 16, 16)] * 2
     assert bag_ssl.parse_args(["--dataset", "fake", "--image-size", "32", "--arch", "resnet18"]).patch_size == 14
 
 
 def test_emp_views_are_n_patches_whose_first_two_are_the_two_view_pair():
-    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     pair, many = (bag_ssl.MultiView(bag_ssl.parse_args(TINY + extra))
                   for extra in (["--loss", "byol"], ["--loss", "emp", "--num-patches", "5"]))
     assert bag_ssl.parse_args(TINY + ["--loss", "emp"]).num_patches == 20  # the official EMP-SSL command's
-    torch.manual_seed(3)
-    two = pair(img)
-    torch.manual_seed(3)
-    five = many(img)
-    assert [v.shape for v in five] == [(3, 16, 16)] * 5
+    two = pair(images, torch.Generator().manual_seed(3))
+    five = many(images, torch.Generator().manual_seed(3))
+    assert [v.shape for v in five] == [(2, 3, 16, 16)] * 5
     assert all(torch.equal(a, b) for a, b in zip(two, five[:2]))  # same pipelines, same random draws
     assert len({v.numpy().tobytes() for v in five}) == 5  # five different patches
 
@@ -352,11 +347,11 @@ def test_laptop_multiscale_arm_trains_bit_for_bit_what_co_byols_byol_trains(tmp_
 # Whole runs
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("loss", ["simclr", "vicreg", "tcr", "byol", "emp"])
-def test_one_step_of_each_loss(loss):
+def test_one_step_of_each_loss(loss, tmp_path):
     """One real training step (patch views of a FakeData batch, the loss, LARS, BYOL's EMA) for every loss."""
     n_views = 3 if loss == "emp" else 2
-    args = bag_ssl.parse_args(TINY + ["--loss", loss, "--num-patches", str(n_views)])
-    train, _, loader, _, _ = bag_ssl.make_loaders(args, 0, 1)
+    args = bag_ssl.parse_args(TINY + ["--loss", loss, "--num-patches", str(n_views), "--output-dir", str(tmp_path)])
+    loader = bag_ssl.make_loaders(args, bag_ssl.Run(args)).loader
     views, labels = next(iter(loader))
     assert [v.shape for v in views] == [(4, 3, 16, 16)] * n_views
     torch.manual_seed(0)

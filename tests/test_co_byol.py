@@ -122,42 +122,6 @@ def test_local_grid_keeps_a_subset_of_the_local_representations():
     assert not torch.allclose(sub, F.adaptive_avg_pool2d(local, 2))  # --local-grid-mode pool: another thing
 
 
-def test_training_views_are_uint8_and_normalise_to_the_float_transforms_bits():
-    """The views leave the loader as uint8; `normalize` on the batch gives exactly T.ToTensor + T.Normalize."""
-    import numpy as np
-    import torchvision.transforms as T
-    from PIL import Image
-
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)) for i in range(3)]
-    views = [co_byol.MultiView(co_byol.parse_args(TINY))(img) for img in images]  # per image: [t(x), t'(x)]
-    assert all(v.dtype == torch.uint8 and v.shape == (3, 16, 16) for pair in views for v in pair)
-    batch = torch.stack([pair[0] for pair in views])  # (3, 3, 16, 16), as the loader collates view t
-    to_float = T.Compose([T.ToTensor(), T.Normalize(co_byol.MEAN, co_byol.STD)])
-    expected = torch.stack([to_float(T.ToPILImage()(v)) for v in batch])
-    assert torch.equal(co_byol.normalize(batch), expected)
-
-
-def test_seeded_views_are_the_transform_under_the_documented_seed_and_leave_the_callers_rng():
-    """Item i of epoch e is transform(image) drawn right after torch.manual_seed((seed * 1_000_003 + e) *
-    10_000_019 + i), whatever the caller's RNG state, and reading it leaves that state as it was."""
-    import numpy as np
-    from PIL import Image
-
-    images = [(Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)), i % 10)
-              for i in range(4)]
-    transform = co_byol.MultiView(co_byol.parse_args(TINY))
-    views = co_byol.SeededViews(images, transform, seed=7)
-    views.epoch = 3
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    got = [views[i] for i in range(4)]
-    assert torch.equal(torch.get_rng_state(), state)  # the training RNG stream is untouched
-    for i, (pair, label) in enumerate(got):
-        torch.manual_seed((7 * 1_000_003 + 3) * 10_000_019 + i)
-        expected = transform(images[i][0])
-        assert label == i % 10 and all(torch.equal(a, b) for a, b in zip(pair, expected))
-
-
 def test_ema_update_parameters_not_buffers():
     (_, a), (_, b) = _models([0.2, 0.2])
     target, online = a.encoder, b.encoder

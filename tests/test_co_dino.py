@@ -363,7 +363,7 @@ def test_compile_compiles_the_loss_that_train_step_calls(tmp_path, monkeypatch):
     monkeypatch.setattr(co_dino.torch, "compile", lambda fn: compiled.append(fn) or fn)
     args = co_dino.parse_args(TINY + ["--ws", "0.2", "--compile", "--output-dir", str(tmp_path)])
     run = co_dino.Run(args)
-    _, _, loader, _, _ = co_dino.make_loaders(args, 0, 1)
+    loader = co_dino.make_loaders(args, run).loader
     nets, optimizer = co_dino.build_training(args, run)
     assert nets.loss_fn is co_dino.co_dino_loss and compiled == [nets.model, co_dino.co_dino_loss]
     calls = []

@@ -702,11 +702,12 @@ def test_common_flags_adamw_and_train_per_class_work_in_every_file(name, tmp_pat
     m = module(name)
     args = m.parse_args(TINY[name] + ["--optimizer", "adamw", "--lr", "1e-3", "--train-per-class", "2",
                                       "--fake-size", "64", "--max-steps", "2", "--output-dir", str(tmp_path / "run")])
-    data = m.make_loaders(args, 0, 1)
-    labels = [data.train.base.dataset[i][1] for i in data.train.base.indices]
-    assert len(data.train) == 20 and sorted(labels) == sorted(list(range(10)) * 2)
+    run = m.Run(args)
+    data = m.make_loaders(args, run)
+    labels = [data.base.dataset[i][1] for i in data.base.indices]
+    assert len(data.images) == 20 and sorted(labels) == sorted(list(range(10)) * 2)
     assert "pre-training on 20 of 64 images (2 per class, seed 0)" in capsys.readouterr().out
-    nets, optimizer = m.build_training(args, m.Run(args))
+    nets, optimizer = m.build_training(args, run)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [args.weight_decay, 0.0]
     assert optimizer.param_groups[0]["base_lr"] == pytest.approx(1e-3 * 4 / 256)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import geo_dino
 import rf_resnet
@@ -121,21 +120,21 @@ def test_similarity_matching_against_brute_force():
 # The crops carry their true box and flip
 # ---------------------------------------------------------------------------------------------------------
 def test_crop_pixels_agree_with_box_and_flip():
-    """An image whose pixels encode their own coordinates (red = x, green = y): after GeometricView, every
-    pixel must show the original coordinate that the returned box and flip predict, and the mean over each
-    feature-map cell must be that cell's centre from cell_centers."""
+    """An image whose pixels encode their own coordinates (red = x, green = y): after MultiView's crop and flip
+    (colours left alone), every pixel must show the original coordinate that the returned box and flip predict,
+    and the mean over each feature-map cell must be that cell's centre from cell_centers."""
     W, H, S, grid = 200, 120, 24, 3
     xs, ys = torch.arange(W).view(1, W).expand(H, W), torch.arange(H).view(H, 1).expand(H, W)
-    img = Image.fromarray(torch.stack([xs, ys, torch.zeros_like(xs)], -1).to(torch.uint8).numpy())
-    view = geo_dino.GeometricView(S, (0.05, 1.0))
-    seen_flips = set()
-    for seed in range(12):
-        torch.manual_seed(seed)
-        crop, box, flipped = view(img)
-        seen_flips.add(flipped)
+    img = torch.stack([xs, ys, torch.zeros_like(xs)]).float() / 255  # (3, H, W)
+    args = geo_dino.parse_args(TINY + ["--image-size", str(S), "--global-crop-scale", "0.05", "1"])
+    view = geo_dino.MultiView(args)
+    view.specs = [spec._replace(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0) for spec in view.specs[:1]]
+    crops, boxes, flips = view(img.expand(12, 3, H, W), torch.Generator().manual_seed(0))
+    assert flips[:, 0].any() and not flips[:, 0].all()
+    for crop, box, flipped in zip(crops[0], boxes[:, 0], flips[:, 0]):
         x0, y0, x1, y1 = box.tolist()
         assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
-        px = torch.from_numpy(np.array(crop)).float()  # (S, S, 3): (row, col, RGB)
+        px = crop.permute(1, 2, 0) * 255  # (S, S, 3): (row, col, RGB)
         u = torch.arange(S, dtype=torch.float32)
         col_in_box = (S - 1 - u) if flipped else u  # a flipped crop shows column u of the box at S - 1 - u
         exp_x = x0 + (col_in_box + 0.5) * (x1 - x0) / S - 0.5  # pixel index whose centre is there
@@ -144,21 +143,20 @@ def test_crop_pixels_agree_with_box_and_flip():
         assert (px[inner, inner, 0] - exp_x[inner].view(1, -1)).abs().max() <= 1.0
         assert (px[inner, inner, 1] - exp_y[inner].view(-1, 1)).abs().max() <= 1.0
         # cell means (in continuous coordinates, + 0.5) against cell_centers
-        cell_means = px[..., :2].view(grid, S // grid, grid, S // grid, 2).mean((1, 3)) + 0.5  # (grid, grid, 2)
-        centres = geo_dino.cell_centers(box, torch.tensor(flipped), grid).view(grid, grid, 2)
+        cell_means = px[..., :2].reshape(grid, S // grid, grid, S // grid, 2).mean((1, 3)) + 0.5
+        centres = geo_dino.cell_centers(box, flipped, grid).view(grid, grid, 2)
         assert (cell_means - centres).abs().max() <= 1.0
-    assert seen_flips == {False, True}
 
 
 def test_multiview_returns_boxes_and_flips():
     args = geo_dino.parse_args(TINY + ["--local-crops", "3"])
-    crops, boxes, flips = geo_dino.MultiView(args)(Image.new("RGB", (40, 30), "gray"))
-    assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
-    assert boxes.shape == (5, 4) and flips.shape == (5,) and flips.dtype == torch.bool
-    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 40).all() and (boxes[:, 3] <= 30).all()
+    crops, boxes, flips = geo_dino.MultiView(args)(torch.full((7, 3, 30, 40), 0.5), torch.Generator())
+    assert [tuple(c.shape) for c in crops] == [(7, 3, 16, 16)] * 2 + [(7, 3, 8, 8)] * 3
+    assert boxes.shape == (7, 5, 4) and flips.shape == (7, 5) and flips.dtype == torch.bool
+    assert (boxes[..., :2] >= 0).all() and (boxes[..., 2] <= 40).all() and (boxes[..., 3] <= 30).all()
     # area fractions lie in the configured scales (global 0.4-1, small 0.05-0.4), up to integer rounding
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (40 * 30)
-    assert (area[:2] >= 0.3).all() and (area[2:] <= 0.5).all()
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]) / (40 * 30)
+    assert (area[:, :2] >= 0.3).all() and (area[:, 2:] <= 0.5).all()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -438,7 +436,7 @@ def test_optimizer_sgd_is_lars_without_the_trust_ratio():
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.04, 0.0]
 
 
-def test_train_per_class_draws_a_balanced_seeded_subset_and_the_knn_keeps_the_whole_set():
+def test_train_per_class_draws_a_balanced_seeded_subset_and_the_knn_keeps_the_whole_set(tmp_path):
     labels = [i % 10 for i in range(200)] + [3] * 50  # class 3 has more images
     pick = geo_dino.per_class(labels, 4, 10, seed=0)
     assert sorted(labels[i] for i in pick) == sorted(list(range(10)) * 4) and pick == sorted(set(pick))
@@ -446,11 +444,11 @@ def test_train_per_class_draws_a_balanced_seeded_subset_and_the_knn_keeps_the_wh
     assert pick != sorted(i for i in range(200) if i < 40)  # drawn at random, not the first of each class
     assert len(geo_dino.per_class([0, 0, 1], 5, 2, seed=0)) == 3  # a small class gives all its images
 
-    args = geo_dino.parse_args(TINY + ["--fake-size", "64", "--train-per-class", "2"])
-    train, _, loader, _, _ = geo_dino.make_loaders(args, 0, 1)
-    assert len(train) == 20 and len(train.base.dataset) == 64 and len(loader) == 20 // 4
-    full = [train.base.dataset[i][1] for i in range(64)]
-    assert sorted(full[i] for i in train.base.indices) == sorted(list(range(10)) * 2)
+    args = geo_dino.parse_args(TINY + ["--fake-size", "64", "--train-per-class", "2", "--output-dir", str(tmp_path)])
+    data = geo_dino.make_loaders(args, geo_dino.Run(args))
+    assert len(data.images) == 20 and len(data.base.dataset) == 64 and len(data.loader) == 20 // 4
+    full = [data.base.dataset[i][1] for i in range(64)]
+    assert sorted(full[i] for i in data.base.indices) == sorted(list(range(10)) * 2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -544,9 +542,11 @@ def test_width_8_run_on_cifar10_from_the_data_scripts_layout(tmp_path):
     assert np.array_equal(np.asarray(img), xtr[13]) and y == 3
     data = ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--width", "8"]
     args = geo_dino.parse_args(TINY + data)
-    (crops, boxes, flips), label = geo_dino.SeededViews(train, geo_dino.MultiView(args), 0)[13]
-    assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2 and label == 3
-    assert boxes.shape == (4, 4) and (boxes >= 0).all() and (boxes <= 32).all() and flips.shape == (4,)
+    image, label = geo_dino.as_tensors(train, 32)[13]  # CIFAR's array itself, at its own 32 px
+    assert torch.equal(image, torch.from_numpy(xtr[13]).permute(2, 0, 1)) and label == 3
+    crops, boxes, flips = geo_dino.MultiView(args)(image[None].float() / 255, torch.Generator())
+    assert [tuple(c.shape) for c in crops] == [(1, 3, 16, 16)] * 2 + [(1, 3, 8, 8)] * 2
+    assert boxes.shape == (1, 4, 4) and (boxes >= 0).all() and (boxes <= 32).all() and flips.shape == (1, 4)
 
     out = tmp_path / "run"
     proc = run_script(TINY + data + ["--epochs", "1", "--max-steps", "2", "--output-dir", str(out)])
@@ -602,7 +602,7 @@ def test_compile_compiles_the_loss_that_train_step_calls(tmp_path, monkeypatch):
     monkeypatch.setattr(geo_dino.torch, "compile", lambda fn: compiled.append(fn) or fn)
     args = geo_dino.parse_args(TINY + ["--compile", "--output-dir", str(tmp_path)])
     run = geo_dino.Run(args)
-    _, _, loader, _, _ = geo_dino.make_loaders(args, 0, 1)
+    loader = geo_dino.make_loaders(args, run).loader
     nets, optimizer = geo_dino.build_training(args, run)
     assert nets.loss_fn is geo_dino.geo_dino_loss and compiled == [nets.model, geo_dino.geo_dino_loss]
     calls = []

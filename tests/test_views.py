@@ -129,3 +129,33 @@ def test_blur_probability_and_sigma_follow_gaussian_blur():
     sigma = (-0.5 / ratio.log()).sqrt()
     q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.double)
     torch.testing.assert_close(sigma.quantile(q), 0.1 + 1.9 * q, rtol=0, atol=0.03)
+
+
+def test_normalize_is_the_normalize_transform():
+    _, x = images()
+    torch.testing.assert_close(views.normalize(x), T.Normalize(views.MEAN, views.STD)(x))
+
+
+def test_view_batches_draw_from_the_documented_generator_and_resume_mid_epoch():
+    """Batch i of epoch e on rank r is MultiView(images, generator seeded with hash((seed, e, i, r))): a resumed
+    epoch (the sampler skips the trained batches) continues with the batches an uninterrupted one would have, and
+    the caller's RNG stream is untouched."""
+    args = views.parse_args(["--dataset", "fake", "--batch-size", "4", "--image-size", "16", "--seed", "7"])
+    u8, _ = images(n=16, size=16)
+    data = torch.utils.data.TensorDataset(u8, torch.arange(16))
+    sampler = views.ResumableSampler(data, 1, 0, args.seed)
+    make = views.MultiView(args)
+    batches = views.ViewBatches(data, sampler, make, args, torch.device("cpu"), 0, 1)
+    batches.epoch = 3
+    sampler.set_epoch(3, skip=8)  # two batches of 4 trained before a stop
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    got = list(batches)
+    assert torch.equal(torch.get_rng_state(), state) and len(got) == 2
+    sampler.set_epoch(3)
+    order = list(sampler)
+    for i, (pair, labels) in enumerate(got, start=2):
+        idx = order[4 * i:4 * i + 4]
+        assert labels.tolist() == idx
+        expected = make(u8[idx].float() / 255, torch.Generator().manual_seed(hash((7, 3, i, 0))))
+        assert all(torch.equal(a, b) for a, b in zip(pair, expected))

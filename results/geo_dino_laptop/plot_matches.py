@@ -14,8 +14,6 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import geo_dino  # noqa: E402
@@ -28,23 +26,22 @@ def plot_matches(path: str, backbone: torch.nn.Module, dataset, args, index: int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    img = dataset[index][0]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed + 12345)  # a fixed pair of crops for a given seed
-        view = geo_dino.GeometricView(args.image_size, tuple(args.global_crop_scale))
-        crops, boxes, flips = zip(*(view(img) for _ in range(2)))
-    norm = T.Compose([T.ToTensor(), T.Normalize(geo_dino.MEAN, geo_dino.STD)])
-    local = backbone.eval()(torch.stack([norm(c) for c in crops])).local.float()  # (2, C, n, n)
+    image = geo_dino.as_tensors(dataset, args.image_size)[index][0][None].float() / 255  # (1, 3, H, W)
+    view = geo_dino.MultiView(args)  # the run's two global crops, geometric only
+    view.specs = [spec._replace(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0) for spec in view.specs[:2]]
+    crops, boxes, flips = view(image, torch.Generator().manual_seed(args.seed + 12345))  # a fixed pair per seed
+    crops, boxes, flips = [c[0] for c in crops], boxes[0], flips[0]  # 2 x (3, S, S), (2, 4), (2,)
+    local = backbone.eval()(geo_dino.normalize(torch.stack(crops))).local.float()  # (2, C, n, n)
     n, size = local.shape[-1], args.image_size
-    pos = geo_dino.cell_centers(torch.stack(boxes), torch.tensor(flips), n)  # (2, n*n, 2)
-    diag = geo_dino.cell_diagonal(torch.stack(boxes), n)  # (2,)
+    pos = geo_dino.cell_centers(boxes, flips, n)  # (2, n*n, 2)
+    diag = geo_dino.cell_diagonal(boxes, n)  # (2,)
     geo_index, geo_valid = geo_dino.geometric_matching(pos[0], pos[1], diag[0], diag[1])  # (n*n,)
     feats = local.flatten(2).transpose(1, 2)  # (2, C, n, n) -> (2, n*n, C)
     sim_index = geo_dino.similarity_matching(feats[0], feats[1])  # (n*n,)
 
     gap = size // 4
     canvas = torch.ones(3, size, 2 * size + gap)  # [crop A | gap | crop B] in [0, 1]
-    canvas[:, :, :size], canvas[:, :, size + gap:] = TF.to_tensor(crops[0]), TF.to_tensor(crops[1])
+    canvas[:, :, :size], canvas[:, :, size + gap:] = crops[0], crops[1]
     cell = size / n
     centre = [((k % n + 0.5) * cell, (k // n + 0.5) * cell) for k in range(n * n)]  # (x, y) in crop pixels
     fig, axes = plt.subplots(2, 1, figsize=(8, 8.5))
@@ -72,7 +69,7 @@ def plot_matches(path: str, backbone: torch.nn.Module, dataset, args, index: int
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
     fig.suptitle(f"{args.local_loss} model, {args.arch}: crop A (student cells) -> crop B (teacher cells); "
-                 f"boxes {[[round(v) for v in b.tolist()] for b in boxes]}, flips {list(flips)}", fontsize=8)
+                 f"boxes {[[round(v) for v in b.tolist()] for b in boxes]}, flips {flips.tolist()}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

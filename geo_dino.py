@@ -898,7 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=0, help="training crop size (0: 32 for CIFAR and fake, "
                    "224 for image folders)")
     g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes per training process: "
+                   "image folders' decoding and the evaluations' loaders (CIFAR and fake data need none)")
     g = p.add_argument_group("system")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast precision; "
                    "auto: bf16 on GPUs that have it, else fp16; on a CPU bf16 where it is native (AVX512-BF16, "
@@ -1098,7 +1099,7 @@ class Run:
             dist.destroy_process_group()
 
 
-# ---- A.3 Data: datasets, seeded views, loaders ----
+# ---- A.3 Data: datasets, the views on the device, the batches ----
 # IMPL: the ImageNet mean/std for every dataset, so that one backbone.pt format serves all and eval_linear.py
 # can run corruptions and attacks in [0, 1] pixel space.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

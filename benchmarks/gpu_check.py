@@ -13,7 +13,9 @@ and checkpointing included), on FakeData at 224 px:
 3. the step alone (benchmarks/bench_step.py's code: no loader) for CO-BYOL ResNet-50, so that the loop's img/s
    over the step's img/s says whether the loader keeps the GPU busy (1.0 = never waits for data);
 4. the floor table (benchmarks/bench_floor.py's rows and table) for every method at ResNet-50 and RF99-ResNet50:
-   each step against the bare backbone's forward + backward, in time and in FLOPs, base vs variant.
+   each step against the bare backbone's forward + backward, in time and in FLOPs, base vs variant;
+5. first of all, views per second (benchmarks/bench_views.py) at 32 and 224 px: on the GPU, a batch at a time,
+   against PIL on one CPU core.
 Reported per run: img/s (median of the logged rows after the first), peak memory (torch.cuda.max_memory_allocated),
 wall time, and the paper's reference (Table 11: 12 GB for BYOL vs 12.1 GB for CO-BYOL, ResNet-50). The goal
 stated for one H100-class GPU: CO-BYOL ResNet-50 at 224 px >= 2,000 img/s in bf16.
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_floor  # noqa: E402  (table(): the floor table's markdown)
 import bench_step  # noqa: E402  (PAIRS: base and variant of every method; one(): the step alone)
+import bench_views  # noqa: E402  (measure(): views per second, on the device and with PIL)
 
 FLOOR_STEPS = {False: (10, 3), True: (1, 0)}  # --quick -> (timed steps, warm-up steps) of the floor table
 
@@ -116,6 +119,8 @@ def main():
     compiled = [("--compile", m, *bench_step.PAIRS[m][1], archs[0], amp, ["--compile"], 0)
                 for m in ("co_byol", "co_dino", "geo_dino") if m in methods]
     rows, floor_rows, skipped, step_alone, t_start = [], [], [], {}, time.time()
+    view_rows = [bench_views.measure(s, 256 if not a.quick else 8, a.device, 5 if not a.quick else 1)
+                 for s in ((32, 224) if not a.quick else (32,))]  # seconds: first
 
     def report(done: bool = False) -> list[str]:
         """The report so far, written after every run: a check stopped from outside keeps what it measured."""
@@ -136,6 +141,9 @@ def main():
             lines += ["", f"Loader check: CO-BYOL {archs[0]}, training loop {loop['img_per_s']:.0f} img/s vs the step "
                       f"alone {step_alone['img_per_s']:.0f} img/s: {busy:.2f} of the step's speed "
                       f"({'the loader keeps up' if busy >= 0.9 else 'the loop waits for data'})."]
+        lines += ["", "Views (benchmarks/bench_views.py, BYOL's two views): " + "; ".join(
+            f"{r['size']} px, batch {r['batch']}: {r['device_views_per_s']:.0f} views/s on the {r['device']}, "
+            f"{r['pil_views_per_s_one_core']:.0f} with PIL on one CPU core" for r in view_rows) + "."]
         lines += ["", "Paper (Table 11, ResNet-50, per GPU): BYOL 12 GB, CO-BYOL 12.1 GB. Goal on one H100-class "
                   "GPU: CO-BYOL ResNet-50 at 224 px >= 2,000 img/s in bf16."]
         if floor_rows:

@@ -101,6 +101,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     text = out.read_text()
     assert "Loader check: CO-BYOL resnet18" in text and "| CO-BYOL (`--ws 0.2`) | resnet18 | 32 | 4 |" in text
     assert "Not started" not in text
+    assert "Views (benchmarks/bench_views.py, BYOL's two views): 32 px, batch 8: " in text
 
 
 def test_gpu_check_stops_starting_runs_when_its_time_budget_is_spent(tmp_path):

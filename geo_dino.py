@@ -848,7 +848,7 @@ def main(args):
 # A.5 the loop's bookkeeping (checkpoints, stop signals, metrics, outputs), A.6 k-NN and linear readout.
 
 # ---- A.1 Common flags and their checks ----
-DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "fake": 32}
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "folder": 224, "fake": 32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -891,8 +891,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DEFAULT_IMAGE_SIZE), default="cifar10", help="torchvision data sets "
                    "download into --data-dir; 'imagefolder': DATA_DIR/train/CLASS and DATA_DIR/val (or test); "
-                   "'fake': torchvision's FakeData")
+                   "'folder': every image under DATA_DIR, in any subfolders, no labels; 'fake': torchvision's FakeData")
     g.add_argument("--data-dir", default="data", help="dataset root")
+    g.add_argument("--val-dir", default="", help="--dataset folder: labelled images for the k-NN and linear "
+                   "readout, VAL_DIR/train/CLASS (the bank) and VAL_DIR/val/CLASS (the queries); without it, none")
     g.add_argument("--train-per-class", type=int, default=0, help="pre-train on N random images per class "
                    "(drawn with --seed); the k-NN bank still comes from the whole training set")
     g.add_argument("--image-size", type=int, default=0, help="training crop size (0: 32 for CIFAR and fake, "
@@ -970,6 +972,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dataset == "imagefolder" and not ((root / "train").is_dir() and ((root / "val").is_dir()
                                                                            or (root / "test").is_dir())):
         error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); not found")
+    labelled = Path(args.val_dir)
+    if args.dataset == "folder" and (not root.is_dir() or args.train_per_class):
+        error(f"--dataset folder needs a folder of images at --data-dir ({root}: not a folder), and has no labels "
+              "for --train-per-class")
+    if args.val_dir and not (args.dataset == "folder" and (labelled / "train").is_dir()
+                             and (labelled / "val").is_dir()):
+        error(f"--val-dir goes with --dataset folder and needs {labelled}/train/CLASS and {labelled}/val/CLASS")
+    if args.dataset == "folder" and not args.val_dir:
+        args.knn_k = 0  # no labels, no readout: said at start (make_loaders)
     check_method_args(args, error)
     return args
 
@@ -1358,6 +1369,22 @@ def read_image(path: str):
                               "then rerun the same command to resume") from None
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """--dataset folder: every image under `root`, in any subfolders (sorted paths), without labels (-1)."""
+
+    def __init__(self, root: str, transform=None):
+        self.paths = sorted(str(p) for p in Path(root).rglob("*")
+                            if p.suffix.lower() in torchvision.datasets.folder.IMG_EXTENSIONS)
+        self.transform, self.targets = transform, [-1] * len(self.paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = read_image(self.paths[i])
+        return (self.transform(img) if self.transform else img), -1
+
+
 def same_classes(train: list[str], val: list[str], val_dir: Path) -> None:
     """PITFALL: ImageFolder numbers the class folders of each split on its own (sorted names), so a split that
     lacks a class, or has one more, shifts every later label and is scored wrongly without any error."""
@@ -1386,6 +1413,13 @@ def load_datasets(args, rank: int):
         if name == "cifar100":
             return (tv.CIFAR100(root, train=True, download=download),
                     tv.CIFAR100(root, train=False, transform=ev, download=download), 100)
+        if name == "folder":  # the labelled --val-dir's val split, if any, is the k-NN's queries
+            files = ImageFiles(root)
+            if not files.paths:
+                fail(f"no images under --data-dir {root} (searched recursively)")
+            val = tv.ImageFolder(str(Path(args.val_dir) / "val"), transform=ev, loader=read_image) \
+                if args.val_dir else None
+            return files, val, len(val.classes) if val else 0
         val_dir = Path(root) / ("val" if (Path(root) / "val").is_dir() else "test")
         train = tv.ImageFolder(str(Path(root) / "train"), loader=read_image)
         val = tv.ImageFolder(str(val_dir), transform=ev, loader=read_image)
@@ -1453,7 +1487,8 @@ def as_tensors(dataset, image_size: int) -> torch.utils.data.Dataset:
 
 
 class Data(NamedTuple):
-    base: torch.utils.data.Dataset  # the training images (PIL), for the k-NN bank's eval transform
+    base: torch.utils.data.Dataset  # the training images (PIL)
+    bank: torch.utils.data.Dataset  # labelled images for the k-NN's bank: base, or --val-dir's train split
     images: torch.utils.data.Dataset  # the same, as uint8 tensors (as_tensors)
     sampler: ResumableSampler
     loader: ViewBatches  # each batch's views, on the device
@@ -1475,7 +1510,15 @@ def make_loaders(args, run: Run) -> Data:
     images = as_tensors(train_base, args.image_size)
     sampler = ResumableSampler(images, run.world, run.rank, args.seed)
     loader = ViewBatches(images, sampler, MultiView(args), args, run.device, run.rank, run.world)
-    return Data(train_base, images, sampler, loader, val, num_classes)
+    bank = train_base
+    if args.dataset == "folder":
+        log(f"--dataset folder: {len(train_base)} images under {args.data_dir}; " + (
+            f"k-NN and linear readout on {args.val_dir}" if args.val_dir else "no --val-dir, so no k-NN or linear "
+            "readout (they need labels); eval_linear.py reads backbone.pt"))
+        if args.val_dir:
+            bank = torchvision.datasets.ImageFolder(str(Path(args.val_dir) / "train"), loader=read_image)
+            same_classes(bank.classes, val.classes, Path(args.val_dir) / "val")
+    return Data(train_base, bank, images, sampler, loader, val, num_classes)
 
 
 # ---- A.4 Optimiser: LARS, SGD or AdamW; the lr schedule ----
@@ -1698,7 +1741,7 @@ class Bookkeeper:
         self.total_steps = args.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, args.max_steps) if args.max_steps else self.total_steps
         self.path, self.file, self.signum, self.stop_now = run.out_dir / "checkpoint.pt", None, 0, False
-        self.knn = KNNMonitor(args, data.base, data.val, data.num_classes, run) \
+        self.knn = KNNMonitor(args, data.bank, data.val, data.num_classes, run) \
             if args.knn_k and run.rank == 0 else None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
 

@@ -685,7 +685,7 @@ def extract_crops(images: torch.Tensor, image_idx: torch.Tensor, boxes: torch.Te
     """Cut boxes out of already normalised images and upsample each to size x size.
     images (B, 3, H, W); image_idx (K,) which image each box belongs to; boxes (K, 4) (top, left, h,
     w). Returns (K, 3, size, size). IMPL: bicubic on the normalised tensor, with PIL's kernel as in
-    training (which resizes the PIL patch). PITFALL: F.interpolate's plain bicubic uses a = -0.75,
+    training (make_view's resize). PITFALL: F.interpolate's plain bicubic uses a = -0.75,
     PIL's a = -0.5; antialias=True selects PIL's algorithm (tested against PIL to one grey level).
     Crops are never larger than the image: only upsampling."""
     crops = [images[b, :, t:t + h, l:l + w]

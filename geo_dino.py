@@ -1463,26 +1463,24 @@ def per_class(labels: list[int], n: int, num_classes: int, seed: int = None) -> 
 
 
 def as_tensors(dataset, image_size: int) -> torch.utils.data.Dataset:
-    """The training images as (3, side, side) uint8 tensors with their labels, resized (short side) and
-    centre-cropped as eval_transform does, so that training and evaluation see objects at one scale: side =
-    --image-size, or 256/224 of it above 64 px. CIFAR and fake data: one tensor in memory, made once; image
-    folders: decoded and resized by the loader's workers, every epoch."""
+    """The training images as (3, H, W) uint8 tensors of one size, with their labels. CIFAR and fake data: one
+    tensor in memory at their own size, made once (views are cut from it and resized to --image-size); image
+    folders: decoded by the loader's workers, resized (short side) and centre-cropped as eval_transform resizes
+    (side --image-size, or 256/224 of it above 64 px), so that training and evaluation see objects at one scale."""
     base, picked = (dataset.dataset, dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else \
         (dataset, None)
-    side = image_size if image_size <= 64 else int(image_size * 256 / 224)
-    resize = T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(side)])
-    if isinstance(base, (torchvision.datasets.CIFAR10, torchvision.datasets.FakeData)):
-        if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: data (N, H, W, 3) uint8
-            images, labels = torch.from_numpy(base.data).permute(0, 3, 1, 2), torch.tensor(base.targets)
-        else:
-            pairs = [(T.functional.pil_to_tensor(img), label) for img, label in base]
-            images, labels = torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
-        if images.shape[-2:] != (side, side):  # e.g. CIFAR at 64 px: upsampled once, 1000 at a time
-            images = torch.cat([resize(images[i:i + 1000]) for i in range(0, len(images), 1000)])
-        tensors = torch.utils.data.TensorDataset(images.contiguous(), labels)
+    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: data (N, H, W, 3) uint8
+        tensors = torch.utils.data.TensorDataset(torch.from_numpy(base.data).permute(0, 3, 1, 2).contiguous(),
+                                                 torch.tensor(base.targets))
+    elif isinstance(base, torchvision.datasets.FakeData):
+        pairs = [(T.functional.pil_to_tensor(img), label) for img, label in base]
+        tensors = torch.utils.data.TensorDataset(torch.stack([x for x, _ in pairs]),
+                                                 torch.tensor([y for _, y in pairs]))
     else:
+        side = image_size if image_size <= 64 else int(image_size * 256 / 224)
         tensors = copy.copy(base)
-        tensors.transform = T.Compose([resize, T.PILToTensor()])
+        tensors.transform = T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC),
+                                       T.CenterCrop(side), T.PILToTensor()])
     return torch.utils.data.Subset(tensors, picked) if picked is not None else tensors
 
 

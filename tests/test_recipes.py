@@ -159,10 +159,11 @@ def test_bag_ssl_local_aggregation_grid_is_table_5s():
     assert len(boxes) == 25 and (boxes[:, 0] + boxes[:, 2]).max() == 32  # the last row ends at the border
 
 
-def test_bag_ssl_training_patches_are_cut_at_the_evaluations_scale():
+def test_bag_ssl_training_patches_are_cut_at_the_evaluations_scale(monkeypatch):
     """An ImageNet-like 448 x 600 px image: the training images are resized as the evaluation resizes (short side
     256 for 224 px, then centre-cropped), so a 100 px training patch covers the same part of the image as an
-    evaluation patch of 100 px; on CIFAR nothing is resized."""
+    evaluation patch of 100 px; CIFAR stays at 32 px in memory, and at --image-size 64 its 28 px patches (of the
+    evaluation's 64 px frame) are cut as 14 px of the 32 px image."""
     from PIL import Image
 
     import bag_ssl
@@ -181,6 +182,12 @@ def test_bag_ssl_training_patches_are_cut_at_the_evaluations_scale():
     fake = bag_ssl.torchvision.datasets.FakeData(2, (3, 32, 32), 10)
     assert bag_ssl.as_tensors(fake, 32)[0][0].shape == (3, 32, 32)
     assert (bag_ssl.patch_boxes(50, 256, 256, 100, torch.Generator())[:, 2:] == 100).all()  # px of that frame
+    seen, real = [], bag_ssl.patch_boxes
+    monkeypatch.setattr(bag_ssl, "patch_boxes", lambda n, h, w, patch, gen: seen.append(patch) or real(n, h, w, patch,
+                                                                                                     gen))
+    args = bag_ssl.parse_args(["--dataset", "fake", "--image-size", "64", "--arch", "resnet18"])
+    views = bag_ssl.MultiView(args)(torch.rand(2, 3, 32, 32), torch.Generator())
+    assert args.patch_size == 28 and seen == [14, 14] and [v.shape for v in views] == [(2, 3, 64, 64)] * 2
 
 
 @pytest.mark.parametrize("name", ["co_byol", "co_dino"])

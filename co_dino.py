@@ -718,9 +718,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                            or (root / "test").is_dir())):
         error(f"--dataset imagefolder needs {root}/train/CLASS/*.jpg and {root}/val (or test); not found")
     labelled = Path(args.val_dir)
-    if args.dataset == "folder" and (not root.is_dir() or args.train_per_class):
-        error(f"--dataset folder needs a folder of images at --data-dir ({root}: not a folder), and has no labels "
-              "for --train-per-class")
+    if args.dataset == "folder" and not root.is_dir():
+        error(f"--dataset folder needs a folder of images at --data-dir: {root} is not a folder")
+    if args.dataset == "folder" and args.train_per_class:
+        error("--dataset folder has no labels for --train-per-class")
     if args.val_dir and not (args.dataset == "folder" and (labelled / "train").is_dir()
                              and (labelled / "val").is_dir()):
         error(f"--val-dir goes with --dataset folder and needs {labelled}/train/CLASS and {labelled}/val/CLASS")
@@ -1224,8 +1225,7 @@ def as_tensors(dataset, image_size: int) -> torch.utils.data.Dataset:
     else:
         side = image_size if image_size <= 64 else int(image_size * 256 / 224)
         tensors = copy.copy(base)
-        tensors.transform = T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC),
-                                       T.CenterCrop(side), T.PILToTensor()])
+        tensors.transform = T.Compose([T.Resize(side), T.CenterCrop(side), T.PILToTensor()])  # eval_transform's
     return torch.utils.data.Subset(tensors, picked) if picked is not None else tensors
 
 
@@ -1327,7 +1327,7 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 # Arguments that may change when a run resumes (they do not change what is trained); any other difference between
 # the command line and the checkpoint's arguments is refused (--epochs only with --allow-epochs-change).
 RESUME_MAY_CHANGE = {"output_dir", "recipe", "max_steps", "log_every", "checkpoint_every", "allow_epochs_change",
-                     "data_dir", "num_workers", "device", "compile", "knn_every", "given_flags"}
+                     "data_dir", "val_dir", "num_workers", "device", "compile", "knn_every", "given_flags"}
 
 
 def lock_output_dir(out_dir: Path):

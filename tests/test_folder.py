@@ -69,7 +69,7 @@ def test_folder_with_val_dir_reads_out_and_eval_linear_reads_its_backbone(tmp_pa
 
 
 @pytest.mark.parametrize("extra,expected", [
-    (["--data-dir", "/nonexistent/photos"], "--dataset folder needs a folder of images"),
+    (["--data-dir", "/nonexistent/photos"], "/nonexistent/photos is not a folder"),
     (["--train-per-class", "2"], "has no labels for --train-per-class"),
     (["--val-dir", "/nonexistent/labelled"], "--val-dir goes with --dataset folder and needs"),
 ])

@@ -763,7 +763,9 @@ def normalize(views: torch.Tensor) -> torch.Tensor:
 # What torchvision's RandomResizedCrop, RandomHorizontalFlip, ColorJitter, RandomGrayscale, GaussianBlur and
 # RandomSolarize do to one PIL image, done here to a batch of images on the training device, as float tensors in
 # [0, 1]. Each op equals torchvision's functional op within 1/255 and draws its parameters from the same
-# distributions (tests/test_views.py); no worker process, no PIL.
+# distributions (tests/test_views.py); no worker process, no PIL. Each image's random choices are 0/1 weights of
+# torch.lerp rather than boolean masks: on CPU, comparisons and torch.where run 5-15x slower than arithmetic, and
+# on a GPU arithmetic never waits for the host.
 class ViewSpec(NamedTuple):
     """One view's augmentation (BYOL, Grill et al. 2020, App. B); blur and solarisation differ between views."""
     size: int  # output side S
@@ -802,9 +804,8 @@ def crop_boxes(n: int, height: int, width: int, scale, ratio, gen: torch.Generat
 
 def bicubic(t: torch.Tensor) -> torch.Tensor:
     """PIL's bicubic kernel (a = -0.5), which torchvision's antialiased resize uses too."""
-    t, a = t.abs(), -0.5
-    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                       torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
+    t, a = t.abs().clamp(max=2), -0.5  # the outer piece is 0 at |t| = 2: the kernel's support ends there
+    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1, (((t - 5) * t + 8) * t - 4) * a)
 
 
 def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
@@ -832,28 +833,33 @@ def gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
 
 
+def per_image(w: torch.Tensor) -> torch.Tensor:
+    """(B,) weights or choices -> (B, 1, 1, 1) floats, to scale or lerp each image of a (B, C, S, S) batch."""
+    return w.float()[:, None, None, None]
+
+
 def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """factor * x + (1 - factor) * other, per image (factor: (B,)), clamped to [0, 1] (torchvision's _blend)."""
-    f = factor[:, None, None, None]
-    return (f * x + (1 - f) * other).clamp(0, 1)
+    return torch.lerp(other, x, per_image(factor)).clamp(0, 1)
+
+
+# The hue h in sextants, [0, 6) (0 red, 2 green, 4 blue), back to RGB: min + chroma x the pure hue's colour, whose
+# channel c is clamp(A_c + SIGN_c |h - CENTRE_c|, 0, 1), a trapezoid (torchvision's _hsv2rgb, without branches).
+PURE_HUE = torch.tensor([[-1.0, 2.0, 2.0], [1.0, -1.0, -1.0], [3.0, 2.0, 4.0]])  # rows A, SIGN, CENTRE
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue by shift (B,) of a turn: RGB -> HSV, h + shift, -> RGB (torchvision's adjust_hue)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.max(1).values, x.min(1).values  # (B, S, S)
-    v, chroma = maxc, maxc - minc
-    s = chroma / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    rc, gc, bc = (maxc - r) / c, (maxc - g) / c, (maxc - b) / c
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
-    h = ((h / 6 + 1) % 1 + shift[:, None, None]) % 1  # the hue in turns, shifted
-    i = (h * 6).floor()  # HSV -> RGB: the sextant i and the position f inside it
-    f = h * 6 - i
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    i = i.long() % 6
-    rgb = [torch.stack(ch).gather(0, i[None])[0] for ch in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))]
-    return torch.stack(rgb, dim=1).clamp(0, 1)
+    maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)  # (B, 1, S, S)
+    chroma = maxc - minc  # 0: a grey pixel, whose hue does not matter (it stays maxc)
+    rc, gc, bc = ((maxc - x) / chroma.clamp(min=1e-12)).unbind(1)  # (B, S, S) each; 0 on the largest channel
+    is_r = 1 - (maxc[:, 0] - x[:, 0]).sign()  # 1 where red is the largest (0/1 floats: sign is fast)
+    is_g = (1 - is_r) * (1 - (maxc[:, 0] - x[:, 1]).sign())  # else green (ties give the same hue either way)
+    h = is_r * (bc - gc) + is_g * (2 + rc - bc) + (1 - is_r - is_g) * (4 + gc - rc)  # in [-1, 5)
+    h = h + 6 * shift[:, None, None]
+    h = (h - 6 * (h / 6).floor())[:, None]  # (B, 1, S, S) in [0, 6): modulo 6
+    a, sign, centre = (row.to(x.device)[None, :, None, None] for row in PURE_HUE)  # (1, 3, 1, 1) each
+    return (minc + chroma * (a + sign * (h - centre).abs()).clamp(0, 1)).clamp(0, 1)
 
 
 def jitter_params(n: int, strengths, p: float, gen: torch.Generator):
@@ -869,7 +875,7 @@ def jitter_params(n: int, strengths, p: float, gen: torch.Generator):
     return factors, order, torch.rand(n, device=dev, generator=gen) < p
 
 
-JITTER_OPS = (lambda x, f: blend(x, torch.zeros_like(x), f),  # brightness: towards black
+JITTER_OPS = (lambda x, f: (per_image(f) * x).clamp(0, 1),  # brightness: a blend with black
               lambda x, f: blend(x, gray(x).mean((1, 2, 3), keepdim=True), f),  # contrast: towards the mean grey
               lambda x, f: blend(x, gray(x), f),  # saturation: towards the image's grey
               lambda x, f: adjust_hue(x, f))  # hue: a rotation of the colour wheel
@@ -879,9 +885,8 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ap
     """The four ops in each image's order: in slot j, the images whose j-th op is op k get op k."""
     for slot in range(4):
         for k, op in enumerate(JITTER_OPS):
-            pick = apply & (order[:, slot] == k)
-            if pick.any():
-                x[pick] = op(x[pick], factors[pick, k])
+            pick = apply & (order[:, slot] == k)  # (B,) bool; may pick none (the op then sees 0 images)
+            x[pick] = op(x[pick], factors[pick, k])
     return x
 
 
@@ -908,18 +913,18 @@ def make_view(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator, boxes:
         boxes = crop_boxes(n, images.shape[-2], images.shape[-1], spec.scale, spec.ratio, gen)
     x = resized_crops(images, boxes, spec.size)
     flipped = torch.rand(n, device=dev, generator=gen) < spec.flip_p
-    x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+    x = torch.lerp(x, x.flip(-1), per_image(flipped))
     x = color_jitter(x, *jitter_params(n, spec.jitter, spec.jitter_p, gen))
     to_gray = torch.rand(n, device=dev, generator=gen) < spec.gray_p
-    x = torch.where(to_gray[:, None, None, None], gray(x).expand_as(x), x)
+    x = torch.lerp(x, gray(x).expand_as(x), per_image(to_gray))
     if spec.blur_p > 0:  # sigma ~ U(0.1, 2) pixels (BYOL, solo-learn); the kernel shrinks below 24 px
         sigma = torch.empty(n, device=dev).uniform_(0.1, 2.0, generator=gen)
         blurred = torch.rand(n, device=dev, generator=gen) < spec.blur_p
         if blurred.any():
             x[blurred] = gaussian_blur(x[blurred], sigma[blurred], min(23, spec.size // 2 * 2 - 1))
-    if spec.solarize_p > 0:  # invert the pixels at or above 128 / 255
+    if spec.solarize_p > 0:  # invert the pixels at or above 128 / 255: on uint8 levels, min(x, 1 - x)
         solarized = torch.rand(n, device=dev, generator=gen) < spec.solarize_p
-        x = torch.where(solarized[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
+        x = torch.lerp(x, torch.minimum(x, 1 - x), per_image(solarized))
     return x, boxes, flipped
 
 

@@ -642,6 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "readout, VAL_DIR/train/CLASS (the bank) and VAL_DIR/val/CLASS (the queries); without it, none")
     g.add_argument("--train-per-class", type=int, default=0, help="pre-train on N random images per class "
                    "(drawn with --seed); the k-NN bank still comes from the whole training set")
+    g.add_argument("--val-split", type=int, default=0, help="hold out N training images (N / classes of each "
+                   "class, one split for every --seed) as the k-NN and linear readout's queries instead of the test "
+                   "set: choose recipes on it, read the test set once at the end (eval_linear.py --val-split N: the "
+                   "same images)")
     g.add_argument("--image-size", type=int, default=0, help="training crop size (0: 32 for CIFAR and fake, "
                    "224 for image folders)")
     g.add_argument("--fake-size", type=int, default=512, help="number of FakeData train images (val: a quarter)")
@@ -701,9 +705,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.epochs, args.log_every) < 1 or args.image_size < 8 or args.fake_size < 1:
         error("need --epochs >= 1, --log-every >= 1, --image-size >= 8 and --fake-size >= 1")
     if min(args.max_steps, args.num_workers, args.knn_k, args.knn_bank, args.knn_every, args.train_per_class,
-           args.warmup_epochs, args.weight_decay, args.checkpoint_every) < 0:
-        error("--max-steps, --num-workers, --knn-k, --knn-bank, --knn-every, --train-per-class, --warmup-epochs, "
-              "--weight-decay and --checkpoint-every must be >= 0")
+           args.val_split, args.warmup_epochs, args.weight_decay, args.checkpoint_every) < 0:
+        error("--max-steps, --num-workers, --knn-k, --knn-bank, --knn-every, --train-per-class, --val-split, "
+              "--warmup-epochs, --weight-decay and --checkpoint-every must be >= 0")
     if args.warmup_epochs > args.epochs:
         error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}: the lr would never "
               "reach --lr")
@@ -720,8 +724,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     labelled = Path(args.val_dir)
     if args.dataset == "folder" and not root.is_dir():
         error(f"--dataset folder needs a folder of images at --data-dir: {root} is not a folder")
-    if args.dataset == "folder" and args.train_per_class:
-        error("--dataset folder has no labels for --train-per-class")
+    if args.dataset == "folder" and (args.train_per_class or args.val_split):
+        error("--dataset folder has no labels for --train-per-class or --val-split (use --val-dir)")
     if args.val_dir and not (args.dataset == "folder" and (labelled / "train").is_dir()
                              and (labelled / "val").is_dir()):
         error(f"--val-dir goes with --dataset folder and needs {labelled}/train/CLASS and {labelled}/val/CLASS")
@@ -812,6 +816,34 @@ def keep_freed_memory() -> None:
         return
     mallopt(-4, 0)  # M_MMAP_MAX = 0: every block from the heap, none from its own mmap
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD = 1 GiB: free heap is given back only above that
+
+
+def environment(device: torch.device, dtype, world: int) -> dict:
+    """What a result depends on besides the arguments: versions, machine, threads, precision and the commit of this
+    file (with "+ changes" if it or rf_resnet.py differs from it). A row of metrics.jsonl at every (re)start."""
+    import platform
+    import subprocess
+
+    info = {}
+    try:  # Linux: the CPU's name and the instruction sets that decide bf16's speed (docs/faults.md)
+        for line in open("/proc/cpuinfo"):
+            info.setdefault(line.split(":")[0].strip(), line.partition(":")[2].strip())
+    except OSError:
+        pass
+    git = lambda *cmd: subprocess.run(["git", *cmd], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                      text=True, timeout=20).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or "not a git checkout"
+        commit += " + changes" if git("status", "--porcelain", "--", Path(__file__).name, "rf_resnet.py") else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "not a git checkout"
+    cuda, flags = device.type == "cuda", info.get("flags", "").split()
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),  # plain str: weights_only
+            "python": platform.python_version(), "cpu": info.get("model name", platform.processor() or "unknown"),
+            "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if cuda else None, "world_size": world,
+            "precision": str(dtype or torch.float32).removeprefix("torch."), "commit": commit}
 
 
 class Run:
@@ -1189,15 +1221,50 @@ def load_datasets(args, rank: int):
     barrier()
     if rank != 0:
         out = make(download=False)
-    if args.knn_k and 0 < args.knn_bank < out[2]:  # KNNMonitor's bank keeps knn_bank // num_classes per class
-        fail(f"--knn-bank {args.knn_bank} cannot hold an image of each of the {out[2]} classes: use 0 (the whole "
-             f"training set) or at least {out[2]}")
-    return out
+    train, val, num_classes = out
+    if args.knn_k and 0 < args.knn_bank < num_classes:  # KNNMonitor's bank keeps knn_bank // classes per class
+        fail(f"--knn-bank {args.knn_bank} cannot hold an image of each of the {num_classes} classes: use 0 (the "
+             f"whole training set) or at least {num_classes}")
+    if args.val_split:  # the held-out training images replace the test set, which is not used
+        if not num_classes <= args.val_split < len(train):
+            fail(f"--val-split {args.val_split} must hold out at least one image of each of the {num_classes} "
+                 f"classes and leave some of the {len(train)} training images")
+        train, val = split_off_val(train, args.val_split, num_classes)
+        val = with_transform(val, ev)
+        log(f"--val-split: {len(val)} training images held out as the readouts' queries; the test set is not used")
+    return train, val, num_classes
 
 
 def labels_of(dataset) -> list[int]:
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = labels_of(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
     labels = getattr(dataset, "targets", None)
     return list(labels) if labels is not None else [y for _, y in dataset]
+
+
+def subset(dataset, indices: list[int]) -> torch.utils.data.Subset:
+    """dataset[indices], as a Subset of the underlying data set (a subset of a subset stays one Subset)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return torch.utils.data.Subset(dataset.dataset, [dataset.indices[i] for i in indices])
+    return torch.utils.data.Subset(dataset, indices)
+
+
+def with_transform(dataset, transform):
+    """A copy of the data set (of a Subset: of its underlying one) that applies `transform`."""
+    base = copy.copy(getattr(dataset, "dataset", dataset))
+    base.transform = transform
+    return torch.utils.data.Subset(base, dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else base
+
+
+VAL_SPLIT_SEED = 0  # --val-split: one held-out set for every --seed (and for eval_linear.py --val-split)
+
+
+def split_off_val(train, n: int, num_classes: int) -> tuple:
+    """--val-split: (the training set without n held-out images, those n): n / num_classes of each class, drawn
+    with VAL_SPLIT_SEED."""
+    held = per_class(labels_of(train), n // num_classes, num_classes, seed=VAL_SPLIT_SEED)
+    return subset(train, sorted(set(range(len(train))) - set(held))), subset(train, held)
 
 
 def per_class(labels: list[int], n: int, num_classes: int, seed: int = None) -> list[int]:
@@ -1219,7 +1286,7 @@ def as_tensors(dataset, image_size: int) -> torch.utils.data.Dataset:
     folders: decoded by the loader's workers, resized (short side) and centre-cropped as eval_transform resizes
     (side --image-size, or 256/224 of it above 64 px), so that training and evaluation see objects at one scale."""
     base, picked = (dataset.dataset, dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else \
-        (dataset, None)
+        (dataset, None)  # (one Subset at most: subset())
     if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: data (N, H, W, 3) uint8
         tensors = torch.utils.data.TensorDataset(torch.from_numpy(base.data).permute(0, 3, 1, 2).contiguous(),
                                                  torch.tensor(base.targets))
@@ -1236,7 +1303,8 @@ def as_tensors(dataset, image_size: int) -> torch.utils.data.Dataset:
 
 class Data(NamedTuple):
     base: torch.utils.data.Dataset  # the training images (PIL)
-    bank: torch.utils.data.Dataset  # labelled images for the k-NN's bank: base, or --val-dir's train split
+    bank: torch.utils.data.Dataset  # labelled images for the readouts' bank: every training image not held out
+    # (--val-split), also with --train-per-class; with --dataset folder, --val-dir's train split
     images: torch.utils.data.Dataset  # the same, as uint8 tensors (as_tensors)
     sampler: ResumableSampler
     loader: ViewBatches  # each batch's views, on the device
@@ -1247,10 +1315,11 @@ class Data(NamedTuple):
 def make_loaders(args, run: Run) -> Data:
     """The training images (of a --train-per-class subset), their sampler and view batches, the val set."""
     train_base, val, num_classes = load_datasets(args, run.rank)
+    bank = train_base
     if args.train_per_class:
         labels = labels_of(train_base)
         picked = per_class(labels, args.train_per_class, num_classes, seed=args.seed)
-        train_base = torch.utils.data.Subset(train_base, picked)
+        train_base = subset(train_base, picked)
         log(f"pre-training on {len(picked)} of {len(labels)} images ({args.train_per_class} per class, seed "
             f"{args.seed})")
     if len(train_base) // args.batch_size < 1:
@@ -1258,7 +1327,6 @@ def make_loaders(args, run: Run) -> Data:
     images = as_tensors(train_base, args.image_size)
     sampler = ResumableSampler(images, run.world, run.rank, args.seed)
     loader = ViewBatches(images, sampler, MultiView(args), args, run.device, run.rank, run.world)
-    bank = train_base
     if args.dataset == "folder":
         log(f"--dataset folder: {len(train_base)} images under {args.data_dir}; " + (
             f"k-NN and linear readout on {args.val_dir}" if args.val_dir else "no --val-dir, so no k-NN or linear "
@@ -1496,7 +1564,7 @@ class Bookkeeper:
     def resume(self, describe: str) -> int:
         """Continue from checkpoint.pt if there is one; log the run; a new run first evaluates the random
         network (every curve's reference). Returns the step to continue from."""
-        args, run, step, history, self.train_s = self.args, self.run, 0, [], 0.0
+        args, run, step, history, self.train_s, self.wall_before = self.args, self.run, 0, [], 0.0, 0.0
         if run.rank == 0:
             self.path.with_suffix(".tmp").unlink(missing_ok=True)  # a write killed half-way; the .pt is intact
         if self.path.exists():
@@ -1510,6 +1578,7 @@ class Bookkeeper:
                          "--output-dir")
             set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
             step, history, self.train_s = ckpt["step"], ckpt["history"], ckpt["train_s"]
+            self.wall_before = ckpt.get("wall_s", 0.0)  # earlier processes, up to their last checkpoint
             log(f"resumed from {self.path} at step {step} (epoch {step // self.steps_per_epoch})")
         self.history, self.written, self.last_write, self.started = history, None, time.time(), None
         if run.rank == 0:
@@ -1517,6 +1586,7 @@ class Bookkeeper:
             self._io(lambda: tmp.write_text("".join(json.dumps(row) + "\n" for row in history)))
             self._io(lambda: os.replace(tmp, metrics))
             self.file = self._io(lambda: open(metrics, "a"))
+            self.write({"step": step, "environment": environment(run.device, run.dtype, run.world)})  # every start
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: setattr(self, "signum", self.signum or signum))
         base_lr = self.states["optimizer"].param_groups[0]["base_lr"]
@@ -1530,6 +1600,10 @@ class Bookkeeper:
         self.bar = tqdm(total=self.last_step, initial=step, disable=run.rank != 0, dynamic_ncols=True,
                         desc=Path(__file__).stem)
         return step
+
+    def wall_seconds(self) -> float:
+        """Wall-clock seconds of this run: every process up to its last checkpoint, and this one so far."""
+        return self.wall_before + time.time() - self.run.start
 
     def seconds(self) -> float:
         """Seconds spent in training steps over every resume (evaluations and checkpoints excluded)."""
@@ -1621,7 +1695,8 @@ class Bookkeeper:
         if self.run.rank == 0:
             save_checkpoint(self.path, {**{name: obj.state_dict() for name, obj in self.states.items()},
                                         "step": step, "history": self.history, "rng": rngs, "args": vars(self.args),
-                                        "train_s": self.seconds(), "script": Path(__file__).name})
+                                        "train_s": self.seconds(), "wall_s": self.wall_seconds(),
+                                        "script": Path(__file__).name})
         self.last_write = time.time()
 
     def knn_row(self, step: int) -> None:
@@ -1659,8 +1734,7 @@ class Bookkeeper:
         """backbone.pt, then (rank 0 alone, after the process group is closed: no rank waits at a barrier) the
         final k-NN and linear readout on the whole training set. Returns final_metrics.json's content so far."""
         self.bar.close()
-        final = {"step": step, "epochs": step / self.steps_per_epoch, "train_s": self.seconds(),
-                 "wall_s": time.time() - self.run.start}
+        final = {"step": step, "epochs": step / self.steps_per_epoch, "train_s": self.seconds()}
         knn_rows = [r for r in self.history if "knn_top1" in r]
         for key in ("knn_top1", "linear_top1") if knn_rows else ():  # the online k-NN curve's two ends
             final[f"{key}_random_init"] = knn_rows[0][key] if knn_rows[0]["step"] == 0 else None
@@ -1669,13 +1743,19 @@ class Bookkeeper:
             save_backbone(self.run.out_dir / "backbone.pt", self.backbone, self.args)
         self.run.close()
         if self.knn is not None:
+            t0 = time.time()
             final.update(self.knn(self.backbone, full_bank=True))  # knn_top1, linear_top1
             self.write({"step": step, "epoch": step / self.steps_per_epoch, "knn_top1_full": final["knn_top1"],
-                        "linear_top1_full": final["linear_top1"], "train_s": self.seconds()})
+                        "linear_top1_full": final["linear_top1"], "knn_s": time.time() - t0,
+                        "train_s": self.seconds()})
+        final["eval_s"] = sum(r.get("knn_s", 0.0) for r in self.history)  # the k-NN and linear readouts
+        final["environment"] = [{"from_step": r["step"], **r["environment"]} for r in self.history
+                                if "environment" in r]  # one per process: a resume may run elsewhere
         return final
 
     def write_outputs(self, final: dict, title: str, shown=None) -> None:
         """curves.png and final_metrics.json (rank 0); closes metrics.jsonl."""
+        final["wall_s"] = self.wall_seconds()  # training, evaluations, checkpoints: every process of the run
         if self.run.rank == 0:
             plot_curves(self.history, self.run.out_dir / "curves.png", title)
         write_final(self.run, final, self.args, shown)
@@ -1684,11 +1764,13 @@ class Bookkeeper:
 
 
 def write_final(run: Run, final: dict, args, shown=None) -> None:
-    """final_metrics.json (with every argument) and the closing log line (rank 0)."""
+    """final_metrics.json (with every argument and the environment) and the closing log line (rank 0)."""
     if run.rank == 0:
         final["args"] = vars(args)
+        final.setdefault("environment", [{"from_step": 0, **environment(run.device, run.dtype, run.world)}])
         (run.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        log(f"done: {json.dumps({k: v for k, v in final.items() if k != 'args' and (shown is None or k in shown)})}")
+        shown = [k for k in final if k not in ("args", "environment") and (shown is None or k in shown)]
+        log(f"done: {json.dumps({k: final[k] for k in shown})}")
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
@@ -1781,11 +1863,9 @@ class KNNMonitor:
     un-augmented images (as solo-learn and DINO, every epoch) and `linear_top1` on the same features; the bank
     is the training set or its first --knn-bank / classes images of each class, the queries the whole val set."""
 
-    def __init__(self, args, train_base, val_set, num_classes: int, run: Run):
-        train_base = getattr(train_base, "dataset", train_base)  # --train-per-class: the bank draws from all
-        self.train = copy.copy(train_base)
-        self.train.transform = eval_transform(args.image_size)
-        labels = labels_of(train_base)
+    def __init__(self, args, bank, val_set, num_classes: int, run: Run):
+        self.train = with_transform(bank, eval_transform(args.image_size))  # Data.bank
+        labels = labels_of(bank)
         self.bank = per_class(labels, args.knn_bank // num_classes, num_classes) \
             if 0 < args.knn_bank < len(labels) else None
         self.bank_size = len(self.bank) if self.bank else len(labels)
@@ -1795,7 +1875,7 @@ class KNNMonitor:
     def __call__(self, backbone: nn.Module, full_bank: bool = False) -> dict:
         was_training = backbone.training
         backbone.eval()
-        bank = self.train if full_bank or self.bank is None else torch.utils.data.Subset(self.train, self.bank)
+        bank = self.train if full_bank or self.bank is None else subset(self.train, self.bank)
         with torch.random.fork_rng(devices=[]):  # DataLoaders draw seeds: the training RNG stream stays untouched
             tr_f, tr_y = embed(backbone, bank, self.device, self.autocast, self.batch, self.workers)
             te_f, te_y = embed(backbone, self.val, self.device, self.autocast, self.batch, self.workers)

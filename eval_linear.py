@@ -647,6 +647,11 @@ def main(args) -> dict:
     args.backbone_sha256 = state["sha256"]  # what the probe, the k-NN and results.json belong to
 
     train_base, val_base, num_classes = load_datasets(args)
+    if args.val_split:  # the held-out training images replace the test set
+        if not num_classes <= args.val_split < len(train_base):
+            fail(f"--val-split {args.val_split} must hold out at least one image of each of the {num_classes} classes "
+                 f"and leave some of the {len(train_base)} training images")
+        train_base, val_base = split_off_val(train_base, args.val_split, num_classes)
     train_set = subset(train_base, args.limit_train, args.seed)
     val_set = Transformed(subset(val_base, args.limit_val, args.seed), eval_transform(args.image_size))
     log(f"eval_linear.py: {json.dumps(vars(args))}")
@@ -699,6 +704,8 @@ def main(args) -> dict:
                            **{k: v for k, v in erf.items() if not k.startswith("_")}}
     res["time_s"] = round(time.time() - t0, 1)
     res["device"] = str(device)
+    autocast_dtype = torch.bfloat16 if args.amp != "off" and device.type == "cuda" else None  # autocast_for's
+    res["environment"] = environment(device, autocast_dtype, world=1)
     table = markdown(res)
     (out_dir / "results.json").write_text(json.dumps(res, indent=1))
     (out_dir / "results.md").write_text(table + "\n")
@@ -775,6 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit-train", type=int, default=0, help="use a random subset of this many training images "
                    "(0: all); for CPU runs")
     g.add_argument("--limit-val", type=int, default=0, help="use a random subset of this many validation images")
+    g.add_argument("--val-split", type=int, default=0, help="hold out N training images (N / classes of each class: "
+                   "the images a method file's --val-split N holds out) and evaluate on them, not on the test set")
     g.add_argument("--fake-size", type=int, default=64, help="FakeData training images (tests)")
 
     g = p.add_argument_group("system")
@@ -794,8 +803,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "knn_k", "analysis_images", "analysis_pairs", "erf_images", "fake_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if min(args.limit_train, args.limit_val, args.robust_subset, args.num_workers, args.image_size) < 0:
-        parser.error("--limit-train, --limit-val, --robust-subset, --num-workers and --image-size must be >= 0")
+    if min(args.limit_train, args.limit_val, args.val_split, args.robust_subset, args.num_workers, args.image_size) < 0:
+        parser.error("--limit-train, --limit-val, --val-split, --robust-subset, --num-workers and --image-size must be "
+                     ">= 0")
     if args.lr <= 0 or args.knn_temperature <= 0 or args.weight_decay < 0 or not 0 < args.min_crop <= 1:
         parser.error("need --lr > 0, --knn-temperature > 0, --weight-decay >= 0 and 0 < --min-crop <= 1")
     if not 0 <= args.momentum < 1:
@@ -844,6 +854,34 @@ def autocast_for(args, device: torch.device):
     if args.amp == "off" or (args.amp == "auto" and device.type == "cpu"):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def environment(device: torch.device, dtype, world: int) -> dict:
+    """What a result depends on besides the arguments: versions, machine, threads, precision and the commit of this
+    file (with "+ changes" if it or rf_resnet.py differs from it). A row of metrics.jsonl at every (re)start."""
+    import platform
+    import subprocess
+
+    info = {}
+    try:  # Linux: the CPU's name and the instruction sets that decide bf16's speed (docs/faults.md)
+        for line in open("/proc/cpuinfo"):
+            info.setdefault(line.split(":")[0].strip(), line.partition(":")[2].strip())
+    except OSError:
+        pass
+    git = lambda *cmd: subprocess.run(["git", *cmd], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                      text=True, timeout=20).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or "not a git checkout"
+        commit += " + changes" if git("status", "--porcelain", "--", Path(__file__).name, "rf_resnet.py") else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "not a git checkout"
+    cuda, flags = device.type == "cuda", info.get("flags", "").split()
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),  # plain str: weights_only
+            "python": platform.python_version(), "cpu": info.get("model name", platform.processor() or "unknown"),
+            "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if cuda else None, "world_size": world,
+            "precision": str(dtype or torch.float32).removeprefix("torch."), "commit": commit}
 
 
 # ==== A.3 Data: labelled datasets in [0, 1] pixel space ====
@@ -979,6 +1017,45 @@ def subset(dataset, n: int, seed: int):
         return dataset
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
     return torch.utils.data.Subset(dataset, sorted(idx.tolist()))
+
+
+# --val-split: the same held-out images as the method files' --val-split (their per_class, labels_of, split_off_val)
+def labels_of(dataset) -> list[int]:
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = labels_of(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    labels = getattr(dataset, "targets", None)
+    return list(labels) if labels is not None else [y for _, y in dataset]
+
+
+def per_class(labels: list[int], n: int, num_classes: int, seed: int = None) -> list[int]:
+    """n indices of every class (all of a smaller class), sorted: the first n in dataset order (a fixed bank), or
+    with `seed` n drawn at random (a class-balanced subset, as geo_dino's paper's ImageNet subsets, Sec. 4.5.1)."""
+    order = range(len(labels)) if seed is None else torch.randperm(
+        len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    taken, keep = [0] * num_classes, []
+    for i in order:
+        if 0 <= labels[i] < num_classes and taken[labels[i]] < n:
+            taken[labels[i]] += 1
+            keep.append(i)
+    return sorted(keep)
+
+
+def subset_of(dataset, indices: list[int]) -> torch.utils.data.Subset:
+    """dataset[indices], as a Subset of the underlying data set (a subset of a subset stays one Subset)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return torch.utils.data.Subset(dataset.dataset, [dataset.indices[i] for i in indices])
+    return torch.utils.data.Subset(dataset, indices)
+
+
+VAL_SPLIT_SEED = 0  # --val-split: one held-out set for every --seed (and for eval_linear.py --val-split)
+
+
+def split_off_val(train, n: int, num_classes: int) -> tuple:
+    """--val-split: (the training set without n held-out images, those n): n / num_classes of each class, drawn
+    with VAL_SPLIT_SEED."""
+    held = per_class(labels_of(train), n // num_classes, num_classes, seed=VAL_SPLIT_SEED)
+    return subset_of(train, sorted(set(range(len(train))) - set(held))), subset_of(train, held)
 
 
 def loader(dataset, args, shuffle: bool = False, seed: int = 0):

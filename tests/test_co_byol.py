@@ -324,6 +324,12 @@ def test_tiny_run_writes_all_outputs(tmp_path):
     assert final["knn_top1_random_init"] == knn[0]["knn_top1"] and rows[-1]["knn_top1_full"] == final["knn_top1"]
     assert final["linear_top1_random_init"] == knn[0]["linear_top1"] and final["linear_top1_bank_subset"] == knn[-1]["linear_top1"]
     assert rows[-1]["linear_top1_full"] == final["linear_top1"]
+    env = rows[0]["environment"]  # the first row: where the run ran (issue 39)
+    assert rows[0]["step"] == 0 and env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["precision"] in ("float32", "bfloat16") and env["cpu"] and env["commit"]
+    assert final["environment"] == [{"from_step": 0, **env}]
+    assert final["wall_s"] >= final["train_s"] + final["eval_s"] and final["eval_s"] == pytest.approx(
+        sum(r["knn_s"] for r in rows if "knn_s" in r))
     backbone = torch.load(out / "backbone.pt", weights_only=True)
     assert set(backbone) == {"arch", "arch_kwargs", "state_dict", "args"}
     import rf_resnet
@@ -368,6 +374,9 @@ def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
     assert 1 <= ckpt["step"] < 2000 and "stop requested" in out_text and (out / "backbone.pt").exists()
     again = run_script(TINY + ["--epochs", "500", "--output-dir", str(out), "--max-steps", str(ckpt["step"] + 1)])
     assert again.returncode == 0 and f"resumed from {out / 'checkpoint.pt'} at step {ckpt['step']}" in again.stdout
+    final = json.loads((out / "final_metrics.json").read_text())  # both processes' time and environment
+    assert final["wall_s"] >= final["train_s"] + final["eval_s"] and final["wall_s"] > ckpt["wall_s"]
+    assert [e["from_step"] for e in final["environment"]] == [0, ckpt["step"]]
 
 
 def test_cifar10_from_the_data_scripts_layout(tmp_path):

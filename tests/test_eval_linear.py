@@ -194,6 +194,7 @@ def test_full_tiny_evaluation_of_a_co_byol_backbone(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["arch_kwargs"]["width"] == 16  # the narrow network was rebuilt from backbone.pt
+    assert res["environment"]["torch"] == torch.__version__ and res["environment"]["precision"] == "float32"
     assert set(res["linear"]) == {"final (.h)", "patch (.pooled = layer4)", "layer3"}
     assert 0 <= res["knn"]["top1"] <= 100 and res["args"]["image_size"] == 16  # the checkpoint's size
     rob = res["robustness"]

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-TIMING = {"img_per_s", "peak_mem_mb", "train_s", "knn_s", "wall_s", "wall_s_total", "eval_wall_s"}
+# what a run writes that is not what it computes: timings, and where it ran (the environment rows, commit included)
+TIMING = {"img_per_s", "peak_mem_mb", "train_s", "knn_s", "wall_s", "wall_s_total", "eval_wall_s", "eval_s",
+          "environment"}
 
 
 def tiny_configs(repo: Path) -> dict:
@@ -76,7 +78,8 @@ def run(repo: Path, out: Path, only: list[str]) -> None:
             rows = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
             result[name] = {"backbone": tensor_hash(backbone).hexdigest()[:16],
                             "state": tensor_hash(states).hexdigest()[:16],
-                            "rows": [{k: v for k, v in r.items() if k not in TIMING} for r in rows]}
+                            "rows": [{k: v for k, v in r.items() if k not in TIMING} for r in rows
+                                     if "environment" not in r]}
         print(name, result[name].get("backbone", "ERROR"), flush=True)
     out.write_text(json.dumps(result, indent=1, sort_keys=True))
 

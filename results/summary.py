@@ -48,6 +48,10 @@ CPU_OF = {"laptop/byol12_s2": "Xeon-AMX", "laptop/co_byol12_s2": "Xeon-AMX",
           **{f"geo_dino_laptop/{loss}_s{s}": "Xeon-AMX" for loss in ("none", "sim", "geo") for s in (0, 1)}}
 
 
+# runs stopped and resumed on more threads than they started with (their train.log says so)
+THREADS_NOTE = {"co_dino_laptop/co_dino12_s1": " (1, then 2 threads)"}
+
+
 def machine(folder: Path) -> str:
     """'Xeon fp32', 'EPYC fp32', 'EPYC bf16' or 'Xeon-AMX bf16', from the run's train.log (its device line)."""
     line = next(l for l in (folder / "train.log").read_text().splitlines() if " amp " in l)
@@ -74,7 +78,8 @@ def main() -> None:
         runs = seeds_of(prefix)
         if not runs:
             continue
-        minutes = " / ".join(f"{f['train_s'] / 60:.1f}" for f in runs.values())
+        minutes = " / ".join(f"{f['train_s'] / 60:.1f}{THREADS_NOTE.get(f'{prefix}_s{s}', '')}"
+                             for s, f in runs.items())
         machines = [machine(R / f"{prefix}_s{s}") for s in runs]
         groups = {m: ",".join(str(s) for s, ms in zip(runs, machines) if ms == m) for m in dict.fromkeys(machines)}
         where = machines[0] if len(groups) == 1 else ", ".join(

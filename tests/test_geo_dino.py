@@ -339,8 +339,8 @@ def test_swin_backbone_round_trips_through_torchvision_and_eval_linear(tmp_path)
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "needs /nonexistent/train"),
     (["--width", "30"], "--width must be a positive multiple of 4"),
     (["--knn-temperature", "0"], "--knn-temperature > 0"),
-    (["--knn-bank", "-1"], "--knn-every, --train-per-class, --warmup-epochs"),
-    (["--train-per-class", "-5"], "--knn-every, --train-per-class, --warmup-epochs"),
+    (["--knn-bank", "-1"], "--knn-every, --train-per-class, --val-split, --warmup-epochs"),
+    (["--train-per-class", "-5"], "--knn-every, --train-per-class, --val-split, --warmup-epochs"),
     (["--clip-grad", "-1"], "need --clip-grad >= 0"),
 ])
 def test_bad_values_are_refused(argv, message, capsys):

@@ -6,8 +6,8 @@ Per method and seed it reads `final_metrics.json` of results/<folder>_s<seed>: `
 training set), `linear_top1` (the logistic-regression readout on the same frozen features; for runs made before
 it existed, the same readout computed afterwards by results/laptop/readout.py into `readout.json`) and `train_s`.
 The random initialisation: readout.py's `random:S`, the network a seed-S run starts from. Mean and spread
-(max - min) over the seeds found. The CPU and precision of each run come from its train.log ("amp ... (native
-bf16 / no native bf16 on this CPU)"): the runs so far were made on three 2-core machines, an Intel Xeon without
+(max - min) over the seeds found. The CPU and precision of each run come from final_metrics.json's `environment`
+(runs since 2026-12-07), else from its train.log ("amp ... (native bf16 / no native bf16 on this CPU)"): the runs so far were made on three 2-core machines, an Intel Xeon without
 native bf16 ("Xeon"), an AMD EPYC with it ("EPYC") and an Intel Xeon with AMX-BF16 ("Xeon-AMX", CPU_OF below).
 """
 import json
@@ -53,7 +53,15 @@ THREADS_NOTE = {"co_dino_laptop/co_dino12_s1": " (1, then 2 threads)"}
 
 
 def machine(folder: Path) -> str:
-    """'Xeon fp32', 'EPYC fp32', 'EPYC bf16' or 'Xeon-AMX bf16', from the run's train.log (its device line)."""
+    """'Xeon fp32', 'EPYC fp32', 'EPYC bf16' or 'Xeon-AMX bf16': from final_metrics.json's environment (runs since
+    2026-12-07), else from the run's train.log (its device line) and CPU_OF."""
+    envs = json.loads((folder / "final_metrics.json").read_text()).get("environment")
+    if envs:
+        names = []
+        for env in envs:  # one per process: a resumed run may have moved
+            cpu = "EPYC" if "EPYC" in env["cpu"] else "Xeon-AMX" if "amx_bf16" in env["cpu_flags"] else "Xeon"
+            names.append(f"{cpu} {'bf16' if env['precision'] == 'bfloat16' else 'fp32'}")
+        return " + ".join(dict.fromkeys(names))
     line = next(l for l in (folder / "train.log").read_text().splitlines() if " amp " in l)
     cpu = CPU_OF.get(folder.relative_to(R).as_posix(), "Xeon" if "no native bf16" in line else "EPYC")
     return f"{cpu} {'bf16' if 'bfloat16' in line else 'fp32'}"

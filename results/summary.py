@@ -5,7 +5,8 @@
 Per method and seed it reads `final_metrics.json` of results/<folder>_s<seed>: `knn_top1` (k = 200 on the whole
 training set), `linear_top1` (the logistic-regression readout on the same frozen features; for runs made before
 it existed, the same readout computed afterwards by results/laptop/readout.py into `readout.json`) and `train_s`.
-The random initialisation: readout.py's `random:S`, the network a seed-S run starts from. Mean and spread
+The random initialisation: readout.py's `random:S`, the network a seed-S run starts from, read in fp32 (as the
+Xeon runs) and in bf16 (`--bf16`, as the runs with native bf16). Mean and spread
 (max - min) over the seeds found. The CPU and precision of each run come from final_metrics.json's `environment`
 (runs since 2026-12-07), else from its train.log ("amp ... (native bf16 / no native bf16 on this CPU)"): the runs so far were made on three 2-core machines, an Intel Xeon without
 native bf16 ("Xeon"), an AMD EPYC with it ("EPYC") and an Intel Xeon with AMX-BF16 ("Xeon-AMX", CPU_OF below).
@@ -79,9 +80,11 @@ def main() -> None:
     print("| method | seeds | k-NN top-1 %: per seed: **mean** (spread) | linear top-1 % | minutes per seed "
           "(1 thread) | CPU, precision | runs |")
     print("|---|---|---|---|---|---|---|")
-    init = [json.loads((R / f"laptop/random_init/readout_seed{s}.json").read_text()) for s in (0, 1, 2)]
-    print(f"| same network at random initialisation | 0,1,2 | {cell([r['knn_top1'] for r in init])} | "
-          f"{cell([r['linear_top1'] for r in init])} | 0 | | [random_init](results/laptop/random_init) |")
+    for suffix, name, where in (("", "same network at random initialisation", "fp32"),
+                                ("_bf16", "the same, read in bf16", "Xeon-AMX bf16")):  # as the runs of each precision
+        init = [json.loads((R / f"laptop/random_init/readout_seed{s}{suffix}.json").read_text()) for s in (0, 1, 2)]
+        print(f"| {name} | 0,1,2 | {cell([r['knn_top1'] for r in init])} | {cell([r['linear_top1'] for r in init])} "
+              f"| 0 | {where} | [random_init](results/laptop/random_init) |")
     for name, flags, prefix in ROWS:
         runs = seeds_of(prefix)
         if not runs:

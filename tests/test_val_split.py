@@ -85,3 +85,18 @@ def test_a_val_split_smaller_than_the_classes_stops_with_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         co_byol.load_datasets(args, rank=0)
     assert "at least one image of each of the 10 classes" in str(e.value)
+
+
+def test_eval_linear_val_split_evaluates_on_the_held_out_images(tmp_path, capsys):
+    """eval_linear.py --val-split N: the probe and the k-NN read the N held-out training images, not the test set."""
+    args = co_byol.parse_args(["--dataset", "fake", "--image-size", "16", "--width", "8", "--ws", "0"])
+    torch.manual_seed(0)
+    co_byol.save_backbone(tmp_path / "backbone.pt", co_byol.OnlineNetwork(args).encoder.backbone, args)
+    res = eval_linear.main(eval_linear.parse_args([
+        "--checkpoint", str(tmp_path / "backbone.pt"), "--dataset", "fake", "--fake-size", "40", "--val-split", "10",
+        "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--knn", "--knn-k", "3", "--precompute",
+        "--output-dir", str(tmp_path / "eval")]))
+    out = capsys.readouterr().out
+    train, val = (int(w) for w in out.split(" val images")[0].split("; ")[-1].split(" train / "))
+    assert train + val == 40 and 8 <= val <= 10  # FakeData's random labels: a class may have no image
+    assert res["args"]["val_split"] == 10 and 0 <= res["knn"]["top1"] <= 100

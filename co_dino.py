@@ -995,11 +995,6 @@ def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.T
     return torch.lerp(other, x, per_image(factor)).clamp(0, 1)
 
 
-# The hue h in sextants, [0, 6) (0 red, 2 green, 4 blue), back to RGB: min + chroma x the pure hue's colour, whose
-# channel c is clamp(A_c + SIGN_c |h - CENTRE_c|, 0, 1), a trapezoid (torchvision's _hsv2rgb, without branches).
-PURE_HUE = torch.tensor([[-1.0, 2.0, 2.0], [1.0, -1.0, -1.0], [3.0, 2.0, 4.0]])  # rows A, SIGN, CENTRE
-
-
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue by shift (B,) of a turn: RGB -> HSV, h + shift, -> RGB (torchvision's adjust_hue)."""
     maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)  # (B, 1, S, S)
@@ -1009,9 +1004,11 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     is_g = (1 - is_r) * (1 - (maxc[:, 0] - x[:, 1]).sign())  # else green (ties give the same hue either way)
     h = is_r * (bc - gc) + is_g * (2 + rc - bc) + (1 - is_r - is_g) * (4 + gc - rc)  # in [-1, 5)
     h = h + 6 * shift[:, None, None]
-    h = (h - 6 * (h / 6).floor())[:, None]  # (B, 1, S, S) in [0, 6): modulo 6
-    a, sign, centre = (row.to(x.device)[None, :, None, None] for row in PURE_HUE)  # (1, 3, 1, 1) each
-    return (minc + chroma * (a + sign * (h - centre).abs()).clamp(0, 1)).clamp(0, 1)
+    h = h - 6 * (h / 6).floor()  # in [0, 6) (0 red, 2 green, 4 blue): modulo 6
+    # back to RGB, torchvision's _hsv2rgb without branches: min + chroma x the colour of the pure hue, whose
+    # channels are trapezoids in h (red 1 on [5, 1], green on [1, 3], blue on [3, 5], ramping linearly between)
+    pure = torch.stack([(h - 3).abs() - 1, 2 - (h - 2).abs(), 2 - (h - 4).abs()], dim=1).clamp(0, 1)  # (B, 3, S, S)
+    return (minc + chroma * pure).clamp(0, 1)
 
 
 def jitter_params(n: int, strengths, p: float, gen: torch.Generator):

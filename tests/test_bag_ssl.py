@@ -1,13 +1,11 @@
 """bag_ssl.py: the four losses against independent formulas, the patch views and boxes, the bag-of-patch
-aggregation, and the plumbing (every loss runs, outputs, --eval-only, resume, DDP, bad input, the online k-NN,
+aggregation, and the plumbing (every loss runs, outputs, --eval-only, resume, bad input, the online k-NN,
 --width, precision, CIFAR-10 from prepare_cifar10.py).
 
-Kept fast (~1-2 min on 2 CPU cores): tiny ResNet-18 runs on 16 px FakeData, in-process where a subprocess adds
-nothing but start-up time."""
+Kept fast: tiny width-8 ResNet-18 runs on 16 px FakeData, in-process where a subprocess adds
+nothing but start-up time (tests/in_process.py). DDP: test_ddp.py."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,21 +15,23 @@ import torch
 import torch.nn.functional as F
 
 import bag_ssl
+import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny but complete configuration: ResNet-18 (cifar stem) on 16 px FakeData (16 train / 4 val images, batch 4:
+# A tiny but complete configuration: a width-8 ResNet-18 (cifar stem) on 16 px FakeData (16 train / 4 val images, batch 4:
 # 4 steps per epoch), 8 px patches, narrow heads.
 TINY = ["--dataset", "fake", "--image-size", "16", "--fake-size", "16", "--batch-size", "4", "--epochs", "2",
         "--arch", "resnet18", "--stem", "cifar", "--patch-size", "8", "--proj-hidden", "64", "--proj-dim", "32",
         "--pred-hidden", "64", "--num-workers", "0", "--log-every", "1", "--warmup-epochs", "1",
-        "--eval-patches", "1,4", "--eval-knn-k", "5", "--knn-k", "5", "--linear-epochs", "5"]
+        "--eval-patches", "1,4", "--eval-knn-k", "5", "--knn-k", "5", "--linear-epochs", "5", "--width", "8"]
 # The cheapest evaluation, for runs that test something else (no k-NN at all: neither bag-of-patch nor online).
 NO_EVAL = ["--eval-patches", "1", "--eval-train-images", "4", "--eval-test-images", "2", "--linear-epochs", "1",
            "--eval-knn-k", "0", "--knn-k", "0"]
 
 
-def run_script(args, **kw):
-    return subprocess.run([sys.executable, "bag_ssl.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+def run_script(args):
+    """`python bag_ssl.py ARGS`, run in this process (tests/in_process.py: no second import of torch)."""
+    return in_process.run("bag_ssl.py", args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -404,8 +404,7 @@ def test_tiny_run_outputs_and_eval_only(tmp_path):
     assert final["convergence"]["n"] == [1, 2, 4] and len(final["convergence"]["cosine"]) == 3
     assert -1 <= final["convergence"]["cosine_between_images"] <= 1
     # Table 1's layout and Fig. 3a's plot, from final_metrics.json
-    report = subprocess.run([sys.executable, "results/bag_ssl_report.py", str(out)], cwd=ROOT, capture_output=True,
-                            text=True)
+    report = in_process.run("results/bag_ssl_report.py", [out])
     assert report.returncode == 0, report.stderr
     table = (out / "table1.md").read_text()
     assert "| Central crop | 1 patch | 4 patches | 3x3 grid, mean | 3x3 grid, local 3x3/2 concat |" in table
@@ -414,7 +413,7 @@ def test_tiny_run_outputs_and_eval_only(tmp_path):
         assert (out / name).stat().st_size > 0
     backbone = torch.load(out / "backbone.pt", weights_only=True)
     assert set(backbone) == {"arch", "arch_kwargs", "state_dict", "args"}
-    assert backbone["arch_kwargs"] == {"stem": "cifar", "mlp": None, "width": 64}
+    assert backbone["arch_kwargs"] == {"stem": "cifar", "mlp": None, "width": 8}
     net = bag_ssl.rf_resnet.build_backbone(backbone["arch"], **backbone["arch_kwargs"])
     net.load_state_dict(backbone["state_dict"])  # strict: downstream users can rebuild it
 
@@ -431,7 +430,9 @@ def test_tiny_run_outputs_and_eval_only(tmp_path):
         assert saved["eval"][name] == pytest.approx(final["eval"][name])
 
     # A backbone.pt written before --width (no "width" in arch_kwargs) still loads: build_backbone's 64
-    old = dict(backbone, arch_kwargs={"stem": "cifar", "mlp": None})
+    old_kwargs = {"stem": "cifar", "mlp": None}  # this run is width 8: a width-64 network's weights stand in
+    old = dict(backbone, arch_kwargs=old_kwargs,
+               state_dict=bag_ssl.rf_resnet.build_backbone("resnet18", **old_kwargs).state_dict())
     torch.save(old, tmp_path / "old_backbone.pt")
     argv = ["--eval-only", "--checkpoint", str(tmp_path / "old_backbone.pt"), "--dataset", "fake", "--output-dir",
             str(tmp_path / "ev_old")]
@@ -494,34 +495,6 @@ def test_resume_2_plus_2_equals_4(tmp_path, capsys):
             flat_b = {k: v["momentum_buffer"] for k, v in cb[part]["state"].items()}
         for k in flat_a:
             assert torch.equal(flat_a[k], flat_b[k]), f"{part}.{k}"
-
-
-WORKER = """
-import os, sys, torch
-sys.path.insert(0, {root!r})
-import bag_ssl
-online, target, final = bag_ssl.main(bag_ssl.parse_args(sys.argv[1:]))
-torch.save({{"online": online.state_dict()}}, os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
-"""
-
-
-def test_torchrun_two_processes_keep_identical_weights(tmp_path):
-    out = tmp_path / "ddp"
-    out.mkdir()
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), out=str(out)))
-    # VICReg: its statistics run over the global batch through gather_with_grad
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *TINY, *NO_EVAL, "--epochs", "1", "--max-steps", "2", "--output-dir",
-                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
-    for k, v in r0["online"].items():
-        if "running_" in k or "num_batches" in k:
-            continue  # CPU/gloo: BatchNorm statistics are per process (no SyncBN), by design
-        assert torch.equal(v, r1["online"][k]), f"online.{k} differs between ranks"
-    assert "world size 2, per-process batch 2" in proc.stdout
-    assert (out / "final_metrics.json").exists()
 
 
 def test_gather_with_grad_is_the_identity_in_one_process():

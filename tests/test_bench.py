@@ -106,7 +106,6 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 def test_gpu_check_stops_starting_runs_when_its_time_budget_is_spent(tmp_path):
     """--budget-s 0: nothing starts after the first check of the clock, and the report says what did not run."""
-    import json
     import subprocess
     import sys
 

@@ -1,11 +1,6 @@
-"""co_byol.py: the equations of the paper, the BYOL reduction, EMA, and the plumbing (outputs, resume, DDP)."""
+"""co_byol.py: the equations of the paper, the BYOL reduction, EMA, and the plumbing (outputs, resume; DDP: test_ddp.py)."""
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,16 +8,19 @@ import torch
 import torch.nn.functional as F
 
 import co_byol
+import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny but complete configuration: ResNet-18 (cifar stem) on 16 px FakeData with narrow heads (3x3 local map).
+# A tiny but complete configuration: a width-8 ResNet-18 (cifar stem) on 16 px FakeData with narrow heads (3x3 local
+# map): a few seconds per run.
 TINY = ["--dataset", "fake", "--image-size", "16", "--fake-size", "32", "--batch-size", "8", "--epochs", "2",
         "--proj-hidden", "32", "--pred-hidden", "32", "--proj-dim", "16", "--num-workers", "0", "--knn-k", "5",
-        "--log-every", "1", "--warmup-epochs", "1"]
+        "--log-every", "1", "--warmup-epochs", "1", "--width", "8"]
 
 
-def run_script(args, **kw):
-    return subprocess.run([sys.executable, "co_byol.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+def run_script(args):
+    """`python co_byol.py ARGS`, run in this process (tests/in_process.py: no second import of torch)."""
+    return in_process.run("co_byol.py", args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,26 +357,6 @@ def test_resume_2_plus_2_equals_4(tmp_path):
             assert torch.equal(ca[part][k], cb[part][k]), f"{part}.{k}"
 
 
-def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "co_byol.py", *TINY, "--epochs", "500", "--output-dir", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out_text, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # 143: schedulers and torchrun restart it
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert 1 <= ckpt["step"] < 2000 and "stop requested" in out_text and (out / "backbone.pt").exists()
-    again = run_script(TINY + ["--epochs", "500", "--output-dir", str(out), "--max-steps", str(ckpt["step"] + 1)])
-    assert again.returncode == 0 and f"resumed from {out / 'checkpoint.pt'} at step {ckpt['step']}" in again.stdout
-    final = json.loads((out / "final_metrics.json").read_text())  # both processes' time and environment
-    assert final["wall_s"] >= final["train_s"] + final["eval_s"] and final["wall_s"] > ckpt["wall_s"]
-    assert [e["from_step"] for e in final["environment"]] == [0, ckpt["step"]]
-
-
 def test_cifar10_from_the_data_scripts_layout(tmp_path):
     """prepare_cifar10.py writes torchvision's cifar-10-batches-py layout; co_byol.py reads it back exactly."""
     import numpy as np
@@ -437,32 +415,3 @@ def test_rf_resnet_run_at_64px(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "local map 9x9" in proc.stdout  # rf49 at 64 px (stem padding 2: 66 px) has a 9x9 map
     assert json.loads((out / "final_metrics.json").read_text())["step"] == 2
-
-
-WORKER = """
-import os, sys, torch
-sys.path.insert(0, {root!r})
-import co_byol
-online, target, final = co_byol.main(co_byol.parse_args(sys.argv[1:]))
-torch.save({{"online": online.state_dict(), "target": target.state_dict()}},
-           os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
-"""
-
-
-def test_torchrun_two_processes_keep_identical_weights(tmp_path):
-    out = tmp_path / "ddp"
-    out.mkdir()
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), out=str(out)))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *TINY, "--epochs", "1", "--output-dir", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
-    for part in ("online", "target"):
-        for k, v in r0[part].items():
-            if "running_" in k or "num_batches" in k:
-                continue  # CPU/gloo: BatchNorm statistics are per process (no SyncBN), by design
-            assert torch.equal(v, r1[part][k]), f"{part}.{k} differs between ranks"
-    assert "world size 2, per-process batch 4" in proc.stdout
-    assert (out / "final_metrics.json").exists()

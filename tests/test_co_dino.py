@@ -1,11 +1,7 @@
 """co_dino.py: DINO's loss and centre against the official formulation, the local loss, the DINO reduction at
-ws = 0, and the same plumbing tests as co_byol.py (outputs, resume, DDP, bad input)."""
+ws = 0, and the same plumbing tests as co_byol.py (outputs, resume, bad input; DDP: test_ddp.py)."""
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,16 +10,18 @@ import torch
 import torch.nn.functional as F
 
 import co_dino
+import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny but complete configuration: ResNet-18 (cifar stem) on 16 px FakeData, narrow heads, 64 prototypes.
+# A tiny but complete configuration: a width-8 ResNet-18 (cifar stem) on 16 px FakeData, narrow heads, 64 prototypes.
 TINY = ["--dataset", "fake", "--image-size", "16", "--fake-size", "32", "--batch-size", "8", "--epochs", "2",
         "--out-dim", "64", "--head-hidden", "32", "--bottleneck", "16", "--num-workers", "0", "--knn-k", "5",
-        "--log-every", "1", "--warmup-epochs", "1"]
+        "--log-every", "1", "--warmup-epochs", "1", "--width", "8"]
 
 
-def run_script(args, **kw):
-    return subprocess.run([sys.executable, "co_dino.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+def run_script(args):
+    """`python co_dino.py ARGS`, run in this process (tests/in_process.py: no second import of torch)."""
+    return in_process.run("co_dino.py", args)
 
 
 class OfficialDINOLoss:
@@ -267,21 +265,6 @@ def test_resume_2_plus_2_equals_4(tmp_path):
             assert torch.equal(ca[part][k], cb[part][k]), f"{part}.{k}"
 
 
-def test_sigterm_writes_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "co_dino.py", *TINY, "--epochs", "500", "--output-dir", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]  # 143: schedulers and torchrun restart it
-    assert "stop requested" in stdout and (out / "backbone.pt").exists()
-    assert 1 <= torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 2000
-
-
 def test_rf_resnet_run_at_64px_with_multicrop(tmp_path):
     out = tmp_path / "rf"
     proc = run_script(["--dataset", "fake", "--image-size", "64", "--fake-size", "8", "--batch-size", "4",
@@ -291,40 +274,6 @@ def test_rf_resnet_run_at_64px_with_multicrop(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "local map 9x9" in proc.stdout
     assert json.loads((out / "final_metrics.json").read_text())["step"] == 2
-
-
-WORKER = """
-import os, sys, torch
-sys.path.insert(0, {root!r})
-import co_dino
-centres = []  # record every centre this rank computes (global, local, global, local, ...)
-_update = co_dino.update_center
-co_dino.update_center = lambda c, logits, m: centres.append(_update(c, logits, m)) or centres[-1]
-student, teacher, final = co_dino.main(co_dino.parse_args(sys.argv[1:]))
-torch.save({{"student": student.state_dict(), "teacher": teacher.state_dict(), "centres": centres}},
-           os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
-"""
-
-
-def test_torchrun_two_processes_keep_identical_weights_and_centres(tmp_path):
-    out = tmp_path / "ddp"
-    out.mkdir()
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), out=str(out)))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *TINY, "--epochs", "1", "--output-dir", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
-    for part in ("student", "teacher"):
-        for k, v in r0[part].items():
-            if "running_" in k or "num_batches" in k:
-                continue  # CPU/gloo: BatchNorm statistics are per process (no SyncBN), by design
-            assert torch.equal(v, r1[part][k]), f"{part}.{k} differs between ranks"
-    # DINO's centre is a statistic of the GLOBAL batch: both ranks compute the same centres at every step
-    assert len(r0["centres"]) == len(r1["centres"]) == 2 * 4  # 4 steps (32 images / 8), global + local
-    for c0, c1 in zip(r0["centres"], r1["centres"]):
-        torch.testing.assert_close(c0, c1)
 
 
 def test_head_bn_and_norm_last_layer_flags():

@@ -1,8 +1,6 @@
 """eval_linear.py: corruptions, masking, PGD and the analysis against their definitions; a full tiny evaluation
 of a co_byol.py backbone; bad checkpoints and mismatched data refused with one line."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,14 +9,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval_linear as ev
+import in_process
 import rf_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_eval(args):
-    return subprocess.run([sys.executable, "eval_linear.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    """`python eval_linear.py ARGS`, run in this process (tests/in_process.py: no second import of torch)."""
+    return in_process.run("eval_linear.py", args)
 
 
 def smooth_images(b=4, size=32, seed=0):
@@ -179,11 +178,10 @@ def test_swin_backbone_format_round_trips(tmp_path):
 
 def test_full_tiny_evaluation_of_a_co_byol_backbone(tmp_path):
     run = tmp_path / "byol"
-    proc = subprocess.run([sys.executable, "co_byol.py", "--dataset", "fake", "--image-size", "16", "--fake-size",
-                           "16", "--batch-size", "8", "--epochs", "1", "--proj-hidden", "16", "--pred-hidden", "16",
-                           "--proj-dim", "8", "--num-workers", "0", "--knn-k", "0", "--width", "16",
-                           "--output-dir", str(run)],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = in_process.run("co_byol.py", ["--dataset", "fake", "--image-size", "16", "--fake-size", "16",
+                                         "--batch-size", "8", "--epochs", "1", "--proj-hidden", "16", "--pred-hidden",
+                                         "16", "--proj-dim", "8", "--num-workers", "0", "--knn-k", "0", "--width",
+                                         "16", "--output-dir", run])
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "eval"
     common = ["--checkpoint", str(run / "backbone.pt"), "--dataset", "fake", "--fake-size", "16", "--batch-size",
@@ -245,10 +243,5 @@ def test_bad_checkpoints_and_mismatched_data_are_one_line(tmp_path):
              (["--checkpoint", str(tmp_path / "r18.pt"), "--dataset", "cifar10"], 1,
               "trained on 224 px images but cifar10 images are 32 px"),
              (["--checkpoint", str(tmp_path / "r18.pt"), "--corruptions", "fog"], 2, "unknown corruption")]
-    # the cases are independent processes: start them together (the suite's time), then check each
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "eval_linear.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for argv, _, _ in cases]
-    for proc, (_, code, text) in zip(procs, cases):
-        _, err = proc.communicate(timeout=300)
-        _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), code, text)
+    for argv, code, text in cases:
+        _one_line(run_eval(argv), code, text)

@@ -1,10 +1,10 @@
 """Fault handling, the same in the four method files: a killed, preempted, diverging or misconfigured run loses
 at most the work since its last checkpoint and says what went wrong in one line.
 
-Most cases run in-process on tiny FakeData (a few steps of a narrow ResNet-18); those that need a real process
-(kill -9, a torchrun restart, SIGTERM to a whole process group with its loader worker) start one. A plain
-SIGTERM through a real process is in test_co_byol.py and test_co_dino.py, the NaN guard in each method's own
-test file.
+Most cases run in-process on tiny FakeData (a few steps of a narrow ResNet-18; tests/in_process.py for whole
+command lines); those that need a real process (kill -9, a torchrun restart, a stop signal to the process or to
+its whole group with its loader worker) start one: a process start with torch costs 2-5 s on a 2-core CPU. The
+NaN guard is in each method's own test file.
 """
 import importlib
 import json
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--dataset", "fake", "--image-size", "16", "--batch-size", "4", "--epochs", "2", "--num-workers", "0",
@@ -218,8 +220,7 @@ def test_kill_9_while_checkpointing_every_step_leaves_a_loadable_checkpoint(tmp_
     proc.kill()
     proc.wait()
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
-    again = subprocess.run(argv + ["--max-steps", str(step + 1)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+    again = in_process.run("co_byol.py", argv[2:] + ["--max-steps", str(step + 1)])  # the same command
     assert again.returncode == 0 and f"at step {step}" in again.stdout, again.stderr[-2000:]
 
 
@@ -240,9 +241,18 @@ def test_stop_signal_to_the_process_group_with_a_loader_worker_checkpoints_and_e
         assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.1)
     os.killpg(proc.pid, sig)  # the session's group: the main process and its loader worker
-    _, err = proc.communicate(timeout=120)
+    text, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig and "is killed by signal" not in err, err[-2000:]
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 2 and (out / "backbone.pt").exists()
+    assert "stop requested" in text and (out / "backbone.pt").exists()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] >= 2
+    if (name, sig) == ("co_byol", signal.SIGTERM):  # the same command resumes; the results count both processes
+        again = in_process.run("co_byol.py", argv + ["--output-dir", out, "--max-steps", ckpt["step"] + 1])
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert f"resumed from {out / 'checkpoint.pt'} at step {ckpt['step']}" in again.stdout
+        final = json.loads((out / "final_metrics.json").read_text())  # both processes' time and environment
+        assert final["wall_s"] >= final["train_s"] + final["eval_s"] and final["wall_s"] > ckpt["wall_s"]
+        assert [e["from_step"] for e in final["environment"]] == [0, ckpt["step"]]
 
 
 def _children(pid: int) -> list[int]:
@@ -270,7 +280,6 @@ def _ranks(pid: int) -> list[int]:
 
 
 def _last_logged_step(out: Path) -> int:
-    import json
     try:
         lines = (out / "metrics.jsonl").read_text().splitlines()
     except OSError:
@@ -322,9 +331,8 @@ def test_truncated_image_through_a_loader_worker_is_one_line(tmp_path):
     bad = _image_folder(tmp_path / "data")
     argv = [a if a != "fake" else "imagefolder" for a in TINY["co_byol"]]
     argv[argv.index("--num-workers") + 1] = "1"
-    proc = subprocess.run([sys.executable, "co_byol.py", *argv, "--data-dir", str(tmp_path / "data"),
-                           "--epochs", "1", "--output-dir", str(tmp_path / "run")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = in_process.run("co_byol.py", [*argv, "--data-dir", tmp_path / "data", "--epochs", "1", "--output-dir",
+                                         tmp_path / "run"])
     assert proc.returncode == 1
     errors = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if "error:" in ln]  # not tqdm's bar
     assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in proc.stderr
@@ -368,7 +376,6 @@ print(default, fewest_faults())
 def test_knn_follows_knn_every_and_the_final_readout_comes_after_training(name, tmp_path):
     """--knn-every 2 over 3 epochs: k-NN rows at the random network (epoch 0) and at epoch 2 only (not every
     epoch); the final readout, on the whole training set, comes after training."""
-    import json
     run(name, tmp_path, "--epochs", "3", "--knn-every", "2", "--knn-k", "3")
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "knn_top1" in r] == [0.0, 2.0]
@@ -378,7 +385,6 @@ def test_knn_follows_knn_every_and_the_final_readout_comes_after_training(name, 
 # ---- Reliability as a cluster user meets it (issue: repeated signals, class folders, stale evaluations,
 # ---- non-finite buffers, a clean metrics log, one run per folder, older checkpoints, impossible values) ----
 def _metrics_rows(out: Path) -> list[dict]:
-    import json
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]  # every line parses
 
 
@@ -623,8 +629,7 @@ def test_eval_linear_stops_on_repeated_signals_with_one_line_and_resumes(tmp_pat
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
     assert len([ln for ln in err.replace("\r", "\n").splitlines() if "stopped by signal" in ln]) == 1
     epoch = torch.load(out / "eval_checkpoint.pt", weights_only=True)["epoch"]
-    again = subprocess.run(argv + ["--epochs", str(epoch + 1)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+    again = in_process.run("eval_linear.py", argv[2:] + ["--epochs", str(epoch + 1)])
     assert again.returncode == 0 and f"at epoch {epoch}" in again.stdout, again.stderr[-2000:]
 
 

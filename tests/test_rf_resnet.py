@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import in_process
 import rf_resnet
 from rf_resnet import available_archs, build_backbone, make_resnet, measure_receptive_field, receptive_field
 
@@ -97,14 +98,12 @@ def test_bad_arch_and_stem_are_refused():
 
 def test_command_line_table_and_plot(tmp_path):
     png = tmp_path / "rf.png"
-    proc = subprocess.run(
-        [sys.executable, "rf_resnet.py", "--stem", "imagenet", "--no-measure", "--plot", str(png), "--plot-archs", "rf29_resnet18,rf49_resnet18",
-         "--plot-stem", "cifar", "--plot-size", "64"],
-        cwd=ROOT, capture_output=True, text=True, check=True)
+    proc = in_process.run("rf_resnet.py", ["--stem", "imagenet", "--no-measure", "--plot", png, "--plot-archs",
+                                           "rf29_resnet18,rf49_resnet18", "--plot-stem", "cifar", "--plot-size", "64"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| rf99_resnet50 | imagenet | 99 |" in proc.stdout
     assert png.stat().st_size > 0
-    bad = subprocess.run([sys.executable, "rf_resnet.py", "--plot", str(png), "--plot-archs", "nope"],
-                         cwd=ROOT, capture_output=True, text=True)
+    bad = in_process.run("rf_resnet.py", ["--plot", png, "--plot-archs", "nope"])
     assert bad.returncode == 2 and "unknown arch 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -2,8 +2,6 @@
 readouts' queries; the rest is the training set and the k-NN bank; eval_linear.py --val-split N holds out the same
 images. Recipes are then chosen without reading the test set."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 import co_byol
 import co_dino
 import eval_linear
+import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,10 +58,10 @@ def test_load_datasets_returns_the_held_out_images_with_the_evaluation_transform
 
 def test_a_run_trains_without_the_held_out_images_and_reads_them_instead_of_the_test_set(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "co_byol.py", "--dataset", "fake", "--image-size", "16", "--fake-size", "40",
+    cmd = ["--dataset", "fake", "--image-size", "16", "--fake-size", "40", "--width", "8",
            "--val-split", "10", "--batch-size", "8", "--epochs", "1", "--proj-hidden", "32", "--pred-hidden", "32",
            "--proj-dim", "16", "--num-workers", "0", "--knn-k", "5", "--knn-bank", "0", "--output-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = in_process.run("co_byol.py", cmd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training images held out as the readouts' queries; the test set is not used" in proc.stdout
     assert ", 3 steps/epoch" in proc.stdout  # 30-32 training images / batch 8 (40 without the split: 5)

@@ -526,9 +526,9 @@ def plot_receptive_fields(path: str, archs: Sequence[str], image_size: int = 224
         support = (x.grad[0].abs().sum(0) > 0).float()
         # Effective RF: the real random network, averaged over a few noise images.
         erf = sum(gradient_map(model, torch.randn(3, image_size, image_size)) for _ in range(4))
-        axes[0, col].imshow(support, cmap="gray", vmin=0, vmax=1)
+        axes[0, col].imshow(support.numpy(), cmap="gray", vmin=0, vmax=1)  # numpy: matplotlib's own type
         axes[0, col].set_title(f"{arch}\nRF {receptive_field(model)} px (grid {local.shape[-1]})")
-        axes[1, col].imshow(torch.log10(erf + erf.max() * 1e-6), cmap="magma")
+        axes[1, col].imshow(torch.log10(erf + erf.max() * 1e-6).numpy(), cmap="magma")
         axes[1, col].set_title("effective RF, log10 |grad|")
         for ax in axes[:, col]:
             ax.set_xticks([]), ax.set_yticks([])

@@ -78,11 +78,13 @@ def conv_copy(head: co_dino.DINOHead) -> nn.Module:
     return ConvHead().to(memory_format=torch.channels_last)
 
 
-def whole_steps(method: str, backend: str = "inductor", reps: int = 15, amp: str = "bf16", warmup: int = 3) -> dict:
+def whole_steps(method: str, backend: str = "inductor", reps: int = 15, amp: str = "bf16", warmup: int = 3,
+                spec: str = "resnet18:32:64", width: int = 16) -> dict:
     """(4): median CPU seconds of the floor, of the eager laptop step and of the same step with its loss compiled
     (`Nets.loss_fn`, as --compile sets it; the network stays eager), interleaved, after the compile (printed), and
     the two steps' losses on the same first batch (equal up to the compiler's rounding). `amp`: the laptop
-    recipe's bf16 (on a CPU without native bf16 a step is ~10x slower: the test passes "off")."""
+    recipe's bf16 (on a CPU without native bf16 a step is ~10x slower: the test passes "off"). `spec` (arch:px:batch)
+    and `width`: the laptop recipe's network and batch; the test's are smaller."""
     import copy
     import dataclasses
     import tempfile
@@ -92,7 +94,7 @@ def whole_steps(method: str, backend: str = "inductor", reps: int = 15, amp: str
 
     with tempfile.TemporaryDirectory() as out_dir:
         mod, args, run, nets, optimizer, batch, schedule = bench_floor.bench_step.build(
-            method, "resnet18:32:64", 1, "cpu", amp, 16, out_dir, "laptop")
+            method, spec, 1, "cpu", amp, width, out_dir, "laptop")
         loss_fn = {"co_dino": "co_dino_loss", "geo_dino": "geo_dino_loss"}[method]
         # one call: the optimiser keeps the copy's parameters
         nets_c, optimizer_c = copy.deepcopy((nets, optimizer))

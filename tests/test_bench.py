@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
 bench_step = importlib.util.module_from_spec(spec)
@@ -83,12 +85,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu_check.py's CPU dry run: the same plumbing as on a GPU (the method's command line, plain and
     under torchrun), a table with img/s and memory for every run, and the loader-vs-step comparison."""
     import json
-    import subprocess
-    import sys
 
-    out = tmp_path / "gpu_check.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
-                           "--methods", "co_byol", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    out = tmp_path / "gpu_check.md"  # gpu_check.py itself in this process; it starts each run as a process
+    proc = in_process.run("benchmarks/gpu_check.py", ["--device", "cpu", "--quick", "--methods", "co_byol", "--out", out])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     runs, floor = rows[:2], rows[2:]
@@ -106,13 +105,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 def test_gpu_check_stops_starting_runs_when_its_time_budget_is_spent(tmp_path):
     """--budget-s 0: nothing starts after the first check of the clock, and the report says what did not run."""
-    import subprocess
-    import sys
-
     out = tmp_path / "gpu_check.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
-                           "--methods", "co_byol", "--budget-s", "0", "--out", str(out)], capture_output=True,
-                          text=True, timeout=600)
+    proc = in_process.run("benchmarks/gpu_check.py", ["--device", "cpu", "--quick", "--methods", "co_byol",
+                                                      "--budget-s", "0", "--out", out])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.with_suffix(".jsonl").read_text() == ""
     assert ("Not started (the 0 s time budget was spent): off: CO-BYOL resnet18; torchrun, 1 process: CO-BYOL "
@@ -160,5 +155,6 @@ def test_compiled_loss_step_benchmark_starts_both_steps_from_the_same_state():
     bench = importlib.util.module_from_spec(spec_l)
     spec_l.loader.exec_module(bench)
     for method in ("co_dino", "geo_dino"):
-        r = bench.whole_steps(method, backend="eager", reps=1, amp="off", warmup=0)  # fp32: fast on every CPU
+        # fp32 (fast on every CPU), a width-8 network and batch 8: the same code as the laptop step's
+        r = bench.whole_steps(method, backend="eager", reps=1, amp="off", warmup=0, spec="resnet18:32:8", width=8)
         assert r["compiled_loss"] == r["eager_loss"] > 0, (method, r)

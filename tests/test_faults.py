@@ -232,7 +232,8 @@ def test_stop_signal_to_the_process_group_with_a_loader_worker_checkpoints_and_e
     signalled; before the fix the run ended in 'DataLoader worker ... is killed by signal' with exit code 1."""
     out = tmp_path / "run"
     argv = list(TINY[name])
-    argv[argv.index("--fake-size") + 1] = "4000"  # 1000 steps per epoch: the worker stays busy
+    argv[argv.index("--fake-size") + 1] = "400"  # 100 steps per epoch over 50 epochs: the worker stays busy
+    argv[argv.index("--epochs") + 1] = "50"  # (FakeData seeds torch for each image: about 1.5 ms each)
     argv[argv.index("--num-workers") + 1] = "1"
     proc = subprocess.Popen([sys.executable, f"{name}.py", *argv, "--output-dir", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -401,7 +402,8 @@ def test_a_stop_signal_delivered_three_times_still_checkpoints_once_and_exits(na
     more. Before the fix the second one killed the run before checkpoint.pt or backbone.pt was written."""
     out = tmp_path / "run"
     argv = list(TINY[name])
-    argv[argv.index("--fake-size") + 1] = "4000"  # 1000 steps per epoch
+    argv[argv.index("--fake-size") + 1] = "400"  # 100 steps per epoch, 50 epochs
+    argv[argv.index("--epochs") + 1] = "50"
     proc = subprocess.Popen([sys.executable, f"{name}.py", *argv, "--output-dir", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_rows(proc, out / "metrics.jsonl")
@@ -552,7 +554,8 @@ def test_one_run_per_output_dir_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
     """Two runs on one --output-dir used to both proceed and resume from each other's checkpoints."""
     out = tmp_path / "run"
     argv = list(TINY["co_byol"])
-    argv[argv.index("--fake-size") + 1] = "4000"
+    argv[argv.index("--fake-size") + 1] = "400"  # 100 steps per epoch, 50 epochs: still running when checked
+    argv[argv.index("--epochs") + 1] = "50"
     proc = subprocess.Popen([sys.executable, "co_byol.py", *argv, "--output-dir", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -564,7 +567,7 @@ def test_one_run_per_output_dir_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
     finally:
         proc.kill()  # kill -9: no clean-up of any kind
         proc.wait()
-    run("co_byol", tmp_path, "--max-steps", "1", "--fake-size", "4000")  # the kernel released the lock
+    run("co_byol", tmp_path, "--max-steps", "1", "--fake-size", "400", "--epochs", "50")  # the kernel released the lock
 
 
 @pytest.mark.parametrize("name", ["co_byol", "bag_ssl"])  # load_checkpoint: byte-identical; two recipe sets

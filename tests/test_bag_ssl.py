@@ -18,8 +18,8 @@ import bag_ssl
 import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny but complete configuration: a width-8 ResNet-18 (cifar stem) on 16 px FakeData (16 train / 4 val images, batch 4:
-# 4 steps per epoch), 8 px patches, narrow heads.
+# A tiny but complete configuration: a width-8 ResNet-18 (cifar stem) on 16 px FakeData (16 train / 4 val images,
+# batch 4: 4 steps per epoch), 8 px patches, narrow heads.
 TINY = ["--dataset", "fake", "--image-size", "16", "--fake-size", "16", "--batch-size", "4", "--epochs", "2",
         "--arch", "resnet18", "--stem", "cifar", "--patch-size", "8", "--proj-hidden", "64", "--proj-dim", "32",
         "--pred-hidden", "64", "--num-workers", "0", "--log-every", "1", "--warmup-epochs", "1",

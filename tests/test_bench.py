@@ -87,7 +87,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     import json
 
     out = tmp_path / "gpu_check.md"  # gpu_check.py itself in this process; it starts each run as a process
-    proc = in_process.run("benchmarks/gpu_check.py", ["--device", "cpu", "--quick", "--methods", "co_byol", "--out", out])
+    proc = in_process.run("benchmarks/gpu_check.py", ["--device", "cpu", "--quick", "--methods", "co_byol",
+                                                      "--out", out])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     runs, floor = rows[:2], rows[2:]

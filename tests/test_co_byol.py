@@ -1,4 +1,5 @@
-"""co_byol.py: the equations of the paper, the BYOL reduction, EMA, and the plumbing (outputs, resume; DDP: test_ddp.py)."""
+"""co_byol.py: the equations of the paper, the BYOL reduction, EMA, and the plumbing (outputs, resume; DDP:
+test_ddp.py)."""
 import json
 import math
 from pathlib import Path

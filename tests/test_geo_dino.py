@@ -18,8 +18,8 @@ import in_process
 import rf_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny but complete configuration: a width-8 ResNet-18 (cifar stem) on 16 px FakeData (3x3 map) with 2 small 8 px crops
-# (2x2 map), narrow heads, 64 prototypes; 8 images / batch 4 = 2 steps per epoch.
+# A tiny but complete configuration: a width-8 ResNet-18 (cifar stem) on 16 px FakeData (3x3 map) with 2 small 8 px
+# crops (2x2 map), narrow heads, 64 prototypes; 8 images / batch 4 = 2 steps per epoch.
 TINY = ["--dataset", "fake", "--image-size", "16", "--local-crop-size", "8", "--local-crops", "2",
         "--fake-size", "8", "--batch-size", "4", "--epochs", "2", "--out-dim", "64", "--head-hidden", "64",
         "--bottleneck", "32", "--num-workers", "0", "--knn-k", "5", "--log-every", "1", "--warmup-epochs", "1",

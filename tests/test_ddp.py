@@ -26,25 +26,24 @@ RUNS = {
     "bag_ssl": test_bag_ssl.TINY + test_bag_ssl.NO_EVAL + ["--epochs", "1", "--max-steps", "2"],  # VICReg, batch 4
     "geo_dino": test_geo_dino.TINY + ["--epochs", "1", "--knn-k", "0"],  # 8 images / 4: 2 steps
 }
-PER_PROCESS_BATCH = {"co_byol": 4, "co_dino": 4, "bag_ssl": 2, "geo_dino": 2}
 STEPS = {"co_dino": 4, "geo_dino": 2}  # the DINO files' training steps
 
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    """One `torchrun --standalone --nproc_per_node=2` of tests/ddp_worker.py over RUNS: (its stdout, output dir)."""
+    """One `torchrun --standalone --nproc_per_node=2` of tests/ddp_worker.py over RUNS: its output folder."""
     out = tmp_path_factory.mktemp("ddp")
     (out / "runs.json").write_text(json.dumps(RUNS))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "tests" / "ddp_worker.py"), str(out / "runs.json"), str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, out
+    return out
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_keep_identical_weights(ddp, name):
-    stdout, out = ddp
+    out = ddp
     r0, r1 = (torch.load(out / name / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert len(r0["nets"]) == len(r1["nets"]) >= 1
     for net0, net1 in zip(r0["nets"], r1["nets"]):
@@ -54,13 +53,12 @@ def test_two_processes_keep_identical_weights(ddp, name):
             assert torch.equal(v, net1[k]), f"{name}: {k} differs between ranks"
     final = json.loads((out / name / "final_metrics.json").read_text())  # written by rank 0
     assert final["environment"][0]["world_size"] == 2
-    assert f"world size 2, per-process batch {PER_PROCESS_BATCH[name]}" in stdout  # rank 0's log
 
 
 @pytest.mark.parametrize("name", list(STEPS))
 def test_dino_centres_are_statistics_of_the_global_batch(ddp, name):
     """Both ranks compute the same centres at every step (a global and a local one per step)."""
-    _, out = ddp
+    out = ddp
     r0, r1 = (torch.load(out / name / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert len(r0["centres"]) == len(r1["centres"]) == 2 * STEPS[name]
     for c0, c1 in zip(r0["centres"], r1["centres"]):
